@@ -1,0 +1,41 @@
+# The course's two commands:
+#   make lab   set up .venv (once) and start JupyterLab on notebooks/
+#   make test  set up .venv (once), then the unit tests and every notebook in quick mode
+#
+# Set-up installs torch first (TORCH, default torch==2.13.0: the CPU build where
+# pip's find-links provides it, else PyPI's default build for your platform),
+# then the course with its notebook and test extras. Override with e.g.
+#   make lab PYTHON=python3.12 TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.course-installed
+
+.PHONY: lab test venv clean-venv data
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "the course needs Python >= 3.10, found " + sys.version.split()[0]'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[notebooks,test]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name sd-from-scratch --display-name 'Python (sd-from-scratch)'
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Rebuild data/ from the pinned npm packages and the pinned scikit-image wheel (needs npm and network).
+data: $(STAMP)
+	$(BIN)/python scripts/build_emoji_data.py
+	$(BIN)/python scripts/build_photos.py
+
+clean-venv:
+	rm -rf $(VENV)

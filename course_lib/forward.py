@@ -1,0 +1,114 @@
+r"""The forward (noising) process of a diffusion model, and its posterior.
+
+Notation (Ho et al. 2020 [1]; timestep convention of course_lib.schedules: t = 0 .. T-1):
+    x0          x_0             a clean image, scaled to [-1, 1]
+    x_prev      x_{t-1}         the image one step earlier (x_0 itself when t = 0)
+    xt          x_t             the noisy image at step t
+    noise       \epsilon        standard Gaussian noise, N(0, I)
+
+Equations:
+    one Markov step      q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I)                    (Eq. 2)
+    closed form          q(x_t | x_0)     = N(sqrt(abar_t) x_0, (1 - abar_t) I)                   (Eq. 4)
+    posterior            q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)                               (Eqs. 6-7)
+        mu~_t   = coef1_t x_0 + coef2_t x_t
+        coef1_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t),  coef2_t = sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)
+        beta~_t = (1 - abar_{t-1}) beta_t / (1 - abar_t)
+
+The mix in Eq. 4 is variance preserving: if x_0 has unit variance and is independent
+of the noise, Var(x_t) = abar_t + (1 - abar_t) = 1 at every t.
+
+References:
+  [1] Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. 2020. https://arxiv.org/abs/2006.11239
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .schedules import NoiseSchedule
+
+RANGE_TOLERANCE = 1e-3
+
+
+def check_images(x: torch.Tensor, name: str = "x0", data_range: bool = True) -> None:
+    """Raise a clear error unless x is a float (B, C, H, W) batch (and, for data, within [-1, 1])."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W); got {type(x).__name__}")
+    if x.ndim != 4:
+        hint = " (add a batch axis with x[None])" if x.ndim == 3 else ""
+        raise ValueError(f"{name} must have shape (B, C, H, W) = (batch, channels, height, width); "
+                         f"got shape {tuple(x.shape)}{hint}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor in [-1, 1]; got dtype {x.dtype} "
+                        f"(convert uint8 images with course_lib.data.to_model_range)")
+    if data_range and x.numel():
+        lo, hi = x.min().item(), x.max().item()
+        if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+            raise ValueError(f"{name} must hold values in [-1, 1]; got min {lo:.3g}, max {hi:.3g} "
+                             f"(scale 0..255 images with x / 127.5 - 1, 0..1 images with 2 * x - 1)")
+
+
+def _noise_like(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    if noise is None:
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if noise.shape != x.shape:
+        raise ValueError(f"noise must have the image's shape {tuple(x.shape)}; got {tuple(noise.shape)}")
+    return noise
+
+
+def vp_mix(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
+    """Variance-preserving mix sqrt(abar) x0 + sqrt(1 - abar) noise (the right side of Eq. 4)."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=x0.dtype, device=x0.device)
+    if (alpha_bar < 0).any() or (alpha_bar > 1).any():
+        raise ValueError("alpha_bar must lie in [0, 1]")
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+
+def linear_mix(x0: torch.Tensor, noise: torch.Tensor, level: float | torch.Tensor) -> torch.Tensor:
+    """The seed's mix x0 (1 - level) + noise level: NOT variance preserving (kept to show why)."""
+    level = torch.as_tensor(level, dtype=x0.dtype, device=x0.device)
+    return x0 * (1 - level) + noise * level
+
+
+def q_step(schedule: NoiseSchedule, x_prev: torch.Tensor, t: torch.Tensor | int,
+           noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One Markov step: sample x_t ~ q(x_t | x_{t-1}) (Eq. 2 of Ho et al.)."""
+    check_images(x_prev, "x_prev", data_range=False)
+    noise = _noise_like(x_prev, noise, generator)
+    sqrt_alpha = schedule.extract(schedule.sqrt_alphas, t, x_prev)
+    sqrt_beta = schedule.extract(schedule.betas, t, x_prev).sqrt()
+    return sqrt_alpha * x_prev + sqrt_beta * noise
+
+
+def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor | int,
+             noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Closed form: sample x_t ~ q(x_t | x_0) in one step (Eq. 4 of Ho et al.)."""
+    check_images(x0, "x0")
+    noise = _noise_like(x0, noise, generator)
+    return (schedule.extract(schedule.sqrt_alphas_cumprod, t, x0) * x0
+            + schedule.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+
+def q_chain(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None,
+            ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run the Markov chain from x_0, yielding (t, x_t) for t = 0 .. T-1."""
+    check_images(x0, "x0")
+    x = x0
+    for t in range(schedule.T):
+        x = q_step(schedule, x, t, generator=generator)
+        yield t, x
+
+
+def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_{t-1} | x_t, x_0) (Eqs. 6-7 of Ho et al.)."""
+    check_images(x0, "x0", data_range=False)  # a model's x0 estimate may leave [-1, 1]
+    check_images(xt, "xt", data_range=False)
+    if x0.shape != xt.shape:
+        raise ValueError(f"x0 and xt must have the same shape; got {tuple(x0.shape)} and {tuple(xt.shape)}")
+    mean = (schedule.extract(schedule.posterior_mean_coef1, t, xt) * x0
+            + schedule.extract(schedule.posterior_mean_coef2, t, xt) * xt)
+    variance = schedule.extract(schedule.posterior_variance, t, xt)
+    return mean, variance

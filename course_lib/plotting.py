@@ -1,0 +1,106 @@
+"""Plotting helpers for the notebooks: image grids, strips of x_t over t, schedule curves.
+
+Each function returns a matplotlib Figure (or an array) and never calls plt.show(),
+so it works inline in a notebook, inside an ipywidgets Output, or headless in a test.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from .data import to_uint8
+from .forward import check_images, q_sample
+from .schedules import NoiseSchedule
+
+DPI = 80  # stored notebook outputs stay small
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
+    """(N, 3, H, W) images in [-1, 1] -> one (rows*H, nrow*W, 3) uint8 array, white between tiles."""
+    check_images(images, "images", data_range=False)
+    N, C, H, W = images.shape  # batch, channels, height, width
+    nrow = max(1, min(nrow, N))
+    rows = -(-N // nrow)
+    tiles = to_uint8(images)
+    grid = np.full((rows * (H + pad) - pad, nrow * (W + pad) - pad, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, nrow)
+        grid[r * (H + pad):r * (H + pad) + H, c * (W + pad):c * (W + pad) + W] = tile
+    return grid
+
+
+def show_images(images: torch.Tensor, nrow: int = 8, titles: list[str] | None = None,
+                title: str | None = None, tile_inches: float = 1.0) -> Figure:
+    """A figure of images in a grid, one axis per image so each can have a title."""
+    if images.ndim == 3:
+        images = images[None]
+    N = images.shape[0]
+    nrow = max(1, min(nrow, N))
+    rows = -(-N // nrow)
+    fig, axes = plt.subplots(rows, nrow, figsize=(tile_inches * nrow, tile_inches * rows * (1.25 if titles else 1)),
+                             dpi=DPI, squeeze=False)
+    pixels = to_uint8(images)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < N:
+            ax.imshow(pixels[i], interpolation="nearest")
+            if titles:
+                ax.set_title(titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def strip_timesteps(schedule: NoiseSchedule, n: int = 8) -> list[int]:
+    """n timesteps spread evenly over 0 .. T-1, first and last included."""
+    return sorted({round(i * (schedule.T - 1) / max(n - 1, 1)) for i in range(n)})
+
+
+def noising_strip(schedule: NoiseSchedule, x0: torch.Tensor, n: int = 8, seed: int = 0,
+                  axes=None, label: str | None = None) -> Figure:
+    """x_t ~ q(x_t | x_0) at n timesteps, one noise draw for all, titled with t and alpha-bar."""
+    if x0.ndim == 3:
+        x0 = x0[None]
+    ts = strip_timesteps(schedule, n)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    frames = torch.cat([q_sample(schedule, x0, t, noise=noise) for t in ts])
+    if axes is None:
+        fig, axes = plt.subplots(1, len(ts), figsize=(1.2 * len(ts), 1.5), dpi=DPI)
+    fig = axes[0].figure
+    for ax, t, img in zip(axes, ts, to_uint8(frames)):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(f"t={t}\nabar={schedule.alphas_cumprod[t].item():.2f}", fontsize=7)
+        ax.axis("off")
+    if label:
+        axes[0].text(-0.1, 0.5, label, transform=axes[0].transAxes, ha="right", va="center", fontsize=8)
+    return fig
+
+
+def plot_schedules(schedules: list[NoiseSchedule], axes=None, highlight: str | None = None) -> Figure:
+    """alpha-bar and SNR (dB) against t/T for several schedules, side by side."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=DPI)
+    fig = axes[0].figure
+    for s in schedules:
+        frac = (np.arange(s.T) + 1) / s.T
+        style = dict(lw=2.5) if highlight is None or s.name == highlight else dict(lw=1, alpha=0.4)
+        axes[0].plot(frac, s.alphas_cumprod.numpy(), label=s.name, **style)
+        axes[1].plot(frac, 10 * np.log10(s.snr.numpy()), label=s.name, **style)
+    axes[0].set(xlabel="t / T", ylabel="alpha-bar (signal power)", ylim=(-0.02, 1.02))
+    axes[1].set(xlabel="t / T", ylabel="SNR (dB)")
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Render a figure to an (H, W, 3) uint8 array (to compare pictures in tests)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

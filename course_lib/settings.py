@@ -1,0 +1,47 @@
+"""Run modes and devices: the one place the course reads its environment.
+
+Full mode is the default: the sizes a learner on an 8 GB GPU gets, with real
+results in minutes. Quick mode runs the same code with tiny sizes and a handful
+of steps, so the whole course runs on a 2-core CPU (the test suite sets it):
+
+    COURSE_QUICK=1 jupyter lab       # or: make test, which sets it for you
+
+In code, pick a size per mode with `choose(full=..., quick=...)`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import torch
+
+QUICK_ENV = "COURSE_QUICK"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+T = TypeVar("T")
+
+
+def quick_mode() -> bool:
+    """True when the environment variable COURSE_QUICK asks for quick mode."""
+    value = os.environ.get(QUICK_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{QUICK_ENV}={value!r} is not understood; use one of {sorted(_TRUE | _FALSE - {''})}")
+
+
+def choose(full: T, quick: T) -> T:
+    """The full-mode value, or the quick-mode one when quick mode is on."""
+    return quick if quick_mode() else full
+
+
+def mode_name() -> str:
+    return "quick" if quick_mode() else "full"
+
+
+def default_device() -> torch.device:
+    """The first CUDA GPU if there is one, else the CPU (never hard-code `.cuda()`)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
