@@ -91,7 +91,10 @@ def _atlas(style: str) -> np.ndarray:
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 images (N, H, W, 3) in 0..255 -> float32 (N, 3, H, W) in [-1, 1]."""
-    x = torch.as_tensor(np.array(images_uint8, dtype=np.uint8)).permute(0, 3, 1, 2).float()
+    array = images_uint8.numpy() if isinstance(images_uint8, torch.Tensor) else np.asarray(images_uint8)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (N, H, W, 3); got dtype {array.dtype}, shape {array.shape}")
+    x = torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
 
 

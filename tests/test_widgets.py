@@ -1,0 +1,135 @@
+"""The notebooks' widget logic, headless: figures in, pixels compared; no browser needed."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from course_lib import plotting, widgets
+from course_lib.schedules import KINDS, make_schedule
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Every figure a test opens is closed afterwards, to keep memory flat."""
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def image():
+    """A small fixed (3, 16, 16) image in [-1, 1]: a diagonal gradient."""
+    ramp = torch.linspace(-1, 1, 16)
+    return torch.stack([ramp[None, :].expand(16, 16), ramp[:, None].expand(16, 16), -ramp[None, :].expand(16, 16)])
+
+
+def pixels(fig: Figure) -> np.ndarray:
+    out = plotting.figure_to_array(fig)
+    plt.close(fig)
+    return out
+
+
+def explorer(kind, image, T=100, beta_start=1e-4, beta_end=0.02):
+    return widgets.schedule_explorer_figure(kind, T, beta_start, beta_end, image, n_strip=4)
+
+
+# --- notebook 02: the schedule explorer ------------------------------------------------
+
+def test_explorer_gives_a_different_picture_per_kind(image):
+    pictures = {}
+    for kind in KINDS:
+        fig = explorer(kind, image)
+        assert isinstance(fig, Figure)
+        pictures[kind] = pixels(fig)
+    assert len({p.shape for p in pictures.values()}) == 1  # same canvas size
+    for a in KINDS:
+        for b in KINDS:
+            if a < b:
+                assert not np.array_equal(pictures[a], pictures[b]), (a, b)
+
+
+def test_explorer_is_deterministic_and_depends_on_T(image):
+    first = pixels(explorer("linear", image, T=100))
+    assert np.array_equal(first, pixels(explorer("linear", image, T=100)))  # same inputs, same pixels
+    assert not np.array_equal(first, pixels(explorer("linear", image, T=20)))
+
+
+def test_beta_range_changes_linear_but_not_cosine(image):
+    linear_a = pixels(explorer("linear", image, beta_start=1e-4, beta_end=0.02))
+    linear_b = pixels(explorer("linear", image, beta_start=1e-3, beta_end=0.05))
+    assert not np.array_equal(linear_a, linear_b)
+    cosine_a = pixels(explorer("cosine", image, beta_start=1e-4, beta_end=0.02))
+    cosine_b = pixels(explorer("cosine", image, beta_start=1e-3, beta_end=0.05))
+    assert np.array_equal(cosine_a, cosine_b)
+
+
+def test_explorer_schedule_uses_beta_range_only_for_linear_kinds():
+    lin = widgets.explorer_schedule("linear", 50, 1e-3, 0.05)
+    assert lin.betas[0].item() == pytest.approx(1e-3) and lin.betas[-1].item() == pytest.approx(0.05)
+    cos = widgets.explorer_schedule("cosine", 50, 1e-3, 0.05)
+    torch.testing.assert_close(cos.betas, make_schedule("cosine", 50).betas, rtol=0, atol=0)
+    # A beta_end slider dragged below beta_start is lifted to it rather than raising.
+    flat = widgets.explorer_schedule("linear", 50, 0.01, 0.001)
+    torch.testing.assert_close(flat.betas, torch.full((50,), 0.01, dtype=torch.float64))
+
+
+# --- notebook 01: the noise-level slider -------------------------------------------------
+
+def test_noise_level_figure_changes_with_level(image):
+    images = [image, -image]
+    pictures = [pixels(widgets.noise_level_figure(images, level)) for level in (0.0, 0.5, 1.0)]
+    assert not np.array_equal(pictures[0], pictures[1])
+    assert not np.array_equal(pictures[1], pictures[2])
+    assert not np.array_equal(pictures[0], pictures[2])
+
+
+@pytest.mark.parametrize("level", [-0.1, 1.5])
+def test_noise_level_outside_unit_interval_raises(image, level):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        widgets.noise_level_figure([image], level)
+
+
+# --- plotting helpers --------------------------------------------------------------------
+
+def test_image_grid_shape_arithmetic():
+    images = torch.zeros(10, 3, 8, 8)  # mid-grey tiles
+    grid = plotting.image_grid(images, nrow=4, pad=1)
+    # 10 tiles in rows of 4 -> 3 rows; each tile 8 px plus 1 px of padding between tiles.
+    assert grid.shape == (3 * 9 - 1, 4 * 9 - 1, 3) and grid.dtype == np.uint8
+    assert (grid[:8, :8] == 128).all()       # the first tile: 0.0 maps to 128
+    assert (grid[8, :] == 255).all()         # white padding row
+    assert (grid[18:, 9 * 2:] == 255).all()  # the two empty slots of the last row stay white
+
+
+def test_strip_timesteps():
+    s = make_schedule("linear", 1000)
+    ts = plotting.strip_timesteps(s, 8)
+    assert ts[0] == 0 and ts[-1] == 999
+    assert len(ts) == len(set(ts)) == 8
+    assert ts == sorted(ts)
+
+
+# --- wiring controls to a render function ------------------------------------------------
+
+def test_live_redraws_on_every_change():
+    W = pytest.importorskip("ipywidgets")
+    calls = []
+
+    def render(n, kind):
+        calls.append((n, kind))
+        fig, ax = plt.subplots()
+        ax.set_title(f"{kind} {n}")
+        return fig
+
+    n = W.IntSlider(value=3, min=1, max=10)
+    kind = W.Dropdown(options=["linear", "cosine"], value="linear")
+    box = widgets.live(render, {"n": n, "kind": kind}, columns=1)
+    assert isinstance(box, W.VBox)
+    assert len(box.children) == 3  # one row per control (columns=1) and the Output
+    assert isinstance(box.children[-1], W.Output)
+    assert calls == [(3, "linear")]  # drawn once on creation
+    n.value = 5
+    kind.value = "cosine"
+    assert calls == [(3, "linear"), (5, "linear"), (5, "cosine")]
+    assert plt.get_fignums() == []  # live closes each figure after showing it
