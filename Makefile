@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.course-installed
 
-.PHONY: lab test venv clean-venv data
+.PHONY: lab test test-min venv clean-venv data
 
 venv: $(STAMP)
 
@@ -31,6 +31,16 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The same suite in a second environment holding the lowest versions pyproject.toml allows
+# (matplotlib 3.8 is known to break inline figures; ipywidgets 7.7.1 is what Colab ships).
+MIN_VERSIONS := numpy==1.26.4 matplotlib==3.9.4 ipywidgets==7.7.1 ipykernel==6.29.5 pillow==10.0.1 \
+                tqdm==4.66.1 einops==0.7.0 safetensors==0.8.0 pytest==8.0.0 nbval==0.11.0
+test-min:
+	test -x .venv-min/bin/python || $(PYTHON) -m venv .venv-min
+	.venv-min/bin/python -m pip install --quiet $(TORCH) $(MIN_VERSIONS) diffusers==0.42.1
+	.venv-min/bin/python -m pip install --quiet --no-deps -e .
+	.venv-min/bin/python -m pytest
 
 # Rebuild data/ from the pinned npm packages and the pinned scikit-image wheel (needs npm and network).
 data: $(STAMP)
