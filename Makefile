@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name sd-from-scratch --display-name 'Python (sd-from-scratch)'
 	touch $(STAMP)
 
+# Extra JupyterLab options, e.g. make lab LAB_ARGS='--port=9999 --no-browser'.
+# As root (a container), JupyterLab refuses to start without --allow-root, so it is added there.
+LAB_ARGS ?=
+ROOT_ARG := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(ROOT_ARG) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
