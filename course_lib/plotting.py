@@ -55,9 +55,9 @@ def show_images(images: torch.Tensor, nrow: int = 8, titles: list[str] | None = 
     return fig
 
 
-def strip_timesteps(schedule: NoiseSchedule, n: int = 8) -> list[int]:
-    """n timesteps spread evenly over 0 .. T-1, first and last included."""
-    return sorted({round(i * (schedule.T - 1) / max(n - 1, 1)) for i in range(n)})
+def strip_timesteps(T: int, n: int = 8) -> list[int]:
+    """n timesteps spread evenly over 0 .. T-1, first and last included (fewer if T < n)."""
+    return sorted({round(i * (T - 1) / max(n - 1, 1)) for i in range(n)})
 
 
 def noising_strip(schedule: NoiseSchedule, x0: torch.Tensor, n: int = 8, seed: int = 0,
@@ -65,7 +65,7 @@ def noising_strip(schedule: NoiseSchedule, x0: torch.Tensor, n: int = 8, seed: i
     """x_t ~ q(x_t | x_0) at n timesteps, one noise draw for all, titled with t and alpha-bar."""
     if x0.ndim == 3:
         x0 = x0[None]
-    ts = strip_timesteps(schedule, n)
+    ts = strip_timesteps(schedule.T, n)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     frames = torch.cat([q_sample(schedule, x0, t, noise=noise) for t in ts])
     if axes is None:

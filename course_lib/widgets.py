@@ -46,7 +46,11 @@ def noise_level_figure(images: list[torch.Tensor], level: float, seed: int = 0) 
 # --- notebook 02: the schedule explorer ---------------------------------------------------
 
 def explorer_schedule(kind: str, T: int, beta_start: float, beta_end: float) -> NoiseSchedule:
-    """The schedule the explorer's controls describe (beta range used by linear kinds only)."""
+    """The schedule the explorer's controls describe.
+
+    The beta range applies to the linear kinds only; if the sliders cross, beta_end is raised
+    to beta_start (a flat schedule) rather than raising an error mid-drag.
+    """
     if kind in BETA_KINDS:
         return make_schedule(kind, T, beta_start=beta_start, beta_end=min(max(beta_end, beta_start), 0.999))
     return make_schedule(kind, T)

@@ -104,7 +104,7 @@ def test_image_grid_shape_arithmetic():
 
 def test_strip_timesteps():
     s = make_schedule("linear", 1000)
-    ts = plotting.strip_timesteps(s, 8)
+    ts = plotting.strip_timesteps(s.T, 8)
     assert ts[0] == 0 and ts[-1] == 999
     assert len(ts) == len(set(ts)) == 8
     assert ts == sorted(ts)
