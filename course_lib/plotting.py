@@ -40,8 +40,8 @@ def show_images(images: torch.Tensor, nrow: int = 8, titles: list[str] | None = 
     N = images.shape[0]
     nrow = max(1, min(nrow, N))
     rows = -(-N // nrow)
-    fig, axes = plt.subplots(rows, nrow, figsize=(tile_inches * nrow, tile_inches * rows * (1.25 if titles else 1)),
-                             dpi=DPI, squeeze=False)
+    height = tile_inches * rows * (1.25 if titles else 1) + (0.4 if title else 0)
+    fig, axes = plt.subplots(rows, nrow, figsize=(tile_inches * nrow, height), dpi=DPI, squeeze=False)
     pixels = to_uint8(images)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
