@@ -4,7 +4,7 @@ Full mode is the default: the sizes a learner on an 8 GB GPU gets, with real
 results in minutes. Quick mode runs the same code with tiny sizes and a handful
 of steps, so the whole course runs on a 2-core CPU (the test suite sets it):
 
-    COURSE_QUICK=1 jupyter lab       # or: make test, which sets it for you
+    COURSE_QUICK=1 jupyter lab       # the test suite sets it itself (conftest.py)
 
 In code, pick a size per mode with `choose(full=..., quick=...)`.
 """

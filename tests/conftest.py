@@ -1,10 +1,9 @@
-"""Shared set-up for the unit tests: quick mode and a headless matplotlib backend."""
+"""Shared set-up for the unit tests: a headless matplotlib backend.
 
-import os
+Quick mode is set for the whole suite by the repository's root conftest.py.
+"""
 
 import matplotlib
 
-# The whole suite runs in quick mode (tiny sizes), unless the caller already chose a mode.
-os.environ.setdefault("COURSE_QUICK", "1")
 # No display in CI: draw figures into memory only.
 matplotlib.use("Agg")
