@@ -112,3 +112,51 @@ def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: 
             + schedule.extract(schedule.posterior_mean_coef2, t, xt) * xt)
     variance = schedule.extract(schedule.posterior_variance, t, xt)
     return mean, variance
+
+
+# --- What the network predicts ------------------------------------------------------------------
+# A denoiser sees x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and may be trained to output one of:
+#     "epsilon"   the noise eps                                     (Ho et al. 2020)
+#     "x0"        the clean image x0
+#     "v"         v = sqrt(abar) eps - sqrt(1 - abar) x0            (Salimans & Ho 2022, arXiv 2202.00512)
+# Given x_t and any one of them, the other two follow; `predicted_x0_eps` does that conversion
+# for the samplers, `prediction_target` gives the training target.
+
+PREDICTIONS = ("epsilon", "x0", "v")
+
+
+def check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {prediction!r}; valid are {', '.join(PREDICTIONS)}")
+    return prediction
+
+
+def prediction_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor,
+                      alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What a network of this prediction type should output for x_t made from (x0, noise).
+
+    alpha_bar broadcasts against x0 (shape (B, 1, 1, 1) or a scalar)."""
+    check_prediction(prediction)
+    if prediction == "epsilon":
+        return noise
+    if prediction == "x0":
+        return x0
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+
+
+def predicted_x0_eps(prediction: str, model_output: torch.Tensor, xt: torch.Tensor,
+                     alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps_hat) from a network's output at x_t, for any prediction type.
+
+    From x_t = a x0 + s eps with a = sqrt(abar), s = sqrt(1 - abar), a^2 + s^2 = 1:
+        epsilon:  x0 = (x_t - s eps) / a
+        x0:       eps = (x_t - a x0) / s
+        v:        x0 = a x_t - s v,   eps = s x_t + a v
+    """
+    check_prediction(prediction)
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction == "epsilon":
+        return (xt - s * model_output) / a, model_output
+    if prediction == "x0":
+        return model_output, (xt - a * model_output) / s
+    return a * xt - s * model_output, s * xt + a * model_output

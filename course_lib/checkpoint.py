@@ -1,0 +1,99 @@
+"""Saving and loading models and training state as safetensors, written atomically.
+
+Atomic: a file is first written next to its destination under a temporary name, flushed to disk,
+then renamed over the destination (os.replace is atomic on POSIX and Windows). An interruption
+leaves either the old file or the new one, never half of one.
+
+Two kinds of file:
+    training checkpoint   everything needed to continue exactly (weights, EMA weights, optimizer
+                          moments, random-number states, data order), float32; see course_lib.train
+    model file            the EMA weights in float16 plus the U-Net config and how it was trained;
+                          small enough to ship in the repository (`save_model`, `load_model`)
+
+Safetensors stores tensors plus a flat str -> str metadata dict; anything that is not a tensor
+(configs, step counts) goes into the metadata as JSON. Nothing is unpickled, so loading a file from
+elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .schedules import NoiseSchedule, schedule_from_alphas_cumprod
+from .unet import UNet, UNetConfig
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """save_file to a temporary file in the destination folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes files private; give the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, metadata
+
+
+def save_model(path: str | os.PathLike, model: UNet, *, schedule: NoiseSchedule, prediction: str,
+               info: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a model file: weights (float16 by default), U-Net config, schedule and prediction type.
+
+    The schedule is stored as its alpha-bar table, so a learned schedule ships the same way as a fixed one."""
+    tensors = {f"model.{k}": v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    tensors["schedule.alphas_cumprod"] = schedule.alphas_cumprod.clone()
+    metadata = {"format": "course_lib.model/1", "unet_config": model.config.to_json(),
+                "prediction": prediction, "schedule_name": schedule.name, "info": json.dumps(info or {})}
+    return atomic_save(tensors, path, metadata)
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
+               ) -> tuple[UNet, NoiseSchedule, dict]:
+    """(model in float32 eval mode, its schedule, info dict with 'prediction' and training details)."""
+    tensors, metadata = read(path)
+    if metadata.get("format") != "course_lib.model/1":
+        raise ValueError(f"{path} is not a course_lib model file (metadata format "
+                         f"{metadata.get('format')!r}; expected 'course_lib.model/1')")
+    model = UNet(UNetConfig.from_json(metadata["unet_config"]))
+    state = {k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    name = metadata.get("schedule_name", "custom")
+    table = tensors["schedule.alphas_cumprod"].double()
+    schedule = schedule_from_alphas_cumprod(table)
+    schedule.name = name
+    info = json.loads(metadata.get("info", "{}"))
+    info["prediction"] = metadata["prediction"]
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return model, schedule, info
+
+
+__all__ = ["atomic_save", "read", "save_model", "load_model"]
