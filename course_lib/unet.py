@@ -74,6 +74,8 @@ class UNetConfig:
         if self.time_conditioning not in TIME_CONDITIONING:
             raise ValueError(f"unknown time_conditioning {self.time_conditioning!r}; valid are "
                              f"{', '.join(TIME_CONDITIONING)}")
+        if self.channels[0] % 2:
+            raise ValueError(f"channels[0] sets the time embedding's width and must be even; got {self.channels[0]}")
         if self.blocks_per_level < 1:
             raise ValueError(f"blocks_per_level must be at least 1; got {self.blocks_per_level}")
         self.check_size(self.image_size)
@@ -130,9 +132,10 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 def preset_table() -> list[dict]:
     """One row per preset: name, channels, blocks, attention levels and parameter count (counted, not typed)."""
     rows = []
-    for name, cfg in PRESETS.items():
-        rows.append({"preset": name, "channels": cfg.channels, "blocks_per_level": cfg.blocks_per_level,
-                     "attention": cfg.attention, "parameters": count_parameters(UNet(cfg))})
+    with torch.random.fork_rng():          # building models draws random weights; leave the caller's RNG alone
+        for name, cfg in PRESETS.items():
+            rows.append({"preset": name, "channels": cfg.channels, "blocks_per_level": cfg.blocks_per_level,
+                         "attention": cfg.attention, "parameters": count_parameters(UNet(cfg))})
     return rows
 
 
@@ -304,6 +307,8 @@ class UNet(nn.Module):
 
     def check_input(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
         cfg = self.config
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a float tensor (images scaled to [-1, 1]); got dtype {x.dtype}")
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must have shape (B, {cfg.in_channels}, H, W); got {tuple(x.shape)}")
         cfg.check_size(x.shape[2], "image height")
