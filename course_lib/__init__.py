@@ -5,10 +5,17 @@ One module per course concept, in the order the notebooks introduce them:
     data        emoji and photos, loaded offline as tensors in [-1, 1]
     schedules   noise schedules (linear, scaled-linear, cosine, sigmoid) and their tables
     forward     the forward process: one Markov step, the closed form, the posterior
-    plotting    image grids, noising strips, schedule curves (matplotlib)
+    unet        the U-Net: time embedding, ResBlock, self-attention, down/up sampling, presets
+    learned_schedule  a noise schedule learned with the denoiser (Variational Diffusion Models)
+    checkpoint  safetensors files written atomically; compact float16 model files
+    train       the training loop: objectives, AdamW warm-up, EMA, mixed precision, exact resume
+    sampling    DDPM, DDIM and DPM-Solver++ 2M samplers, the reverse process step by step, inversion
+    metrics     FID/KID in the course's feature space, the real-vs-real floor, memorisation check
+    memory      peak GPU memory of a training step and of sampling, measured
+    plotting    image grids, noising strips, schedule curves, loss curves (matplotlib)
     widgets     the logic behind the notebooks' sliders (matplotlib; ipywidgets only in `live`)
 
-The core modules (settings, data, schedules, forward) never import matplotlib or ipywidgets.
+Only plotting and widgets import matplotlib; only widgets imports ipywidgets.
 """
 
 __version__ = "0.1.0"

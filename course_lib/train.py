@@ -26,6 +26,7 @@ torch.Generator whose state is saved with the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -87,18 +88,28 @@ class TrainConfig:
         return cls(**json.loads(text))
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' on GPUs of compute capability >= 8.0, 'fp16' on older GPUs (a T4 is 7.5), 'fp32' on CPU."""
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """'auto' -> 'bf16' on a GPU of compute capability >= 8.0, 'fp16' on older GPUs (a T4 is 7.5: fast fp16,
+    no native bf16), 'fp32' on a CPU. 'fp16' needs a CUDA GPU (its gradient scaler is CUDA-only)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if precision != "auto":
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision 'fp16' (with a GradScaler) needs a CUDA GPU; on a CPU use 'fp32' or 'bf16'")
+        return precision
     if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise ValueError(f"{precision} mixed precision needs a CUDA GPU; on {device.type} use 'fp32' or 'auto'")
         return "fp32"
-    if precision == "auto":
-        major, _ = torch.cuda.get_device_capability(device)
-        return "bf16" if major >= 8 else "fp16"
-    return precision
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context for a resolved precision ('fp32': none)."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -192,12 +203,6 @@ class Trainer:
         return x0.to(self.device, non_blocking=True)
 
     # --- one step ---------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-
     def loss_on(self, x0: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The training loss on a batch (drawing t and noise from the trainer's generator)."""
         cfg, B = self.config, x0.shape[0]
@@ -215,7 +220,7 @@ class Trainer:
             t_model = u * cfg.T - 1
             extra = {"gamma": gamma, "slope": slope, "g": g}
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        with self._autocast():
+        with autocast(self.precision, self.device):
             out = self.model(xt, t_model)
         out = out.float()
         target = prediction_target(cfg.prediction, x0, noise, abar)

@@ -120,7 +120,8 @@ def test_config_errors_name_valid_choices():
     with pytest.raises(ValueError, match="auto, fp32, bf16, fp16"):
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        resolve_precision("bf16", torch.device("cpu"))
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 

@@ -1,0 +1,230 @@
+r"""Peak GPU memory of a training step and of sampling: measured on a GPU, never estimated.
+
+The course promises that every model trains and samples within BUDGET_GIB = 8 GiB of GPU memory.
+This module checks the promise by running the work once and reading PyTorch's allocator:
+
+    gc; empty_cache; reset_peak_memory_stats  ->  run  ->  synchronize  ->  max_memory_allocated
+
+    peak_bytes      the most memory held by tensors at any moment: weights, gradients, optimizer
+                    state, activations, workspaces (torch.cuda.max_memory_allocated)
+    reserved_bytes  the most the caching allocator held from the GPU (max_memory_reserved): peak_bytes
+                    plus cached and fragmented blocks, closer to what nvidia-smi shows. `fits` compares
+                    this, the larger figure, with the budget. Neither counts the CUDA context itself
+                    (a few hundred MB per process, depending on the driver and card).
+
+On a machine without a CUDA GPU there is nothing to measure: the work still runs (so the code
+path is exercised), and the report says "no CUDA GPU here: peak GPU memory not measured".
+
+Precision ("auto" resolves by device, see `resolve_precision`):
+    fp32    no autocast                               (CPU default)
+    bf16    autocast to bfloat16, no loss scaling     (compute capability >= 8.0: Ampere and later)
+    fp16    autocast to float16 with a GradScaler     (below 8.0, e.g. Colab's T4 = 7.5, which has fast
+            fp16 tensor cores but no native bf16: torch.cuda.is_bf16_supported() can still say yes
+            there, through slow emulation, so we decide by compute capability instead)
+
+References:
+  [1] Micikevicius et al. Mixed Precision Training. 2018. https://arxiv.org/abs/1710.03740
+  [2] Chen, Xu, Zhang, Guestrin. Training Deep Nets with Sublinear Memory Cost (gradient
+      checkpointing). 2016. https://arxiv.org/abs/1604.06174
+  [3] Song, Meng, Ermon. Denoising Diffusion Implicit Models. 2021. https://arxiv.org/abs/2010.02502
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .forward import check_prediction, predicted_x0_eps, prediction_target, q_sample
+from .schedules import NoiseSchedule, make_schedule
+from .settings import default_device
+from .train import PRECISIONS, autocast, resolve_precision  # one definition, shared with training
+
+BUDGET_GIB = 8.0
+GIB = 2 ** 30
+NOT_MEASURED = "no CUDA GPU here: peak GPU memory not measured"
+
+
+@dataclass
+class MemoryReport:
+    """What ran, and its peak GPU memory (None where there was no GPU to measure)."""
+    what: str
+    peak_bytes: int | None            # torch.cuda.max_memory_allocated during the run
+    reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved during the run
+    device: str = "cpu"               # the GPU's name, or "cpu"
+    budget_gib: float = BUDGET_GIB
+    precision: str = ""
+
+    @property
+    def measured(self) -> bool:
+        return self.peak_bytes is not None
+
+    @property
+    def peak_gib(self) -> float | None:
+        return None if self.peak_bytes is None else self.peak_bytes / GIB
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the reserved peak (or the allocated peak) is within the budget; None if not measured."""
+        if not self.measured:
+            return None
+        return (self.reserved_bytes or self.peak_bytes) <= self.budget_gib * GIB
+
+    def __str__(self) -> str:
+        what = f"{self.what} ({self.precision})" if self.precision else self.what
+        if not self.measured:
+            return f"{what}: {NOT_MEASURED} (the {self.budget_gib:g} GiB budget is checked on a GPU only)"
+        reserved = f", {self.reserved_bytes / GIB:.2f} GiB reserved" if self.reserved_bytes is not None else ""
+        verdict = "within" if self.fits else "OVER"
+        return (f"{what}: peak {self.peak_gib:.2f} GiB allocated{reserved} on {self.device}: "
+                f"{verdict} the {self.budget_gib:g} GiB budget")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else default_device()
+
+
+def measure_peak(fn: Callable[[], Any], device: torch.device | str | None = None, what: str = "function",
+                 precision: str = "") -> MemoryReport:
+    """Run fn() once and report the peak GPU memory it reached on `device` (default: the current GPU).
+
+    On a CPU, fn still runs and the report says that nothing was measured."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type != "cuda" or not torch.cuda.is_available():
+        fn()
+        return MemoryReport(what, None, None, "cpu", precision=precision)
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # so the reserved peak is this run's, not an earlier run's cache
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return MemoryReport(what, torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device),
+                        torch.cuda.get_device_name(device), precision=precision)
+
+
+# --- Precision -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Turn on the model's gradient checkpointing for the duration (model.config.gradient_checkpointing,
+    as course_lib.unet has it, or a model.gradient_checkpointing attribute)."""
+    if not enabled:
+        yield
+        return
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "gradient_checkpointing"):
+        model.config = dataclasses.replace(config, gradient_checkpointing=True)
+        try:
+            yield
+        finally:
+            model.config = config
+    elif hasattr(model, "gradient_checkpointing"):
+        old = model.gradient_checkpointing
+        model.gradient_checkpointing = True
+        try:
+            yield
+        finally:
+            model.gradient_checkpointing = old
+    else:
+        raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch: expected "
+                         f"model.config.gradient_checkpointing (as course_lib.unet.UNet) or model.gradient_checkpointing")
+
+
+def _check_shape(batch_shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in batch_shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"batch_shape must be (B, C, H, W) with positive sizes; got {tuple(batch_shape)}")
+    return shape
+
+
+# --- A training step and a sampling run ------------------------------------------------------------------
+
+def training_step_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], *, prediction: str = "epsilon",
+                         precision: str = "auto", gradient_checkpointing: bool = False,
+                         schedule: NoiseSchedule | None = None, lr: float = 1e-4) -> MemoryReport:
+    """Peak memory of one forward + backward + AdamW step of the simple diffusion loss (Ho et al. 2020,
+    Algorithm 1) on random images of batch_shape, on the model's device.
+
+    The loss is written out: t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps),
+    loss = MSE(model(x_t, t), target), target per `prediction`. AdamW's two moment buffers are
+    created inside the measured run, as on a real first step. The model's weights, gradients and
+    train/eval mode are restored afterwards (their copy waits on the CPU, outside the measurement)."""
+    check_prediction(prediction)
+    B, C, H, W = _check_shape(batch_shape)  # batch, channels, height, width
+    device = _device_of(model)
+    precision = resolve_precision(precision, device)
+    schedule = schedule or make_schedule("linear", 1000)
+    saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    was_training = model.training
+
+    def step() -> None:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        x0 = torch.rand(B, C, H, W, device=device) * 2 - 1
+        t = torch.randint(0, schedule.T, (B,), device=device)
+        noise = torch.randn_like(x0)
+        x_t = q_sample(schedule, x0, t, noise)
+        target = prediction_target(prediction, x0, noise, schedule.extract(schedule.alphas_cumprod, t, x0))
+        with autocast(precision, device):
+            output = model(x_t, t)
+        loss = F.mse_loss(output.float(), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        with _checkpointing(model, gradient_checkpointing):
+            what = f"training step, batch {(B, C, H, W)}" + (", gradient checkpointing" if gradient_checkpointing else "")
+            return measure_peak(step, device, what, precision)
+    finally:
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def sampling_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], steps: int = 10, *,
+                    prediction: str = "epsilon", precision: str = "auto",
+                    schedule: NoiseSchedule | None = None) -> MemoryReport:
+    """Peak memory of sampling a batch with `steps` model calls under no_grad, on the model's device.
+
+    The loop is deterministic DDIM (eta = 0, Eq. 12 of Song et al. [3]) over evenly spaced timesteps:
+        x0_hat, eps_hat from model(x_t, t);  x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'}) eps_hat
+    Every sampler that calls the model once per step holds about the same memory."""
+    check_prediction(prediction)
+    B, C, H, W = _check_shape(batch_shape)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int; got {steps!r}")
+    device = _device_of(model)
+    precision = resolve_precision(precision, device)
+    schedule = schedule or make_schedule("linear", 1000)
+    if steps > schedule.T:
+        raise ValueError(f"steps must be at most the schedule's T = {schedule.T}; got {steps}")
+    timesteps = torch.linspace(schedule.T - 1, 0, steps).round().long().tolist()
+    alpha_bar = schedule.alphas_cumprod.tolist()
+    was_training = model.training
+
+    @torch.no_grad()
+    def run() -> None:
+        model.eval()
+        x = torch.randn(B, C, H, W, device=device)
+        for i, t in enumerate(timesteps):
+            with autocast(precision, device):
+                output = model(x, torch.full((B,), t, device=device, dtype=torch.long))
+            x0_hat, eps_hat = predicted_x0_eps(prediction, output.float(), x, torch.tensor(alpha_bar[t]))
+            ab_next = alpha_bar[timesteps[i + 1]] if i + 1 < steps else 1.0
+            x = ab_next ** 0.5 * x0_hat + (1 - ab_next) ** 0.5 * eps_hat
+
+    try:
+        return measure_peak(run, device, f"sampling, batch {(B, C, H, W)}, {steps} steps", precision)
+    finally:
+        model.train(was_training)

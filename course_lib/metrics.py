@@ -1,0 +1,444 @@
+r"""Sample quality (FID, KID) in a fixed feature space, and a memorisation check.
+
+FID and KID compare two sets of images through the features a frozen network gives them.
+The usual network is Inception-v3, whose weights cannot be downloaded offline, so the
+course ships its own: `FeatureNet`, a small CNN (0.3 M parameters, 0.6 MB in fp16)
+trained by `python scripts/train_feature_net.py` to name the Unicode *subcategory* of an
+emoji ("face-smiling", "animal-bird", "country-flag", ... 99 of them) from a 32 px image of
+the training split. Subcategories, not the 10 categories: "Smileys & Emotion" vs "People &
+Body" says little about shape, while 99 fine classes force the features to tell faces from
+hands from flags from birds, which is what a quality measure should notice. The features
+are the penultimate embedding: the global average pool of the last conv block (D = 128,
+the analogue of Inception's 2048-d pool3), centred and scaled once on the training images.
+Its norm layers are BatchNorm, frozen: unlike GroupNorm they keep noise and blur visible
+in the features (measured; see the training script). Numbers are comparable only within
+this feature space, never with published Inception FIDs. The model card, with accuracy,
+floors and FID under noise and blur, is checkpoints/feature_net.md.
+
+Notation:
+    f(x)            the D-dim feature of image x (`features`)
+    mu_a, S_a       mean and covariance of the features of set a
+    k(x, y)         (x.y / D + 1)^3, KID's cubic polynomial kernel
+
+Equations:
+    FID = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2})             [1]
+          the Frechet (Wasserstein-2) distance between N(mu_a, S_a) and N(mu_b, S_b); tr((S_a S_b)^{1/2})
+          = tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}), a symmetric PSD matrix, so two `eigh` calls suffice.
+    KID = MMD^2_unbiased = mean_{i!=j} k(a_i, a_j) + mean_{i!=j} k(b_i, b_j) - 2 mean_{i,j} k(a_i, b_j)  [2]
+          averaged over random subsets; unbiased, so it can come out slightly negative.
+
+Sample size matters. FID is biased upward for small n [3]: two sets of real images drawn
+from the same distribution give a positive FID that shrinks as n grows. So a figure is
+only meaningful beside the real-versus-real *floor* at the same n (`floor`), and two
+figures only comparable at equal n; `evaluate` reports both. KID is unbiased but noisy
+at small n: read its std. The floor also holds the held-out images' shift from the training
+images, which the network has seen: a model that reproduced its training set would score it.
+
+Memorisation: `memorisation` finds each sample's nearest training image (RMS distance
+in pixels or in features) and flags samples closer than a threshold, chosen from the
+distances held-out images (which no model has seen) have to their nearest training image.
+
+References:
+  [1] Heusel et al. GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
+      Equilibrium. 2017. https://arxiv.org/abs/1706.08500
+  [2] Binkowski, Sutherland, Arbel, Gretton. Demystifying MMD GANs. 2018. https://arxiv.org/abs/1801.01401
+  [3] Chong, Forsyth. Effectively Unbiased FID and Inception Score and Where to Find Them.
+      2020. https://arxiv.org/abs/1911.07023
+  [4] Carlini et al. Extracting Training Data from Diffusion Models. 2023. https://arxiv.org/abs/2301.13188
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import load_emoji
+from .forward import check_images
+from .settings import default_device
+
+FEATURE_SIZE = 32                      # every image is resized to 32 x 32 before the network sees it
+FEATURE_NET_PATH = Path(__file__).resolve().parent.parent / "checkpoints" / "feature_net.safetensors"
+REBUILD_COMMAND = "python scripts/train_feature_net.py"
+SPACES = ("pixel", "features")
+REFERENCES = ("heldout", "train")
+
+
+# --- The feature network ----------------------------------------------------------------------------
+
+@dataclass
+class FeatureNetConfig:
+    channels: tuple[int, ...] = (32, 64, 128)   # width of each stage; 2x average-pool between stages
+    num_classes: int = 99                         # emoji subcategories in the training split
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv -> BatchNorm -> SiLU. Frozen in eval mode, BatchNorm is a fixed affine map, so an
+    image's features do not depend on its batch, and (unlike GroupNorm, which divides out each
+    image's own response energy) noise in an image still shows in its features."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm(self.conv(x)))
+
+
+class FeatureNet(nn.Module):
+    """Small CNN classifier of 32 px emoji subcategories; `embed` gives the features FID and KID use."""
+
+    def __init__(self, config: FeatureNetConfig | None = None, classes: list[str] | None = None):
+        super().__init__()
+        self.config = config = config or FeatureNetConfig()
+        self.classes = classes or [str(i) for i in range(config.num_classes)]
+        stages, c_in = [], 3
+        for i, c in enumerate(config.channels):
+            pool = [nn.AvgPool2d(2)] if i > 0 else []
+            stages.append(nn.Sequential(*pool, ConvBlock(c_in, c), ConvBlock(c, c)))
+            c_in = c
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(c_in, config.num_classes)
+        # Set once after training from the training images' pooled features (see `embed`).
+        self.register_buffer("feature_mean", torch.zeros(c_in))
+        self.register_buffer("feature_scale", torch.ones(()))
+
+    @property
+    def dim(self) -> int:
+        return self.config.channels[-1]
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 32, 32) in [-1, 1] -> (B, D): global average pool of the last stage."""
+        return self.stages(x).mean(dim=(2, 3))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features: the pool, centred on the training images' mean and divided by one number
+        so the average per-dimension variance over the training images is 1 (the scale KID's
+        kernel (x.y / D + 1)^3 assumes; relative weights of the dimensions are left as learnt)."""
+        return (self.pool(x) - self.feature_mean) / self.feature_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Subcategory logits (B, num_classes)."""
+        return self.head(self.pool(x))
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return f"FeatureNet(channels={self.config.channels}, D={self.dim}, classes={self.config.num_classes}, params={n:,})"
+
+
+_NETS: dict[tuple[str, str], FeatureNet] = {}
+
+
+def load_feature_net(device: torch.device | str | None = None) -> FeatureNet:
+    """The shipped FeatureNet, frozen, in eval mode and float32 (cached per file and device)."""
+    from safetensors import safe_open
+
+    device = torch.device(device) if device is not None else default_device()
+    path = Path(FEATURE_NET_PATH)
+    key = (str(path), str(device))
+    if key in _NETS:
+        return _NETS[key]
+    if not path.exists():
+        raise FileNotFoundError(f"feature network checkpoint not found at {path}. Rebuild it (a few minutes "
+                                f"on a CPU) with `{REBUILD_COMMAND}` from the repository root.")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 on disk
+    config = json.loads(meta["config"])
+    net = FeatureNet(FeatureNetConfig(**{**config, "channels": tuple(config["channels"])}),
+                     classes=json.loads(meta["classes"]))
+    net.load_state_dict(state)
+    # Default memorisation thresholds per space, measured by the training script (see `memorisation`).
+    net.memorisation_thresholds = json.loads(meta.get("memorisation_thresholds", "{}"))
+    net = net.to(device).eval().requires_grad_(False)
+    _NETS[key] = net
+    return net
+
+
+def to_feature_size(images: torch.Tensor) -> torch.Tensor:
+    """Resize (B, 3, H, W) to 32 x 32: area averaging to shrink (as course_lib.data does), bilinear to grow."""
+    H, W = images.shape[-2:]
+    if (H, W) == (FEATURE_SIZE, FEATURE_SIZE):
+        return images
+    mode = "area" if H >= FEATURE_SIZE and W >= FEATURE_SIZE else "bilinear"
+    return F.interpolate(images, size=(FEATURE_SIZE, FEATURE_SIZE), mode=mode)
+
+
+@torch.no_grad()
+def features(images: torch.Tensor, batch_size: int = 256, device: torch.device | str | None = None) -> torch.Tensor:
+    """FeatureNet embeddings (N, D) float32 on the CPU of images (N, 3, H, W) in [-1, 1].
+
+    Any H, W is resized to 32 x 32; values outside [-1, 1] are clipped, as saving the
+    images to a file would."""
+    check_images(images, "images", data_range=False)
+    if images.shape[1] != 3:
+        raise ValueError(f"images must have 3 (RGB) channels; got shape {tuple(images.shape)}")
+    net = load_feature_net(device)
+    device = next(net.parameters()).device
+    out = [net.embed(to_feature_size(chunk.to(device, torch.float32).clamp(-1, 1))).cpu()
+           for chunk in images.split(batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, net.dim)
+
+
+# --- FID ---------------------------------------------------------------------------------------------
+
+def _check_feats(feats: torch.Tensor, name: str, min_n: int = 2) -> torch.Tensor:
+    if not isinstance(feats, torch.Tensor) or feats.ndim != 2:
+        shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+        raise ValueError(f"{name} must be a (N, D) tensor of features (see `features`); got {shape}")
+    if feats.shape[0] < min_n:
+        raise ValueError(f"{name} needs at least {min_n} rows (feature vectors); got {feats.shape[0]}")
+    if not torch.isfinite(feats).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return feats.detach().to("cpu", torch.float64)
+
+
+def _psd_sqrt(S: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric PSD matrix by eigendecomposition (tiny negative eigenvalues -> 0)."""
+    w, V = torch.linalg.eigh((S + S.T) / 2)
+    return (V * w.clamp(min=0).sqrt()) @ V.T
+
+
+def frechet_distance(mu_a: torch.Tensor, S_a: torch.Tensor, mu_b: torch.Tensor, S_b: torch.Tensor) -> float:
+    r"""Frechet distance between N(mu_a, S_a) and N(mu_b, S_b) (Eq. 6 of Heusel et al. [1]), in float64.
+
+        d^2 = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr(M^{1/2}),   M = S_a^{1/2} S_b S_a^{1/2}
+    M is similar to S_a S_b, so tr(M^{1/2}) = tr((S_a S_b)^{1/2}); being symmetric PSD its square
+    root comes from `eigh` (no scipy.linalg.sqrtm, no complex round-off)."""
+    mu_a, S_a, mu_b, S_b = (torch.as_tensor(v, dtype=torch.float64) for v in (mu_a, S_a, mu_b, S_b))
+    root_a = _psd_sqrt(S_a)
+    M = root_a @ S_b @ root_a
+    tr_sqrt = torch.linalg.eigvalsh((M + M.T) / 2).clamp(min=0).sqrt().sum()
+    d2 = (mu_a - mu_b).square().sum() + S_a.trace() + S_b.trace() - 2 * tr_sqrt
+    return max(d2.item(), 0.0)  # exact value is >= 0; clip round-off below zero
+
+
+def fid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """FID: Frechet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D) [1]."""
+    a, b = _check_feats(feats_a, "feats_a"), _check_feats(feats_b, "feats_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must have the same dimension; got {a.shape[1]} and {b.shape[1]}")
+    return frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+
+
+def fid_images(images_a: torch.Tensor, images_b: torch.Tensor, device: torch.device | str | None = None) -> float:
+    """FID between two image batches (N, 3, H, W) in [-1, 1], in FeatureNet's feature space."""
+    return fid(features(images_a, device=device), features(images_b, device=device))
+
+
+# --- KID ---------------------------------------------------------------------------------------------
+
+def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unbiased MMD^2 with k(x, y) = (x.y / D + 1)^3 (Eq. 3 of Binkowski et al. [2]), equal-size sets."""
+    m, D = x.shape
+    k_xx, k_yy, k_xy = ((u @ v.T / D + 1) ** 3 for u, v in ((x, x), (y, y), (x, y)))
+    off_diag = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))  # noqa: E731
+    return off_diag(k_xx) + off_diag(k_yy) - 2 * k_xy.mean()
+
+
+def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 100, subset_size: int | None = None,
+        seed: int = 0) -> tuple[float, float]:
+    """KID: unbiased MMD^2, cubic polynomial kernel, mean and std over random subsets [2].
+
+    subset_size defaults to min(1000, N_a // 2, N_b // 2): each subset draws that many rows of each
+    set without replacement, so subsets differ even when a set is small (with subsets as large as
+    the set, every subset would be the same and the std 0). The std is the spread of one
+    subset's estimate, a conservative guide to the uncertainty of the mean."""
+    a, b = _check_feats(feats_a, "feats_a"), _check_feats(feats_b, "feats_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must have the same dimension; got {a.shape[1]} and {b.shape[1]}")
+    m = subset_size if subset_size is not None else min(1000, max(2, len(a) // 2), max(2, len(b) // 2))
+    if not isinstance(m, int) or not 2 <= m <= min(len(a), len(b)):
+        raise ValueError(f"subset_size must be an int from 2 to min(N_a, N_b) = {min(len(a), len(b))}; got {m!r}")
+    if not isinstance(subsets, int) or subsets < 1:
+        raise ValueError(f"subsets must be a positive int; got {subsets!r}")
+    g = torch.Generator().manual_seed(seed)
+    values = torch.stack([_mmd2_unbiased(a[torch.randperm(len(a), generator=g)[:m]],
+                                         b[torch.randperm(len(b), generator=g)[:m]]) for _ in range(subsets)])
+    std = values.std().item() if subsets > 1 else 0.0
+    return values.mean().item(), std
+
+
+# --- Quality against the emoji, with the real-versus-real floor ---------------------------------------
+
+@dataclass
+class Quality:
+    """FID and KID of n images against a reference set, optionally with the floor at the same n."""
+    fid: float
+    kid_mean: float
+    kid_std: float
+    n: int
+    reference: str = ""
+    floor: Quality | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        ref = f" against {self.reference}" if self.reference else ""
+        text = f"FID {self.fid:.2f}, KID {self.kid_mean:.4f} ± {self.kid_std:.4f} (n={self.n}{ref})"
+        if self.floor is not None:
+            text += f"; real-vs-real floor at n={self.floor.n}: FID {self.floor.fid:.2f}, KID {self.floor.kid_mean:.4f}"
+        return text
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; choose from {list(valid)}")
+
+
+_REF_FEATS: dict[tuple[str, int, str], torch.Tensor] = {}
+
+
+def emoji_features(split: str, size: int = 32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Features of the Noto emoji of one split loaded at `size` px (cached per process)."""
+    _check_choice("split", split, REFERENCES)
+    key = (split, size, str(FEATURE_NET_PATH), str(device))
+    if key not in _REF_FEATS:
+        _REF_FEATS[key] = features(load_emoji(size=size, split=split).images, device=device)
+    return _REF_FEATS[key]
+
+
+def _compare(feats: torch.Tensor, ref: torch.Tensor, reference: str, seed: int, kid_subsets: int) -> Quality:
+    k_mean, k_std = kid(feats, ref, subsets=kid_subsets, seed=seed)
+    return Quality(fid(feats, ref), k_mean, k_std, len(feats), reference)
+
+
+def floor(n: int | None = None, size: int = 32, seed: int = 0, reference: str = "heldout",
+          kid_subsets: int = 100, device: torch.device | str | None = None) -> Quality:
+    """The real-versus-real floor: n real images of the *other* split against the reference split.
+
+    reference "heldout": n random training images against all 398 held-out images (what a model
+        that reproduced its training set perfectly would score); n from 2 to 3,388, default 398.
+    reference "train": n random held-out images against all training images (what a perfect model
+        of the emoji that copies nothing would score); n from 2 to 398.
+    FID is biased upward at small n [3], so compare a model's figure with the floor at its n."""
+    _check_choice("reference", reference, REFERENCES)
+    ref = emoji_features(reference, size, device)
+    pool = emoji_features("train" if reference == "heldout" else "heldout", size, device)
+    n = min(len(ref), len(pool)) if n is None else n  # 398 either way
+    if not isinstance(n, int) or not 2 <= n <= len(pool):
+        other = "training" if reference == "heldout" else "held-out"
+        raise ValueError(f"n must be an int from 2 to {len(pool)} (the {other} images available for the floor "
+                         f"against {reference}); got {n!r}")
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
+    return _compare(pool[pick], ref, reference, seed, kid_subsets)
+
+
+def evaluate(samples: torch.Tensor, reference: str = "heldout", size: int | None = None, seed: int = 0,
+             with_floor: bool = True, kid_subsets: int = 100, device: torch.device | str | None = None) -> Quality:
+    """FID and KID of samples (N, 3, H, W) in [-1, 1] against the emoji of `reference`, with the floor.
+
+    The reference images are loaded at the samples' size (or `size`) and go through the same resize
+    to 32 px, so a 16 px model is judged against 16 px emoji. The floor uses the same n as the samples."""
+    _check_choice("reference", reference, REFERENCES)
+    check_images(samples, "samples", data_range=False)
+    size = size or samples.shape[-1]
+    quality = _compare(features(samples, device=device), emoji_features(reference, size, device),
+                       reference, seed, kid_subsets)
+    if with_floor:
+        quality.floor = floor(len(samples), size, seed, reference, kid_subsets, device)
+    return quality
+
+
+# --- Memorisation --------------------------------------------------------------------------------------
+
+def _vectors(images: torch.Tensor, space: str, size: tuple[int, int], device) -> torch.Tensor:
+    """float64 rows whose Euclidean distances are RMS distances in the chosen space."""
+    if space == "features":
+        v = features(images, device=device)
+    else:
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images.float(), size=size, mode="area")
+        v = images.detach().float().cpu().clamp(-1, 1).flatten(1)
+    return v.double() / v.shape[1] ** 0.5
+
+
+def nearest_neighbours(samples: torch.Tensor, train_images: torch.Tensor, space: str = "pixel", k: int = 1,
+                       train_features: torch.Tensor | None = None, batch_size: int = 256,
+                       device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each sample, the RMS distance to its nearest training image(s) and their indices.
+
+    space "pixel": RMS difference per pixel and channel in [-1, 1] units, at the samples' size
+    (training images are area-resized to it); "features": RMS difference of FeatureNet features.
+    train_features: the training images' features, if already computed (e.g. `emoji_features("train")`),
+    to save recomputing them on every call in feature space.
+    Returns shapes (N,) for k = 1, else (N, k), nearest first. Distances come from
+    |a|^2 + |b|^2 - 2 a.b in float64, so an exact copy is at distance 0 (to ~1e-7)."""
+    _check_choice("space", space, SPACES)
+    check_images(samples, "samples", data_range=False)
+    check_images(train_images, "train_images", data_range=False)
+    if not isinstance(k, int) or not 1 <= k <= len(train_images):
+        raise ValueError(f"k must be an int from 1 to the number of training images ({len(train_images)}); got {k!r}")
+    s = _vectors(samples, space, tuple(samples.shape[-2:]), device)
+    if space == "features" and train_features is not None:
+        if train_features.shape != (len(train_images), s.shape[1]):
+            raise ValueError(f"train_features must have shape {(len(train_images), s.shape[1])} (one feature "
+                             f"vector per training image); got {tuple(train_features.shape)}")
+        r = train_features.detach().cpu().double() / s.shape[1] ** 0.5
+    else:
+        r = _vectors(train_images, space, tuple(samples.shape[-2:]), device)
+    r_sq = r.square().sum(1)
+    dists, idx = [], []
+    for chunk in s.split(batch_size):
+        d2 = chunk.square().sum(1, keepdim=True) + r_sq - 2 * chunk @ r.T   # (b, N_train)
+        d, i = d2.clamp(min=0).topk(k, dim=1, largest=False)
+        dists.append(d.sqrt().float())
+        idx.append(i)
+    dists, idx = torch.cat(dists), torch.cat(idx)
+    return (dists[:, 0], idx[:, 0]) if k == 1 else (dists, idx)
+
+
+@dataclass
+class MemorisationReport:
+    """Each sample's nearest training image, and which samples lie closer than the threshold."""
+    distances: torch.Tensor    # (N,) RMS distance of each sample to its nearest training image
+    indices: torch.Tensor      # (N,) index of that training image
+    threshold: float
+    space: str
+
+    @property
+    def flagged(self) -> torch.Tensor:
+        """(N,) bool: the samples that look like copies of a training image."""
+        return self.distances < self.threshold
+
+    @property
+    def share(self) -> float:
+        return self.flagged.float().mean().item() if len(self.distances) else 0.0
+
+    def closest(self, k: int = 8) -> torch.Tensor:
+        """Indices of the k samples nearest to a training image, nearest first (for a side-by-side plot)."""
+        return self.distances.argsort()[:k]
+
+    def __str__(self) -> str:
+        n, c = len(self.distances), int(self.flagged.sum())
+        return (f"{c} of {n} samples ({100 * self.share:.1f}%) lie within RMS distance {self.threshold:g} of a "
+                f"training image ({self.space} space); median nearest distance {self.distances.median():.3f}")
+
+
+def memorisation(samples: torch.Tensor, train_images: torch.Tensor, threshold: float | None = None,
+                 space: str = "pixel", train_features: torch.Tensor | None = None,
+                 device: torch.device | str | None = None) -> MemorisationReport:
+    """Flag samples whose nearest training image is closer than `threshold` (RMS distance).
+
+    The default threshold of each space is half the 1st percentile of the distances from held-out
+    images (new emoji, unseen by construction, so not memorised) to their nearest training image,
+    measured by scripts/train_feature_net.py and stored with the feature network (values on
+    checkpoints/feature_net.md). It flags copies and near-copies and almost never a new emoji
+    (it leaves out held-out images that are the same picture as a training image: a few emoji
+    are drawn identically, and those are rightly flagged). `train_features` as in `nearest_neighbours`.
+    Pixel space is the main check; feature space flags only (near-)exact copies, since different
+    emoji of one subcategory can sit close together there."""
+    _check_choice("space", space, SPACES)
+    if threshold is None:
+        thresholds = load_feature_net(device).memorisation_thresholds
+        if space not in thresholds:
+            raise ValueError(f"the feature network checkpoint holds no default threshold for {space!r}; pass "
+                             f"threshold=..., or rebuild the checkpoint with `{REBUILD_COMMAND}`")
+        threshold = thresholds[space]
+    distances, indices = nearest_neighbours(samples, train_images, space, train_features=train_features,
+                                            device=device)
+    return MemorisationReport(distances, indices, float(threshold), space)

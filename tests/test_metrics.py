@@ -1,0 +1,201 @@
+"""course_lib.metrics: FID and KID against first principles and closed forms, the shipped feature
+space's behaviour on real emoji, the floor, and the memorisation check."""
+
+import math
+
+import pytest
+import torch
+
+from course_lib import metrics
+from course_lib.data import load_emoji
+from course_lib.metrics import Quality, fid, frechet_distance, kid, memorisation, nearest_neighbours
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    """32 px emoji and their features (one pass of ~3,800 images through FeatureNet)."""
+    torch.manual_seed(0)
+    train, held = load_emoji(32, "train"), load_emoji(32, "heldout")
+    return dict(train=train.images, held=held.images,
+                f_train=metrics.emoji_features("train"), f_held=metrics.emoji_features("heldout"))
+
+
+def gaussian_set(n: int, mean: torch.Tensor, var: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """n points whose sample mean and (unbiased) sample covariance are exactly mean and diag(var)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, len(mean), generator=g, dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T  # whiten: sample cov = I
+    return mean + z * var.sqrt()
+
+
+# --- FID ---------------------------------------------------------------------------------------------
+
+def test_fid_of_a_set_with_itself_is_zero(emoji):
+    f = emoji["f_train"]
+    assert fid(f, f) < 1e-6 * torch.cov(f.double().T).trace().item()
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
+    g = torch.Generator().manual_seed(1)
+    mu_a, mu_b = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    var_a, var_b = torch.rand(2, 16, generator=g, dtype=torch.float64) + 0.1
+    closed = ((mu_a - mu_b) ** 2).sum() + ((var_a.sqrt() - var_b.sqrt()) ** 2).sum()
+    assert frechet_distance(mu_a, var_a.diag(), mu_b, var_b.diag()) == pytest.approx(closed.item(), rel=1e-10)
+    # fid() on point sets with exactly those means and covariances gives the same number
+    a, b = gaussian_set(200, mu_a, var_a, seed=2), gaussian_set(300, mu_b, var_b, seed=3)
+    assert fid(a, b) == pytest.approx(closed.item(), rel=1e-9)
+
+
+def test_frechet_distance_for_general_covariances():
+    """tr sqrt(S_a S_b) through eigh equals the sum of square roots of the eigenvalues of S_a S_b."""
+    g = torch.Generator().manual_seed(4)
+    A, B = torch.randn(2, 12, 12, generator=g, dtype=torch.float64)
+    S_a, S_b = A @ A.T, B @ B.T + 0.1 * torch.eye(12, dtype=torch.float64)
+    mu = torch.zeros(12, dtype=torch.float64)
+    tr_sqrt = torch.linalg.eigvals(S_a @ S_b).real.clamp(min=0).sqrt().sum()
+    expected = (S_a.trace() + S_b.trace() - 2 * tr_sqrt).item()
+    assert frechet_distance(mu, S_a, mu, S_b) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(mu, S_a, mu, S_b) == pytest.approx(frechet_distance(mu, S_b, mu, S_a), rel=1e-8)
+
+
+def test_fid_grows_with_noise(emoji):
+    """In the shipped feature space, more Gaussian noise on real images means a larger FID."""
+    g = torch.Generator().manual_seed(0)
+    x = emoji["train"][torch.randperm(len(emoji["train"]), generator=g)[:398]]
+    scores = [fid(metrics.features((x + s * torch.randn(x.shape, generator=g)).clamp(-1, 1)), emoji["f_held"])
+              for s in (0.0, 0.05, 0.1, 0.2, 0.4)]
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+
+
+def test_fid_checks_its_inputs():
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        fid(torch.zeros(10), torch.zeros(10, 3))
+    with pytest.raises(ValueError, match="same dimension"):
+        fid(torch.randn(10, 3), torch.randn(10, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        fid(torch.full((10, 3), float("nan")), torch.randn(10, 3))
+
+
+# --- KID ---------------------------------------------------------------------------------------------
+
+def test_kid_estimator_matches_its_definition():
+    """Unbiased MMD^2 written as explicit sums over pairs, on one subset (the whole sets)."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64) + 0.3
+    k = lambda u, v: (u @ v / 4 + 1) ** 3  # noqa: E731
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
+    mean, std = kid(x, y, subsets=1, subset_size=m)
+    assert mean == pytest.approx((xx + yy - 2 * xy).item(), rel=1e-10) and std == 0.0
+
+
+def test_kid_is_zero_for_one_distribution_and_positive_for_two():
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(2, 1000, 32, generator=g)
+    same_mean, same_std = kid(a, b, subsets=50)
+    assert abs(same_mean) < 2 * same_std
+    diff_mean, diff_std = kid(a, b * 1.3 + 0.2, subsets=50)
+    assert diff_mean > 5 * diff_std > 0
+
+
+def test_kid_checks_subset_size():
+    with pytest.raises(ValueError, match="subset_size"):
+        kid(torch.randn(10, 3), torch.randn(20, 3), subset_size=11)
+
+
+# --- Floor and evaluate --------------------------------------------------------------------------------
+
+def test_floor_is_finite_and_below_noised_images(emoji):
+    base = metrics.floor(398)
+    assert math.isfinite(base.fid) and base.fid > 0 and base.n == 398 and base.reference == "heldout"
+    g = torch.Generator().manual_seed(7)
+    x = emoji["train"][:398]
+    noised = metrics.features((x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1))
+    assert base.fid < fid(noised, emoji["f_held"])
+    assert base.kid_mean < kid(noised, emoji["f_held"])[0]
+
+
+def test_floor_n_is_checked():
+    with pytest.raises(ValueError, match="from 2 to 398"):
+        metrics.floor(500, reference="train")
+    with pytest.raises(ValueError, match="choose from"):
+        metrics.floor(100, reference="test")
+
+
+def test_evaluate_reports_the_floor_at_the_same_n(emoji):
+    quality = metrics.evaluate(emoji["train"][:100])
+    assert quality.n == 100 and quality.floor.n == 100 and quality.reference == "heldout"
+    text = str(quality)
+    assert "FID" in text and "KID" in text and "n=100" in text and "floor" in text
+    assert str(Quality(1.0, 0.01, 0.001, 10)) == "FID 1.00, KID 0.0100 ± 0.0010 (n=10)"
+
+
+def test_features_resize_any_size_like_the_data_loader(emoji):
+    f64 = metrics.features(load_emoji(64, "heldout").images)
+    assert f64.shape == emoji["f_held"].shape == (398, metrics.load_feature_net("cpu").dim)
+    assert torch.allclose(f64, emoji["f_held"], atol=1e-4)
+    assert metrics.features(emoji["held"][:4, :, :16, :20]).shape == (4, 128)
+    with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
+        metrics.features(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="batch axis"):
+        metrics.features(torch.zeros(3, 32, 32))
+
+
+# --- The shipped network ---------------------------------------------------------------------------------
+
+def test_feature_net_is_frozen_and_classifies_held_out_emoji(emoji):
+    net = metrics.load_feature_net("cpu")
+    assert not net.training and all(not p.requires_grad and p.dtype == torch.float32 for p in net.parameters())
+    assert metrics.load_feature_net("cpu") is net  # cached
+    held = load_emoji(32, "heldout")
+    labels = torch.tensor([net.classes.index(c) for c in held.subcategories])
+    with torch.no_grad():
+        accuracy = (net(held.images).argmax(1) == labels).float().mean().item()
+    assert accuracy > 0.55  # 62.8% when trained (checkpoints/feature_net.md)
+
+
+def test_missing_checkpoint_names_the_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "FEATURE_NET_PATH", tmp_path / "feature_net.safetensors")
+    with pytest.raises(FileNotFoundError, match="python scripts/train_feature_net.py"):
+        metrics.load_feature_net("cpu")
+
+
+# --- Memorisation --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("space", metrics.SPACES)
+def test_memorisation_flags_copies_not_held_out_emoji(emoji, space):
+    train = emoji["train"]
+    copies = train[[0, 10, 200, 3000]]
+    cached = emoji["f_train"] if space == "features" else None
+    report = memorisation(copies, train, space=space, train_features=cached)
+    assert report.flagged.all() and report.share == 1.0
+    assert (report.distances < 1e-5).all()
+    assert torch.allclose(train[report.indices], copies)  # the neighbour is the image (or an identical twin)
+    held = memorisation(emoji["held"], train, space=space, train_features=cached)
+    # Measured: pixel space flags 1.0% (4 of 398), exactly the held-out emoji that Noto draws like a
+    # training emoji (e.g. the flags of the United States and of the U.S. Outlying Islands); feature
+    # space 1.3% (those 4 and "smiling face with horns" ~ "imp"). See checkpoints/feature_net.md.
+    assert held.share <= 0.025, str(held)
+    if space == "pixel":
+        assert (held.distances[held.flagged] < 1e-4).all()  # only the exact twins
+    assert "of 398 samples" in str(held)
+
+
+def test_nearest_neighbours_k_and_resize(emoji):
+    train = emoji["train"][:500]
+    d, i = nearest_neighbours(train[:5], train, k=3)
+    assert d.shape == i.shape == (5, 3) and (d[:, 0] < 1e-6).all() and (d[:, :-1] <= d[:, 1:]).all()
+    small = torch.nn.functional.interpolate(train[:5], size=16, mode="area")
+    d16, i16 = nearest_neighbours(small, train)  # training images are resized to the samples' size
+    assert (d16 < 1e-5).all() and d16.shape == (5,)
+    with pytest.raises(ValueError, match="choose from"):
+        nearest_neighbours(small, train, space="latent")
+    with pytest.raises(ValueError, match="one feature vector per training image"):
+        nearest_neighbours(small, train, space="features", train_features=emoji["f_train"])
+    # precomputed training features give the same answer as computing them
+    d_f, i_f = nearest_neighbours(emoji["held"][:8], train, space="features")
+    d_c, i_c = nearest_neighbours(emoji["held"][:8], train, space="features", train_features=emoji["f_train"][:500])
+    assert torch.equal(i_f, i_c) and torch.allclose(d_f, d_c, atol=1e-5)
