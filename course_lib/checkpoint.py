@@ -30,6 +30,24 @@ from .schedules import NoiseSchedule, schedule_from_alphas_cumprod
 from .unet import UNet, UNetConfig
 
 
+CHECKPOINTS_ENV = "COURSE_CHECKPOINTS"
+
+
+def checkpoints_dir() -> Path:
+    """The folder of shipped checkpoints: $COURSE_CHECKPOINTS if set, else checkpoints/ in the repository."""
+    return Path(os.environ.get(CHECKPOINTS_ENV) or Path(__file__).resolve().parent.parent / "checkpoints")
+
+
+def shipped(name: str) -> Path:
+    """Path of a shipped model file, e.g. shipped("ddpm_emoji32"), with a clear error if it is missing."""
+    path = checkpoints_dir() / f"{name}.safetensors"
+    if not path.is_file():
+        known = sorted(p.stem for p in checkpoints_dir().glob("*.safetensors"))
+        raise FileNotFoundError(f"no shipped checkpoint {name!r} at {path}; available: {', '.join(known) or 'none'}. "
+                                f"Each is made by a command in scripts/ named in its model card ({name}.md).")
+    return path
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """save_file to a temporary file in the destination folder, fsync, then rename over `path`."""
     path = Path(path)
@@ -96,4 +114,4 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     return model, schedule, info
 
 
-__all__ = ["atomic_save", "read", "save_model", "load_model"]
+__all__ = ["checkpoints_dir", "shipped", "atomic_save", "read", "save_model", "load_model"]

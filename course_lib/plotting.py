@@ -104,3 +104,26 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     """Render a figure to an (H, W, 3) uint8 array (to compare pictures in tests)."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def plot_loss_curve(losses: list[float], window: int = 50, title: str | None = None,
+                    ax=None) -> Figure:
+    """Training loss per step (faint) and its running mean over `window` steps, log scale."""
+    fig = ax.figure if ax is not None else plt.figure(figsize=(6, 3), dpi=DPI)
+    ax = ax or fig.add_subplot()
+    steps = np.arange(1, len(losses) + 1)
+    values = np.asarray(losses, dtype=float)
+    if len(values):
+        kernel = np.ones(min(window, len(values))) / min(window, len(values))
+        running = np.convolve(values, kernel, mode="valid")
+        ax.plot(steps, values, color="tab:blue", alpha=0.25, lw=0.8, label="per step")
+        ax.plot(steps[len(values) - len(running):], running, color="tab:blue", lw=2,
+                label=f"mean of {len(kernel)} steps")
+        ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "training loss", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -7,7 +7,8 @@ without a browser. `live` wires core ipywidgets controls to such a function
 
 from __future__ import annotations
 
-from typing import Callable
+import numbers
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import torch
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 from .data import to_uint8
 from .forward import linear_mix, vp_mix
 from .plotting import DPI, noising_strip, plot_schedules
+from .sampling import ReverseStep
 from .schedules import KINDS, NoiseSchedule, make_schedule
 
 BETA_KINDS = ("linear", "scaled_linear")  # the kinds a beta range applies to
@@ -88,3 +90,40 @@ def live(render: Callable[..., Figure], controls: dict, columns: int = 4):
     items = list(controls.values())
     rows = [W.HBox(items[i:i + columns]) for i in range(0, len(items), columns)]
     return W.VBox(rows + [out])
+
+
+# --- notebook 05: the reverse-process scrubber ------------------------------------------------
+
+def reverse_process_figure(trajectory: Sequence[ReverseStep], index: int, schedule: NoiseSchedule,
+                           n_images: int = 4) -> Figure:
+    """The reverse process at step `index` of a recorded `course_lib.sampling.reverse_process` run:
+    x_t (top row) and the model's x_0 estimate there (bottom row) for the first n_images images, and
+    where the step lies on the alpha-bar curve of the run (right)."""
+    trajectory = list(trajectory)
+    if not trajectory or not all(isinstance(s, ReverseStep) for s in trajectory):
+        raise TypeError("trajectory must be a non-empty list of ReverseStep, e.g. "
+                        "list(course_lib.sampling.reverse_process(model, schedule, shape, ...))")
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < len(trajectory):
+        raise ValueError(f"index must be an int from 0 to {len(trajectory) - 1} (the recorded steps); got {index!r}")
+    step = trajectory[index]
+    n = max(1, min(n_images, step.x_t.shape[0]))
+    abar = [1.0 if s.t < 0 else schedule.alphas_cumprod[s.t].item() for s in trajectory]
+
+    fig = plt.figure(figsize=(1.5 * n + 3.2, 3.4), dpi=DPI)
+    grid = fig.add_gridspec(2, n + 1, width_ratios=[1] * n + [2.2])
+    for row, (name, images) in enumerate([("x_t", step.x_t), ("predicted x_0", step.x0_pred)]):
+        for j, pixels in enumerate(to_uint8(images[:n])):
+            ax = fig.add_subplot(grid[row, j])
+            ax.imshow(pixels, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, fontsize=9)
+    curve = fig.add_subplot(grid[:, n])
+    curve.plot(range(len(trajectory)), abar, color="0.5", lw=1.5, marker=".", ms=3)
+    curve.plot([index], [abar[index]], "o", color="tab:red", ms=7)
+    curve.set(xlabel="sampling step", ylabel="alpha-bar (signal power)", ylim=(-0.03, 1.05))
+    curve.grid(alpha=0.3)
+    where = "the result" if step.t < 0 else f"t = {step.t}"
+    fig.suptitle(f"step {index} of {len(trajectory) - 1}: {where}, alpha-bar = {abar[index]:.4f}", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def measure(model_path: Path, n: int, steps: int, sampler: str, seed: int) -> dict:
@@ -85,22 +87,26 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
         f"| training | {info['steps']} steps, batch {tc['batch_size']}, AdamW lr {tc['lr']} "
         f"(warm-up {tc['warmup']}), grad clip {tc['grad_clip']}, EMA {tc['ema_decay']}, seed {tc['seed']} |",
         f"| hardware | {info.get('machine', 'unknown')} |",
-        f"| training time | {info['train_seconds'] / 60:.1f} min of optimisation steps |",
+        f"| training time | {info['train_seconds'] / 60:.1f} min of optimisation steps (the machine was shared with "
+        f"other jobs when this was measured: an upper bound) |",
         f"| command | `{info.get('command', 'python scripts/train_ddpm.py')}` |",
         "",
         "## Measured quality",
         "",
-        f"Measured by `python scripts/train_ddpm.py --card-only` on {machine()}, torch {torch.__version__}:",
+        f"Measured by this script (`python scripts/train_ddpm.py --card-only` repeats it) on {machine()}, "
+        f"torch {torch.__version__}:",
         f"{result['n']} samples, {result['sampler']} with {result['steps']} steps, seed {args.seed}, "
         f"{result['sample_seconds']:.1f} s to sample.",
         "FID and KID are computed in the course's own feature space (course_lib.metrics, the shipped",
         "emoji classifier `feature_net`), against the held-out emoji. The floor is the same measure between",
         "as many real training images and the held-out set: the best a model can reach at this sample count.",
         "",
-        "| | FID | KID (x1000) |",
+        "| | FID | KID |",
         "|---|---|---|",
-        f"| samples vs held-out | {q.fid:.2f} | {1000 * q.kid_mean:.2f} ± {1000 * q.kid_std:.2f} |",
-        f"| floor: real train vs held-out | {f.fid:.2f} | {1000 * f.kid_mean:.2f} ± {1000 * f.kid_std:.2f} |",
+        f"| samples vs held-out | {q.fid:.2f} | {q.kid_mean:.3f} ± {q.kid_std:.3f} |",
+        f"| floor: real train vs held-out | {f.fid:.2f} | {f.kid_mean:.3f} ± {f.kid_std:.3f} |",
+        "",
+        f"![{result['n']} samples, the first 64](ddpm_emoji32_samples.png)",
         "",
         f"Memorisation: {100 * m.share:.1f}% of samples have a training image closer than the threshold "
         f"({m.threshold:.3g}, {m.space} space).",
@@ -159,6 +165,13 @@ def main() -> None:
     model, _, info = load_model(out)
     result = measure(out, args.eval_samples, args.eval_steps, args.eval_sampler, args.seed)
     print(f"FID {result['quality']}, floor {result['floor']}, memorisation {result['memorisation'].share:.3f}")
+    from PIL import Image
+
+    from course_lib.data import to_uint8
+    grid = to_uint8(result["samples"][:64])                       # (64, 32, 32, 3) uint8
+    rows = [np.concatenate(list(grid[r * 16:(r + 1) * 16]), axis=1) for r in range(4)]
+    Image.fromarray(np.concatenate(rows, axis=0)).resize((16 * 64, 4 * 64), Image.NEAREST).save(
+        Path(args.out_dir) / f"{NAME}_samples.png", optimize=True)
     write_card(card, args, info, result, count_parameters(model))
     print(f"wrote {card}")
 

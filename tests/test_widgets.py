@@ -133,3 +133,41 @@ def test_live_redraws_on_every_change():
     kind.value = "cosine"
     assert calls == [(3, "linear"), (5, "linear"), (5, "cosine")]
     assert plt.get_fignums() == []  # live closes each figure after showing it
+
+
+# --- notebook 05: the reverse-process scrubber ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def trajectory():
+    """A recorded 6-step DDIM run of a stand-in denoiser on a 50-step schedule (3 images of 8 x 8)."""
+    from course_lib.sampling import reverse_process
+
+    schedule = make_schedule("cosine", 50)
+    model = lambda x, t: 0.5 * x  # noqa: E731  (any x_t-shaped output will do)
+    steps = list(reverse_process(model, schedule, (3, 3, 8, 8), steps=6, generator=torch.Generator().manual_seed(0)))
+    return steps, schedule
+
+
+def test_reverse_process_figure_changes_with_index(trajectory):
+    steps, schedule = trajectory
+    assert len(steps) == 7  # 6 steps and the result
+    first = widgets.reverse_process_figure(steps, 0, schedule, n_images=2)
+    assert isinstance(first, Figure)
+    title = first.get_suptitle()
+    assert f"t = {steps[0].t}" in title and f"{schedule.alphas_cumprod[steps[0].t].item():.4f}" in title
+    pictures = [pixels(first)] + [pixels(widgets.reverse_process_figure(steps, i, schedule, n_images=2))
+                                  for i in (3, 6)]
+    assert len({p.shape for p in pictures}) == 1  # the canvas does not jump while scrubbing
+    assert not np.array_equal(pictures[0], pictures[1]) and not np.array_equal(pictures[1], pictures[2])
+    assert np.array_equal(pictures[1], pixels(widgets.reverse_process_figure(steps, 3, schedule, n_images=2)))
+    last = widgets.reverse_process_figure(steps, 6, schedule)
+    assert "the result" in last.get_suptitle() and "1.0000" in last.get_suptitle()
+
+
+def test_reverse_process_figure_rejects_bad_input(trajectory):
+    steps, schedule = trajectory
+    for index in (-1, 7, 2.0):
+        with pytest.raises(ValueError, match="from 0 to 6"):
+            widgets.reverse_process_figure(steps, index, schedule)
+    with pytest.raises(TypeError, match="ReverseStep"):
+        widgets.reverse_process_figure([], 0, schedule)
