@@ -41,8 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .forward import check_prediction, predicted_x0_eps, prediction_target, q_sample
+from .forward import check_prediction, prediction_target, q_sample
 from .schedules import NoiseSchedule, make_schedule
+from .sampling import sample
 from .settings import default_device
 from .train import PRECISIONS, autocast, resolve_precision  # one definition, shared with training
 
@@ -195,11 +196,8 @@ def training_step_memory(model: nn.Module, batch_shape: tuple[int, int, int, int
 def sampling_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], steps: int = 10, *,
                     prediction: str = "epsilon", precision: str = "auto",
                     schedule: NoiseSchedule | None = None) -> MemoryReport:
-    """Peak memory of sampling a batch with `steps` model calls under no_grad, on the model's device.
-
-    The loop is deterministic DDIM (eta = 0, Eq. 12 of Song et al. [3]) over evenly spaced timesteps:
-        x0_hat, eps_hat from model(x_t, t);  x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'}) eps_hat
-    Every sampler that calls the model once per step holds about the same memory."""
+    """Peak memory of sampling a batch with `steps` model calls (course_lib.sampling's DDIM, eta = 0),
+    on the model's device. Every sampler that calls the model once per step holds about the same memory."""
     check_prediction(prediction)
     B, C, H, W = _check_shape(batch_shape)
     if not isinstance(steps, int) or steps < 1:
@@ -209,20 +207,12 @@ def sampling_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], st
     schedule = schedule or make_schedule("linear", 1000)
     if steps > schedule.T:
         raise ValueError(f"steps must be at most the schedule's T = {schedule.T}; got {steps}")
-    timesteps = torch.linspace(schedule.T - 1, 0, steps).round().long().tolist()
-    alpha_bar = schedule.alphas_cumprod.tolist()
     was_training = model.training
 
-    @torch.no_grad()
     def run() -> None:
         model.eval()
-        x = torch.randn(B, C, H, W, device=device)
-        for i, t in enumerate(timesteps):
-            with autocast(precision, device):
-                output = model(x, torch.full((B,), t, device=device, dtype=torch.long))
-            x0_hat, eps_hat = predicted_x0_eps(prediction, output.float(), x, torch.tensor(alpha_bar[t]))
-            ab_next = alpha_bar[timesteps[i + 1]] if i + 1 < steps else 1.0
-            x = ab_next ** 0.5 * x0_hat + (1 - ab_next) ** 0.5 * eps_hat
+        with autocast(precision, device):
+            sample(model, schedule, (B, C, H, W), sampler="ddim", steps=steps, prediction=prediction, device=device)
 
     try:
         return measure_peak(run, device, f"sampling, batch {(B, C, H, W)}, {steps} steps", precision)

@@ -57,12 +57,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import checkpoints_dir
 from .data import load_emoji
 from .forward import check_images
 from .settings import default_device
 
 FEATURE_SIZE = 32                      # every image is resized to 32 x 32 before the network sees it
-FEATURE_NET_PATH = Path(__file__).resolve().parent.parent / "checkpoints" / "feature_net.safetensors"
+FEATURE_NET_PATH = checkpoints_dir() / "feature_net.safetensors"
 REBUILD_COMMAND = "python scripts/train_feature_net.py"
 SPACES = ("pixel", "features")
 REFERENCES = ("heldout", "train")

@@ -332,7 +332,12 @@ def ddim_invert(model: Model, schedule: NoiseSchedule, x0: torch.Tensor, *, step
 
     Going up from t to t' > t, the model is asked at (x_t, t') (the step that sampling will undo is
     evaluated at t' too), and x_{t'} = a_{t'} x0_hat + s_{t'} eps_hat with x0_hat = (x_t - s_t eps_hat) / a_t.
-    No clipping: clipping would make the map lossy."""
+    No clipping: clipping would make the map lossy.
+
+    Caveat: the first sampling step divides by sqrt(abar) at the top timestep. Where that is almost zero
+    (the cosine schedule's abar at t = T-1 is about 2e-9), any error in the model's noise estimate is
+    amplified by about 1 / sqrt(abar) and a trained model's round trip does not reconstruct (the exact
+    denoiser of the tests has no error, so it does). Notebook 05 inverts to a lower top timestep by hand."""
     check_images(x0, "x0", data_range=False)
     check_prediction(prediction)
     x, t = x0.detach(), -1
