@@ -170,8 +170,7 @@ def main() -> None:
     from course_lib.data import to_uint8
     grid = to_uint8(result["samples"][:64])                       # (64, 32, 32, 3) uint8
     rows = [np.concatenate(list(grid[r * 16:(r + 1) * 16]), axis=1) for r in range(4)]
-    Image.fromarray(np.concatenate(rows, axis=0)).resize((16 * 64, 4 * 64), Image.NEAREST).save(
-        Path(args.out_dir) / f"{NAME}_samples.png", optimize=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(Path(args.out_dir) / f"{NAME}_samples.png", optimize=True)
     write_card(card, args, info, result, count_parameters(model))
     print(f"wrote {card}")
 
