@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import checkpoints_dir
-from .data import load_emoji
+from .data import _check_choice, load_emoji
 from .forward import check_images
 from .settings import default_device
 
@@ -284,11 +284,6 @@ class Quality:
         if self.floor is not None:
             text += f"; real-vs-real floor at n={self.floor.n}: FID {self.floor.fid:.2f}, KID {self.floor.kid_mean:.4f}"
         return text
-
-
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; choose from {list(valid)}")
 
 
 _REF_FEATS: dict[tuple[str, int, str], torch.Tensor] = {}

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from course_lib import metrics  # noqa: E402
+from course_lib.checkpoint import atomic_save  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.metrics import FeatureNet, FeatureNetConfig  # noqa: E402
 
@@ -123,20 +124,9 @@ def train(args) -> tuple[FeatureNet, dict]:
 
 
 def save(net: FeatureNet, path: Path, meta: dict) -> None:
-    """fp16 safetensors with string metadata, written to a temporary file beside `path`, then renamed."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if v.is_floating_point() else v).detach().contiguous() for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-        os.chmod(tmp, 0o644)  # mkstemp's file is private; a checkpoint is for everyone
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """fp16 safetensors with string metadata, written atomically (course_lib.checkpoint.atomic_save)."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    atomic_save(state, path, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
 
 
 def write_text_atomic(path: Path, text: str) -> None:

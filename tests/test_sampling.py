@@ -15,16 +15,8 @@ T = 1000
 SHAPE = (2, 3, 4, 4)
 DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
 # diffusers' DPM-Solver passes a tensor to np.array (a numpy 2 deprecation inside diffusers, not ours).
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and kinder to a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def fake_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

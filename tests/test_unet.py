@@ -13,13 +13,7 @@ from course_lib.unet import (PRESETS, TIME_CONDITIONING, Block, Downsample, ResB
                              timestep_embedding)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second thread costs more than it gives, most of all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str = "tiny", seed: int = 0, **changes) -> UNet:
