@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .forward import check_prediction, prediction_target, q_sample
 from .schedules import NoiseSchedule, make_schedule
-from .sampling import sample
+from .sampling import GuidedModel, sample
 from .settings import default_device
 from .train import PRECISIONS, autocast, resolve_precision  # one definition, shared with training
 
@@ -150,16 +150,19 @@ def _check_shape(batch_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def training_step_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], *, prediction: str = "epsilon",
                          precision: str = "auto", gradient_checkpointing: bool = False,
-                         schedule: NoiseSchedule | None = None, lr: float = 1e-4) -> MemoryReport:
+                         schedule: NoiseSchedule | None = None, lr: float = 1e-4,
+                         context: tuple[torch.Tensor, torch.Tensor] | None = None) -> MemoryReport:
     """Peak memory of one forward + backward + AdamW step of the simple diffusion loss (Ho et al. 2020,
     Algorithm 1) on random images of batch_shape, on the model's device.
 
     The loss is written out: t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps),
     loss = MSE(model(x_t, t), target), target per `prediction`. AdamW's two moment buffers are
     created inside the measured run, as on a real first step. The model's weights, gradients and
-    train/eval mode are restored afterwards (their copy waits on the CPU, outside the measurement)."""
+    train/eval mode are restored afterwards (their copy waits on the CPU, outside the measurement).
+    A text-conditioned U-Net also gets `context` = (text states (B, L, D), mask (B, L)) on its device."""
     check_prediction(prediction)
     B, C, H, W = _check_shape(batch_shape)  # batch, channels, height, width
+    extra = () if context is None else tuple(context)
     device = _device_of(model)
     precision = resolve_precision(precision, device)
     schedule = schedule or make_schedule("linear", 1000)
@@ -176,7 +179,7 @@ def training_step_memory(model: nn.Module, batch_shape: tuple[int, int, int, int
         x_t = q_sample(schedule, x0, t, noise)
         target = prediction_target(prediction, x0, noise, schedule.extract(schedule.alphas_cumprod, t, x0))
         with autocast(precision, device):
-            output = model(x_t, t)
+            output = model(x_t, t, *extra)
         loss = F.mse_loss(output.float(), target)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -195,9 +198,12 @@ def training_step_memory(model: nn.Module, batch_shape: tuple[int, int, int, int
 
 def sampling_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], steps: int = 10, *,
                     prediction: str = "epsilon", precision: str = "auto",
-                    schedule: NoiseSchedule | None = None) -> MemoryReport:
+                    schedule: NoiseSchedule | None = None, context: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    guidance_scale: float = 1.0) -> MemoryReport:
     """Peak memory of sampling a batch with `steps` model calls (course_lib.sampling's DDIM, eta = 0),
-    on the model's device. Every sampler that calls the model once per step holds about the same memory."""
+    on the model's device. Every sampler that calls the model once per step holds about the same memory.
+    A text-conditioned U-Net gets `context` = (states, mask); with guidance_scale != 1 it runs with
+    classifier-free guidance (twice the batch per call), the empty context being zeros."""
     check_prediction(prediction)
     B, C, H, W = _check_shape(batch_shape)
     if not isinstance(steps, int) or steps < 1:
@@ -209,10 +215,16 @@ def sampling_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], st
         raise ValueError(f"steps must be at most the schedule's T = {schedule.T}; got {steps}")
     was_training = model.training
 
+    net = model
+    if context is not None:
+        states, mask = context
+        net = GuidedModel(model, states, mask, torch.zeros_like(states), torch.ones_like(mask), guidance_scale)
+
     def run() -> None:
         model.eval()
         with autocast(precision, device):
-            sample(model, schedule, (B, C, H, W), sampler="ddim", steps=steps, prediction=prediction, device=device)
+            sample(net, schedule, (B, C, H, W), sampler="ddim", steps=steps, prediction=prediction, device=device,
+                   clip_x0=context is None)
 
     try:
         return measure_peak(run, device, f"sampling, batch {(B, C, H, W)}, {steps} steps", precision)

@@ -45,3 +45,23 @@ def mode_name() -> str:
 def default_device() -> torch.device:
     """The first CUDA GPU if there is one, else the CPU (never hard-code `.cuda()`)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_machine() -> str:
+    """One line naming what runs the code, for reports and model cards: the GPU's name, or the CPU model
+    and torch's thread count."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    cpu = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"

@@ -20,8 +20,18 @@ Around the step:
                                     EMA, optimizer moments, random-number states and data order,
                                     so `Trainer.resume` continues exactly where training stopped
 
-All randomness of the training loop (data order, timesteps, noise) comes from one seeded CPU
-torch.Generator whose state is saved with the checkpoint.
+Text conditioning (a U-Net built with context_dim, course_lib.unet): each image comes with the text
+encoder's states for its caption (a `Conditioning`), and the model learns eps(x_t, t, text). With
+probability `caption_dropout` (10% here, as in Ho & Salimans 2022) a caption is swapped for the empty
+prompt's states, so the same network also learns the unconditional eps(x_t, t, "") that classifier-free
+guidance needs at sampling time (course_lib.sampling.GuidedModel).
+
+Latent diffusion (`latents=True`): the data are a VAE's scaled latents (course_lib.vae), which are not
+bounded to [-1, 1]; the range check and the x0 clamp while sampling are then off. Nothing else changes:
+the trainer does not know whether it denoises pixels or latents.
+
+All randomness of the training loop (data order, timesteps, noise, caption dropout) comes from one
+seeded CPU torch.Generator whose state is saved with the checkpoint.
 """
 
 from __future__ import annotations
@@ -66,6 +76,8 @@ class TrainConfig:
     schedule_lr: float = 1e-3         # learning rate of a learned schedule's parameters
     precision: str = "auto"
     hflip: bool = False               # random horizontal flips (off: many emoji are not symmetric)
+    caption_dropout: float = 0.1      # with text conditioning: share of captions replaced by the empty prompt
+    latents: bool = False             # the data are VAE latents: no [-1, 1] check, no x0 clamp when sampling
     seed: int = 0
 
     def __post_init__(self):
@@ -79,6 +91,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup < 0 or self.grad_clip <= 0 or not 0 <= self.ema_decay < 1:
             raise ValueError("need lr > 0, warmup >= 0, grad_clip > 0 and 0 <= ema_decay < 1")
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout is a probability in [0, 1]; got {self.caption_dropout}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -136,6 +150,35 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite."""
 
 
+@dataclass
+class Conditioning:
+    """The text a conditional U-Net trains on: per image, the text encoder's states for its caption
+    (course_lib.text.encode_prompts), and the empty prompt's states that caption dropout swaps in."""
+    context: torch.Tensor        # (N, L, D) float
+    mask: torch.Tensor           # (N, L) bool, True at real tokens
+    null_context: torch.Tensor   # (L, D) or (1, L, D): the states of the empty prompt ""
+    null_mask: torch.Tensor      # (L,) or (1, L)
+
+    def __post_init__(self):
+        self.null_context = self.null_context.reshape(self.context.shape[1:])
+        self.null_mask = self.null_mask.reshape(self.mask.shape[1:]).bool()
+        self.mask = self.mask.bool()
+        if self.context.ndim != 3 or self.mask.shape != self.context.shape[:2]:
+            raise ValueError(f"context must be (N, L, D) with mask (N, L); got {tuple(self.context.shape)} "
+                             f"and {tuple(self.mask.shape)}")
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def batch(self, index: torch.Tensor, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The states of images `index`; where `drop` is True, the empty prompt's instead."""
+        context, mask = self.context[index], self.mask[index]
+        if drop is not None:
+            context = torch.where(drop[:, None, None], self.null_context.to(context.dtype), context)
+            mask = torch.where(drop[:, None], self.null_mask, mask)
+        return context, mask
+
+
 class Trainer:
     """Trains a U-Net on a fixed tensor of images; `train()` runs until config.steps, resumable.
 
@@ -144,15 +187,28 @@ class Trainer:
     ...later, after an interruption:
     trainer = Trainer.resume("runs/ddpm.safetensors", images)
     trainer.train(checkpoint_path="runs/ddpm.safetensors", checkpoint_every=500)
+
+    With text: Trainer(UNet(get_preset("sd_small")), latents, TrainConfig(latents=True), conditioning=cond)
     """
 
     def __init__(self, model: UNet, images: torch.Tensor, config: TrainConfig | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, conditioning: Conditioning | None = None):
         self.config = config or TrainConfig()
         cfg = self.config
-        check_images(images, "images")
+        check_images(images, "images", data_range=not cfg.latents)
         if images.shape[1] != model.config.in_channels:
             raise ValueError(f"images have {images.shape[1]} channels; the model expects {model.config.in_channels}")
+        context_dim = getattr(model.config, "context_dim", None)
+        if (context_dim is None) != (conditioning is None):
+            raise ValueError("a text-conditioned U-Net (context_dim set) needs `conditioning`, and an unconditional "
+                             f"one must not get it; this model has context_dim={context_dim}")
+        if conditioning is not None:
+            if len(conditioning) != images.shape[0]:
+                raise ValueError(f"conditioning has {len(conditioning)} captions for {images.shape[0]} images")
+            if conditioning.context.shape[-1] != context_dim:
+                raise ValueError(f"the text states are {conditioning.context.shape[-1]}-d; the U-Net's "
+                                 f"context_dim is {context_dim}")
+        self.conditioning = conditioning
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.precision = resolve_precision(cfg.precision, self.device)
         self.images = images
@@ -184,8 +240,9 @@ class Trainer:
         return self.fixed_schedule
 
     # --- data -----------------------------------------------------------------------------------------
-    def _next_batch(self) -> torch.Tensor:
-        """A batch drawn without replacement; a new random order each pass through the data."""
+    def _next_batch(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """A batch drawn without replacement (a new random order each pass through the data), with its
+        text states (some dropped to the empty prompt) when the model is conditional."""
         n, b = self.images.shape[0], self.config.batch_size
         picked = []
         while b > 0:
@@ -196,15 +253,22 @@ class Trainer:
             self._position += take.numel()
             b -= take.numel()
             picked.append(take)
-        x0 = self.images[torch.cat(picked)]
+        index = torch.cat(picked)
+        x0 = self.images[index]
         if self.config.hflip:
             flip = torch.rand(x0.shape[0], generator=self.generator) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        return x0.to(self.device, non_blocking=True)
+        cond = None
+        if self.conditioning is not None:
+            drop = torch.rand(index.numel(), generator=self.generator) < self.config.caption_dropout
+            cond = tuple(z.to(self.device, non_blocking=True) for z in self.conditioning.batch(index, drop))
+        return x0.to(self.device, non_blocking=True), cond
 
     # --- one step ---------------------------------------------------------------------------------------
-    def loss_on(self, x0: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The training loss on a batch (drawing t and noise from the trainer's generator)."""
+    def loss_on(self, x0: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, dict]:
+        """The training loss on a batch (drawing t and noise from the trainer's generator); `cond` is
+        (context, mask) for a text-conditioned model."""
         cfg, B = self.config, x0.shape[0]
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         extra: dict = {}
@@ -221,7 +285,7 @@ class Trainer:
             extra = {"gamma": gamma, "slope": slope, "g": g}
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         with autocast(self.precision, self.device):
-            out = self.model(xt, t_model)
+            out = self.model(xt, t_model) if cond is None else self.model(xt, t_model, *cond)
         out = out.float()
         target = prediction_target(cfg.prediction, x0, noise, abar)
         loss = F.mse_loss(out, target)
@@ -234,8 +298,8 @@ class Trainer:
         cfg = self.config
         for group in self.optimizer.param_groups[:1]:
             group["lr"] = lr_at(self.step, cfg)
-        x0 = self._next_batch()
-        loss, extra = self.loss_on(x0)
+        x0, cond = self._next_batch()
+        loss, extra = self.loss_on(x0, cond)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at step {self.step}; training stopped. Lower the learning "
@@ -304,20 +368,29 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, n: int = 16, *, steps: int = 50, sampler: str = "ddim", seed: int = 0,
-               use_ema: bool = True) -> torch.Tensor:
-        """n images from the EMA (or raw) weights, with a fixed seed so grids are comparable over training."""
-        from .sampling import sample  # imported here: sampling does not depend on training
+               use_ema: bool = True, guidance_scale: float = 3.0) -> torch.Tensor:
+        """n images (or latents) from the EMA (or raw) weights, with a fixed seed so grids are comparable
+        over training. A conditional model is given the captions of the first n training images, with
+        classifier-free guidance at `guidance_scale`."""
+        from .sampling import GuidedModel, sample  # imported here: sampling does not depend on training
 
-        model = self.ema if use_ema else self.model
-        was_training = model.training
-        model.eval()
-        cfg = model.config
+        net = self.ema if use_ema else self.model
+        was_training = net.training
+        net.eval()
+        model = net
+        if self.conditioning is not None:
+            index = torch.arange(n) % len(self.conditioning)
+            context, mask = (z.to(self.device) for z in self.conditioning.batch(index))
+            null = self.conditioning.null_context.to(self.device)[None]
+            null_mask = self.conditioning.null_mask.to(self.device)[None]
+            model = GuidedModel(net, context, mask, null, null_mask, guidance_scale)
+        cfg = net.config
         shape = (n, cfg.in_channels, self.images.shape[2], self.images.shape[3])
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x_T = torch.randn(shape, generator=gen).to(self.device)
         out = sample(model, self.schedule, shape, sampler=sampler, steps=steps, prediction=self.config.prediction,
-                     x_T=x_T, generator=gen, device=self.device)
-        model.train(was_training)
+                     x_T=x_T, generator=gen, device=self.device, clip_x0=not self.config.latents)
+        net.train(was_training)
         return out.float().cpu()
 
     # --- checkpoints ----------------------------------------------------------------------------------------
@@ -350,8 +423,9 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str | Path, images: torch.Tensor, device: torch.device | str | None = None,
-               steps: int | None = None) -> "Trainer":
-        """A Trainer in exactly the state `save` recorded; `steps` may raise the total to train for."""
+               steps: int | None = None, conditioning: Conditioning | None = None) -> "Trainer":
+        """A Trainer in exactly the state `save` recorded; `steps` may raise the total to train for.
+        Pass the same images (and conditioning) it was trained on."""
         tensors, meta = ckpt.read(path)
         if meta.get("format") != "course_lib.train/1":
             raise ValueError(f"{path} is not a course_lib training checkpoint (format {meta.get('format')!r})")
@@ -362,7 +436,7 @@ class Trainer:
         if steps is not None:
             config.steps = steps
         model = UNet(UNetConfig.from_json(meta["unet_config"]))
-        trainer = cls(model, images, config, device=device or "cpu")
+        trainer = cls(model, images, config, device=device or "cpu", conditioning=conditioning)
         sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         trainer.model.load_state_dict(sub("model."))
         trainer.ema.load_state_dict(sub("ema."))

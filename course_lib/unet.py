@@ -17,11 +17,37 @@ Pieces (each a few lines below):
     SelfAttention        multi-head self-attention over the H*W positions, with
                          torch.nn.functional.scaled_dot_product_attention
     Downsample/Upsample  a stride-2 conv; nearest-neighbour x2 then a conv
+    CrossAttention, FeedForward, TransformerBlock, SpatialTransformer
+                         text conditioning, used in place of SelfAttention when context_dim is set (below)
     UNet                 the U: the skip connections are a plain Python list in `forward`
 
 The layout follows DDPM (Ho et al. 2020, arXiv 2006.11239) with the scale-and-shift time conditioning
 of Dhariwal & Nichol 2021 (arXiv 2105.05233). `UNetConfig` is the whole description of a network;
-`PRESETS` names the sizes the course uses and `preset_table()` counts their parameters.
+`PRESETS` names the pixel-space sizes the course uses, `SD_PRESETS` the text-conditioned latent ones,
+and `preset_table()` counts their parameters.
+
+Conditioning on text (Stable Diffusion; Rombach et al. 2022, arXiv 2112.10752, Sec. 3.3 and Fig. 3).
+A text encoder turns a prompt into L token states, the context c of shape (B, L, D). With
+`UNetConfig(context_dim=D)` every attention layer of the U becomes a SpatialTransformer, where each image
+position can look at every text token:
+
+    x (B, C, H, W) -> GroupNorm -> 1x1 conv (proj_in) -> tokens (B, H*W, C)
+        -> [TransformerBlock] x transformer_depth -> back to (B, C, H, W) -> 1x1 conv (proj_out) -> + x
+
+    TransformerBlock, pre-LayerNorm, each part with a residual path (SD's BasicTransformerBlock):
+        h = h + SelfAttention(LayerNorm(h))          image tokens attend to each other
+        h = h + CrossAttention(LayerNorm(h), c)      ... and to the text: Q from h, K and V from c
+        h = h + FeedForward(LayerNorm(h))            GEGLU (Shazeer 2020, arXiv 2002.05202)
+
+    CrossAttention:  Q = h W_q (B, N, C),  K = c W_k,  V = c W_v (B, L, C),
+                     out = softmax(Q K^T / sqrt(d) + M) V,   M = 0 at real tokens, -inf at padding
+    (per head, d = head_channels). The mask (B, L), True at real tokens, keeps padding out of the softmax,
+    so what a padded prompt produces does not depend on what the padding holds.
+
+proj_out starts at zero, so a new SpatialTransformer is the identity and training begins from the plain
+ResBlock path. The context is the same at every timestep and every level; the timestep still enters through
+the ResBlocks. `UNet(x_t, t, context, context_mask)`; an unconditional U-Net (context_dim=None, the
+default) is exactly the DDPM network above and takes no context.
 """
 
 from __future__ import annotations
@@ -33,6 +59,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -54,6 +81,8 @@ class UNetConfig:
     time_conditioning: str = "scale_shift"               # or "add"
     dropout: float = 0.0
     gradient_checkpointing: bool = False                 # recompute activations in backward to save memory
+    context_dim: int | None = None                       # width D of the text states (B, L, D); None: unconditional
+    transformer_depth: int = 1                           # TransformerBlocks per SpatialTransformer (if context_dim)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -78,6 +107,13 @@ class UNetConfig:
             raise ValueError(f"channels[0] sets the time embedding's width and must be even; got {self.channels[0]}")
         if self.blocks_per_level < 1:
             raise ValueError(f"blocks_per_level must be at least 1; got {self.blocks_per_level}")
+        if self.context_dim is not None and (isinstance(self.context_dim, bool) or not isinstance(self.context_dim, int)
+                                             or self.context_dim < 1):
+            raise ValueError(f"context_dim must be a positive int (the text encoder's width) or None for an "
+                             f"unconditional U-Net; got {self.context_dim!r}")
+        if isinstance(self.transformer_depth, bool) or not isinstance(self.transformer_depth, int) \
+                or self.transformer_depth < 1:
+            raise ValueError(f"transformer_depth must be an int of at least 1; got {self.transformer_depth!r}")
         self.check_size(self.image_size)
 
     @property
@@ -88,17 +124,32 @@ class UNetConfig:
     def time_channels(self) -> int:
         return 4 * self.channels[0]
 
+    @property
+    def conditional(self) -> bool:
+        """True for a text-conditioned U-Net (one that takes a context)."""
+        return self.context_dim is not None
+
     def check_size(self, size: int, what: str = "image_size") -> None:
         factor = 2 ** (self.levels - 1)
         if size < factor or size % factor:
             raise ValueError(f"{what} must be a multiple of {factor} (this U-Net halves the resolution "
                              f"{self.levels - 1} times); got {size}")
 
+    def __repr__(self) -> str:
+        # An unconditional config leaves out the conditioning fields at their defaults, so it reads as it
+        # did before they existed.
+        skip = () if self.conditional else [f for f in ("context_dim", "transformer_depth")
+                                            if getattr(self, f) == UNetConfig.__dataclass_fields__[f].default]
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in skip)
+        return f"UNetConfig({fields})"
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "UNetConfig":
+        """The inverse of to_json. Fields added since a file was written take their defaults, so older
+        files (written before context_dim existed) load as the unconditional U-Nets they are."""
         return cls(**json.loads(text))
 
     def replace(self, **changes) -> "UNetConfig":
@@ -117,25 +168,42 @@ PRESETS: dict[str, UNetConfig] = {
                        attention=(False, True, True), head_channels=32, norm_groups=8),
 }
 
+# Text-conditioned latent U-Nets (notebooks 07 and 09): they denoise 4-channel VAE latents (8x8 for 32 px
+# emoji) and cross-attend to text states of width context_dim. Kept apart from PRESETS, whose entries all
+# take 3-channel images and no context (notebook 03 loops over them).
+SD_PRESETS: dict[str, UNetConfig] = {
+    # quick mode and tests: seconds on a CPU
+    "sd_tiny": UNetConfig(image_size=8, in_channels=4, out_channels=4, channels=(32, 64), blocks_per_level=1,
+                          attention=(True, True), head_channels=16, norm_groups=8, context_dim=64),
+    # the shipped text-to-image model (a GPU, notebook 09's full mode)
+    "sd_small": UNetConfig(image_size=8, in_channels=4, out_channels=4, channels=(64, 128), blocks_per_level=1,
+                           attention=(True, True), head_channels=32, norm_groups=8, context_dim=128),
+}
+
 
 def get_preset(name: str, **changes) -> UNetConfig:
-    """A named config, optionally with fields changed (e.g. get_preset("small", image_size=16))."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown U-Net preset {name!r}; valid are {', '.join(PRESETS)}")
-    return PRESETS[name].replace(**changes) if changes else PRESETS[name]
+    """A named config from PRESETS or SD_PRESETS, optionally with fields changed
+    (e.g. get_preset("small", image_size=16), get_preset("sd_tiny", context_dim=32))."""
+    presets = {**PRESETS, **SD_PRESETS}
+    if name not in presets:
+        raise ValueError(f"unknown U-Net preset {name!r}; valid are {', '.join(presets)}")
+    return presets[name].replace(**changes) if changes else presets[name]
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def preset_table() -> list[dict]:
-    """One row per preset: name, channels, blocks, attention levels and parameter count (counted, not typed)."""
+def preset_table(names: list[str] | tuple[str, ...] | None = None) -> list[dict]:
+    """One row per preset: name, channels, blocks, attention levels, context_dim (None: unconditional) and
+    parameter count (counted, not typed). names: default the pixel-space PRESETS; e.g. list(SD_PRESETS)."""
     rows = []
     with torch.random.fork_rng():          # building models draws random weights; leave the caller's RNG alone
-        for name, cfg in PRESETS.items():
+        for name in (list(PRESETS) if names is None else names):
+            cfg = get_preset(name)
             rows.append({"preset": name, "channels": cfg.channels, "blocks_per_level": cfg.blocks_per_level,
-                         "attention": cfg.attention, "parameters": count_parameters(UNet(cfg))})
+                         "attention": cfg.attention, "context_dim": cfg.context_dim,
+                         "parameters": count_parameters(UNet(cfg))})
     return rows
 
 
@@ -198,11 +266,20 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v written out, for (B, heads, N, d) tensors. SDPA computes the same thing
-    without storing the N x N matrix when it can (flash / memory-efficient kernels)."""
-    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
-    return weights @ v
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v written out, for q (B, heads, N_q, d) and k, v (B, heads, N_k, d). SDPA
+    computes the same thing without storing the N_q x N_k matrix when it can (flash / memory-efficient kernels).
+
+    mask: optional bool, broadcastable to (B, heads, N_q, N_k), True where a query may attend to a key (SDPA's
+    convention for a bool attn_mask). Masked scores become -inf, so they get weight exactly 0 after the
+    softmax; every query needs at least one key it may attend to, or its row is 0/0 = NaN."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])               # (B, heads, N_q, N_k)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True: attend); got dtype {mask.dtype}")
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
 
 
 class SelfAttention(nn.Module):
@@ -227,6 +304,113 @@ class SelfAttention(nn.Module):
         return x + self.out(h).transpose(1, 2).reshape(B, C, H, W)
 
 
+class CrossAttention(nn.Module):
+    r"""Multi-head attention from image tokens x (B, N, C) to context tokens c (B, L, D), e.g. text states.
+
+        Q = x W_q,  K = c W_k,  V = c W_v          (no biases, as in SD; K and V map D -> C)
+        out = W_out concat_heads(softmax(Q K^T / sqrt(d) + M) V),    d = head_channels
+
+    M is 0 where mask (B, L) is True (a real token) and -inf at padding. With context=None it is plain
+    self-attention over x (the first attention of a TransformerBlock; then context_dim must equal query_dim).
+    There is no norm and no residual here: TransformerBlock adds both."""
+
+    def __init__(self, query_dim: int, context_dim: int, head_channels: int = 32):
+        super().__init__()
+        if query_dim % head_channels:
+            raise ValueError(f"query_dim ({query_dim}) must be divisible by head_channels ({head_channels})")
+        self.heads = query_dim // head_channels
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.Linear(query_dim, query_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                naive: bool = False) -> torch.Tensor:
+        context = x if context is None else context
+        B, N, C = x.shape              # batch, image tokens, channels
+        L = context.shape[1]           # context tokens
+        q = rearrange(self.to_q(x), "b n (heads d) -> b heads n d", heads=self.heads)
+        k = rearrange(self.to_k(context), "b l (heads d) -> b heads l d", heads=self.heads)
+        v = rearrange(self.to_v(context), "b l (heads d) -> b heads l d", heads=self.heads)
+        attn_mask = None
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor, True at real tokens; got dtype {mask.dtype}")
+            if mask.shape != (B, L):
+                raise ValueError(f"mask must have shape (B, L) = ({B}, {L}); got {tuple(mask.shape)}")
+            attn_mask = mask[:, None, None, :]                                   # (B, 1, 1, L): every head, every query
+        if naive:
+            h = naive_attention(q, k, v, attn_mask)
+        else:
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)     # (B, heads, N, d)
+        return self.to_out(rearrange(h, "b heads n d -> b n (heads d)"))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}"
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020, arXiv 2002.05202), as in SD: [a, g] = proj(x), out(a * GELU(g)).
+
+    The gate g decides, per channel, how much of a passes; inner width mult * dim."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner = mult * dim
+        self.proj = nn.Linear(dim, 2 * inner)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(self.dropout(a * F.gelu(gate)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention to the context, and a GEGLU feed-forward, each added to
+    the tokens (SD's BasicTransformerBlock; Rombach et al. 2022, Fig. 3)."""
+
+    def __init__(self, dim: int, context_dim: int, head_channels: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, dim, head_channels)              # self-attention (context = tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, context_dim, head_channels)      # cross-attention to the text
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if context is None:
+            raise ValueError("TransformerBlock needs a context (B, L, context_dim) to cross-attend to")
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """A feature map as H*W tokens through `depth` TransformerBlocks, with a residual path (Rombach et al. 2022):
+    GroupNorm -> 1x1 conv -> tokens -> blocks -> feature map -> 1x1 conv (zero at init) -> + x."""
+
+    def __init__(self, channels: int, context_dim: int, head_channels: int = 32, depth: int = 1,
+                 norm_groups: int = 8, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)           # SD's eps
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, context_dim, head_channels, dropout)
+                                    for _ in range(depth))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)      # a new transformer adds nothing: x passes through unchanged
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape                      # batch, channels, height, width
+        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")   # (B, H*W, C)
+        for block in self.blocks:
+            h = block(h, context, mask)
+        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
+        return x + self.proj_out(h)
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -246,21 +430,35 @@ class Upsample(nn.Module):
 
 
 class Block(nn.Module):
-    """One ResBlock, optionally followed by self-attention: the unit the U is built from."""
+    """One ResBlock, optionally followed by attention: the unit the U is built from. The attention is
+    SelfAttention in an unconditional U-Net and a SpatialTransformer (self- and cross-attention) in a
+    text-conditioned one (cfg.context_dim set)."""
 
     def __init__(self, in_channels: int, out_channels: int, cfg: UNetConfig, attend: bool):
         super().__init__()
         self.res = ResBlock(in_channels, out_channels, cfg.time_channels, cfg.norm_groups,
                             cfg.time_conditioning, cfg.dropout)
-        self.attn = SelfAttention(out_channels, cfg.head_channels, cfg.norm_groups) if attend else None
+        if not attend:
+            self.attn = None
+        elif cfg.conditional:
+            self.attn = SpatialTransformer(out_channels, cfg.context_dim, cfg.head_channels, cfg.transformer_depth,
+                                           cfg.norm_groups, cfg.dropout)
+        else:
+            self.attn = SelfAttention(out_channels, cfg.head_channels, cfg.norm_groups)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.res(x, emb)
-        return self.attn(h) if self.attn is not None else h
+        if self.attn is None:
+            return h
+        if isinstance(self.attn, SpatialTransformer):
+            return self.attn(h, context, context_mask)
+        return self.attn(h)
 
 
 class UNet(nn.Module):
-    """A DDPM-style U-Net: `model(x_t, t)` returns a tensor shaped like x_t."""
+    """A DDPM-style U-Net: `model(x_t, t)` returns a tensor shaped like x_t; a text-conditioned one
+    (config.context_dim set) is called as `model(x_t, t, context, context_mask)`."""
 
     def __init__(self, config: UNetConfig | None = None, **changes):
         super().__init__()
@@ -282,7 +480,7 @@ class UNet(nn.Module):
             last = level == cfg.levels - 1
             self.downsample.append(nn.Identity() if last else Downsample(c))
 
-        # Middle, at the lowest resolution: ResBlock, attention, ResBlock.
+        # Middle, at the lowest resolution: ResBlock, attention (a SpatialTransformer if conditional), ResBlock.
         self.mid1 = Block(ch[-1], ch[-1], cfg, attend=True)
         self.mid2 = Block(ch[-1], ch[-1], cfg, attend=False)
 
@@ -300,10 +498,11 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0])
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def _run(self, block: Block, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(self, block: Block, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
+             context_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, use_reentrant=False)
-        return block(h, emb)
+            return checkpoint(block, h, emb, context, context_mask, use_reentrant=False)
+        return block(h, emb, context, context_mask)
 
     def check_input(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
         cfg = self.config
@@ -320,24 +519,61 @@ class UNet(nn.Module):
             raise ValueError(f"t must be one timestep per image, shape ({x.shape[0]},); got {tuple(t.shape)}")
         return t
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
+    def check_context(self, x: torch.Tensor, context: torch.Tensor | None,
+                      context_mask: torch.Tensor | None) -> None:
+        """A conditional U-Net needs context (B, L, context_dim) and takes an optional bool mask (B, L) with at
+        least one True per row; an unconditional one takes neither."""
+        D = self.config.context_dim
+        if D is None:
+            if context is not None or context_mask is not None:
+                raise ValueError("this U-Net is unconditional (config.context_dim is None) and takes no context; "
+                                 "build one with context_dim set (e.g. get_preset('sd_tiny')) to condition on text")
+            return
+        B = x.shape[0]
+        if context is None:
+            raise ValueError(f"this U-Net is text-conditioned (context_dim={D}): pass context, the text encoder's "
+                             f"states, shape (B, L, {D}) = ({B}, tokens, {D}); for an unconditional prediction "
+                             f"pass the empty prompt's states")
+        if not isinstance(context, torch.Tensor) or not context.is_floating_point():
+            raise TypeError(f"context must be a float tensor of shape ({B}, L, {D}); got "
+                            f"{context.dtype if isinstance(context, torch.Tensor) else type(context).__name__}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != D:
+            raise ValueError(f"context must have shape (B, L, context_dim) = ({B}, L, {D}), one row of text states "
+                             f"per image; got {tuple(context.shape)}")
+        if context_mask is not None:
+            if not isinstance(context_mask, torch.Tensor) or context_mask.dtype != torch.bool:
+                raise TypeError(f"context_mask must be a bool tensor, True at real tokens and False at padding; "
+                                f"got {getattr(context_mask, 'dtype', type(context_mask).__name__)}")
+            if context_mask.shape != context.shape[:2]:
+                raise ValueError(f"context_mask must have shape (B, L) = {tuple(context.shape[:2])}, like context's "
+                                 f"first two axes; got {tuple(context_mask.shape)}")
+            if not bool(context_mask.any(dim=1).all()):
+                raise ValueError("every row of context_mask needs at least one True (a real token): a prompt of "
+                                 "padding only leaves cross-attention nothing to attend to")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_channels, H, W), t (B,) or a scalar; for a conditional U-Net context (B, L, context_dim)
+        and optionally context_mask (B, L) bool, True at real tokens."""
         t = self.check_input(x, t)
+        self.check_context(x, context, context_mask)
+        c, m = context, context_mask                      # the same text states go to every attention layer
         emb = self.time_embed(t)
         h = self.conv_in(x)
 
         skips = []                                        # the U's skip connections, in plain sight
         for blocks, down in zip(self.down, self.downsample):
             for block in blocks:
-                h = self._run(block, h, emb)
+                h = self._run(block, h, emb, c, m)
                 skips.append(h)
             h = down(h)
 
-        h = self._run(self.mid1, h, emb)
-        h = self._run(self.mid2, h, emb)
+        h = self._run(self.mid1, h, emb, c, m)
+        h = self._run(self.mid2, h, emb, c, m)
 
         for blocks, up in zip(self.up, self.upsample):
             for block in blocks:
-                h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+                h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, c, m)
             h = up(h)
 
         return self.conv_out(F.silu(self.norm_out(h)))

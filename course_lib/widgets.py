@@ -127,3 +127,60 @@ def reverse_process_figure(trajectory: Sequence[ReverseStep], index: int, schedu
     fig.suptitle(f"step {index} of {len(trajectory) - 1}: {where}, alpha-bar = {abar[index]:.4f}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# --- notebook 06: interpolating in the VAE's latent space --------------------------------------
+
+def latent_interpolation_figure(vae, scale_factor: float, image_a: torch.Tensor, image_b: torch.Tensor,
+                                alpha: float, steps: int = 7) -> Figure:
+    """Two ways from image_a to image_b, each (3, H, W) in [-1, 1], at `steps` evenly spaced weights t
+    from 0 to 1, and at t = alpha in a framed column on the right:
+        top row     the pixel cross-fade (1 - t) a + t b
+        bottom row  the decoded interpolation of the scaled latents (posterior means):
+                    decode_latents((1 - t) z_a + t z_b) with z = encode_latents(image) (course_lib.vae)
+    Every image axis has a label ("pixel 0", ..., "latent 0", ..., "pixel alpha", "latent alpha") and
+    shows a uint8 (H, W, 3) array, so tests can read the pictures back."""
+    from .vae import decode_latents, encode_latents  # imported here: the other widgets do not need the VAE
+
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1] (0 is image_a, 1 is image_b); got {alpha!r}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
+        raise ValueError(f"steps must be an int of at least 2 (the two end points); got {steps!r}")
+    for name, image in (("image_a", image_a), ("image_b", image_b)):
+        if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"{name} must be one image, a (3, H, W) tensor in [-1, 1]; got "
+                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+    if image_a.shape != image_b.shape:
+        raise ValueError(f"image_a and image_b must have the same shape; got {tuple(image_a.shape)} "
+                         f"and {tuple(image_b.shape)}")
+    weights = torch.linspace(0, 1, steps).tolist() + [float(alpha)]
+    t = torch.tensor(weights)[:, None, None, None]                       # (steps + 1, 1, 1, 1)
+    a, b = image_a.detach().float().cpu(), image_b.detach().float().cpu()
+    pixel_rows = (1 - t) * a + t * b
+    z = encode_latents(vae, torch.stack([a, b]), scale_factor)           # (2, C, h, w), scaled
+    latent_rows = decode_latents(vae, (1 - t) * z[0] + t * z[1], scale_factor)
+
+    fig = plt.figure(figsize=(0.95 * (steps + 1) + 1.6, 2.6), dpi=DPI)
+    grid = fig.add_gridspec(2, steps + 2, width_ratios=[1] * steps + [0.25, 1])
+    for row, (name, images) in enumerate([("pixel", pixel_rows), ("latent", latent_rows)]):
+        pictures = to_uint8(images)
+        for j in range(steps + 1):
+            last = j == steps
+            ax = fig.add_subplot(grid[row, steps + 1 if last else j], label=f"{name} {'alpha' if last else j}")
+            ax.imshow(pictures[j], interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if last:
+                for side in ax.spines.values():
+                    side.set(color="tab:red", linewidth=2.5)
+            else:
+                for side in ax.spines.values():
+                    side.set_visible(False)
+            if row == 0:
+                ax.set_title(f"alpha = {alpha:.2f}" if last else f"t = {weights[j]:.2f}", fontsize=8,
+                             color="tab:red" if last else "black")
+            if j == 0:
+                ax.set_ylabel("pixel\ncross-fade" if name == "pixel" else "decoded latent\ninterpolation",
+                              fontsize=8)
+    fig.suptitle("from image A (left) to image B: mixing pixels (top) or mixing latents (bottom)", fontsize=9)
+    fig.tight_layout(h_pad=0.3, w_pad=0.2)
+    return fig

@@ -190,3 +190,92 @@ def test_learned_schedule_trains_and_changes_shape(images):
     assert (after - before).abs().max() > 1e-3                     # the shape moved
     assert after[0] == pytest.approx(before[0].item(), abs=1e-4)   # the end points did not
     assert after[-1] == pytest.approx(before[-1].item(), abs=1e-4)
+
+
+# --- text conditioning and latents ---------------------------------------------------------------------
+
+def conditioning(n: int, L: int = 5, D: int = 64) -> "Conditioning":
+    from course_lib.train import Conditioning
+    g = torch.Generator().manual_seed(1)
+    context = torch.randn(n, L, D, generator=g) + 10.0          # far from the null context (zeros)
+    mask = torch.ones(n, L, dtype=torch.bool)
+    mask[:, 3:] = False                                         # padded tail
+    null_mask = torch.zeros(L, dtype=torch.bool)
+    null_mask[:2] = True
+    return Conditioning(context, mask, torch.zeros(L, D), null_mask)
+
+
+def conditional_unet() -> UNet:
+    torch.manual_seed(0)
+    net = UNet(get_preset("sd_tiny", in_channels=3, out_channels=3, image_size=16))
+    for module in net.modules():                                # proj_out starts at zero; make text matter
+        if hasattr(module, "proj_out"):
+            torch.nn.init.normal_(module.proj_out.weight, std=0.02)
+    return net
+
+
+def test_caption_dropout_replaces_the_share_it_says(images):
+    cond = conditioning(len(images))
+    trainer = Trainer(conditional_unet(), images, TrainConfig(batch_size=48, caption_dropout=0.3), conditioning=cond)
+    dropped = total = 0
+    for _ in range(60):
+        _, (context, mask) = trainer._next_batch()
+        is_null = (context.abs().sum((1, 2)) == 0)
+        assert torch.equal(mask[is_null], cond.null_mask.expand(int(is_null.sum()), -1))
+        assert torch.equal(mask[~is_null], cond.mask[: int((~is_null).sum())])
+        dropped += int(is_null.sum())
+        total += context.shape[0]
+    share = dropped / total
+    se = math.sqrt(0.3 * 0.7 / total)
+    assert abs(share - 0.3) < 4 * se, share
+
+
+@pytest.mark.parametrize("p, expected", [(0.0, 0), (1.0, 48)])
+def test_caption_dropout_extremes(images, p, expected):
+    trainer = Trainer(conditional_unet(), images, TrainConfig(batch_size=48, caption_dropout=p),
+                      conditioning=conditioning(len(images)))
+    _, (context, _) = trainer._next_batch()
+    assert int((context.abs().sum((1, 2)) == 0).sum()) == expected
+
+
+def test_conditional_training_resumes_exactly(images, tmp_path):
+    cond = conditioning(len(images))
+    config = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup=2)
+    straight = Trainer(conditional_unet(), images, config, conditioning=cond).train(progress=False)
+    interrupted = Trainer(conditional_unet(), images, TrainConfig(**vars(config)), conditioning=cond)
+    interrupted.train(3, progress=False)
+    interrupted.save(tmp_path / "run.safetensors")
+    resumed = Trainer.resume(tmp_path / "run.safetensors", images, conditioning=cond)
+    resumed.train(progress=False)
+    assert resumed.losses == straight.losses
+    assert same_state(resumed.model, straight.model)
+
+
+def test_conditional_model_and_conditioning_must_come_together(images):
+    with pytest.raises(ValueError, match="conditioning"):
+        Trainer(conditional_unet(), images, TrainConfig())
+    with pytest.raises(ValueError, match="conditioning"):
+        Trainer(UNet(CFG), images, TrainConfig(), conditioning=conditioning(len(images)))
+    with pytest.raises(ValueError, match="captions for"):
+        Trainer(conditional_unet(), images, TrainConfig(), conditioning=conditioning(len(images) - 1))
+    with pytest.raises(ValueError, match="caption_dropout"):
+        TrainConfig(caption_dropout=1.5)
+
+
+def test_latents_skip_the_range_check_and_sample_unclamped(images):
+    latents = torch.randn(32, 4, 8, 8) * 3                      # unbounded, unlike images
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        Trainer(UNet(get_preset("tiny", image_size=8, in_channels=4, out_channels=4)), latents, TrainConfig())
+    trainer = Trainer(UNet(get_preset("tiny", image_size=8, in_channels=4, out_channels=4)), latents,
+                      TrainConfig(steps=2, batch_size=8, latents=True))
+    trainer.train(progress=False)
+    out = trainer.sample(4, steps=3)
+    assert out.shape == (4, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_conditional_trainer_samples_with_guidance(images):
+    trainer = Trainer(conditional_unet(), images, TrainConfig(steps=1, batch_size=8),
+                      conditioning=conditioning(len(images)))
+    a = trainer.sample(2, steps=3, guidance_scale=1.0)
+    b = trainer.sample(2, steps=3, guidance_scale=5.0)
+    assert a.shape == (2, 3, 16, 16) and not torch.allclose(a, b)

@@ -1,16 +1,19 @@
-"""The U-Net: shapes, errors, gradients, attention, time embedding, checkpointing, configs.
+"""The U-Net: shapes, errors, gradients, attention, time embedding, checkpointing, configs, and text
+conditioning (cross-attention, masks, the context's checks).
 
 The blocks are also checked against diffusers' (the reference implementation) with copied weights:
 our ResBlock against ResnetBlock2D in both time-conditioning modes, SelfAttention against Attention,
-and the sinusoidal embedding and time MLP against get_timestep_embedding and TimestepEmbedding.
+the sinusoidal embedding and time MLP against get_timestep_embedding and TimestepEmbedding, and
+TransformerBlock and SpatialTransformer against BasicTransformerBlock and Transformer2DModel.
 """
 
 import pytest
 import torch
 
-from course_lib.unet import (PRESETS, TIME_CONDITIONING, Block, Downsample, ResBlock, SelfAttention, UNet,
-                             UNetConfig, Upsample, count_parameters, get_preset, naive_attention, preset_table,
-                             timestep_embedding)
+from course_lib.checkpoint import load_model, shipped
+from course_lib.unet import (PRESETS, SD_PRESETS, TIME_CONDITIONING, Block, CrossAttention, Downsample, FeedForward,
+                             ResBlock, SelfAttention, SpatialTransformer, TransformerBlock, UNet, UNetConfig, Upsample,
+                             count_parameters, get_preset, naive_attention, preset_table, timestep_embedding)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -281,8 +284,9 @@ def test_self_attention_matches_diffusers():
 
 # --- configs and parameter counts ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", list(PRESETS.values()) + [get_preset("small", time_conditioning="add", dropout=0.1,
-                                                                       gradient_checkpointing=True, image_size=16)])
+@pytest.mark.parametrize("cfg", list(PRESETS.values()) + list(SD_PRESETS.values())
+                         + [get_preset("small", time_conditioning="add", dropout=0.1, gradient_checkpointing=True,
+                                       image_size=16), get_preset("sd_tiny", transformer_depth=2, context_dim=8)])
 def test_config_json_round_trip(cfg):
     text = cfg.to_json()
     back = UNetConfig.from_json(text)
@@ -317,3 +321,315 @@ def test_unet_accepts_changes_as_keywords():
     model = UNet(get_preset("tiny"), time_conditioning="add")
     assert model.config.time_conditioning == "add" and model.config.channels == (16, 32)
     assert UNet().config == UNetConfig()
+
+
+# --- text conditioning: cross-attention and the SpatialTransformer ----------------------------------------
+
+def _sd_model(name: str = "sd_tiny", seed: int = 0, **changes) -> UNet:
+    """A conditional U-Net whose transformers' proj_out are made non-zero (they start at zero, which would
+    hide the context's effect: see test_a_new_conditional_unet_ignores_the_context)."""
+    model = _model(name, seed, **changes)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SpatialTransformer):
+                m.proj_out.weight.copy_(torch.randn(m.proj_out.weight.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def _context(batch: int, length: int, dim: int = 64, seed: int = 1):
+    """Text states and a mask with 1..length real tokens per row, padding at the end (as a tokenizer pads)."""
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, length, dim, generator=gen)
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    return context, torch.arange(length)[None, :] < lengths[:, None]
+
+
+def _random_mask(*shape: int, seed: int = 0) -> torch.Tensor:
+    """A random bool mask, True with probability 1/2, with at least one True in every row (last axis)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=gen) < 0.5
+    mask[..., 0] |= ~mask.any(dim=-1)
+    return mask
+
+
+def test_naive_attention_with_a_mask_matches_sdpa_and_ignores_masked_keys():
+    q, k, v = torch.randn(3, 2, 4, 10, 16).unbind(0)
+    mask = _random_mask(2, 1, 10, 10)                     # broadcast over heads; per query and key
+    ours = naive_attention(q, k, v, mask)
+    torch.testing.assert_close(ours, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               atol=1e-5, rtol=1e-5)
+    keys = _random_mask(2, 1, 1, 10, seed=1)              # the same keys masked for every head and query
+    garbage = torch.where(keys.reshape(2, 1, 10, 1), v,
+                          1e3 * torch.randn_like(v))      # values at masked keys replaced
+    torch.testing.assert_close(naive_attention(q, k, garbage, keys), naive_attention(q, k, v, keys))
+    assert (naive_attention(q, k, garbage) - naive_attention(q, k, v)).abs().max() > 1
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        naive_attention(q, k, v, mask.float())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cross_attention_sdpa_matches_naive_with_and_without_masks(seed):
+    torch.manual_seed(seed)
+    attn = CrossAttention(64, 48, head_channels=16)
+    assert attn.heads == 4 and attn.to_k.in_features == 48 and attn.to_q.bias is None
+    x, context = torch.randn(3, 20, 64), torch.randn(3, 7, 48)
+    mask = _random_mask(3, 7, seed=seed)
+    assert not mask.all()
+    for m in (None, mask):
+        out = attn(x, context, m)
+        assert out.shape == (3, 20, 64)
+        torch.testing.assert_close(out, attn(x, context, m, naive=True), atol=1e-5, rtol=1e-5)
+    assert (attn(x, context, mask) - attn(x, context)).abs().max() > 1e-3      # the mask does something
+    self_attn = CrossAttention(64, 64, 16)                                     # context=None: self-attention
+    torch.testing.assert_close(self_attn(x), self_attn(x, x))
+
+
+def test_cross_attention_checks_its_mask():
+    attn = CrossAttention(32, 16, head_channels=16)
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 3, 16)
+    with pytest.raises(TypeError, match="bool tensor"):
+        attn(x, context, torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"mask must have shape \(B, L\) = \(2, 3\); got \(2, 4\)"):
+        attn(x, context, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"query_dim \(40\) must be divisible by head_channels \(16\)"):
+        CrossAttention(40, 16, head_channels=16)
+
+
+def test_feed_forward_is_geglu():
+    torch.manual_seed(0)
+    ff = FeedForward(8, mult=4)
+    x = torch.randn(3, 8)
+    a, gate = (x @ ff.proj.weight.T + ff.proj.bias).split(32, dim=-1)
+    torch.testing.assert_close(ff(x), (a * torch.nn.functional.gelu(gate)) @ ff.out.weight.T + ff.out.bias)
+
+
+# diffusers 0.42 warns about its own deprecated output class when Transformer2DModel returns (not ours)
+@pytest.mark.filterwarnings("ignore:`Transformer2DModelOutput` is deprecated:FutureWarning")
+def test_transformer_block_and_spatial_transformer_match_diffusers():
+    from diffusers import Transformer2DModel
+    from diffusers.models.attention import BasicTransformerBlock
+
+    def diffusers_names(state):        # ours -> diffusers: to_out is to_out.0, the GEGLU is ff.net.0 / ff.net.2
+        rename = [(".to_out.", ".to_out.0."), ("ff.proj.", "ff.net.0.proj."), ("ff.out.", "ff.net.2."),
+                  ("blocks.", "transformer_blocks.")]
+        out = {}
+        for k, v in state.items():
+            for ours_name, theirs_name in rename:
+                k = k.replace(ours_name, theirs_name)
+            out[k] = v
+        return out
+
+    torch.manual_seed(0)
+    ours = TransformerBlock(64, 48, head_channels=32)
+    theirs = BasicTransformerBlock(64, 2, 32, cross_attention_dim=48, activation_fn="geglu", attention_bias=False)
+    theirs.load_state_dict(diffusers_names(ours.state_dict()))
+    x, context = torch.randn(2, 16, 64), torch.randn(2, 5, 48)
+    torch.testing.assert_close(ours(x, context), theirs(x, encoder_hidden_states=context), atol=1e-5, rtol=1e-5)
+
+    ours = SpatialTransformer(64, 48, head_channels=32, depth=2, norm_groups=8)
+    torch.nn.init.normal_(ours.proj_out.weight, std=0.1)          # not zero, so the blocks show in the output
+    theirs = Transformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=64, num_layers=2,
+                                cross_attention_dim=48, norm_num_groups=8, use_linear_projection=False)
+    theirs.load_state_dict(diffusers_names(ours.state_dict()))
+    x, (context, mask) = torch.randn(2, 64, 4, 4), _context(2, 5, 48)
+    assert not mask.all()
+    # diffusers turns encoder_attention_mask into a bias of -10000 at padding; ours uses -inf: the same weights
+    theirs_out = theirs(x, encoder_hidden_states=context, encoder_attention_mask=mask.float()).sample
+    torch.testing.assert_close(ours(x, context, mask), theirs_out, atol=1e-5, rtol=1e-5)
+
+
+def test_spatial_transformer_starts_as_the_identity():
+    st = SpatialTransformer(32, 16, head_channels=16, depth=2)
+    assert len(st.blocks) == 2
+    assert st.proj_out.weight.abs().max() == 0 and st.proj_out.bias.abs().max() == 0
+    x = torch.randn(2, 32, 4, 4)
+    torch.testing.assert_close(st(x, torch.randn(2, 3, 16)), x, atol=0, rtol=0)
+
+
+def test_conditional_blocks_use_spatial_transformers_where_unconditional_ones_attend():
+    for name in ("tiny", "sd_tiny"):
+        model = _model(name)
+        cfg = model.config
+        attn = [b.attn for level in model.down for b in level] + [model.mid1.attn, model.mid2.attn] + \
+               [b.attn for level in model.up for b in level]
+        expected = SpatialTransformer if cfg.conditional else SelfAttention
+        assert sum(isinstance(a, expected) for a in attn) == sum(a is not None for a in attn)
+        assert isinstance(model.mid1.attn, expected) and model.mid2.attn is None
+        assert not any(isinstance(m, SpatialTransformer if not cfg.conditional else SelfAttention)
+                       for m in model.modules())
+    deep = _model("sd_tiny", transformer_depth=3)
+    assert len(deep.mid1.attn.blocks) == 3
+    cfg = get_preset("sd_tiny")
+    x, emb, (context, mask) = torch.randn(2, 32, 8, 8), torch.randn(2, cfg.time_channels), _context(2, 4)
+    assert Block(32, 64, cfg, attend=True)(x, emb, context, mask).shape == (2, 64, 8, 8)
+
+
+@pytest.mark.parametrize("name", list(SD_PRESETS))
+def test_conditional_output_shape(name):
+    model = _model(name)
+    cfg = model.config
+    x, t = _inputs(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+    context, mask = _context(2, 6, cfg.context_dim)
+    with torch.no_grad():
+        assert model(x, t, context, mask).shape == x.shape
+        assert model(x, t, context).shape == x.shape
+
+
+def test_a_new_conditional_unet_ignores_the_context():
+    """proj_out starts at zero, so before training every SpatialTransformer is the identity (Rombach et al.)."""
+    model = _model("sd_tiny").eval()
+    x, t = _inputs(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, _context(2, 5, seed=1)[0]), model(x, t, _context(2, 5, seed=2)[0]),
+                                   atol=0, rtol=0)
+
+
+def test_conditional_output_depends_on_the_context():
+    model = _sd_model()
+    x, t = _inputs(2, 4, 8, 8)
+    with torch.no_grad():
+        a = model(x, t, _context(2, 5, seed=1)[0])
+        b = model(x, t, _context(2, 5, seed=2)[0])
+        a_again = model(x, t, _context(2, 5, seed=1)[0])
+    assert (a - b).abs().max() > 1e-3
+    torch.testing.assert_close(a, a_again, atol=0, rtol=0)
+    # each image depends on its own row of the context only
+    context = _context(2, 5, seed=1)[0]
+    changed = context.clone()
+    changed[1] += 1.0
+    with torch.no_grad():
+        c = model(x, t, changed)
+    torch.testing.assert_close(c[0], a[0])
+    assert (c[1] - a[1]).abs().max() > 1e-3
+
+
+def test_padding_tokens_do_not_change_the_output():
+    model = _sd_model()
+    x, t = _inputs(3, 4, 8, 8)
+    context, mask = _context(3, 6, seed=3)
+    assert not mask.all() and mask.any(dim=1).all()
+    noisy = torch.where(mask[..., None], context, 100 * torch.randn_like(context))   # garbage at the padding
+    with torch.no_grad():
+        out = model(x, t, context, mask)
+        torch.testing.assert_close(model(x, t, noisy, mask), out, atol=1e-6, rtol=1e-6)
+        # without the mask the padding is attended to, and the garbage shows
+        assert (model(x, t, noisy) - out).abs().max() > 1e-3
+        # a prompt padded with masked tokens gives what the unpadded prompt gives (image 0 alone)
+        L0 = int(mask[0].sum())
+        torch.testing.assert_close(model(x[:1], t[:1], context[:1, :L0]), out[:1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("context, mask, error, message", [
+    (None, None, ValueError, r"text-conditioned \(context_dim=64\): pass context, .* shape \(B, L, 64\) = \(2, "),
+    (torch.zeros(2, 5, 32), None, ValueError, r"context must have shape \(B, L, context_dim\) = \(2, L, 64\).*"
+                                              r"got \(2, 5, 32\)"),
+    (torch.zeros(3, 5, 64), None, ValueError, r"= \(2, L, 64\).*got \(3, 5, 64\)"),
+    (torch.zeros(2, 64), None, ValueError, r"= \(2, L, 64\).*got \(2, 64\)"),
+    (torch.zeros(2, 5, 64, dtype=torch.long), None, TypeError, "context must be a float tensor"),
+    (torch.zeros(2, 5, 64), torch.ones(2, 5), TypeError, "context_mask must be a bool tensor, True at real tokens"),
+    (torch.zeros(2, 5, 64), torch.ones(2, 4, dtype=torch.bool), ValueError,
+     r"context_mask must have shape \(B, L\) = \(2, 5\).*got \(2, 4\)"),
+    (torch.zeros(2, 5, 64), torch.tensor([[True] * 5, [False] * 5]), ValueError, "at least one True"),
+])
+def test_bad_context_is_rejected_with_a_clear_message(context, mask, error, message):
+    model = _model("sd_tiny")
+    x, t = _inputs(2, 4, 8, 8)
+    with pytest.raises(error, match=message):
+        model(x, t, context, mask)
+
+
+def test_an_unconditional_unet_rejects_a_context():
+    model = _model("tiny")
+    x, t = _inputs(2, 3, 16, 16)
+    for kwargs in (dict(context=torch.zeros(2, 5, 64)), dict(context_mask=torch.ones(2, 5, dtype=torch.bool))):
+        with pytest.raises(ValueError, match=r"this U-Net is unconditional \(config.context_dim is None\)"):
+            model(x, t, **kwargs)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(context_dim=0), "context_dim must be a positive int (the text encoder's width) or None"),
+    (dict(context_dim=64.0), "got 64.0"),
+    (dict(context_dim=True), "got True"),
+    (dict(transformer_depth=0), "transformer_depth must be an int of at least 1; got 0"),
+])
+def test_invalid_conditioning_configs_are_rejected(changes, message):
+    with pytest.raises(ValueError) as err:
+        get_preset("sd_tiny", **changes)
+    assert message in str(err.value)
+
+
+def test_gradients_reach_every_parameter_of_a_conditional_unet():
+    model = _sd_model(blocks_per_level=2).train()
+    x, t = _inputs(2, 4, 8, 8)
+    context, mask = _context(2, 5)
+    assert not mask.all()
+    context.requires_grad_(True)
+    torch.nn.functional.mse_loss(model(x, t, context, mask), torch.randn_like(x)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, f"{name} got no gradient"
+    assert context.grad[mask].abs().min() > 0                    # every real token matters ...
+    assert context.grad[~mask].abs().max() == 0                  # ... and padding does not
+
+
+def test_gradient_checkpointing_passes_the_context_through():
+    plain = _sd_model(blocks_per_level=2)
+    ckpt = UNet(plain.config.replace(gradient_checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = _inputs(2, 4, 8, 8)
+    context, mask = _context(2, 5)
+    target = torch.randn_like(x)
+    outputs, grads = [], []
+    for model in (plain, ckpt):
+        model.train()
+        c = context.clone().requires_grad_(True)
+        out = model(x, t, c, mask)
+        torch.nn.functional.mse_loss(out, target).backward()
+        outputs.append(out.detach())
+        grads.append({"context": c.grad, **{n: p.grad for n, p in model.named_parameters()}})
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    assert grads[0]["context"].abs().max() > 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_config_repr_shows_conditioning_only_where_it_is_used():
+    assert "context_dim" not in repr(get_preset("small")) and "transformer_depth" not in repr(get_preset("small"))
+    assert repr(get_preset("small")).startswith("UNetConfig(image_size=32, in_channels=3, ")
+    assert repr(get_preset("sd_tiny")).endswith("gradient_checkpointing=False, context_dim=64, transformer_depth=1)")
+    assert "transformer_depth=2" in repr(get_preset("small", transformer_depth=2))
+
+
+def test_sd_preset_parameter_counts_are_pinned():
+    rows = preset_table(list(SD_PRESETS))
+    assert {r["preset"]: r["parameters"] for r in rows} == {"sd_tiny": 860_964, "sd_small": 3_421_764}
+    assert {r["preset"]: r["context_dim"] for r in rows} == {"sd_tiny": 64, "sd_small": 128}
+    assert all(r["context_dim"] is None for r in preset_table())
+    assert [r["preset"] for r in preset_table(["tiny", "sd_tiny"])] == ["tiny", "sd_tiny"]
+    assert get_preset("sd_tiny").conditional and not get_preset("tiny").conditional
+
+
+# --- old files still load ------------------------------------------------------------------------------------
+
+OLD_CONFIG_JSON = ('{"image_size": 32, "in_channels": 3, "out_channels": 3, "channels": [32, 64, 64], '
+                   '"blocks_per_level": 2, "attention": [false, true, true], "head_channels": 32, "norm_groups": 8, '
+                   '"time_conditioning": "scale_shift", "dropout": 0.0, "gradient_checkpointing": false}')
+
+
+def test_a_config_written_before_conditioning_existed_loads_as_unconditional():
+    cfg = UNetConfig.from_json(OLD_CONFIG_JSON)
+    assert cfg == get_preset("small") and cfg.context_dim is None and cfg.transformer_depth == 1
+    assert UNetConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_the_shipped_checkpoint_still_loads_and_gives_the_same_output():
+    model, _, _ = load_model(shipped("ddpm_emoji32"))
+    assert not model.config.conditional
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x, torch.tensor([10, 500]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # golden values, recorded before text conditioning was added to the U-Net
+    assert out.abs().mean().item() == pytest.approx(1.1395372, abs=1e-4)
+    torch.testing.assert_close(out[0, 0, 0, :4], torch.tensor([-2.0586, -2.5166, -0.4042, -0.3030]),
+                               atol=1e-3, rtol=0)

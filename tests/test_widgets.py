@@ -171,3 +171,63 @@ def test_reverse_process_figure_rejects_bad_input(trajectory):
             widgets.reverse_process_figure(steps, index, schedule)
     with pytest.raises(TypeError, match="ReverseStep"):
         widgets.reverse_process_figure([], 0, schedule)
+
+
+# --- notebook 06: the latent interpolation -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_vae():
+    """An untrained "tiny" VAE (seeded), in eval mode: any fixed encoder and decoder will do."""
+    from course_lib.vae import VAE, get_preset
+
+    torch.manual_seed(0)
+    return VAE(get_preset("tiny")).eval().requires_grad_(False)
+
+
+def shown(fig: Figure, label: str) -> np.ndarray:
+    """The picture on the axis with this label."""
+    (ax,) = [ax for ax in fig.axes if ax.get_label() == label]
+    return np.asarray(ax.get_images()[0].get_array())
+
+
+def test_latent_interpolation_endpoints_are_the_decoded_endpoints(small_vae, image):
+    from course_lib.data import to_uint8
+    from course_lib.vae import decode_latents, encode_latents
+
+    a, b, sf = image, -image.flip(-1), 0.7
+    fig = widgets.latent_interpolation_figure(small_vae, sf, a, b, alpha=0.3, steps=5)
+    assert isinstance(fig, Figure)
+    decoded = to_uint8(decode_latents(small_vae, encode_latents(small_vae, torch.stack([a, b]), sf), sf))
+    np.testing.assert_array_equal(shown(fig, "latent 0"), decoded[0])
+    np.testing.assert_array_equal(shown(fig, "latent 4"), decoded[1])
+    np.testing.assert_array_equal(shown(fig, "pixel 0"), to_uint8(a))   # the cross-fade starts at a
+    np.testing.assert_array_equal(shown(fig, "pixel 4"), to_uint8(b))   # and ends at b
+    assert not np.array_equal(shown(fig, "latent 2"), shown(fig, "pixel 2"))
+    # alpha = 1 shows image B's decoding in the framed column, alpha = 0 image A's
+    np.testing.assert_array_equal(shown(widgets.latent_interpolation_figure(small_vae, sf, a, b, 1.0, steps=5),
+                                        "latent alpha"), decoded[1])
+    np.testing.assert_array_equal(shown(widgets.latent_interpolation_figure(small_vae, sf, a, b, 0, steps=5),
+                                        "latent alpha"), decoded[0])
+
+
+def test_latent_interpolation_changes_with_alpha_on_a_fixed_canvas(small_vae, image):
+    pictures = [pixels(widgets.latent_interpolation_figure(small_vae, 0.7, image, -image, alpha))
+                for alpha in (0.0, 0.5, 0.5, 1.0)]
+    assert len({p.shape for p in pictures}) == 1  # the canvas does not jump while dragging
+    assert np.array_equal(pictures[1], pictures[2])  # deterministic
+    assert not np.array_equal(pictures[0], pictures[1]) and not np.array_equal(pictures[1], pictures[3])
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), "0.5", None])
+def test_latent_interpolation_rejects_bad_alpha(small_vae, image, alpha):
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\]"):
+        widgets.latent_interpolation_figure(small_vae, 0.7, image, -image, alpha)
+
+
+def test_latent_interpolation_rejects_bad_images_and_steps(small_vae, image):
+    with pytest.raises(ValueError, match="steps must be an int of at least 2"):
+        widgets.latent_interpolation_figure(small_vae, 0.7, image, -image, 0.5, steps=1)
+    with pytest.raises(ValueError, match=r"image_b must be one image, a \(3, H, W\)"):
+        widgets.latent_interpolation_figure(small_vae, 0.7, image, image[None], 0.5)
+    with pytest.raises(ValueError, match="same shape"):
+        widgets.latent_interpolation_figure(small_vae, 0.7, image, image[:, :8, :8], 0.5)

@@ -1,0 +1,507 @@
+r"""A small KL autoencoder: the VAE that gives latent diffusion its latent space.
+
+Latent diffusion (Rombach et al. 2022, [2]) runs the diffusion model on a compressed latent z instead
+of on pixels. The compressor is a variational autoencoder (Kingma & Welling 2013, [1]):
+
+    x (B, 3, H, W) --Encoder--> (mean, logvar) (B, 2C, H/f, W/f) --sample--> z --Decoder--> x_hat
+
+Notation (the papers' symbols on the left, names in this file on the right):
+    q_phi(z | x) = N(mu, diag sigma^2)      the encoder's posterior       DiagonalGaussian(mean, logvar)
+    p(z)         = N(0, I)                  the prior
+    p_theta(x|z) = N(x_hat, s^2 I)          the decoder (fixed s)         Decoder(z) -> x_hat
+    f = 2 ** (levels - 1)                   downsampling factor           VAEConfig.factor
+
+Training maximises the evidence lower bound, log p(x) >= E_q[log p(x|z)] - KL(q(z|x) || p(z)) ([1] eq. 3):
+    1. reparameterise: z = mu + sigma * eps, eps ~ N(0, I), so gradients reach mu and sigma ([1] sec. 2.4)
+    2. reconstruction: with a Gaussian decoder, -log p(x|z) is the squared error up to constants
+    3. KL, in closed form for two Gaussians ([1] appendix B), per latent element:
+           KL = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)
+    4. loss = reconstruction + kl_weight * KL. A weight below the ELBO's (a beta-VAE, [3]) trades the prior
+       match for sharp reconstructions; Stable Diffusion's is tiny, so its latent is almost a plain
+       autoencoder's code and the KL only keeps its scale in check.
+
+Scaling in `vae_loss` (our choice): both terms are means per element, recon = mean over pixel values of
+(x_hat - x)^2 (so PSNR = 10 log10(4 / recon) in [-1, 1]) and kl = the KL above in nats per latent value.
+A weight w on sums per image (Stable Diffusion's convention) is w / compression on these means. Stable
+Diffusion's autoencoder also has perceptual (LPIPS) and adversarial losses; squared error alone gives
+slightly softer reconstructions. The diffusion model wants latents of unit variance, so the latents are
+multiplied by `latent_scale_factor` = 1 / std(z) (SD 1.x's 0.18215; [2] appendix D.1).
+
+The blocks follow SD's autoencoder: ResBlocks with no time input, stride-2 conv down, nearest x2 + conv
+up, ResBlock / self-attention / ResBlock at the lowest resolution, 1x1 convs around the latent.
+
+References:
+    [1] Kingma & Welling 2013, Auto-Encoding Variational Bayes, https://arxiv.org/abs/1312.6114
+    [2] Rombach et al. 2022, High-Resolution Image Synthesis with Latent Diffusion Models,
+        https://arxiv.org/abs/2112.10752
+    [3] Higgins et al. 2017, beta-VAE, https://openreview.net/forum?id=Sy2fzU9gl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .unet import Downsample, SelfAttention, Upsample
+
+PRECISIONS = ("fp32", "bf16")
+# The weight on vae_loss's per-element means. Measured with VAEConfig() (8x8x4 latent, channels (64, 128, 128),
+# 3.8M params) on 32 px train-split emoji for 110 s on one H100 (5-7k steps of 64, lr 2e-4), as held-out
+# PSNR (decoding the posterior mean) / latent std / mean posterior std / KL per latent value:
+#   1e-6: 26.1 dB / 2.9 / 0.008 / 9.5 nats   nearly a plain autoencoder (SD-like), KL still growing
+#   1e-4: 26.3 dB / 1.4 / 0.026 / 4.5 nats   as sharp, latent near unit scale, tight posterior (the default)
+#   1e-3: 26.3 dB / 1.0 / 0.25  / 2.0 nats   about the ELBO's own weight; decoding samples loses 0.2 dB
+DEFAULT_KL_WEIGHT = 1e-4
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Everything that defines a VAE. The encoder halves the resolution between levels, so the latent is
+    (latent_channels, image_size / factor, image_size / factor) with factor = 2 ** (levels - 1)."""
+    image_size: int = 32
+    in_channels: int = 3
+    channels: tuple[int, ...] = (64, 128, 128)   # feature channels at each resolution level
+    blocks_per_level: int = 1                     # ResBlocks per level in the encoder (the decoder has one more)
+    latent_channels: int = 4                      # C of the latent
+    norm_groups: int = 8                          # GroupNorm groups (must divide every channel count)
+    mid_attention: bool = True                    # self-attention in the middle, at the lowest resolution
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(self.channels))
+        for name in ("image_size", "in_channels", "latent_channels", "blocks_per_level", "norm_groups"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int of at least 1; got {getattr(self, name)!r}")
+        if not self.channels or any(not isinstance(c, int) or c < 1 for c in self.channels):
+            raise ValueError(f"channels needs at least one positive int per level, e.g. (64, 128, 128); "
+                             f"got {self.channels}")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"every channel count must be divisible by norm_groups={self.norm_groups}; "
+                             f"got channels={self.channels}")
+        self.check_size(self.image_size)
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.latent_size, self.latent_size)
+
+    @property
+    def compression(self) -> float:
+        """Pixel values per latent value, e.g. 3*32*32 / (4*8*8) = 12 for "f4c4"."""
+        return self.in_channels * self.image_size ** 2 / math.prod(self.latent_shape)
+
+    def check_size(self, size: int, what: str = "image_size") -> None:
+        if size < self.factor or size % self.factor:
+            raise ValueError(f"{what} must be a multiple of {self.factor} (this VAE halves the resolution "
+                             f"{len(self.channels) - 1} times); got {size}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "VAEConfig":
+        return cls(**json.loads(text))
+
+    def replace(self, **changes) -> "VAEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, VAEConfig] = {
+    # quick mode and tests, seconds on a CPU: 32 px -> 16x16x4                            # 0.17M params
+    "tiny": VAEConfig(channels=(16, 32), latent_channels=4),
+    # mild compression (3x): 32 px -> 16x16x4, nearly lossless, little saving for diffusion  # 1.5M params
+    "f2c4": VAEConfig(channels=(48, 96), latent_channels=4),
+    # the one the course ships (12x): 32 px -> 8x8x4, like SD's 512 px -> 64x64x4 (48x)   # 2.1M params
+    "f4c4": VAEConfig(channels=(48, 96, 96), latent_channels=4),
+    # strong compression (24x): 32 px -> 4x4x8, cheap diffusion, visibly lossy             # 2.8M params
+    "f8c8": VAEConfig(channels=(48, 96, 96, 96), latent_channels=8),
+}
+
+
+def get_preset(name: str, **changes) -> VAEConfig:
+    """A named config, optionally with fields changed (e.g. get_preset("f4c4", latent_channels=8))."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown VAE preset {name!r}; valid are {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**changes) if changes else PRESETS[name]
+
+
+# --- The posterior and its KL term --------------------------------------------------------------------
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    r"""KL(N(mean, exp(logvar)) || N(0, I)) per image, summed over latent dims ([1] appendix B):
+    1/2 \sum (mu^2 + sigma^2 - 1 - log sigma^2). Returns shape (B,)."""
+    mean, logvar = mean.float(), logvar.float()
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+class DiagonalGaussian:
+    """The encoder's posterior q(z|x) = N(mean, diag exp(logvar)), one Gaussian per latent value."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean = mean
+        self.logvar = logvar.clamp(-30.0, 20.0)   # keeps exp() finite in float16/bfloat16 and float32
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std * eps (the reparameterisation trick, [1] sec. 2.4); eps is drawn on the
+        generator's device (CPU for a CPU generator) and then moved, so a seed gives the same eps anywhere."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device)
+        return self.mean + self.std * eps.to(self.mean.device, self.mean.dtype)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q(z|x) || N(0, I)) per image, shape (B,)."""
+        return kl_divergence(self.mean, self.logvar)
+
+
+# --- The networks ----------------------------------------------------------------------------------------
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> conv, plus a residual path (no time input)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int = 8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(norm_groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+def mid_block(channels: int, cfg: VAEConfig) -> nn.Sequential:
+    """ResBlock, single-head self-attention over the h*w positions (if cfg.mid_attention), ResBlock."""
+    attn = SelfAttention(channels, head_channels=channels, norm_groups=cfg.norm_groups)
+    return nn.Sequential(ResBlock(channels, channels, cfg.norm_groups),
+                         attn if cfg.mid_attention else nn.Identity(), ResBlock(channels, channels, cfg.norm_groups))
+
+
+class Encoder(nn.Module):
+    """x (B, in_channels, H, W) -> moments (B, 2 * latent_channels, H/f, W/f): mean and logvar stacked."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch = cfg.channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        c_in = ch[0]
+        for level, c in enumerate(ch):
+            blocks = [ResBlock(c_in if i == 0 else c, c, cfg.norm_groups) for i in range(cfg.blocks_per_level)]
+            if level < len(ch) - 1:
+                blocks.append(Downsample(c))
+            self.down.append(nn.Sequential(*blocks))
+            c_in = c
+        self.mid = mid_block(ch[-1], cfg)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)                      # ResBlocks, then halve the resolution (not at the last level)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """z (B, latent_channels, h, w) -> x_hat (B, in_channels, h*f, w*f); the encoder's mirror image with
+    one extra ResBlock per level (as Stable Diffusion's decoder)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch = cfg.channels
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.mid = mid_block(ch[-1], cfg)
+        self.up = nn.ModuleList()
+        c_in = ch[-1]
+        for level in reversed(range(len(ch))):
+            c = ch[level]
+            blocks = [ResBlock(c_in if i == 0 else c, c, cfg.norm_groups) for i in range(cfg.blocks_per_level + 1)]
+            if level > 0:
+                blocks.append(Upsample(c))
+            self.up.append(nn.Sequential(*blocks))
+            c_in = c
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0])
+        self.conv_out = nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in self.up:
+            h = level(h)                      # ResBlocks, then double the resolution (not at full size)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VAE(nn.Module):
+    """`vae.encode(x)` -> DiagonalGaussian over latents; `vae.decode(z)` -> images; `vae(x)` -> both."""
+
+    def __init__(self, config: VAEConfig | None = None, **changes):
+        super().__init__()
+        cfg = config or VAEConfig()
+        cfg = cfg.replace(**changes) if changes else cfg
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        cfg = self.config
+        if not x.is_floating_point() or x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be float images of shape (B, {cfg.in_channels}, H, W) in [-1, 1]; "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        cfg.check_size(x.shape[2], "image height")
+        cfg.check_size(x.shape[3], "image width")
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)   # (B, C, h, w) each
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        C = self.config.latent_channels
+        if not z.is_floating_point() or z.ndim != 4 or z.shape[1] != C:
+            raise ValueError(f"z must be float latents of shape (B, {C}, h, w); got {z.dtype} {tuple(z.shape)}. "
+                             f"Scaled latents must be divided by the scale factor first (see decode_latents).")
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """(reconstruction, posterior); z is a sample of the posterior, or its mean if not sample_posterior."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def extra_repr(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return f"{n / 1e6:.2f}M parameters, latent {self.config.latent_shape}, compression {self.config.compression:g}x"
+
+
+# --- Loss and quality -------------------------------------------------------------------------------------
+
+def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior: DiagonalGaussian,
+             kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """recon_mse + kl_weight * kl, both means per element (see the module docstring).
+
+    recon: mean over all pixel values of (x_hat - x)^2; kl: posterior.kl() / latent values per image,
+    averaged over the batch (nats per latent value). Returns (loss tensor, {"recon", "kl", "loss"} floats)."""
+    rec = F.mse_loss(recon.float(), x.float())
+    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    loss = rec + kl_weight * kl
+    return loss, {"recon": rec.item(), "kl": kl.item(), "loss": loss.item()}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image in dB, for images in [-1, 1] (data range 2):
+    10 log10(2^2 / MSE). Identical images give inf."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(4.0 / mse)
+
+
+# --- Using a trained VAE ----------------------------------------------------------------------------------
+
+def _device_of(vae: VAE, device: torch.device | str | None) -> torch.device:
+    """The device to run on (default: where the VAE's weights are); moves the VAE there."""
+    device = torch.device(device) if device is not None else next(vae.parameters()).device
+    vae.to(device)
+    return device
+
+
+@torch.no_grad()
+def latent_scale_factor(vae: VAE, images: torch.Tensor, batch_size: int = 256,
+                        generator: torch.Generator | None = None, device: torch.device | str | None = None) -> float:
+    """1 / std of posterior samples z over `images`: scaled latents have unit std ([2] appendix D.1)."""
+    device = _device_of(vae, device)
+    zs = [vae.encode(images[i:i + batch_size].to(device)).sample(generator).float().cpu()
+          for i in range(0, images.shape[0], batch_size)]
+    return 1.0 / torch.cat(zs).std().item()
+
+
+@torch.no_grad()
+def encode_latents(vae: VAE, images: torch.Tensor, scale_factor: float, batch_size: int = 256,
+                   sample: bool = False, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Images in [-1, 1] -> scale_factor * z on the CPU; z is the posterior mean, or a sample if `sample`."""
+    device = _device_of(vae, device)
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        posterior = vae.encode(images[i:i + batch_size].to(device))
+        z = posterior.sample(generator) if sample else posterior.mode()
+        out.append((z.float() * scale_factor).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae: VAE, latents: torch.Tensor, scale_factor: float, batch_size: int = 256,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Scaled latents -> images clamped to [-1, 1] on the CPU (divides by scale_factor first)."""
+    device = _device_of(vae, device)
+    out = [vae.decode(latents[i:i + batch_size].to(device) / scale_factor).float().clamp(-1, 1).cpu()
+           for i in range(0, latents.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+# --- Training ---------------------------------------------------------------------------------------------
+
+def _load_state(path: Path, vae: VAE, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                run: dict) -> tuple[torch.Tensor, int, dict]:
+    """Restore a checkpoint written by fit_vae; returns (data order, position in it, history)."""
+    tensors, meta = ckpt.read(path)
+    if meta.get("format") != "course_lib.vae_train/1":
+        raise ValueError(f"{path} is not a VAE training checkpoint (format {meta.get('format')!r}; "
+                         f"expected 'course_lib.vae_train/1')")
+    saved = json.loads(meta["run"])
+    changed = {k: (saved.get(k), v) for k, v in run.items() if saved.get(k) != v}
+    if changed:
+        raise ValueError(f"{path} was written by a different run; (checkpoint, now) differ in {changed}. "
+                         f"Use the same settings to continue, or resume=False / another path to start afresh.")
+    vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):                      # optim.<parameter index>.<exp_avg | exp_avg_sq | step>
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    generator.set_state(tensors["rng.loop"])
+    history = {k: tensors[f"log.{k}"].tolist() for k in ("loss", "recon", "kl")}
+    history.update(seconds=float(meta["seconds"]), steps=int(meta["step"]))
+    return tensors["data.order"].long(), int(meta["data_position"]), history
+
+
+def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64, lr: float = 2e-4,
+            kl_weight: float = DEFAULT_KL_WEIGHT, device: torch.device | str | None = None,
+            precision: str = "fp32", seed: int = 0, checkpoint_path: str | Path | None = None,
+            checkpoint_every: int = 500, resume: bool = True, progress: bool = True,
+            max_seconds: float | None = None, callback: Callable[[dict], None] | None = None,
+            callback_every: int = 50) -> dict:
+    """Train `vae` in place on `images` (N, C, H, W) in [-1, 1] until `steps` steps in total.
+
+    AdamW on `vae_loss`; batches drawn without replacement (a new order each pass) and posterior noise,
+    both from one CPU generator seeded by `seed`. With `checkpoint_path`, the weights, optimizer moments,
+    generator state, data order and history are written atomically every `checkpoint_every` steps and at
+    the end; if the file exists and `resume`, training continues from it exactly. `callback(history)` is
+    called every `callback_every` steps. Returns the history: {"loss", "recon", "kl": per-step lists,
+    "seconds", "steps"}."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
+    if steps < 0 or batch_size < 1 or lr <= 0 or kl_weight < 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0 and kl_weight >= 0; "
+                         f"got {steps}, {batch_size}, {lr}, {kl_weight}")
+    cfg = vae.config
+    if images.ndim != 4 or len(images) == 0 or images.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+        raise ValueError(f"images must have shape (N >= 1, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}); "
+                         f"got {tuple(images.shape)}")
+    device = _device_of(vae, device)
+    was_training = vae.training
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    run = {"config": cfg.to_json(), "n_images": images.shape[0], "batch_size": batch_size,
+           "kl_weight": kl_weight, "seed": seed}            # a resumed run must match these
+    order, position = torch.empty(0, dtype=torch.long), 0
+    history: dict = {"loss": [], "recon": [], "kl": [], "seconds": 0.0, "steps": 0}
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if path is not None and resume and path.exists():
+        order, position, history = _load_state(path, vae, optimizer, generator, run)
+
+    def save() -> None:                                  # everything needed to continue exactly
+        tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
+        tensors.update({f"optim.{i}.{name}": torch.as_tensor(value)
+                        for i, state in optimizer.state_dict()["state"].items() for name, value in state.items()})
+        tensors.update({f"log.{k}": torch.tensor(history[k], dtype=torch.float64) for k in ("loss", "recon", "kl")})
+        tensors.update({"rng.loop": generator.get_state(), "data.order": order.clone()})
+        meta = {"format": "course_lib.vae_train/1", "run": json.dumps(run), "step": str(history["steps"]),
+                "data_position": str(position), "seconds": repr(history["seconds"])}
+        ckpt.atomic_save(tensors, path, meta)
+
+    start, begun = history["steps"], time.perf_counter()
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc="training VAE", unit="step")
+    try:
+        while history["steps"] < steps:
+            t0 = time.perf_counter()
+            picked: list[int] = []                         # a batch without replacement
+            while len(picked) < batch_size:
+                if position >= len(order):                 # a new random order for each pass
+                    order, position = torch.randperm(images.shape[0], generator=generator), 0
+                take = order[position:position + batch_size - len(picked)].tolist()
+                position += len(take)
+                picked += take
+            x = images[picked].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                recon, posterior = vae(x, generator=generator)
+            loss, parts = vae_loss(recon, x, posterior, kl_weight)
+            if not math.isfinite(parts["loss"]):
+                raise FloatingPointError(f"the VAE loss became {parts['loss']} at step {history['steps']}; "
+                                         f"training stopped. Lower lr (now {lr:g}) or use precision='fp32'.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key in ("loss", "recon", "kl"):
+                history[key].append(parts[key])
+            history["steps"] += 1
+            history["seconds"] += time.perf_counter() - t0
+            bar.update(1)
+            if history["steps"] % 10 == 0:
+                bar.set_postfix(recon=f"{parts['recon']:.4f}", kl=f"{parts['kl']:.3f}")
+            if path is not None and history["steps"] % checkpoint_every == 0:
+                save()
+            if callback is not None and (history["steps"] % callback_every == 0 or history["steps"] == steps):
+                callback(history)
+            if max_seconds is not None and time.perf_counter() - begun >= max_seconds:
+                break
+    finally:
+        bar.close()
+    if path is not None and history["steps"] != start:
+        save()
+    vae.train(was_training)
+    return history
+
+
+# --- Model files ----------------------------------------------------------------------------------------
+
+def save_vae(path: str | Path, vae: VAE, scale_factor: float, info: dict | None = None) -> Path:
+    """Write a compact model file: float16 weights, config, latent scale factor and an info dict."""
+    tensors = {f"model.{k}": v.half() if v.is_floating_point() else v for k, v in vae.state_dict().items()}
+    metadata = {"format": "course_lib.vae/1", "vae_config": vae.config.to_json(),
+                "scale_factor": repr(float(scale_factor)), "info": json.dumps(info or {})}
+    return ckpt.atomic_save(tensors, path, metadata)
+
+
+def load_vae(path: str | Path, device: torch.device | str | None = None) -> tuple[VAE, float, dict]:
+    """(VAE in float32 eval mode with requires_grad off, latent scale factor, info dict)."""
+    tensors, metadata = ckpt.read(path)
+    if metadata.get("format") != "course_lib.vae/1":
+        raise ValueError(f"{path} is not a course_lib VAE file (metadata format {metadata.get('format')!r}; "
+                         f"expected 'course_lib.vae/1')")
+    vae = VAE(VAEConfig.from_json(metadata["vae_config"]))
+    vae.load_state_dict({k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")})
+    vae.eval().requires_grad_(False)
+    if device is not None:
+        vae.to(device)
+    return vae, float(metadata["scale_factor"]), json.loads(metadata.get("info", "{}"))
+
+
+__all__ = ["VAEConfig", "PRESETS", "get_preset", "kl_divergence", "DiagonalGaussian", "ResBlock", "mid_block",
+           "Encoder", "Decoder", "VAE", "vae_loss", "psnr", "latent_scale_factor", "encode_latents",
+           "decode_latents", "fit_vae", "save_vae", "load_vae"]

@@ -1,0 +1,446 @@
+"""Train the course's tiny Stable Diffusion: the VAE, the mini CLIP and the text-to-image U-Net.
+
+    python scripts/train_tiny_sd.py                       # every stage, then measure and write the cards
+    python scripts/train_tiny_sd.py --stage vae           # one stage: vae, clip, t2i or cards
+    python scripts/train_tiny_sd.py --quick --out-dir /tmp/sd   # seconds-long smoke run of the same code
+
+Stages (each resumes from its training state in --run-dir if interrupted; run the same command again):
+    vae    KL autoencoder on 32 px train-split Noto emoji -> checkpoints/vae_emoji32.safetensors
+           (with --sweep, also a short run of each VAE preset, for the reconstruction-vs-size table)
+    clip   BPE tokenizer + mini CLIP on the train-split images and captions -> checkpoints/clip_emoji.safetensors
+    t2i    the U-Net with cross-attention on the VAE's scaled latents, conditioned on the mini CLIP's text
+           states, caption dropout 10% -> checkpoints/tiny_sd_emoji.safetensors
+    cards  measure all three (held-out PSNR; held-out retrieval; FID/KID with floor, text fidelity and a
+           guidance sweep from held-out captions) and write the model cards (checkpoints/*.md)
+
+Everything a stage measures goes into checkpoints/tiny_sd_results.json as well, for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from course_lib import checkpoint as ckpt  # noqa: E402
+from course_lib.data import load_emoji, to_uint8  # noqa: E402
+from course_lib.settings import describe_machine  # noqa: E402
+from course_lib.text import (MiniCLIP, Tokenizer, clip_config, encode_prompts, fit_clip, load_clip,  # noqa: E402
+                             retrieval_accuracy, save_clip, similarity)
+from course_lib.train import Conditioning, TrainConfig, Trainer  # noqa: E402
+from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
+from course_lib.vae import (VAE, encode_latents, fit_vae, latent_scale_factor, load_vae, psnr,  # noqa: E402
+                            save_vae)
+from course_lib.vae import get_preset as vae_preset  # noqa: E402
+
+NAMES = {"vae": "vae_emoji32", "clip": "clip_emoji", "t2i": "tiny_sd_emoji"}
+STAGES = ("vae", "clip", "t2i", "cards")
+
+
+def precision_for(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "bf16"
+    return "fp32"
+
+
+def command() -> str:
+    return " ".join(["python", "scripts/train_tiny_sd.py"] + sys.argv[1:])
+
+
+def results_path(args) -> Path:
+    return Path(args.out_dir) / "tiny_sd_results.json"
+
+
+def update_results(args, key: str, value) -> None:
+    path = results_path(args)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=1))
+
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# --- stage 1: the VAE -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def heldout_psnr(vae: VAE, images: torch.Tensor, device: torch.device) -> float:
+    vae = vae.to(device).eval()
+    values = []
+    for start in range(0, images.shape[0], 256):
+        x = images[start:start + 256].to(device)
+        recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+        values.append(psnr(recon.float().cpu(), x.cpu()))
+    return torch.cat(values).mean().item()
+
+
+def before_summary(info: dict) -> dict | None:
+    """What an --init-from checkpoint had been through, for the model card."""
+    if not info:
+        return None
+    return {k: info.get(k) for k in ("steps", "train_seconds", "machine", "command", "precision", "heldout_psnr")
+            if info.get(k) is not None}
+
+
+def stage_vae(args, device: torch.device) -> None:
+    train = load_emoji(size=32, split="train").images
+    heldout = load_emoji(size=32, split="heldout").images
+    if args.quick:
+        train, heldout = train[:64], heldout[:32]
+    precision = precision_for(device)
+    sweep = []
+    if args.sweep:
+        for name in args.sweep_presets.split(","):
+            torch.manual_seed(args.seed)
+            vae = VAE(vae_preset(name))
+            history = fit_vae(vae, train, steps=args.sweep_steps, batch_size=args.vae_batch, lr=args.vae_lr,
+                              kl_weight=args.kl_weight, device=device, precision=precision, seed=args.seed,
+                              progress=not args.no_progress)
+            row = {"preset": name, "latent_shape": list(vae.config.latent_shape),
+                   "compression": vae.config.compression, "params": count_parameters(vae),
+                   "steps": args.sweep_steps, "seconds": round(history["seconds"], 1),
+                   "heldout_psnr": round(heldout_psnr(vae, heldout, device), 2)}
+            sweep.append(row)
+            print("sweep", row, flush=True)
+        update_results(args, "vae_sweep", {"rows": sweep, "machine": describe_machine(), "command": command()})
+
+    torch.manual_seed(args.seed)
+    vae = VAE(vae_preset(args.vae_preset))
+    before = {}
+    if args.init_from:
+        vae, _, before = load_vae(Path(args.init_from) / f"{NAMES['vae']}.safetensors")
+        vae.train().requires_grad_(True)
+        print(f"VAE initialised from {args.init_from} ({before.get('steps')} steps on {before.get('machine')})")
+    state = Path(args.run_dir) / f"{NAMES['vae']}.train.safetensors"
+    reset_peak(device)
+    history = fit_vae(vae, train, steps=args.vae_steps, batch_size=args.vae_batch, lr=args.vae_lr,
+                      kl_weight=args.kl_weight, device=device, precision=precision, seed=args.seed,
+                      checkpoint_path=state, checkpoint_every=500, progress=not args.no_progress,
+                      max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    peak = peak_gib(device)
+    scale = latent_scale_factor(vae, train, generator=torch.Generator().manual_seed(args.seed), device=device)
+    value = heldout_psnr(vae, heldout, device)
+    info = {"steps": history["steps"], "train_seconds": round(history["seconds"], 1), "machine": describe_machine(),
+            "command": command(), "preset": args.vae_preset, "batch_size": args.vae_batch, "lr": args.vae_lr,
+            "initialised_from": before_summary(before),
+            "kl_weight": args.kl_weight, "precision": precision, "seed": args.seed, "n_images": train.shape[0],
+            "heldout_psnr": round(value, 2), "peak_gib": peak, "params": count_parameters(vae)}
+    out = save_vae(Path(args.out_dir) / f"{NAMES['vae']}.safetensors", vae.cpu(), scale, info)
+    print(f"VAE: held-out PSNR {value:.2f} dB, scale factor {scale:.4f}, {history['steps']} steps in "
+          f"{history['seconds']:.0f} s -> {out}", flush=True)
+    update_results(args, "vae", info | {"scale_factor": scale})
+
+
+# --- stage 2: the mini CLIP --------------------------------------------------------------------------------
+
+def stage_clip(args, device: torch.device) -> None:
+    train = load_emoji(size=32, split="train")
+    heldout = load_emoji(size=32, split="heldout")
+    images, captions = train.images, train.captions
+    if args.quick:
+        images, captions = images[:64], captions[:64]
+    tokenizer = Tokenizer.train(train.captions, vocab_size=args.vocab_size)
+    torch.manual_seed(args.seed)
+    clip = MiniCLIP(clip_config(args.clip_preset, tokenizer.vocab_size))
+    state = Path(args.run_dir) / f"{NAMES['clip']}.train.safetensors"
+    precision = precision_for(device)
+    reset_peak(device)
+    history = fit_clip(clip, tokenizer, images, captions, steps=args.clip_steps, batch_size=args.clip_batch,
+                       lr=args.clip_lr, device=device, precision=precision, seed=args.seed, checkpoint_path=state,
+                       checkpoint_every=500, progress=not args.no_progress,
+                       max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    peak = peak_gib(device)
+    clip.eval()
+    sim = similarity(clip, tokenizer, heldout.images, heldout.captions, device=device)
+    acc = retrieval_accuracy(sim)
+    n_train = min(398, len(captions))
+    acc_train = retrieval_accuracy(similarity(clip, tokenizer, images[:n_train], captions[:n_train], device=device))
+    info = {"steps": history["steps"], "train_seconds": round(history["seconds"], 1), "machine": describe_machine(),
+            "command": command(), "preset": args.clip_preset, "vocab_size": tokenizer.vocab_size,
+            "batch_size": args.clip_batch, "lr": args.clip_lr, "precision": precision, "seed": args.seed,
+            "n_images": images.shape[0], "heldout_top1": acc[1], "heldout_top5": acc[5],
+            "n_heldout": len(heldout.captions), "train_top1": acc_train[1], "train_top5": acc_train[5],
+            "n_train_eval": n_train, "peak_gib": peak, "params": count_parameters(clip)}
+    out = save_clip(Path(args.out_dir) / f"{NAMES['clip']}.safetensors", clip.cpu(), tokenizer, info)
+    print(f"CLIP: held-out retrieval top-1 {acc[1]:.3f}, top-5 {acc[5]:.3f} (among {len(heldout.captions)}); "
+          f"train top-1 {acc_train[1]:.3f} -> {out}", flush=True)
+    update_results(args, "clip", info)
+
+
+# --- stage 3: the text-to-image U-Net ------------------------------------------------------------------------
+
+def conditioning_for(clip, tokenizer, captions: list[str], device) -> Conditioning:
+    chunks = [encode_prompts(clip, tokenizer, captions[i:i + 512], device=device) for i in range(0, len(captions), 512)]
+    context = torch.cat([c.float().cpu() for c, _ in chunks])
+    mask = torch.cat([m.cpu() for _, m in chunks])
+    null, null_mask = encode_prompts(clip, tokenizer, [""], device=device)
+    return Conditioning(context, mask, null[0].float().cpu(), null_mask[0].cpu())
+
+
+def stage_t2i(args, device: torch.device) -> None:
+    out_dir = Path(args.out_dir)
+    vae, scale, _ = load_vae(out_dir / f"{NAMES['vae']}.safetensors", device=device)
+    clip, tokenizer, _ = load_clip(out_dir / f"{NAMES['clip']}.safetensors", device=device)
+    train = load_emoji(size=32, split="train")
+    images, captions = train.images, train.captions
+    if args.quick:
+        images, captions = images[:64], captions[:64]
+    latents = encode_latents(vae, images, scale, device=device)
+    cond = conditioning_for(clip, tokenizer, captions, device)
+    state = Path(args.run_dir) / f"{NAMES['t2i']}.train.safetensors"
+    init_file = Path(args.run_dir) / f"{NAMES['t2i']}.init.json"   # what --init-from started from, kept for resumes
+    if state.exists():
+        trainer = Trainer.resume(state, latents, device=device, steps=args.t2i_steps, conditioning=cond)
+        print(f"resumed at step {trainer.step} of {args.t2i_steps}", flush=True)
+    else:
+        torch.manual_seed(args.seed)
+        unet = UNet(get_preset(args.unet_preset, context_dim=clip.config.text.width))
+        if args.init_from:
+            start, _, before = ckpt.load_model(Path(args.init_from) / f"{NAMES['t2i']}.safetensors")
+            unet.load_state_dict(start.state_dict())
+            unet.requires_grad_(True)
+            init_file.write_text(json.dumps(before_summary(before)))
+            print(f"U-Net initialised from {args.init_from} ({before.get('steps')} steps on {before.get('machine')})")
+        config = TrainConfig(steps=args.t2i_steps, batch_size=args.t2i_batch, lr=args.t2i_lr, warmup=200,
+                             schedule=args.schedule, prediction=args.prediction, latents=True,
+                             caption_dropout=0.1, ema_decay=args.ema, seed=args.seed)
+        trainer = Trainer(unet, latents, config, device=device, conditioning=cond)
+    reset_peak(device)
+    trainer.train(checkpoint_path=state, checkpoint_every=1000, progress=not args.no_progress,
+                  max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    peak = peak_gib(device)
+    info = {"machine": describe_machine(), "command": command(), "preset": args.unet_preset,
+            "vae": NAMES["vae"], "clip": NAMES["clip"], "scale_factor": scale, "peak_gib": peak,
+            "initialised_from": json.loads(init_file.read_text()) if init_file.exists() else None,
+            "params": count_parameters(trainer.model), "precision": trainer.precision}
+    out = trainer.export(out_dir / f"{NAMES['t2i']}.safetensors", info=info)
+    print(f"T2I U-Net: {trainer.step} steps in {trainer.seconds:.0f} s, final loss "
+          f"{np.mean(trainer.losses[-100:]):.4f} -> {out}", flush=True)
+    update_results(args, "t2i", info | {"steps": trainer.step, "train_seconds": round(trainer.seconds, 1),
+                                        "final_loss": float(np.mean(trainer.losses[-100:]))})
+
+
+# --- stage 4: measure and write the cards ---------------------------------------------------------------------
+
+def generate(pipe, prompts: list[str], *, guidance: float, steps: int, seed: int, batch: int = 256) -> torch.Tensor:
+    chunks = []
+    for start in range(0, len(prompts), batch):
+        chunks.append(pipe(prompts[start:start + batch], seed=seed + start, steps=steps, guidance_scale=guidance))
+    return torch.cat(chunks)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 16) -> None:
+    from PIL import Image
+
+    grid = to_uint8(images)
+    rows = [np.concatenate(list(grid[r * columns:(r + 1) * columns]), axis=1) for r in range(len(grid) // columns)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path, optimize=True)
+
+
+def stage_cards(args, device: torch.device) -> None:
+    from course_lib import metrics
+    from course_lib.pipeline import TextToImage
+
+    out_dir = Path(args.out_dir)
+    pipe = TextToImage.from_files(out_dir / f"{NAMES['t2i']}.safetensors", out_dir / f"{NAMES['clip']}.safetensors",
+                                  out_dir / f"{NAMES['vae']}.safetensors", device=device)
+    heldout = load_emoji(size=32, split="heldout")
+    prompts, real = heldout.captions, heldout.images
+    if args.quick:
+        prompts, real = prompts[:16], real[:16]
+    n = len(prompts)
+    real_sim = similarity(pipe.clip, pipe.tokenizer, real, prompts, device=device)
+    real_acc = retrieval_accuracy(real_sim)
+    rows = []
+    samples_at = {}
+    for g in [float(x) for x in args.guidance.split(",")]:
+        t0 = time.perf_counter()
+        images = generate(pipe, prompts, guidance=g, steps=args.eval_steps, seed=args.seed)
+        seconds = time.perf_counter() - t0
+        sim = similarity(pipe.clip, pipe.tokenizer, images, prompts, device=device)
+        acc = retrieval_accuracy(sim)
+        quality = metrics.evaluate(images, reference="heldout")
+        feats = metrics.features(images)
+        # diversity: mean pairwise distance in feature space between 4 samples of the same prompt
+        rows.append({"guidance": g, "top1": acc[1], "top5": acc[5], "clip_score": sim.diag().mean().item(),
+                     "fid": quality.fid, "kid": quality.kid_mean, "kid_std": quality.kid_std,
+                     "feature_spread": feats.std(0).mean().item(), "seconds": round(seconds, 1)})
+        samples_at[g] = images
+        print("guidance", rows[-1], flush=True)
+    floor = metrics.floor(n=n)
+    t2i_result = {"n": n, "steps": args.eval_steps, "sampler": "ddim", "rows": rows,
+                  "real_top1": real_acc[1], "real_top5": real_acc[5],
+                  "floor_fid": floor.fid, "floor_kid": floor.kid_mean, "floor_kid_std": floor.kid_std,
+                  "real_feature_spread": metrics.features(real).std(0).mean().item(),
+                  "machine": describe_machine(), "command": command()}
+    update_results(args, "t2i_eval", t2i_result)
+    best = max(rows, key=lambda r: r["top1"])
+    show = samples_at[best["guidance"]]
+    save_grid(torch.stack([x for pair in zip(real[:32], show[:32]) for x in pair]),
+              out_dir / f"{NAMES['t2i']}_samples.png", columns=16)
+    write_cards(args, out_dir, t2i_result)
+
+
+def write_cards(args, out_dir: Path, t2i: dict) -> None:
+    results = json.loads(results_path(args).read_text())
+    vae, clip, t2 = results.get("vae", {}), results.get("clip", {}), results.get("t2i", {})
+    gib = lambda v: "not measured (no GPU)" if v is None else f"{v:.2f} GiB"
+    sweep = results.get("vae_sweep", {}).get("rows", [])
+    lines = [f"# Model card: {NAMES['vae']}", "",
+             "A KL autoencoder (course_lib.vae) that maps 32x32 Noto emoji to latents and back; the latent "
+             "space of the course's tiny Stable Diffusion.", "",
+             "| | |", "|---|---|",
+             f"| file | `checkpoints/{NAMES['vae']}.safetensors` (float16) |",
+             f"| architecture | course_lib.vae preset `{vae.get('preset')}`, {vae.get('params', 0):,} parameters |",
+             f"| data | Noto emoji, training split ({vae.get('n_images')} images), 32 px |",
+             f"| training | {vae.get('steps')} steps, batch {vae.get('batch_size')}, AdamW lr {vae.get('lr')}, "
+             f"KL weight {vae.get('kl_weight')}, {vae.get('precision')}, seed {vae.get('seed')} |",
+             f"| hardware, time | {vae.get('machine')}, {vae.get('train_seconds')} s of training |",
+             f"| peak GPU memory (training) | {gib(vae.get('peak_gib'))} |",
+             f"| latent scale factor | {vae.get('scale_factor', float('nan')):.4f} (1 / std of the training latents) |",
+             f"| held-out reconstruction PSNR | {vae.get('heldout_psnr')} dB (398 held-out emoji, posterior mean) |",
+             f"| command | `{vae.get('command')}` |", ""]
+    if sweep:
+        lines += ["## Why this latent size", "",
+                  f"Each preset trained for the same {sweep[0]['steps']} steps ({results['vae_sweep']['machine']}):", "",
+                  "| preset | latent (C, h, w) | compression | parameters | held-out PSNR (dB) | seconds |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['preset']} | {tuple(r['latent_shape'])} | {r['compression']:.0f}x | {r['params']:,} | "
+                  f"{r['heldout_psnr']} | {r['seconds']} |" for r in sweep]
+        lines += [""]
+    lines += ["Licence: derived from Noto Emoji images (Apache-2.0); see data/emoji/LICENSES.md.", ""]
+    (out_dir / f"{NAMES['vae']}.md").write_text("\n".join(lines))
+
+    lines = [f"# Model card: {NAMES['clip']}", "",
+             "A mini CLIP (course_lib.text): a BPE tokenizer trained on the emoji captions, a transformer text "
+             "encoder and a small CNN image encoder, trained contrastively on Noto emoji and their Unicode names. "
+             "Its text encoder conditions the tiny Stable Diffusion; its score measures text fidelity.", "",
+             "| | |", "|---|---|",
+             f"| file | `checkpoints/{NAMES['clip']}.safetensors` (float16, tokenizer inside) |",
+             f"| architecture | course_lib.text preset `{clip.get('preset')}`, {clip.get('params', 0):,} parameters, "
+             f"vocabulary {clip.get('vocab_size')} |",
+             f"| data | Noto emoji, training split ({clip.get('n_images')} images and captions), 32 px |",
+             f"| training | {clip.get('steps')} steps, batch {clip.get('batch_size')}, lr {clip.get('lr')}, "
+             f"{clip.get('precision')}, seed {clip.get('seed')} |",
+             f"| hardware, time | {clip.get('machine')}, {clip.get('train_seconds')} s of training |",
+             f"| peak GPU memory (training) | {gib(clip.get('peak_gib'))} |",
+             f"| command | `{clip.get('command')}` |", "",
+             "## Retrieval (image -> its own caption)", "",
+             "| images | among | top-1 | top-5 |", "|---|---|---|---|",
+             f"| held-out emoji (new base emoji) | their {clip.get('n_heldout')} captions | "
+             f"{clip.get('heldout_top1', 0):.3f} | {clip.get('heldout_top5', 0):.3f} |",
+             f"| training emoji | {clip.get('n_train_eval')} of their captions | {clip.get('train_top1', 0):.3f} | "
+             f"{clip.get('train_top5', 0):.3f} |",
+             f"| chance | {clip.get('n_heldout')} captions | {1 / max(1, clip.get('n_heldout', 1)):.3f} | "
+             f"{5 / max(1, clip.get('n_heldout', 1)):.3f} |", "",
+             "Licence: derived from Noto Emoji images (Apache-2.0) and Unicode character names; see "
+             "data/emoji/LICENSES.md.", ""]
+    (out_dir / f"{NAMES['clip']}.md").write_text("\n".join(lines))
+
+    tc = json.loads(ckpt.read(out_dir / f"{NAMES['t2i']}.safetensors")[1]["info"])["train_config"]
+    lines = [f"# Model card: {NAMES['t2i']}", "",
+             "The text-to-image U-Net of the course's tiny Stable Diffusion: it denoises the VAE's 8x8x4 latents "
+             f"({NAMES['vae']}), reading the mini CLIP's text states ({NAMES['clip']}) through cross-attention. "
+             "Use it through `course_lib.pipeline.TextToImage.from_shipped()`.", "",
+             "| | |", "|---|---|",
+             f"| file | `checkpoints/{NAMES['t2i']}.safetensors` (EMA weights, float16) |",
+             f"| architecture | course_lib.unet preset `{t2.get('preset')}`, {t2.get('params', 0):,} parameters |",
+             f"| objective | {tc['prediction']} prediction, {tc['schedule']} schedule, T = {tc['T']}, "
+             f"caption dropout {tc['caption_dropout']} |",
+             f"| training | {t2.get('steps')} steps, batch {tc['batch_size']}, AdamW lr {tc['lr']}, EMA {tc['ema_decay']}, "
+             f"{t2.get('precision')}, seed {tc['seed']} |",
+             f"| hardware, time | {t2.get('machine')}, {t2.get('train_seconds')} s of training |",
+             f"| peak GPU memory (training) | {gib(t2.get('peak_gib'))} |",
+             f"| command | `{t2.get('command')}` |", "",
+             "## Measured", "",
+             f"{t2i['n']} images, one per held-out caption (emoji the models never saw), DDIM {t2i['steps']} steps, "
+             f"measured on {t2i['machine']}. Text fidelity: the share of images whose own caption the mini CLIP "
+             f"ranks first (top-5) among all {t2i['n']} held-out captions; real held-out images get "
+             f"{t2i['real_top1']:.3f} ({t2i['real_top5']:.3f}). FID/KID against the held-out images in the "
+             f"course's feature space; the floor (real vs real at this n) is FID {t2i['floor_fid']:.2f}, "
+             f"KID {t2i['floor_kid']:.3f}. Spread: the mean per-feature standard deviation over the images "
+             f"(real: {t2i['real_feature_spread']:.3f}), a rough measure of diversity.", "",
+             "| guidance scale | top-1 | top-5 | CLIP score | FID | KID | spread | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['guidance']:g} | {r['top1']:.3f} | {r['top5']:.3f} | {r['clip_score']:.3f} | {r['fid']:.2f} | "
+              f"{r['kid']:.3f} ± {r['kid_std']:.3f} | {r['feature_spread']:.3f} | {r['seconds']} |" for r in t2i["rows"]]
+    lines += ["", f"![held-out emoji (left of each pair) and the model's image for its caption]"
+                  f"({NAMES['t2i']}_samples.png)", "",
+              "Licence: derived from Noto Emoji images (Apache-2.0); see data/emoji/LICENSES.md.", ""]
+    (out_dir / f"{NAMES['t2i']}.md").write_text("\n".join(lines))
+    print("wrote the model cards", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", default="all", choices=STAGES + ("all",))
+    p.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the code path")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out-dir", default=str(ROOT / "checkpoints"))
+    p.add_argument("--run-dir", default=str(ROOT / "runs"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None, help="per stage; run again to continue")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--init-from", default=None, help="a folder of exported models to start the VAE / U-Net from")
+    p.add_argument("--vae-preset", default="f4c4")
+    p.add_argument("--vae-steps", type=int, default=6000)
+    p.add_argument("--vae-batch", type=int, default=64)
+    p.add_argument("--vae-lr", type=float, default=4e-4)
+    p.add_argument("--kl-weight", type=float, default=None, help="default: course_lib.vae's")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-presets", default="f2c4,f4c4,f8c8")
+    p.add_argument("--sweep-steps", type=int, default=2000)
+    p.add_argument("--clip-preset", default="small")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--clip-steps", type=int, default=4000)
+    p.add_argument("--clip-batch", type=int, default=256)
+    p.add_argument("--clip-lr", type=float, default=1e-3)
+    p.add_argument("--unet-preset", default="sd_small")
+    p.add_argument("--t2i-steps", type=int, default=20000)
+    p.add_argument("--t2i-batch", type=int, default=128)
+    p.add_argument("--t2i-lr", type=float, default=3e-4)
+    p.add_argument("--schedule", default="scaled_linear")
+    p.add_argument("--prediction", default="epsilon")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--guidance", default="1,2,4,7")
+    p.add_argument("--eval-steps", type=int, default=30)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.kl_weight is None:
+        import inspect
+        args.kl_weight = inspect.signature(fit_vae).parameters["kl_weight"].default
+    if args.quick:
+        args.vae_steps, args.clip_steps, args.t2i_steps, args.sweep_steps = 3, 3, 3, 2
+        args.vae_preset, args.clip_preset, args.unet_preset = "tiny", "tiny", "sd_tiny"
+        args.sweep_presets, args.eval_steps, args.guidance = "tiny", 2, "1,3"
+        args.vocab_size = min(args.vocab_size, 128)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        t0 = time.perf_counter()
+        {"vae": stage_vae, "clip": stage_clip, "t2i": stage_t2i, "cards": stage_cards}[stage](args, device)
+        print(f"stage {stage}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

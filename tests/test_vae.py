@@ -1,0 +1,233 @@
+"""The VAE: the KL term against torch.distributions, reparameterised samples, shapes per preset, clear errors,
+model files, training (loss falls, exact resume, NaN guard), PSNR and the latent scale factor."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal
+
+from course_lib import checkpoint as ckpt
+from course_lib.data import load_emoji
+from course_lib.vae import (PRESETS, VAE, DiagonalGaussian, VAEConfig, decode_latents, encode_latents, fit_vae,
+                            get_preset, kl_divergence, latent_scale_factor, load_vae, psnr, save_vae, vae_loss)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_emoji(size=32, limit=24).images
+
+
+def tiny_vae(seed: int = 0) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(TINY)
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# --- The posterior and its KL term --------------------------------------------------------------------
+
+def test_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mean = 2 * torch.randn(3, 4, 2, 5, generator=g)
+    logvar = 3 * torch.randn(3, 4, 2, 5, generator=g)
+    reference = torch.distributions.kl_divergence(Normal(mean, (0.5 * logvar).exp()),
+                                                  Normal(torch.zeros_like(mean), torch.ones_like(mean)))
+    expected = reference.flatten(1).sum(1)
+    assert kl_divergence(mean, logvar).shape == (3,)
+    torch.testing.assert_close(kl_divergence(mean, logvar), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(DiagonalGaussian(mean, logvar).kl(), expected, rtol=1e-5, atol=1e-4)
+    # the prior itself has zero KL
+    assert kl_divergence(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)).abs().max() == 0
+
+
+def test_posterior_clamps_logvar():
+    post = DiagonalGaussian(torch.ones(1, 2, 1, 1), torch.tensor([-100.0, 100.0]).view(1, 2, 1, 1))
+    assert post.mean.flatten().tolist() == [1.0, 1.0]
+    assert post.logvar.flatten().tolist() == [-30.0, 20.0]
+    torch.testing.assert_close(post.var, post.logvar.exp())
+    torch.testing.assert_close(post.std, (0.5 * post.logvar).exp())
+    assert torch.equal(post.mode(), post.mean)
+
+
+def test_reparameterised_samples_have_the_posterior_mean_and_variance():
+    n = 20_000
+    mean = torch.tensor([-1.5, 0.0, 0.7, 3.0]).view(1, 4, 1, 1).expand(n, 4, 1, 1)
+    logvar = torch.tensor([-2.0, 0.0, 0.5, 1.2]).view(1, 4, 1, 1).expand(n, 4, 1, 1)
+    post = DiagonalGaussian(mean, logvar)
+    z = post.sample(torch.Generator().manual_seed(0))
+    var = logvar[0].exp().flatten()
+    # standard errors: of the mean sqrt(var / n); of the sample variance var * sqrt(2 / (n - 1))
+    assert ((z.mean(0).flatten() - mean[0].flatten()).abs() < 4 * (var / n).sqrt()).all()
+    assert ((z.var(0).flatten() - var).abs() < 4 * var * math.sqrt(2 / (n - 1))).all()
+    # the same generator seed gives the same z; gradients reach mean and logvar through z
+    assert torch.equal(post.sample(torch.Generator().manual_seed(0)), z)
+    m = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    lv = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    DiagonalGaussian(m, lv).sample(torch.Generator().manual_seed(1)).sum().backward()
+    assert torch.equal(m.grad, torch.ones_like(m)) and lv.grad.abs().sum() > 0
+
+
+# --- Configs, shapes and errors -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_encode_decode_shapes_per_preset(name):
+    cfg = get_preset(name)
+    torch.manual_seed(0)
+    vae = VAE(cfg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    post = vae.encode(x)
+    assert post.mean.shape == post.logvar.shape == (2, *cfg.latent_shape)
+    assert cfg.latent_shape == (cfg.latent_channels, 32 // cfg.factor, 32 // cfg.factor)
+    assert cfg.compression == 3 * 32 * 32 / math.prod(cfg.latent_shape)
+    recon, post2 = vae(x, generator=torch.Generator().manual_seed(0))
+    assert recon.shape == x.shape and torch.isfinite(recon).all()
+    assert vae.decode(post.mode()).shape == x.shape
+
+
+def test_preset_geometry():
+    assert get_preset("f4c4").latent_shape == (4, 8, 8) and get_preset("f4c4").compression == 12
+    assert get_preset("f8c8").latent_shape == (8, 4, 4) and get_preset("f8c8").compression == 24
+    assert get_preset("f2c4").latent_shape == (4, 16, 16) and get_preset("f2c4").factor == 2
+    assert VAEConfig().latent_shape == (4, 8, 8)
+    assert VAEConfig.from_json(get_preset("f8c8").to_json()) == get_preset("f8c8")
+    assert get_preset("tiny", latent_channels=8).latent_channels == 8
+
+
+def test_bad_shapes_and_configs_give_clear_errors():
+    vae = VAE(get_preset("tiny", channels=(16, 32, 32)))                      # factor 4
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        vae.encode(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        vae.encode(torch.zeros(2, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        vae.encode(torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
+        vae.decode(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="valid are tiny, f2c4, f4c4, f8c8"):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="norm_groups"):
+        VAEConfig(channels=(12, 24))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        VAEConfig(image_size=30)
+    with pytest.raises(ValueError, match="latent_channels"):
+        VAEConfig(latent_channels=0)
+    with pytest.raises(ValueError, match="channels"):
+        VAEConfig(channels=())
+
+
+def test_mid_attention_switch():
+    with_attn, without = VAE(TINY), VAE(TINY.replace(mid_attention=False))
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(with_attn) > n(without)
+    assert without(torch.zeros(1, 3, 32, 32))[0].shape == (1, 3, 32, 32)
+
+
+# --- Loss and PSNR ---------------------------------------------------------------------------------------
+
+def test_vae_loss_is_mean_mse_plus_weighted_kl_per_latent_value():
+    g = torch.Generator().manual_seed(0)
+    x, recon = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    post = DiagonalGaussian(torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g))
+    loss, parts = vae_loss(recon, x, post, kl_weight=0.1)
+    kl = post.kl().mean().item() / 16
+    assert parts["recon"] == pytest.approx(F.mse_loss(recon, x).item())
+    assert parts["kl"] == pytest.approx(kl)
+    assert loss.item() == pytest.approx(parts["recon"] + 0.1 * kl) == pytest.approx(parts["loss"])
+
+
+def test_psnr_known_values():
+    a = torch.rand(3, 3, 8, 8) * 2 - 1
+    assert torch.isinf(psnr(a, a)).all()
+    b = a + torch.tensor([0.1, 0.2, 0.02]).view(3, 1, 1, 1)               # MSE 0.01, 0.04, 0.0004
+    expected = torch.tensor([10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04), 10 * math.log10(4 / 0.0004)])
+    torch.testing.assert_close(psnr(b, a), expected, rtol=1e-4, atol=1e-3)
+    assert psnr(b, a)[1].item() == pytest.approx(20.0, abs=1e-3)
+
+
+# --- Latents for diffusion --------------------------------------------------------------------------------
+
+def test_latent_scale_factor_makes_scaled_latents_unit_std(images):
+    vae = tiny_vae()
+    scale = latent_scale_factor(vae, images, batch_size=10, generator=torch.Generator().manual_seed(3))
+    assert scale > 0 and abs(scale - 1) > 1e-3                         # an untrained VAE's latents are not unit std
+    z = encode_latents(vae, images, scale, batch_size=10, sample=True, generator=torch.Generator().manual_seed(3))
+    assert z.shape == (len(images), *TINY.latent_shape) and z.device.type == "cpu"
+    assert z.std().item() == pytest.approx(1.0, abs=1e-5)
+    mode = encode_latents(vae, images, scale, batch_size=7)            # the posterior mean, scaled
+    torch.testing.assert_close(mode, vae.encode(images).mean.detach() * scale)
+    out = decode_latents(vae, mode, scale, batch_size=7)
+    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+    torch.testing.assert_close(out, vae.decode(vae.encode(images).mean).detach().clamp(-1, 1), rtol=1e-4, atol=1e-5)
+
+
+# --- Model files ------------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(images, tmp_path):
+    vae = tiny_vae()
+    path = save_vae(tmp_path / "vae.safetensors", vae, 0.4321, info={"steps": 7})
+    tensors, meta = ckpt.read(path)
+    assert meta["format"] == "course_lib.vae/1" and all(v.dtype == torch.float16 for v in tensors.values())
+    loaded, scale, info = load_vae(path)
+    assert scale == 0.4321 and info == {"steps": 7} and loaded.config == vae.config
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    vae.half().float()                                                  # the same float16 rounding as the file
+    x = images[:4]
+    torch.testing.assert_close(loaded.decode(loaded.encode(x).mean), vae.decode(vae.encode(x).mean).detach())
+
+
+def test_load_vae_rejects_other_files(tmp_path):
+    ckpt.atomic_save({"w": torch.zeros(1)}, tmp_path / "other.safetensors", {"format": "course_lib.model/1"})
+    with pytest.raises(ValueError, match="not a course_lib VAE file"):
+        load_vae(tmp_path / "other.safetensors")
+
+
+# --- Training ---------------------------------------------------------------------------------------------
+
+def test_fit_lowers_the_loss_on_a_tiny_batch(images):
+    vae = tiny_vae()
+    calls = []
+    history = fit_vae(vae, images[:8], steps=20, batch_size=8, lr=3e-3, progress=False,
+                      callback=lambda h: calls.append(h["steps"]), callback_every=10)
+    assert history["steps"] == 20 and len(history["loss"]) == len(history["recon"]) == len(history["kl"]) == 20
+    assert sum(history["recon"][-5:]) / 5 < 0.5 * sum(history["recon"][:5]) / 5
+    assert calls == [10, 20] and history["seconds"] > 0
+
+
+def test_resume_equals_uninterrupted_run(images, tmp_path):
+    data = images[:10]                                                  # 10 images, batches of 4: passes overlap steps
+    kw = dict(batch_size=4, lr=1e-3, kl_weight=1e-2, seed=5, progress=False)
+    straight = tiny_vae()
+    full = fit_vae(straight, data, steps=6, **kw)
+
+    path = tmp_path / "vae_train.safetensors"
+    first = tiny_vae()
+    fit_vae(first, data, steps=3, checkpoint_path=path, **kw)
+    resumed = tiny_vae(seed=123)                                        # different start: the file must supply all
+    history = fit_vae(resumed, data, steps=6, checkpoint_path=path, **kw)
+    assert history["steps"] == 6
+    assert history["loss"] == full["loss"] and history["kl"] == full["kl"]
+    assert same_state(resumed, straight)
+    with pytest.raises(ValueError, match="kl_weight"):
+        fit_vae(tiny_vae(), data, steps=8, checkpoint_path=path, **(kw | {"kl_weight": 0.5}))
+
+
+def test_training_errors(images):
+    bad = images[:4].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        fit_vae(tiny_vae(), bad, steps=2, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="fp32, bf16"):
+        fit_vae(tiny_vae(), images, steps=1, precision="fp16", progress=False)
+    with pytest.raises(ValueError, match=r"\(N >= 1, 3, 32, 32\)"):
+        fit_vae(tiny_vae(), images[:, :, :16, :16], steps=1, progress=False)
