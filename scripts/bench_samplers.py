@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from course_lib import metrics  # noqa: E402
 from course_lib.checkpoint import load_model  # noqa: E402
 from course_lib.sampling import SAMPLERS, sample  # noqa: E402
-from course_lib.settings import default_device  # noqa: E402
+from course_lib.settings import cpu_name, default_device  # noqa: E402
 
 
 def int_list(text: str) -> list[int]:
@@ -62,15 +61,7 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         what = f"GPU {torch.cuda.get_device_name(device)}"
     else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        what = f"CPU {cpu}"
+        what = f"CPU {cpu_name()}"
     return f"{what}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); {os.cpu_count()} logical CPUs visible"
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import time
 
@@ -38,6 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from course_lib.settings import cpu_name
 from course_lib.unet import PRESETS, UNet, UNetConfig, count_parameters, get_preset
 
 
@@ -159,15 +159,6 @@ def machine(device: torch.device) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{what}; torch {torch.__version__}; {torch.get_num_threads()} CPU thread(s) "
             f"of {os.cpu_count()} cores; load average {load:.2f} at start")
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def amp_dtypes(device: torch.device) -> list[torch.dtype | None]:

@@ -14,7 +14,6 @@ checkpoints/ddpm_emoji32.md is written from those measurements.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,25 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from course_lib.checkpoint import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
+from course_lib.settings import describe_machine as machine  # noqa: E402
 from course_lib.train import TrainConfig, Trainer  # noqa: E402
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 
 NAME = "ddpm_emoji32"
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def measure(model_path: Path, n: int, steps: int, sampler: str, seed: int) -> dict:
