@@ -199,11 +199,13 @@ def training_step_memory(model: nn.Module, batch_shape: tuple[int, int, int, int
 def sampling_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], steps: int = 10, *,
                     prediction: str = "epsilon", precision: str = "auto",
                     schedule: NoiseSchedule | None = None, context: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    guidance_scale: float = 1.0) -> MemoryReport:
+                    guidance_scale: float = 1.0, clip_x0: bool | None = None) -> MemoryReport:
     """Peak memory of sampling a batch with `steps` model calls (course_lib.sampling's DDIM, eta = 0),
     on the model's device. Every sampler that calls the model once per step holds about the same memory.
     A text-conditioned U-Net gets `context` = (states, mask); with guidance_scale != 1 it runs with
-    classifier-free guidance (twice the batch per call), the empty context being zeros."""
+    classifier-free guidance (twice the batch per call), the empty context being zeros.
+    clip_x0: clamp x0 estimates to [-1, 1] as for images; default True for an unconditional model and False
+    with a context (a latent model); pass False for any model of latents."""
     check_prediction(prediction)
     B, C, H, W = _check_shape(batch_shape)
     if not isinstance(steps, int) or steps < 1:
@@ -224,7 +226,7 @@ def sampling_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], st
         model.eval()
         with autocast(precision, device):
             sample(net, schedule, (B, C, H, W), sampler="ddim", steps=steps, prediction=prediction, device=device,
-                   clip_x0=context is None)
+                   clip_x0=(context is None) if clip_x0 is None else clip_x0)
 
     try:
         return measure_peak(run, device, f"sampling, batch {(B, C, H, W)}, {steps} steps", precision)

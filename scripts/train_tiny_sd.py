@@ -277,7 +277,7 @@ def stage_cards(args, device: torch.device) -> None:
         acc = retrieval_accuracy(sim)
         quality = metrics.evaluate(images, reference="heldout")
         feats = metrics.features(images)
-        # diversity: mean pairwise distance in feature space between 4 samples of the same prompt
+        # diversity, roughly: the mean per-feature standard deviation over all images (one per prompt)
         rows.append({"guidance": g, "top1": acc[1], "top5": acc[5], "clip_score": sim.diag().mean().item(),
                      "fid": quality.fid, "kid": quality.kid_mean, "kid_std": quality.kid_std,
                      "feature_spread": feats.std(0).mean().item(), "seconds": round(seconds, 1)})
@@ -292,15 +292,31 @@ def stage_cards(args, device: torch.device) -> None:
     update_results(args, "t2i_eval", t2i_result)
     best = max(rows, key=lambda r: r["top1"])
     show = samples_at[best["guidance"]]
+    memo = metrics.memorisation(show, load_emoji(size=32, split="train").images)
+    t2i_result["memorisation"] = {"guidance": best["guidance"], "share": memo.share, "threshold": memo.threshold,
+                                  "space": memo.space, "n": int(show.shape[0])}
+    update_results(args, "t2i_eval", t2i_result)
     save_grid(torch.stack([x for pair in zip(real[:32], show[:32]) for x in pair]),
               out_dir / f"{NAMES['t2i']}_samples.png", columns=16)
     write_cards(args, out_dir, t2i_result)
 
 
+def started_from(info: dict) -> list[str]:
+    """A model-card row for a model trained on from another run's weights (--init-from)."""
+    first = info.get("initialised_from")
+    if not first:
+        return []
+    details = ", ".join(f"{k.replace('_', ' ')} {first[k]}" for k in ("precision", "kl_weight", "batch_size", "lr")
+                        if first.get(k) is not None)
+    return [f"| started from | the weights of an earlier run: {first.get('steps')} steps on {first.get('machine')} "
+            f"({details}; {first.get('train_seconds')} s), made by `{first.get('command')}` |"]
+
+
 def write_cards(args, out_dir: Path, t2i: dict) -> None:
     results = json.loads(results_path(args).read_text())
     vae, clip, t2 = results.get("vae", {}), results.get("clip", {}), results.get("t2i", {})
-    gib = lambda v: "not measured (no GPU)" if v is None else f"{v:.2f} GiB"
+    gib = lambda v: ("not measured in this run (no GPU); for the notebooks' full-mode steps on an H100 see "
+                     "results/memory_full_mode_h100.json" if v is None else f"{v:.2f} GiB")
     sweep = results.get("vae_sweep", {}).get("rows", [])
     lines = [f"# Model card: {NAMES['vae']}", "",
              "A KL autoencoder (course_lib.vae) that maps 32x32 Noto emoji to latents and back; the latent "
@@ -312,6 +328,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"| training | {vae.get('steps')} steps, batch {vae.get('batch_size')}, AdamW lr {vae.get('lr')}, "
              f"KL weight {vae.get('kl_weight')}, {vae.get('precision')}, seed {vae.get('seed')} |",
              f"| hardware, time | {vae.get('machine')}, {vae.get('train_seconds')} s of training |",
+             *started_from(vae),
              f"| peak GPU memory (training) | {gib(vae.get('peak_gib'))} |",
              f"| latent scale factor | {vae.get('scale_factor', float('nan')):.4f} (1 / std of the training latents) |",
              f"| held-out reconstruction PSNR | {vae.get('heldout_psnr')} dB (398 held-out emoji, posterior mean) |",
@@ -366,11 +383,12 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"| training | {t2.get('steps')} steps, batch {tc['batch_size']}, AdamW lr {tc['lr']}, EMA {tc['ema_decay']}, "
              f"{t2.get('precision')}, seed {tc['seed']} |",
              f"| hardware, time | {t2.get('machine')}, {t2.get('train_seconds')} s of training |",
+             *started_from(t2),
              f"| peak GPU memory (training) | {gib(t2.get('peak_gib'))} |",
              f"| command | `{t2.get('command')}` |", "",
              "## Measured", "",
              f"{t2i['n']} images, one per held-out caption (emoji the models never saw), DDIM {t2i['steps']} steps, "
-             f"measured on {t2i['machine']}. Text fidelity: the share of images whose own caption the mini CLIP "
+             f"measured on {t2i['machine']} by `{t2i['command']}`. Text fidelity: the share of images whose own caption the mini CLIP "
              f"ranks first (top-5) among all {t2i['n']} held-out captions; real held-out images get "
              f"{t2i['real_top1']:.3f} ({t2i['real_top5']:.3f}). FID/KID against the held-out images in the "
              f"course's feature space; the floor (real vs real at this n) is FID {t2i['floor_fid']:.2f}, "
@@ -380,11 +398,25 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['guidance']:g} | {r['top1']:.3f} | {r['top5']:.3f} | {r['clip_score']:.3f} | {r['fid']:.2f} | "
               f"{r['kid']:.3f} ± {r['kid_std']:.3f} | {r['feature_spread']:.3f} | {r['seconds']} |" for r in t2i["rows"]]
+    memo = t2i.get("memorisation")
+    if memo:
+        lines += ["", f"Memorisation (guidance {memo['guidance']:g}): {100 * memo['share']:.1f}% of the {memo['n']} images "
+                      f"have a training image closer than the threshold ({memo['threshold']:.3g} RMS, {memo['space']} "
+                      f"space; course_lib.metrics.memorisation)."]
+    lines += ["", "The mini CLIP that judges text fidelity is also the text encoder the U-Net was trained to follow, "
+                  "so generated images can score above real ones: read the text-fidelity columns as agreement with "
+                  "the conditioning, not as an independent judgement."]
     lines += ["", f"![held-out emoji (left of each pair) and the model's image for its caption]"
                   f"({NAMES['t2i']}_samples.png)", "",
               "Licence: derived from Noto Emoji images (Apache-2.0); see data/emoji/LICENSES.md.", ""]
     (out_dir / f"{NAMES['t2i']}.md").write_text("\n".join(lines))
     print("wrote the model cards", flush=True)
+
+
+def rewrite_cards(out_dir: str) -> None:
+    """Write the cards again from tiny_sd_results.json, without measuring (after a change to their text)."""
+    args = argparse.Namespace(out_dir=out_dir)
+    write_cards(args, Path(out_dir), json.loads(results_path(args).read_text())["t2i_eval"])
 
 
 def main() -> None:
