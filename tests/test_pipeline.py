@@ -5,30 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_lib.data import load_emoji
 from course_lib.pipeline import TextToImage
-from course_lib.schedules import make_schedule
-from course_lib.text import MiniCLIP, Tokenizer, clip_config
 from course_lib.unet import UNet, get_preset
-from course_lib.vae import VAE
-from course_lib.vae import get_preset as vae_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    torch.manual_seed(0)
-    tokenizer = Tokenizer.train(load_emoji(size=8, limit=200).captions, vocab_size=128)
-    clip = MiniCLIP(clip_config("tiny", tokenizer.vocab_size))
-    vae = VAE(vae_preset("tiny"))
-    latent_c, latent_h, _ = vae.config.latent_shape
-    unet = UNet(get_preset("sd_tiny", image_size=latent_h, in_channels=latent_c, out_channels=latent_c,
-                           context_dim=clip.config.text.width))
-    for module in unet.modules():                      # proj_out starts at zero: give the text some effect
-        if hasattr(module, "proj_out"):
-            torch.nn.init.normal_(module.proj_out.weight, std=0.05)
-    return TextToImage(unet, make_schedule("scaled_linear", 1000), clip, tokenizer, vae, scale_factor=0.5)
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 def test_same_seed_same_image_and_other_seed_other_image(pipe):

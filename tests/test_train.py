@@ -11,7 +11,7 @@ from course_lib import checkpoint as ckpt
 from course_lib.data import load_emoji
 from course_lib.forward import PREDICTIONS
 from course_lib.learned_schedule import LearnedSchedule, schedule_loss_surrogate, vlb_terms
-from course_lib.train import (Trainer, TrainConfig, TrainingDiverged, ema_decay_at, ema_update, lr_at,
+from course_lib.train import (Conditioning, Trainer, TrainConfig, TrainingDiverged, ema_decay_at, ema_update, lr_at,
                               resolve_precision, smooth)
 from course_lib.unet import UNet, get_preset
 
@@ -194,8 +194,7 @@ def test_learned_schedule_trains_and_changes_shape(images):
 
 # --- text conditioning and latents ---------------------------------------------------------------------
 
-def conditioning(n: int, L: int = 5, D: int = 64) -> "Conditioning":
-    from course_lib.train import Conditioning
+def conditioning(n: int, L: int = 5, D: int = 64) -> Conditioning:
     g = torch.Generator().manual_seed(1)
     context = torch.randn(n, L, D, generator=g) + 10.0          # far from the null context (zeros)
     mask = torch.ones(n, L, dtype=torch.bool)

@@ -231,3 +231,104 @@ def test_latent_interpolation_rejects_bad_images_and_steps(small_vae, image):
         widgets.latent_interpolation_figure(small_vae, 0.7, image, image[None], 0.5)
     with pytest.raises(ValueError, match="same shape"):
         widgets.latent_interpolation_figure(small_vae, 0.7, image, image[:, :8, :8], 0.5)
+
+
+# --- notebook 08: prompt-to-image retrieval ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """An untrained "tiny" mini CLIP (seeded) with a tokenizer trained on a few captions, and 10 random
+    32 px images with their captions: any fixed encoders will do."""
+    from course_lib.text import MiniCLIP, Tokenizer, clip_config
+
+    captions = [f"{colour} {thing}" for colour in ("red", "green") for thing in ("heart", "cat face", "car",
+                                                                                   "flag", "ball")]
+    tokenizer = Tokenizer.train(captions * 2, vocab_size=64)
+    torch.manual_seed(0)
+    clip = MiniCLIP(clip_config("tiny", tokenizer.vocab_size)).eval().requires_grad_(False)
+    images = torch.rand(len(captions), 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return clip, tokenizer, images, captions
+
+
+def test_retrieval_figure_shows_the_top_k_by_similarity(tiny_clip):
+    from course_lib.data import to_uint8
+    from course_lib.text import similarity
+
+    clip, tokenizer, images, captions = tiny_clip
+    fig = widgets.retrieval_figure(clip, tokenizer, images, captions, "red heart", k=4)
+    assert isinstance(fig, Figure)
+    scores = similarity(clip, tokenizer, images, ["red heart"])[:, 0]
+    order = scores.argsort(descending=True)[:4].tolist()
+    for rank, i in enumerate(order, start=1):
+        np.testing.assert_array_equal(shown(fig, f"rank {rank}"), to_uint8(images[i]))
+        (ax,) = [ax for ax in fig.axes if ax.get_label() == f"rank {rank}"]
+        assert f"{scores[i].item():.3f}" in ax.get_title() and captions[i] in ax.get_xlabel().replace("\n", " ")
+    assert len([ax for ax in fig.axes if ax.get_label().startswith("rank ")]) == 4
+    assert "red heart" in fig.get_suptitle()
+
+
+def test_retrieval_figure_depends_on_the_prompt_and_caps_k(tiny_clip):
+    clip, tokenizer, images, captions = tiny_clip
+    a = widgets.retrieval_figure(clip, tokenizer, images, captions, "red heart", k=3)
+    b = widgets.retrieval_figure(clip, tokenizer, images, captions, "green car", k=3)
+    titles = lambda fig: [ax.get_title() for ax in fig.axes]  # noqa: E731
+    assert titles(a) != titles(b)                       # other scores for another prompt
+    assert pixels(widgets.retrieval_figure(clip, tokenizer, images, captions, "red heart", k=3)).shape == \
+        pixels(widgets.retrieval_figure(clip, tokenizer, images, captions, "green car", k=3)).shape
+    everything = widgets.retrieval_figure(clip, tokenizer, images, captions, "", k=50)   # k above N: all N
+    assert len(everything.axes) == len(images)
+
+
+def test_retrieval_figure_rejects_bad_input(tiny_clip):
+    clip, tokenizer, images, captions = tiny_clip
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="k must be an int of at least 1"):
+            widgets.retrieval_figure(clip, tokenizer, images, captions, "cat", k=k)
+    with pytest.raises(ValueError, match="one caption per image"):
+        widgets.retrieval_figure(clip, tokenizer, images, captions[:-1], "cat")
+    with pytest.raises(ValueError, match=r"non-empty \(N, 3, H, W\)"):
+        widgets.retrieval_figure(clip, tokenizer, images[0], captions, "cat")
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        widgets.retrieval_figure(clip, tokenizer, images, captions, None)
+
+
+# --- notebook 09: the prompt box -----------------------------------------------------------
+
+@pytest.mark.usefixtures("one_thread")
+def test_text_to_image_figure_shows_the_pipelines_images(tiny_pipe):
+    from course_lib.data import to_uint8
+
+    fig = widgets.text_to_image_figure(tiny_pipe, "red heart", 3.0, seed=5, n=3, steps=3)
+    assert isinstance(fig, Figure)
+    expected = to_uint8(tiny_pipe("red heart", seed=5, steps=3, guidance_scale=3.0, images_per_prompt=3))
+    shown_images = [shown(fig, f"image {k}") for k in range(3)]
+    assert len([ax for ax in fig.axes if ax.get_images()]) == 3
+    for k in range(3):
+        assert shown_images[k].shape == (32, 32, 3) and shown_images[k].dtype == np.uint8
+        np.testing.assert_array_equal(shown_images[k], expected[k])
+    # image k is the pipeline's image for seed + k, alone
+    np.testing.assert_array_equal(shown_images[1], to_uint8(tiny_pipe("red heart", seed=6, steps=3,
+                                                                       guidance_scale=3.0))[0])
+    title = fig._suptitle.get_text()
+    assert "red heart" in title and "guidance scale 3" in title and "seed 5" in title
+    # another prompt or seed gives other pictures; the same arguments the same ones
+    again = widgets.text_to_image_figure(tiny_pipe, "red heart", 3.0, seed=5, n=3, steps=3)
+    np.testing.assert_array_equal(shown(again, "image 0"), shown_images[0])
+    other = widgets.text_to_image_figure(tiny_pipe, "grinning face", 3.0, seed=5, n=3, steps=3)
+    assert not np.array_equal(shown(other, "image 0"), shown_images[0])
+    assert len(widgets.text_to_image_figure(tiny_pipe, "", 0.0, seed=0, n=1, steps=2).axes) == 1
+
+
+@pytest.mark.parametrize("n", [0, -1, 17, 2.5, "4", True, None])
+def test_text_to_image_figure_rejects_bad_n(tiny_pipe, n):
+    with pytest.raises(ValueError, match="n must be an int from 1 to 16"):
+        widgets.text_to_image_figure(tiny_pipe, "red heart", 3.0, seed=0, n=n, steps=2)
+
+
+def test_text_to_image_figure_rejects_bad_prompt_seed_and_scale(tiny_pipe):
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        widgets.text_to_image_figure(tiny_pipe, ["red heart"], 3.0, seed=0, n=2, steps=2)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        widgets.text_to_image_figure(tiny_pipe, "red heart", 3.0, seed=0.5, n=2, steps=2)
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 0"):
+        widgets.text_to_image_figure(tiny_pipe, "red heart", -1.0, seed=0, n=2, steps=2)
