@@ -184,3 +184,74 @@ def latent_interpolation_figure(vae, scale_factor: float, image_a: torch.Tensor,
     fig.suptitle("from image A (left) to image B: mixing pixels (top) or mixing latents (bottom)", fontsize=9)
     fig.tight_layout(h_pad=0.3, w_pad=0.2)
     return fig
+
+
+# --- notebook 08: prompt-to-image retrieval ----------------------------------------------------
+
+def retrieval_figure(clip, tokenizer, images: torch.Tensor, captions: Sequence[str], prompt: str,
+                     k: int = 8) -> Figure:
+    """The k images that a mini CLIP (course_lib.text.MiniCLIP) ranks highest for a typed `prompt`, best
+    first: the cosine similarity of each image's embedding with the prompt's (course_lib.text.similarity).
+    Each is titled with its rank and score, with its own caption below (shown, never used for ranking).
+    images: (N, 3, H, W) in [-1, 1]; captions: their N captions. Each image axis has the label "rank 1",
+    "rank 2", ... and shows a uint8 (H, W, 3) array, so tests can read the pictures back."""
+    import textwrap
+
+    from .text import similarity  # imported here: the other widgets do not need the text models
+
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str (\"\" is the empty prompt); got {type(prompt).__name__}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be an int of at least 1 (how many images to show); got {k!r}")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty (N, 3, H, W) tensor in [-1, 1]; got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if len(captions) != len(images):
+        raise ValueError(f"need one caption per image; got {len(images)} images and {len(captions)} captions")
+    k = min(int(k), len(images))
+    scores = similarity(clip, tokenizer, images, [prompt])[:, 0]           # (N,) cosine similarities
+    best = scores.topk(k)
+    pictures = to_uint8(images[best.indices])
+
+    fig, axes = plt.subplots(1, k, figsize=(1.2 * k + 0.3, 2.5), dpi=DPI, squeeze=False)
+    for rank, (ax, i, score) in enumerate(zip(axes[0], best.indices.tolist(), best.values.tolist()), start=1):
+        ax.set_label(f"rank {rank}")
+        ax.imshow(pictures[rank - 1], interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(f"{rank}. score {score:.3f}", fontsize=7)
+        lines = textwrap.wrap(captions[i], 17)
+        ax.set_xlabel("\n".join(lines[:3]) + (" ..." if len(lines) > 3 else ""), fontsize=7)
+    fig.suptitle(f"prompt {prompt!r}: the {k} best of {len(images)} images", fontsize=9)
+    fig.tight_layout(w_pad=0.4)
+    return fig
+
+
+# --- notebook 09: the prompt box -----------------------------------------------------------
+
+def text_to_image_figure(pipe, prompt: str, guidance_scale: float, seed: int, n: int = 4, steps: int = 20,
+                         sampler: str = "ddim", negative_prompt: str = "") -> Figure:
+    """n images for `prompt` from a course_lib.pipeline.TextToImage, side by side, titled with the prompt,
+    the guidance scale and the seed (image k starts from the noise of seed + k, as in the pipeline, so
+    the same seed always gives the same images). Every image axis is labelled "image 0", "image 1", ...
+    and shows a uint8 (H, W, 3) array, so tests can read the pictures back."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string (\"\" asks for no prompt at all); got {type(prompt).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer; got {seed!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= 16:
+        raise ValueError(f"n must be an int from 1 to 16 (the images drawn side by side); got {n!r}")
+    images = pipe(prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                  negative_prompt=negative_prompt, images_per_prompt=int(n))
+    pictures = to_uint8(images)
+    fig, axes = plt.subplots(1, n, figsize=(1.3 * n + 0.2, 1.85), dpi=DPI, squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        ax.set_label(f"image {k}")
+        ax.imshow(pictures[k], interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xlabel(f"seed {int(seed) + k}", fontsize=7)
+    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    negative = f", not {negative_prompt!r}" if negative_prompt else ""
+    fig.suptitle(f"{shown!r}{negative}\nguidance scale {guidance_scale:g}, seed {int(seed)}, {steps} {sampler} steps",
+                 fontsize=9)
+    fig.tight_layout(w_pad=0.3)
+    return fig
