@@ -80,12 +80,28 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
+def compact_state(module: torch.nn.Module, prefix: str = "", dtype: torch.dtype = torch.float16,
+                  ) -> dict[str, torch.Tensor]:
+    """A module's state dict for shipping: floating-point tensors cast to `dtype` (float16), keys prefixed."""
+    return {f"{prefix}{k}": v.to(dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
+
+
+def read_format(path: str | os.PathLike, expected: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`read`, refusing a file whose metadata format is not `expected` (e.g. a training checkpoint given
+    where a model file is wanted) with a message naming both."""
+    tensors, metadata = read(path)
+    if metadata.get("format") != expected:
+        raise ValueError(f"{path} is not a course_lib {what} file (metadata format {metadata.get('format')!r}; "
+                         f"expected {expected!r})")
+    return tensors, metadata
+
+
 def save_model(path: str | os.PathLike, model: UNet, *, schedule: NoiseSchedule, prediction: str,
                info: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
     """Write a model file: weights (float16 by default), U-Net config, schedule and prediction type.
 
     The schedule is stored as its alpha-bar table, so a learned schedule ships the same way as a fixed one."""
-    tensors = {f"model.{k}": v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    tensors = compact_state(model, "model.", dtype)
     tensors["schedule.alphas_cumprod"] = schedule.alphas_cumprod.clone()
     metadata = {"format": "course_lib.model/1", "unet_config": model.config.to_json(),
                 "prediction": prediction, "schedule_name": schedule.name, "info": json.dumps(info or {})}
@@ -95,10 +111,7 @@ def save_model(path: str | os.PathLike, model: UNet, *, schedule: NoiseSchedule,
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
                ) -> tuple[UNet, NoiseSchedule, dict]:
     """(model in float32 eval mode, its schedule, info dict with 'prediction' and training details)."""
-    tensors, metadata = read(path)
-    if metadata.get("format") != "course_lib.model/1":
-        raise ValueError(f"{path} is not a course_lib model file (metadata format "
-                         f"{metadata.get('format')!r}; expected 'course_lib.model/1')")
+    tensors, metadata = read_format(path, "course_lib.model/1", "model")
     model = UNet(UNetConfig.from_json(metadata["unet_config"]))
     state = {k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
@@ -114,4 +127,5 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     return model, schedule, info
 
 
-__all__ = ["checkpoints_dir", "shipped", "atomic_save", "read", "save_model", "load_model"]
+__all__ = ["checkpoints_dir", "shipped", "atomic_save", "read", "compact_state", "read_format", "save_model",
+           "load_model"]

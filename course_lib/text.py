@@ -772,7 +772,7 @@ def encode_prompts(clip: MiniCLIP, tokenizer: Tokenizer, prompts: list[str],
 def save_clip(path: str | Path, clip: MiniCLIP, tokenizer: Tokenizer, info: dict | None = None) -> Path:
     """Write float16 weights with the config and tokenizer (format "course_lib.clip/1"), atomically."""
     _check_tokenizer(clip, tokenizer)
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in clip.state_dict().items()}
+    tensors = ckpt.compact_state(clip)
     metadata = {"format": "course_lib.clip/1", "clip_config": clip.config.to_json(),
                 "tokenizer": tokenizer.to_json(), "info": json.dumps(info or {})}
     return ckpt.atomic_save(tensors, path, metadata)
@@ -780,10 +780,7 @@ def save_clip(path: str | Path, clip: MiniCLIP, tokenizer: Tokenizer, info: dict
 
 def load_clip(path: str | Path, device: torch.device | str | None = None) -> tuple[MiniCLIP, Tokenizer, dict]:
     """(clip in float32 eval mode with requires_grad False, its tokenizer, info dict)."""
-    tensors, metadata = ckpt.read(path)
-    if metadata.get("format") != "course_lib.clip/1":
-        raise ValueError(f"{path} is not a course_lib CLIP file (metadata format {metadata.get('format')!r}; "
-                         f"expected 'course_lib.clip/1')")
+    tensors, metadata = ckpt.read_format(path, "course_lib.clip/1", "CLIP")
     clip = MiniCLIP(CLIPConfig.from_json(metadata["clip_config"]))
     clip.load_state_dict({k: v.float() for k, v in tensors.items()})
     clip.eval().requires_grad_(False)

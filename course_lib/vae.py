@@ -482,7 +482,7 @@ def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64,
 
 def save_vae(path: str | Path, vae: VAE, scale_factor: float, info: dict | None = None) -> Path:
     """Write a compact model file: float16 weights, config, latent scale factor and an info dict."""
-    tensors = {f"model.{k}": v.half() if v.is_floating_point() else v for k, v in vae.state_dict().items()}
+    tensors = ckpt.compact_state(vae, "model.")
     metadata = {"format": "course_lib.vae/1", "vae_config": vae.config.to_json(),
                 "scale_factor": repr(float(scale_factor)), "info": json.dumps(info or {})}
     return ckpt.atomic_save(tensors, path, metadata)
@@ -490,10 +490,7 @@ def save_vae(path: str | Path, vae: VAE, scale_factor: float, info: dict | None 
 
 def load_vae(path: str | Path, device: torch.device | str | None = None) -> tuple[VAE, float, dict]:
     """(VAE in float32 eval mode with requires_grad off, latent scale factor, info dict)."""
-    tensors, metadata = ckpt.read(path)
-    if metadata.get("format") != "course_lib.vae/1":
-        raise ValueError(f"{path} is not a course_lib VAE file (metadata format {metadata.get('format')!r}; "
-                         f"expected 'course_lib.vae/1')")
+    tensors, metadata = ckpt.read_format(path, "course_lib.vae/1", "VAE")
     vae = VAE(VAEConfig.from_json(metadata["vae_config"]))
     vae.load_state_dict({k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")})
     vae.eval().requires_grad_(False)
