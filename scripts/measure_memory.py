@@ -45,7 +45,7 @@ def rows(device: torch.device) -> list[tuple[str, memory.MemoryReport]]:
     out = []
     emoji = load_emoji(size=32, split="train")
     latent_like = torch.randn(emoji.images.shape[0], 4, 8, 8)
-    bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+    bf16 = memory.resolve_precision("auto", device) == "bf16"   # fit_vae / fit_clip take fp32 or bf16
 
     def attempt(name, fn):
         try:

@@ -35,10 +35,10 @@ from course_lib.data import load_emoji, to_uint8  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.text import (MiniCLIP, Tokenizer, clip_config, encode_prompts, fit_clip, load_clip,  # noqa: E402
                              retrieval_accuracy, save_clip, similarity)
-from course_lib.train import Conditioning, TrainConfig, Trainer  # noqa: E402
+from course_lib.train import Conditioning, TrainConfig, Trainer, resolve_precision  # noqa: E402
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
-from course_lib.vae import (VAE, encode_latents, fit_vae, latent_scale_factor, load_vae, psnr,  # noqa: E402
-                            save_vae)
+from course_lib.vae import (DEFAULT_KL_WEIGHT, VAE, encode_latents, fit_vae, latent_scale_factor,  # noqa: E402
+                            load_vae, psnr, save_vae)
 from course_lib.vae import get_preset as vae_preset  # noqa: E402
 
 NAMES = {"vae": "vae_emoji32", "clip": "clip_emoji", "t2i": "tiny_sd_emoji"}
@@ -46,9 +46,8 @@ STAGES = ("vae", "clip", "t2i", "cards")
 
 
 def precision_for(device: torch.device) -> str:
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return "bf16"
-    return "fp32"
+    """The Trainer's automatic choice, less fp16 (fit_vae and fit_clip take fp32 or bf16)."""
+    return "bf16" if resolve_precision("auto", device) == "bf16" else "fp32"
 
 
 def command() -> str:
@@ -435,7 +434,7 @@ def main() -> None:
     p.add_argument("--vae-steps", type=int, default=6000)
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=4e-4)
-    p.add_argument("--kl-weight", type=float, default=None, help="default: course_lib.vae's")
+    p.add_argument("--kl-weight", type=float, default=DEFAULT_KL_WEIGHT)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-presets", default="f2c4,f4c4,f8c8")
     p.add_argument("--sweep-steps", type=int, default=2000)
@@ -456,9 +455,6 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.kl_weight is None:
-        import inspect
-        args.kl_weight = inspect.signature(fit_vae).parameters["kl_weight"].default
     if args.quick:
         args.vae_steps, args.clip_steps, args.t2i_steps, args.sweep_steps = 3, 3, 3, 2
         args.vae_preset, args.clip_preset, args.unet_preset = "tiny", "tiny", "sd_tiny"
