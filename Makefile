@@ -43,7 +43,7 @@ MIN_VERSIONS := numpy==1.26.4 matplotlib==3.9.4 ipywidgets==7.7.1 ipykernel==6.2
                 tqdm==4.66.1 einops==0.7.0 safetensors==0.8.0 pytest==8.0.0 nbval==0.11.0
 test-min:
 	test -x .venv-min/bin/python || $(PYTHON) -m venv .venv-min
-	.venv-min/bin/python -m pip install --quiet $(TORCH) $(MIN_VERSIONS) diffusers==0.42.1
+	.venv-min/bin/python -m pip install --quiet $(TORCH) $(MIN_VERSIONS) diffusers==0.42.1 peft==0.21.2
 	.venv-min/bin/python -m pip install --quiet --no-deps -e .
 	.venv-min/bin/python -m pytest
 

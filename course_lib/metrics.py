@@ -438,3 +438,13 @@ def memorisation(samples: torch.Tensor, train_images: torch.Tensor, threshold: f
     distances, indices = nearest_neighbours(samples, train_images, space, train_features=train_features,
                                             device=device)
     return MemorisationReport(distances, indices, float(threshold), space)
+
+
+def subject_similarity(generated: torch.Tensor, references: torch.Tensor,
+                       device: torch.device | str | None = None) -> float:
+    """Subject fidelity: the mean cosine similarity, in the feature net's space, between every generated
+    image and every reference image of the subject (DreamBooth's DINO score, with our feature net in
+    place of DINO). 1 = the same features; unrelated emoji score lower (see notebook 12 for the scale)."""
+    a = F.normalize(features(generated, device=device), dim=-1)
+    b = F.normalize(features(references, device=device), dim=-1)
+    return float((a @ b.T).mean())

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .forward import prediction_target
 from .sampling import SAMPLERS, GuidedModel, sample
 from .schedules import NoiseSchedule
 from .text import MiniCLIP, Tokenizer, encode_prompts, load_clip
@@ -92,6 +93,22 @@ class TextToImage:
     def encode(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(text states (B, L, D), mask (B, L)) for the prompts, on the pipeline's device."""
         return encode_prompts(self.clip, self.tokenizer, self._prompt_list(prompts), device=self.device)
+
+    def denoising_loss(self, z0: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+                       generator: torch.Generator, unet: torch.nn.Module | None = None,
+                       reduce: bool = True) -> torch.Tensor:
+        """The training loss on scaled latents z0 with text states (context, mask): t uniform over the schedule,
+        fresh noise, the pipeline's prediction target (eps, x0 or v). `unet` defaults to the pipeline's (pass a
+        copy being fine-tuned). reduce=False: one value per sample (B,). Used by every fine-tuning method."""
+        unet = self.unet if unet is None else unet
+        B = z0.shape[0]
+        t = torch.randint(0, self.schedule.T, (B,), generator=generator).to(z0.device)
+        noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+        abar = self.schedule.extract(self.schedule.alphas_cumprod, t, z0)
+        zt = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+        out = unet(zt, t, context, mask).float()
+        per_sample = (out - prediction_target(self.prediction, z0, noise, abar)).pow(2).flatten(1).mean(1)
+        return per_sample.mean() if reduce else per_sample
 
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], *, seed: int = 0, steps: int = 20, guidance_scale: float = 4.0,

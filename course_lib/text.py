@@ -117,7 +117,7 @@ class Tokenizer:
     >>> ids, mask = tok(["grinning face", "red heart"])    # (2, 32) long, (2, 32) bool
     """
 
-    def __init__(self, merges: Iterable[tuple[str, str]], max_length: int = 32):
+    def __init__(self, merges: Iterable[tuple[str, str]], max_length: int = 32, added: Iterable[str] = ()):
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (room for BOS and EOS); got {max_length}")
         self.max_length = int(max_length)
@@ -130,9 +130,28 @@ class Tokenizer:
             if a + b not in known:                 # two merges can spell the same string; one id for both
                 self.vocab.append(a + b)
                 known.add(a + b)
+        self.added: list[str] = []             # whole words given their own token after training (DreamBooth)
         self.ids = {piece: i for i, piece in enumerate(self.vocab)}
         self.ranks = {pair: r for r, pair in enumerate(self.merges)}
         self._cache: dict[tuple[str, ...], list[str]] = {}
+        for word in added:
+            self.add_word(word)
+
+    def add_word(self, word: str) -> int:
+        """Give `word` (letters and digits) one new token at the end of the vocabulary; returns its id.
+        Wherever the word stands alone in a text it becomes that token instead of its BPE pieces.
+        The text encoder needs a matching new embedding row (course_lib.dreambooth.add_identifier)."""
+        if not isinstance(word, str) or not word or any(c not in WORD_CHARS for c in word):
+            raise ValueError(f"an added word must be non-empty and use only {WORD_CHARS!r}; got {word!r}")
+        piece = MARKER + word
+        if piece in self.ids:
+            raise ValueError(f"{word!r} is already one token (id {self.ids[piece]}); choose a word the "
+                             f"tokenizer splits into pieces, so its token is new")
+        self.vocab.append(piece)
+        self.ids[piece] = len(self.vocab) - 1
+        self.added.append(word)
+        self._cache[(MARKER, *word)] = [piece]
+        return self.ids[piece]
 
     @property
     def vocab_size(self) -> int:
@@ -228,8 +247,8 @@ class Tokenizer:
 
     def to_json(self) -> str:
         return json.dumps({"format": "course_lib.tokenizer/1", "alphabet": ALPHABET, "marker": MARKER,
-                           "max_length": self.max_length, "merges": [list(m) for m in self.merges]},
-                          ensure_ascii=False)
+                           "max_length": self.max_length, "merges": [list(m) for m in self.merges],
+                           "added": list(self.added)}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str) -> "Tokenizer":
@@ -239,7 +258,7 @@ class Tokenizer:
                              f"'course_lib.tokenizer/1')")
         if data["alphabet"] != ALPHABET or data["marker"] != MARKER:
             raise ValueError("this tokenizer was trained with a different alphabet than course_lib.text.ALPHABET")
-        return cls([tuple(m) for m in data["merges"]], data["max_length"])
+        return cls([tuple(m) for m in data["merges"]], data["max_length"], data.get("added", ()))
 
 
 # --- Configs -----------------------------------------------------------------------------------------

@@ -255,3 +255,37 @@ def text_to_image_figure(pipe, prompt: str, guidance_scale: float, seed: int, n:
                  fontsize=9)
     fig.tight_layout(w_pad=0.3)
     return fig
+
+
+# --- notebook 10: the LoRA-scale slider ---------------------------------------------------
+
+def lora_scale_figure(pipe, prompts: Sequence[str], lora_scale: float, seed: int = 0, steps: int = 20,
+                      guidance_scale: float = 3.0) -> Figure:
+    """One image per prompt from a pipeline whose U-Net carries LoRA layers, with the update multiplied by
+    `lora_scale` (0: the base model, 1: the adapted one; between blends, beyond extrapolates). Prompt k
+    starts from the noise of seed + k at every scale, so only the adapter's strength changes between
+    redraws. Axes are labelled "image 0", "image 1", ... and show uint8 (H, W, 3) arrays."""
+    from .lora import lora_layers, lora_scale as scaled
+
+    if not lora_layers(pipe.unet):
+        raise ValueError("the pipeline's U-Net has no LoRA layers; load one with course_lib.lora.load_lora")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or len(prompts) > 16:
+        raise ValueError(f"give 1 to 16 prompts; got {len(prompts)}")
+    if not isinstance(lora_scale, numbers.Real) or not -4 <= lora_scale <= 4:
+        raise ValueError(f"lora_scale must be a number from -4 to 4; got {lora_scale!r}")
+    with scaled(pipe.unet, float(lora_scale)):
+        images = pipe(list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale)
+    pictures = to_uint8(images)
+    n = len(prompts)
+    fig, axes = plt.subplots(1, n, figsize=(1.3 * n + 0.2, 1.9), dpi=DPI, squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        ax.set_label(f"image {k}")
+        ax.imshow(pictures[k], interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        words = prompts[k] if len(prompts[k]) <= 22 else prompts[k][:20] + "..."
+        ax.set_xlabel(words, fontsize=6)
+    fig.suptitle(f"LoRA scale {float(lora_scale):g}  (0 = base model, 1 = adapted)", fontsize=9)
+    fig.tight_layout(w_pad=0.3)
+    return fig

@@ -332,3 +332,31 @@ def test_text_to_image_figure_rejects_bad_prompt_seed_and_scale(tiny_pipe):
         widgets.text_to_image_figure(tiny_pipe, "red heart", 3.0, seed=0.5, n=2, steps=2)
     with pytest.raises(ValueError, match="guidance_scale must be a number >= 0"):
         widgets.text_to_image_figure(tiny_pipe, "red heart", -1.0, seed=0, n=2, steps=2)
+
+
+def test_lora_scale_figure_blends_base_and_adapted(tiny_pipe):
+    import copy
+
+    from course_lib import lora
+    from course_lib.data import to_uint8
+
+    pipe = copy.copy(tiny_pipe)
+    pipe.unet = copy.deepcopy(tiny_pipe.unet)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        widgets.lora_scale_figure(pipe, ["red heart"], 1.0, steps=2)
+    lora.inject_lora(pipe.unet, rank=2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora.lora_layers(pipe.unet).values():
+            layer.lora_B.copy_(0.5 * torch.randn(layer.lora_B.shape, generator=g))
+    prompts = ["red heart", "grinning face"]
+    base = widgets.lora_scale_figure(pipe, prompts, 0.0, seed=1, steps=3)
+    expected = to_uint8(tiny_pipe(prompts, seed=1, steps=3, guidance_scale=3.0))
+    for k in range(2):
+        np.testing.assert_array_equal(shown(base, f"image {k}"), expected[k])   # scale 0 = the base model
+    adapted = widgets.lora_scale_figure(pipe, prompts, 1.0, seed=1, steps=3)
+    assert not np.array_equal(shown(adapted, "image 0"), shown(base, "image 0"))
+    assert "LoRA scale 1" in adapted._suptitle.get_text()
+    assert all(layer.scale == 1.0 for layer in lora.lora_layers(pipe.unet).values())   # restored
+    with pytest.raises(ValueError, match="lora_scale must be a number"):
+        widgets.lora_scale_figure(pipe, prompts, 9.0, steps=2)
