@@ -265,13 +265,19 @@ class FitResult:
 
 
 def fit_lidb(pipe: TextToImage, lidb: LiDB, data: SubjectData, *, steps: int, batch_size: int = 32,
-             lr: float = 3e-2, init: torch.Tensor | None = None, seed: int = 0, max_seconds: float | None = None,
+             lr: float = 1e-2, init: torch.Tensor | None = None, seed: int = 0, max_seconds: float | None = None,
              progress: bool = False) -> FitResult:
     """Optimise LiDB weights for every subject in `data` at once: each sample of a batch runs with its own
     subject's numbers, so S subjects cost one U-Net pass per batch, not S. Returns weights (S, layers, numbers)."""
     S = int(data.subject.max()) + 1
-    w = nn.Parameter(lidb.init_weights(S) if init is None else init.clone().float())
-    opt = torch.optim.Adam([w], lr=lr)
+    start = lidb.init_weights(S) if init is None else init.clone().float()
+    # One row per subject in an embedding table with sparse gradients, and SparseAdam ("lazy" Adam): a step
+    # updates only the subjects in its batch. Dense Adam would keep moving every absent subject along its old
+    # momentum, which made long runs over hundreds of subjects diverge.
+    table = nn.Embedding(S, lidb.numbers, sparse=True)
+    with torch.no_grad():
+        table.weight.copy_(start.reshape(S, -1))
+    opt = torch.optim.SparseAdam(table.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses = []
     t0 = time.perf_counter()
@@ -283,7 +289,7 @@ def fit_lidb(pipe: TextToImage, lidb: LiDB, data: SubjectData, *, steps: int, ba
     try:
         for _ in it:
             i = torch.randint(0, len(data.latents), (batch_size,), generator=g)
-            lidb.set(w[data.subject[i]].to(pipe.device))
+            lidb.set(table(data.subject[i]).view(len(i), *lidb.shape).to(pipe.device))
             loss = diffusion_loss(lidb.unet, pipe, data.latents[i], data.context[i], data.mask[i], g)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"LiDB loss became {loss.item()} at step {done}; lower lr ({lr})")
@@ -296,7 +302,7 @@ def fit_lidb(pipe: TextToImage, lidb: LiDB, data: SubjectData, *, steps: int, ba
                 break
     finally:
         lidb.set(None)
-    return FitResult(w.detach(), losses, time.perf_counter() - t0, done)
+    return FitResult(table.weight.detach().view(S, *lidb.shape).clone(), losses, time.perf_counter() - t0, done)
 
 
 # --- 2. The hypernetwork ------------------------------------------------------------------------------------

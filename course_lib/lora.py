@@ -287,18 +287,23 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], params: list[nn.Parameter], *,
               unet: nn.Module | None = None, steps: int = 1000, batch_size: int = 32, lr: float = 1e-3,
               caption_dropout: float = 0.1, seed: int = 0, max_seconds: float | None = None,
-              progress: bool = False) -> FineTuneLog:
+              ema: float | None = None, progress: bool = False) -> FineTuneLog:
     """Train `params` (a LoRA's, or all of a U-Net's) with the denoising loss on images (N, 3, H, W) in [-1, 1]
     with their captions; a fraction caption_dropout of captions becomes "" so guidance keeps working.
-    Stops after `steps` or `max_seconds`, whichever comes first."""
+    Stops after `steps` or `max_seconds`, whichever comes first.
+
+    ema: keep an exponential moving average of `params` (decay ramped up as in course_lib.train) and put it
+    into `params` at the end, as the base model's own training did; None keeps the last step's values."""
     unet = pipe.unet if unet is None else unet
     if len(images) != len(captions) or len(images) == 0:
         raise ValueError(f"need one caption per image and at least one image; got {len(images)} and {len(captions)}")
+    from .train import ema_decay_at
     from .vae import encode_latents
     z = encode_latents(pipe.vae, images, pipe.scale_factor, device=pipe.device).to(pipe.device)
     c, m = pipe.encode(list(captions))
     c0, m0 = pipe.encode([""])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    averaged = [p.detach().clone() for p in params] if ema is not None else None
     g = torch.Generator().manual_seed(seed)
     unet.train()
     losses, state_bytes = [], 0
@@ -319,6 +324,9 @@ def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], pa
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if averaged is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - ema_decay_at(step, ema))
         losses.append(loss.item())
         if step == 0:
             state_bytes = optimizer_state_bytes(optimizer)
@@ -326,6 +334,9 @@ def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], pa
             break
     seconds = time.perf_counter() - t0
     unet.eval()
+    with torch.no_grad():
+        for p, avg in zip(params, averaged or []):
+            p.copy_(avg)
     for p in params:
         p.grad = None
     return FineTuneLog(losses, seconds, len(losses), sum(p.numel() for p in params), state_bytes)

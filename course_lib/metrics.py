@@ -448,3 +448,15 @@ def subject_similarity(generated: torch.Tensor, references: torch.Tensor,
     a = F.normalize(features(generated, device=device), dim=-1)
     b = F.normalize(features(references, device=device), dim=-1)
     return float((a @ b.T).mean())
+
+
+def self_similarity(images: torch.Tensor, device: torch.device | str | None = None) -> float:
+    """The same score among a set of real images of one subject, over distinct pairs only (the diagonal,
+    each image with itself, would count 1s): the reference a generated set's subject fidelity compares with."""
+    if len(images) < 2:
+        raise ValueError(f"self_similarity needs at least 2 images; got {len(images)}")
+    f = F.normalize(features(images, device=device), dim=-1)
+    sims = f @ f.T
+    n = len(f)
+    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+

@@ -140,8 +140,10 @@ def stage_cards(args) -> None:
     meta = lora.load_lora(out_dir / "lora_twemoji.safetensors", pipe.unet)
     lora_img = torch.cat([pipe(prompts[i:i + 128], seed=i, steps=20, guidance_scale=3.0) for i in range(0, n, 128)])
     noto = load_emoji(size=32, split="heldout", style="noto")
-    lora_eval = {"n": n, "floor": floor, "noto_same_emoji_fid": fid(features(noto.images[:n]), ref),
+    ref_noto = features(noto.images[:n])
+    lora_eval = {"n": n, "floor": floor, "noto_same_emoji_fid": fid(ref_noto, ref),
                  "base_fid": fid(features(base_img), ref), "lora_fid": fid(features(lora_img), ref),
+                 "base_fid_noto": fid(features(base_img), ref_noto), "lora_fid_noto": fid(features(lora_img), ref_noto),
                  "adapter_numbers": lora.adapter_numbers(pipe.unet),
                  "file_bytes": (out_dir / "lora_twemoji.safetensors").stat().st_size}
     update_results(args, "lora_eval", lora_eval)
@@ -158,15 +160,16 @@ Notebook 10 loads it for the LoRA-scale slider.
 - **Measured** (`python scripts/train_personalisation.py --stage cards`): FID to the {n} held-out Twemoji images
   (held-out captions as prompts, DDIM 20 steps, guidance 3), in the feature net's space:
 
-  | model | FID |
-  |---|---|
-  | base tiny SD (Noto style) | {lora_eval['base_fid']:.2f} |
-  | with this LoRA | {lora_eval['lora_fid']:.2f} |
-  | real Noto images of the same {n} emoji (a perfect base model) | {lora_eval['noto_same_emoji_fid']:.2f} |
-  | real Twemoji images of {n} *other* emoji (train split) | {floor:.2f} |
+  | images | FID to held-out Twemoji | FID to held-out Noto |
+  |---|---|---|
+  | base tiny SD | {lora_eval['base_fid']:.2f} | {lora_eval['base_fid_noto']:.2f} |
+  | with this LoRA (scale 1) | {lora_eval['lora_fid']:.2f} | {lora_eval['lora_fid_noto']:.2f} |
+  | real Noto images of the same {n} emoji | {lora_eval['noto_same_emoji_fid']:.2f} | (the reference) |
+  | real Twemoji images of {n} *other* emoji (train split): the floor | {floor:.2f} | |
 
-  The generated images show the held-out emoji, so the fair floor is not the train-split Twemoji (different
-  emoji, which FID also counts) but the adapted model's distance falling below the Noto row.
+  {"The LoRA moved the model closer to Twemoji" if lora_eval['lora_fid'] < lora_eval['base_fid'] else
+   "The LoRA moved the model away from Noto but not closer to Twemoji"} in this feature space. This is a short CPU
+  run; notebook 10 uses the adapter to show loading, the scale slider and merging, and measures the same thing.
 """)
     # hypernetwork: predicted weights for held-out subjects, subject similarity before/after
     hyper, lidb_cfg, lidb_seed, hinfo = hd.load_hypernetwork(out_dir / "hyperdreambooth.safetensors", device=args.device)
@@ -197,7 +200,7 @@ with one query per adapted layer, run for 4 refinement passes. Notebook 12 loads
 - **Command**: `{hinfo['command']}` (the `preopt` stage first, then `hyper`).
 - **Subjects**: the {p['subjects']} train-split emoji that come in all six skin tones. A sample is one tone image,
   captioned "sks <class>: <tone> skin tone" ("sks" a new token; class person, hand or body part).
-- **Pre-optimised LiDB weights**: all {p['subjects']} subjects at once, {p['steps']} steps of {p['batch_size']}, Adam lr {p['lr']},
+- **Pre-optimised LiDB weights**: all {p["subjects"]} subjects at once, {p["steps"]} steps of {p["batch_size"]}, SparseAdam lr {p["lr"]},
   {p['seconds']:.0f} s; loss {p['first_loss']:.4f} -> {p['final_loss']:.4f}.
 - **Hypernetwork training**: {hinfo['steps']} steps of {hinfo['batch_size']}, AdamW lr {hinfo['lr']}, weight-loss factor
   {hinfo['weight_loss']}, {hinfo['seconds']:.0f} s on {hinfo['machine']}; final diffusion loss {hinfo['final_diffusion_loss']:.4f},
@@ -227,7 +230,7 @@ def main() -> None:
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--preopt-steps", type=int, default=600)
     p.add_argument("--preopt-batch", type=int, default=64)
-    p.add_argument("--preopt-lr", type=float, default=3e-2)
+    p.add_argument("--preopt-lr", type=float, default=1e-2)
     p.add_argument("--hyper-steps", type=int, default=1500)
     p.add_argument("--hyper-batch", type=int, default=32)
     p.add_argument("--hyper-lr", type=float, default=3e-4)

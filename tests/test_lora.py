@@ -209,3 +209,18 @@ def test_fit_lora_trains_only_the_adapter_and_reports_its_state(tiny_pipe):
     assert any(layer.lora_B.abs().sum() > 0 for layer in lora.lora_layers(pipe.unet).values())
     with pytest.raises(ValueError, match="one caption per image"):
         lora.fine_tune(pipe, data.images, data.captions[:3], lora.lora_parameters(pipe.unet))
+
+
+def test_fine_tune_with_ema_keeps_the_average(tiny_pipe):
+    import copy as _copy
+    from course_lib.data import load_emoji
+    data = load_emoji(size=tiny_pipe.vae.config.image_size, split="train", style="twemoji", limit=8)
+    finals = []
+    for ema in (None, 0.0, 0.9):
+        pipe = _copy.copy(tiny_pipe)
+        pipe.unet = _copy.deepcopy(tiny_pipe.unet)
+        lora.fit_lora(pipe, data.images, data.captions, rank=2, steps=6, batch_size=4, lr=1e-2, ema=ema)
+        finals.append(torch.cat([p.flatten() for p in lora.lora_parameters(pipe.unet)]))
+    # decay 0: the "average" is the last step's weights; decay 0.9: it lags behind them
+    torch.testing.assert_close(finals[1], finals[0], rtol=0, atol=0)
+    assert not torch.allclose(finals[2], finals[0])

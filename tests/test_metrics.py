@@ -199,3 +199,17 @@ def test_nearest_neighbours_k_and_resize(emoji):
     d_f, i_f = nearest_neighbours(emoji["held"][:8], train, space="features")
     d_c, i_c = nearest_neighbours(emoji["held"][:8], train, space="features", train_features=emoji["f_train"][:500])
     assert torch.equal(i_f, i_c) and torch.allclose(d_f, d_c, atol=1e-5)
+
+
+def test_subject_similarity_and_self_similarity():
+    from course_lib.data import load_emoji
+    from course_lib.metrics import self_similarity, subject_similarity
+    emoji = load_emoji(size=32, split="heldout", limit=12)
+    a, b = emoji.images[:6], emoji.images[6:12]
+    assert subject_similarity(a, a) > subject_similarity(a, b)
+    # self_similarity leaves out each image's 1 with itself
+    n = len(a)
+    assert self_similarity(a) == pytest.approx((subject_similarity(a, a) * n * n - n) / (n * (n - 1)), abs=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        self_similarity(a[:1])
+
