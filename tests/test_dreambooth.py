@@ -104,3 +104,16 @@ def test_dreambooth_errors(tiny_pipe):
         db.dreambooth(tiny_pipe, s.images[:1], ["sks person"], None)
     with pytest.raises(ValueError, match="method"):
         db.DreamBoothConfig(method="half")
+
+
+def test_tone_accuracy_counts_the_asked_tone_winning(tiny_pipe):
+    s = db.get_subject("woman mage", size=tiny_pipe.vae.config.image_size)
+    clip, tok = tiny_pipe.clip, tiny_pipe.tokenizer
+    from course_lib.text import similarity
+    sims = similarity(clip, tok, s.images, [s.prompt(t, None) for t in db.TONES])
+    best = [db.TONES[i] for i in sims.argmax(1).tolist()]
+    assert db.tone_accuracy(clip, tok, s.images, s, best) == 1.0          # asked = what the judge picks
+    wrong = [db.TONES[(db.TONES.index(t) + 1) % 6] for t in best]
+    assert db.tone_accuracy(clip, tok, s.images, s, wrong) == 0.0
+    with pytest.raises(ValueError, match="one asked tone per image"):
+        db.tone_accuracy(clip, tok, s.images, s, best[:2])

@@ -175,3 +175,21 @@ def test_fast_finetune_relaxes_then_trains(tiny_pipe):
     assert res.steps == 10 and len(res.losses) == 10
     assert all(layer.rank == 2 for layer in lora.lora_layers(pipe.unet).values())
     assert any(layer.lora_B.abs().sum() > 0 for layer in lora.lora_layers(pipe.unet).values())
+
+
+def test_compare_personalisation_runs_every_method(tiny_pipe):
+    from course_lib.metrics import PERSONALISATION_METHODS, compare_personalisation, summarise
+    cfg = hd.LiDBConfig(a=16, b=8)
+    probe = hd.LiDB(copy.deepcopy(tiny_pipe.unet), cfg, seed=1)
+    hyper = hd.HyperNetwork(hd.hyper_config_for(probe, width=32, depth=1, iterations=1))
+    subjects = db.emoji_subjects("heldout", size=tiny_pipe.vae.config.image_size)[:1]
+    records, numbers, examples = compare_personalisation(tiny_pipe, hyper, cfg, 1, subjects, db_steps=2, fast_steps=2,
+                                                         seeds=1, steps=2, prior_images=2, report=lambda m: None)
+    summary = summarise(records)
+    assert set(PERSONALISATION_METHODS) <= set(summary)
+    assert numbers["LiDB"] == probe.numbers and numbers["hypernetwork only"] == 0
+    assert numbers["DreamBooth"] == sum(p.numel() for p in tiny_pipe.unet.parameters())
+    for m in PERSONALISATION_METHODS:
+        row = summary[m]
+        assert row["seconds"] >= 0 and -1 <= row["subject"] <= 1 and 0 <= row["tone"] <= 1
+        assert examples[subjects[0].name][m].shape[0] == 5          # the five asked tones
