@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.course-installed
 
-.PHONY: lab test test-min venv clean-venv data
+.PHONY: lab test test-min test-browser venv clean-venv data
 
 venv: $(STAMP)
 
@@ -46,6 +46,13 @@ test-min:
 	.venv-min/bin/python -m pip install --quiet $(TORCH) $(MIN_VERSIONS) diffusers==0.42.1 peft==0.21.2
 	.venv-min/bin/python -m pip install --quiet --no-deps -e .
 	.venv-min/bin/python -m pytest
+
+# The widgets in a real browser (tests/test_browser.py): JupyterLab in quick mode, driven by Playwright in Debian's
+# Chromium (apt-get install chromium; Playwright's own browser download is not used). Screenshots in runs/browser/.
+test-browser: $(STAMP)
+	@command -v chromium >/dev/null || test -n "$$CHROMIUM" || { echo "needs Chromium: apt-get install chromium (or set CHROMIUM)"; exit 1; }
+	$(BIN)/python -m pip install --quiet playwright==1.65.2
+	$(BIN)/python -m pytest tests/test_browser.py -v
 
 # Rebuild data/ from the pinned npm packages and the pinned scikit-image wheel (needs npm and network).
 data: $(STAMP)

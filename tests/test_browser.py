@@ -1,0 +1,164 @@
+"""What a learner sees: the notebooks' widgets in a real browser.
+
+JupyterLab (from this environment, on a free loopback port, in quick mode) serves a copy of notebooks/; Debian's
+Chromium, headless and driven by Playwright, opens each notebook with a main widget, runs all cells, checks that no
+cell shows an error, moves the slider with the keyboard as a person would, and checks that the picture changed.
+Screenshots before and after go to runs/browser/ (or $COURSE_SCREENSHOTS) for a person to look at.
+
+Needs the `playwright` package (the test extra) and Chromium at $CHROMIUM, /usr/bin/chromium or on PATH (Debian's
+package `chromium`; `.ci/run` installs it). Playwright's own browser download is never used. Without either, the
+tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = Path(os.environ.get("COURSE_SCREENSHOTS", ROOT / "runs" / "browser"))
+CHROMIUM = os.environ.get("CHROMIUM") or next((p for p in ("/usr/bin/chromium", shutil.which("chromium"),
+                                                           shutil.which("chromium-browser")) if p and Path(p).exists()),
+                                              None)
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run", "--disable-quic"]
+
+# notebook, the slider's description, key presses
+CASES = [
+    ("01_noise_addition.ipynb", "noise level", 2),
+    ("02_forward_markov_chain.ipynb", "T", 2),
+    ("05_sampling.ipynb", "step", 2),
+    ("09_text_to_image.ipynb", "guidance", 2),
+    ("10_lora.ipynb", "LoRA scale", 1),
+]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install -e '.[test]')")
+if CHROMIUM is None:
+    pytest.skip("needs Chromium: apt-get install chromium (or set CHROMIUM to its path)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab in quick mode on a free port, serving a copy of notebooks/ (running them must not
+    rewrite the committed files)."""
+    work = tmp_path_factory.mktemp("lab")
+    shutil.copytree(ROOT / "notebooks", work / "notebooks", ignore=shutil.ignore_patterns("runs", ".ipynb_checkpoints"))
+    port, token = _free_port(), "course-browser-test"
+    # every cell in the page (JupyterLab 4 otherwise only renders the cells in view), and no news pop-up
+    settings = work / "settings"
+    (settings / "@jupyterlab" / "notebook-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+        '{"windowingMode": "none"}')
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        '{"fetchNews": "false"}')
+    env = dict(os.environ, COURSE_QUICK="1", OMP_NUM_THREADS="1", JUPYTER_CONFIG_DIR=str(work / "config"),
+               JUPYTER_RUNTIME_DIR=str(work / "runtime"), JUPYTER_DATA_DIR=str(work / "data"),
+               JUPYTERLAB_SETTINGS_DIR=str(settings))
+    env.pop("JUPYTER_PATH", None)
+    log = open(work / "lab.log", "w")
+    jupyter = Path(sys.executable).with_name("jupyter")
+    proc = subprocess.Popen([str(jupyter), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+                             f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True",
+                             f"--ServerApp.root_dir={work / 'notebooks'}", "--allow-root"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            if proc.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited: {(work / 'lab.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("JupyterLab did not answer within 60 s")
+        yield url, token
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield b
+        b.close()
+
+
+APP = "window.jupyterapp.shell.currentWidget"
+ALL_RAN = f"""() => {{
+    const panel = {APP};
+    const cells = panel.content.widgets.filter(c => c.model.type === 'code');
+    return cells.length > 0 && cells.every(c => c.model.executionCount > 0) &&
+           panel.sessionContext.session.kernel.status === 'idle';
+}}"""
+ERRORS = """() => Array.from(document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"]'))
+                  .map(e => e.innerText).filter(t => /Traceback|Error/.test(t)).map(t => t.slice(0, 500))"""
+WIDGET_IMAGES = """() => Array.from(document.querySelectorAll('.jupyter-widgets-output-area img, .widget-output img'))
+                         .map(i => i.src)"""
+
+
+@pytest.mark.parametrize("notebook,slider,presses", CASES, ids=[c[0][:2] for c in CASES])
+def test_widget_moves_the_picture(lab, browser, notebook, slider, presses):
+    url, token = lab
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    stem = notebook.removesuffix(".ipynb")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        # a workspace of its own, reset, so no other notebook is restored beside this one
+        page.goto(f"{url}/lab/workspaces/{stem}/tree/{notebook}?reset&token={token}")
+        page.wait_for_function(f"window.jupyterapp && {APP} && {APP}.sessionContext && {APP}.sessionContext.session"
+                               f" && {APP}.sessionContext.session.kernel"
+                               f" && {APP}.sessionContext.session.kernel.status === 'idle'", timeout=120_000)
+        assert page.evaluate(f"{APP}.context.path") == notebook
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.wait_for_function(ALL_RAN, timeout=600_000, polling=1000)
+        assert page.evaluate(ERRORS) == [], f"{notebook}: a cell shows an error"
+
+        box = page.locator(".widget-slider", has=page.locator(".widget-label", has_text=slider)).first
+        box.scroll_into_view_if_needed()
+        page.wait_for_function(f"({WIDGET_IMAGES})().length > 0", timeout=120_000)
+        before = page.evaluate(WIDGET_IMAGES)
+        value_before = box.locator(".widget-readout").inner_text()
+        page.screenshot(path=str(SHOTS / f"{stem}_before.png"))
+        handle = box.locator(".noUi-handle").first
+        handle.focus()
+        for _ in range(presses):
+            handle.press("ArrowRight")
+        page.wait_for_function(f"(before) => JSON.stringify(({WIDGET_IMAGES})()) !== JSON.stringify(before)",
+                               arg=before, timeout=120_000, polling=500)
+        page.wait_for_function(ALL_RAN, timeout=120_000, polling=500)
+        after = page.evaluate(WIDGET_IMAGES)
+        value_after = box.locator(".widget-readout").inner_text()
+        page.screenshot(path=str(SHOTS / f"{stem}_after.png"))
+        assert value_after != value_before, f"{notebook}: the {slider!r} slider did not move ({value_before})"
+        assert after != before and all(src.startswith("data:image/png") for src in after), \
+            f"{notebook}: moving {slider!r} from {value_before} to {value_after} did not change the picture"
+        assert page.evaluate(ERRORS) == [], f"{notebook}: an error after moving {slider!r}"
+    except Exception:
+        page.screenshot(path=str(SHOTS / f"{stem}_failed.png"), full_page=True)
+        raise
+    finally:
+        page.evaluate(f"{APP} && {APP}.sessionContext.shutdown()")     # free the CPU for the next notebook
+        page.close()
