@@ -5,7 +5,7 @@ Chromium, headless and driven by Playwright, opens each notebook with a main wid
 cell shows an error, moves the slider with the keyboard as a person would, and checks that the picture changed.
 Screenshots before and after go to runs/browser/ (or $COURSE_SCREENSHOTS) for a person to look at.
 
-Needs the `playwright` package (the test extra) and Chromium at $CHROMIUM, /usr/bin/chromium or on PATH (Debian's
+Needs the `playwright` package (`make test-browser` installs it) and Chromium at $CHROMIUM, /usr/bin/chromium or on PATH (Debian's
 package `chromium`; `.ci/run` installs it). Playwright's own browser download is never used. Without either, the
 tests are skipped with the reason.
 """
@@ -40,7 +40,7 @@ CASES = [
     ("10_lora.ipynb", "LoRA scale", 1),
 ]
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install -e '.[test]')")
+playwright_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (make test-browser installs it)")
 if CHROMIUM is None:
     pytest.skip("needs Chromium: apt-get install chromium (or set CHROMIUM to its path)", allow_module_level=True)
 
