@@ -225,10 +225,6 @@ def class_images(pipe: TextToImage, prompts: list[str], n: int, *, steps: int = 
     return latents, prompts
 
 
-def _cycle(n_items: int, batch: int, step: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, n_items, (batch,), generator=generator)
-
-
 def dreambooth(pipe: TextToImage, images: torch.Tensor, prompts: list[str], class_prompts: list[str] | None = None,
                config: DreamBoothConfig | None = None, progress: bool = False) -> DreamBoothResult:
     """Personalise a copy of `pipe` on `images` (K, 3, H, W) in [-1, 1] captioned `prompts` (each containing
@@ -275,10 +271,10 @@ def dreambooth(pipe: TextToImage, images: torch.Tensor, prompts: list[str], clas
         steps = tqdm(steps, desc=f"DreamBooth ({cfg.method})")
     done = 0
     for step in steps:
-        i = _cycle(len(z), cfg.batch_size, step, g)
+        i = torch.randint(0, len(z), (cfg.batch_size,), generator=g)          # subject images, with repeats
         batch_prior = None
         if prior is not None:
-            j = _cycle(len(prior[0]), cfg.batch_size, step, g)
+            j = torch.randint(0, len(prior[0]), (cfg.batch_size,), generator=g)
             batch_prior = (prior[0][j], prior[1][j], prior[2][j])
         loss, parts = dreambooth_loss(unet, pipe, (z[i], c[i], m[i]), batch_prior, cfg.prior_weight, g)
         if not math.isfinite(loss.item()):

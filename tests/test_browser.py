@@ -6,7 +6,7 @@ cell shows an error, moves the slider with the keyboard as a person would, and c
 Screenshots before and after go to runs/browser/ (or $COURSE_SCREENSHOTS) for a person to look at.
 
 Needs the `playwright` package (`make test-browser` installs it) and Chromium at $CHROMIUM, /usr/bin/chromium or on PATH (Debian's
-package `chromium`; `.ci/run` installs it). Playwright's own browser download is never used. Without either, the
+package `chromium`: apt-get install chromium). Playwright's own browser download is never used. Without either, the
 tests are skipped with the reason.
 """
 
