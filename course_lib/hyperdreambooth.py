@@ -272,8 +272,8 @@ def fit_lidb(pipe: TextToImage, lidb: LiDB, data: SubjectData, *, steps: int, ba
     S = int(data.subject.max()) + 1
     start = lidb.init_weights(S) if init is None else init.clone().float()
     # One row per subject in an embedding table with sparse gradients, and SparseAdam ("lazy" Adam): a step
-    # updates only the subjects in its batch. Dense Adam would keep moving every absent subject along its old
-    # momentum, which made long runs over hundreds of subjects diverge.
+    # updates only the subjects in its batch, where dense Adam would also move every absent subject along its old
+    # momentum. Over all 271 training subjects lr 3e-2 diverged (with dense Adam and with this); 1e-2 is stable.
     table = nn.Embedding(S, lidb.numbers, sparse=True)
     with torch.no_grad():
         table.weight.copy_(start.reshape(S, -1))
