@@ -317,8 +317,7 @@ class HyperConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
 
     def to_json(self) -> str:
-        d = asdict(self)
-        return json.dumps(d)
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "HyperConfig":

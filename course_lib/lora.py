@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from . import checkpoint as ckpt
+from .train import ema_decay_at
+from .vae import encode_latents
 
 if TYPE_CHECKING:
     from .pipeline import TextToImage
@@ -297,8 +299,6 @@ def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], pa
     unet = pipe.unet if unet is None else unet
     if len(images) != len(captions) or len(images) == 0:
         raise ValueError(f"need one caption per image and at least one image; got {len(images)} and {len(captions)}")
-    from .train import ema_decay_at
-    from .vae import encode_latents
     z = encode_latents(pipe.vae, images, pipe.scale_factor, device=pipe.device).to(pipe.device)
     c, m = pipe.encode(list(captions))
     c0, m0 = pipe.encode([""])
