@@ -40,7 +40,7 @@ test: $(STAMP)
 # The same suite in a second environment holding the lowest versions pyproject.toml allows
 # (matplotlib 3.8 is known to break inline figures; ipywidgets 7.7.1 is what Colab ships).
 MIN_VERSIONS := numpy==1.26.4 matplotlib==3.9.4 ipywidgets==7.7.1 ipykernel==6.29.5 pillow==10.0.1 \
-                tqdm==4.66.1 einops==0.7.0 safetensors==0.8.0 pytest==8.0.0 nbval==0.11.0
+                tqdm==4.66.1 einops==0.7.0 regex==2024.11.6 safetensors==0.8.0 pytest==8.0.0 nbval==0.11.0
 test-min:
 	test -x .venv-min/bin/python || $(PYTHON) -m venv .venv-min
 	.venv-min/bin/python -m pip install --quiet $(TORCH) $(MIN_VERSIONS) diffusers==0.42.1 peft==0.21.2
