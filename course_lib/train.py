@@ -32,6 +32,14 @@ the trainer does not know whether it denoises pixels or latents.
 
 All randomness of the training loop (data order, timesteps, noise, caption dropout) comes from one
 seeded CPU torch.Generator whose state is saved with the checkpoint.
+
+Several processes (`torchrun --nproc_per_node=N`, course_lib.distributed): when a process group of N > 1
+ranks is initialised, the Trainer wraps the U-Net in DistributedDataParallel. config.batch_size is then the
+global batch B: every rank draws the same B indices, flips, timesteps and noise as one process would, and
+keeps its rows r*b .. (r+1)*b - 1 (b = B / N); DDP averages the gradients, so each step equals the single
+process's step up to float summation order. The logged loss is averaged over the ranks; only rank 0 shows
+progress and writes files, and `save` stores the plain U-Net's weights, so checkpoints move freely between
+1 and N processes.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .forward import check_images, check_prediction, predicted_x0_eps, prediction_target
 from .learned_schedule import LearnedSchedule, schedule_loss_surrogate
 from .schedules import KINDS, NoiseSchedule, make_schedule
@@ -189,6 +198,9 @@ class Trainer:
     trainer.train(checkpoint_path="runs/ddpm.safetensors", checkpoint_every=500)
 
     With text: Trainer(UNet(get_preset("sd_small")), latents, TrainConfig(latents=True), conditioning=cond)
+
+    Under torchrun (one process per GPU): info = distributed.setup(), then Trainer(..., device=info.device)
+    on every rank; self.model stays the plain U-Net and self.net is its DistributedDataParallel wrapper.
     """
 
     def __init__(self, model: UNet, images: torch.Tensor, config: TrainConfig | None = None,
@@ -212,7 +224,15 @@ class Trainer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.precision = resolve_precision(cfg.precision, self.device)
         self.images = images
-        self.model = model.to(self.device).train()
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is the global batch, split evenly over the "
+                             f"{self.world_size} processes; it must be divisible by {self.world_size}")
+        self.model = model.to(self.device).train()          # always the plain U-Net (saved, EMA'd, sampled)
+        self.net = self.model                               # what the training step calls
+        if self.world_size > 1:                             # DDP: copies rank 0's weights to every rank now,
+            self.net = nn.parallel.DistributedDataParallel(  # and averages gradients during backward
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.learned: LearnedSchedule | None = None
         self.fixed_schedule: NoiseSchedule | None = None
@@ -239,7 +259,17 @@ class Trainer:
             return self.learned.to_noise_schedule(self.config.T)
         return self.fixed_schedule
 
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs and writes files: rank 0, or the only process."""
+        return self.rank == 0
+
     # --- data -----------------------------------------------------------------------------------------
+    def _my_rows(self, batch: int) -> slice:
+        """This rank's rows of a global batch: rank r of N takes r*b .. (r+1)*b - 1, b = batch / N."""
+        b = batch // self.world_size
+        return slice(self.rank * b, (self.rank + 1) * b)
+
     def _next_batch(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """A batch drawn without replacement (a new random order each pass through the data), with its
         text states (some dropped to the empty prompt) when the model is conditional."""
@@ -253,31 +283,34 @@ class Trainer:
             self._position += take.numel()
             b -= take.numel()
             picked.append(take)
-        index = torch.cat(picked)
-        x0 = self.images[index]
+        index = torch.cat(picked)                          # the global batch, the same on every rank
+        mine = self._my_rows(index.numel())                # ... of which this rank keeps its slice
+        x0 = self.images[index[mine]]
         if self.config.hflip:
-            flip = torch.rand(x0.shape[0], generator=self.generator) < 0.5
+            flip = torch.rand(index.numel(), generator=self.generator)[mine] < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         cond = None
         if self.conditioning is not None:
-            drop = torch.rand(index.numel(), generator=self.generator) < self.config.caption_dropout
-            cond = tuple(z.to(self.device, non_blocking=True) for z in self.conditioning.batch(index, drop))
+            drop = torch.rand(index.numel(), generator=self.generator)[mine] < self.config.caption_dropout
+            cond = tuple(z.to(self.device, non_blocking=True) for z in self.conditioning.batch(index[mine], drop))
         return x0.to(self.device, non_blocking=True), cond
 
     # --- one step ---------------------------------------------------------------------------------------
     def loss_on(self, x0: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, dict]:
         """The training loss on a batch (drawing t and noise from the trainer's generator); `cond` is
-        (context, mask) for a text-conditioned model."""
-        cfg, B = self.config, x0.shape[0]
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        (context, mask) for a text-conditioned model. Under DDP x0 is this rank's slice: the draws are made
+        for the global batch, as one process would, and sliced the same way."""
+        cfg, B = self.config, x0.shape[0] * self.world_size    # B: the global batch
+        mine = self._my_rows(B)
+        noise = torch.randn((B, *x0.shape[1:]), generator=self.generator)[mine].to(self.device)
         extra: dict = {}
         if self.learned is None:
-            t = torch.randint(0, cfg.T, (B,), generator=self.generator).to(self.device)
+            t = torch.randint(0, cfg.T, (B,), generator=self.generator)[mine].to(self.device)
             abar = self.fixed_schedule.extract(self.fixed_schedule.alphas_cumprod, t, x0)
             t_model = t
         else:
-            u = torch.rand(B, generator=self.generator).to(self.device)
+            u = torch.rand(B, generator=self.generator)[mine].to(self.device)
             gamma, slope = self.learned.gamma_and_slope(u)
             g = gamma.detach().requires_grad_(True)           # the noise level, as a leaf for d/d gamma
             abar = torch.sigmoid(-g)[:, None, None, None]
@@ -285,7 +318,7 @@ class Trainer:
             extra = {"gamma": gamma, "slope": slope, "g": g}
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         with autocast(self.precision, self.device):
-            out = self.model(xt, t_model) if cond is None else self.model(xt, t_model, *cond)
+            out = self.net(xt, t_model) if cond is None else self.net(xt, t_model, *cond)
         out = out.float()
         target = prediction_target(cfg.prediction, x0, noise, abar)
         loss = F.mse_loss(out, target)
@@ -300,9 +333,10 @@ class Trainer:
             group["lr"] = lr_at(self.step, cfg)
         x0, cond = self._next_batch()
         loss, extra = self.loss_on(x0, cond)
-        if not torch.isfinite(loss):
+        logged = distributed.all_reduce_mean(loss.detach())   # the global batch's loss, on every rank
+        if not torch.isfinite(logged):
             raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.step}; training stopped. Lower the learning "
+                f"the loss became {logged.item()} at step {self.step}; training stopped. Lower the learning "
                 f"rate (now {lr_at(self.step, cfg):.2e}), keep grad_clip on, or try precision='fp32'. "
                 f"The last checkpoint written (if any) is intact.")
         self.optimizer.zero_grad(set_to_none=True)
@@ -311,12 +345,13 @@ class Trainer:
             (dsse,) = torch.autograd.grad(extra["sse"].sum(), extra["g"], retain_graph=True)
             surrogate = schedule_loss_surrogate(extra["gamma"], extra["slope"], extra["sse"].detach(), dsse)
             sched_grads = torch.autograd.grad(surrogate, list(self.learned.parameters()))
+            sched_grads = [distributed.all_reduce_mean(g) for g in sched_grads]   # DDP does not see these
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)   # DDP's grads: already averaged
         if self.learned is not None:
             for p, g in zip(self.learned.parameters(), sched_grads):
                 p.grad = g
@@ -327,7 +362,7 @@ class Trainer:
             self.optimizer.step()
         ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
         self.step += 1
-        value = loss.item()
+        value = logged.item()
         self.losses.append(value)
         return value
 
@@ -340,10 +375,13 @@ class Trainer:
 
         checkpoint_path   written every checkpoint_every steps and at the end (atomically)
         sample_every      every this many steps, sample a grid with the EMA weights into self.sample_grids
-        callback          called every callback_every steps (e.g. to redraw a live loss curve)"""
+        callback          called every callback_every steps (e.g. to redraw a live loss curve)
+        Under DDP call it on every rank: rank 0 alone shows progress, samples grids and writes the
+        checkpoint; the callback runs on every rank (test trainer.is_main to print once)."""
         target = self.config.steps if steps is None else steps
         start, begun = self.step, time.perf_counter()
-        bar = tqdm(total=target, initial=self.step, disable=not progress, desc="training", unit="step")
+        bar = tqdm(total=target, initial=self.step, disable=not (progress and self.is_main), desc="training",
+                   unit="step")
         try:
             while self.step < target:
                 t0 = time.perf_counter()
@@ -352,14 +390,16 @@ class Trainer:
                 bar.update(1)
                 if self.step % 10 == 0 or self.step == target:
                     bar.set_postfix(loss=f"{sum(self.losses[-10:]) / len(self.losses[-10:]):.4f}")
-                if sample_every and self.step % sample_every == 0:
+                if sample_every and self.step % sample_every == 0 and self.is_main:
                     self.sample_grids.append((self.step, self.sample(sample_count, steps=sample_steps)))
                 if checkpoint_path is not None and self.step % checkpoint_every == 0:
                     self.save(checkpoint_path)
                 if callback is not None and (self.step % callback_every == 0 or self.step == target):
                     callback(self)
-                if max_seconds is not None and time.perf_counter() - begun >= max_seconds:
-                    break
+                if max_seconds is not None:
+                    late = torch.tensor(float(time.perf_counter() - begun >= max_seconds), device=self.device)
+                    if distributed.all_reduce_mean(late) > 0:    # all ranks stop at the same step
+                        break
         finally:
             bar.close()
         if checkpoint_path is not None and self.step != start:
@@ -411,7 +451,8 @@ class Trainer:
         return tensors
 
     def save(self, path: str | Path) -> Path:
-        """Write a full training checkpoint, atomically."""
+        """Write a full training checkpoint, atomically. Under DDP call it on every rank: rank 0 writes,
+        the others wait until the file is complete."""
         meta = {"format": "course_lib.train/1", "train_config": self.config.to_json(),
                 "unet_config": self.model.config.to_json(), "step": str(self.step),
                 "data_position": str(self._position), "seconds": repr(self.seconds),
@@ -419,7 +460,10 @@ class Trainer:
                 "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"}
                                             for g in self.optimizer.state_dict()["param_groups"]]),
                 "scaler": json.dumps(self.scaler.state_dict() if self.scaler is not None else None)}
-        return ckpt.atomic_save(self.state_tensors(), path, meta)
+        if self.is_main:
+            ckpt.atomic_save(self.state_tensors(), path, meta)
+        distributed.barrier()
+        return Path(path)
 
     @classmethod
     def resume(cls, path: str | Path, images: torch.Tensor, device: torch.device | str | None = None,
@@ -470,8 +514,11 @@ class Trainer:
         details = {"steps": self.step, "train_seconds": round(self.seconds, 1), "weights": "ema" if use_ema else "raw",
                    "train_config": dataclasses.asdict(self.config), "n_images": self.images.shape[0]}
         details.update(info or {})
-        return ckpt.save_model(path, self.ema if use_ema else self.model, schedule=self.schedule,
-                               prediction=self.config.prediction, info=details)
+        if self.is_main:                                    # under DDP: rank 0 writes, the others wait
+            ckpt.save_model(path, self.ema if use_ema else self.model, schedule=self.schedule,
+                            prediction=self.config.prediction, info=details)
+        distributed.barrier()
+        return Path(path)
 
 
 def smooth(values: list[float], window: int = 50) -> list[float]:
