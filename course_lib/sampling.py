@@ -99,12 +99,15 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # --- timesteps -----------------------------------------------------------------------------
 
-def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing") -> torch.Tensor:
+def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", offset: int = 0) -> torch.Tensor:
     """The descending timesteps a `steps`-step sampler visits (the spacings of [5], as in diffusers' DDIM).
 
     trailing   round(T - i T/steps) - 1: starts at T-1, the noisiest step   (default)
     leading    i * (T // steps), reversed: ends at 0                        (Stable Diffusion's, less its +1)
     linspace   round(linspace(0, T-1, steps)), reversed: both ends          (steps=1: T-1; diffusers: 0)
+
+    offset is added to every timestep (SD 1.5's scheduler config: "leading" with steps_offset=1, so 50 steps
+    visit 981, 961, ..., 1); the largest must stay below T.
     """
     T = schedule.T
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
@@ -123,7 +126,11 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing") ->
         ts = torch.round(ts).flip(0)
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {list(SPACINGS)}")
-    return ts.long()
+    ts = ts.long()
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0 or ts.max() + offset >= T:
+        raise ValueError(f"offset must be an int >= 0 that keeps the largest timestep ({ts.max().item()}) below "
+                         f"T={T}; got {offset!r}")
+    return ts + int(offset)
 
 
 def _alpha_bar(schedule: NoiseSchedule, t: int) -> float:
@@ -392,13 +399,17 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
                     steps: int = 50, eta: float = 0.0, prediction: str = "epsilon",
                     generator: torch.Generator | None = None, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32, x_T: torch.Tensor | None = None, clip_x0: bool = True,
-                    spacing: str = "trailing", progress: bool = False) -> Iterator[ReverseStep]:
+                    spacing: str = "trailing", offset: int = 0, final_t: int = -1,
+                    progress: bool = False) -> Iterator[ReverseStep]:
     """Run a sampler, yielding a ReverseStep at every timestep and then the result (cf. guided-diffusion's
     p_sample_loop_progressive). Arguments as in `sample`."""
     _check_sampler(sampler, eta)
     check_prediction(prediction)
     shape = _check_shape(shape)
-    ts = timesteps(schedule, steps, spacing).tolist()
+    ts = timesteps(schedule, steps, spacing, offset).tolist()
+    if isinstance(final_t, bool) or not isinstance(final_t, numbers.Integral) or not -1 <= final_t < ts[-1]:
+        raise ValueError(f"final_t, where the last step lands, must be -1 (clean, abar = 1) or a timestep below "
+                         f"the last one visited ({ts[-1]}); got {final_t!r}")
     if x_T is not None:
         check_images(x_T, "x_T", data_range=False)
         if tuple(x_T.shape) != shape:
@@ -410,7 +421,7 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
         x = _randn(shape, generator, device, dtype)
 
     last = None  # DPM-Solver++'s memory: (timestep, x0_hat) of the previous step
-    pairs = zip(ts, ts[1:] + [-1])
+    pairs = zip(ts, ts[1:] + [int(final_t)])
     for i, (t, t_next) in enumerate(tqdm(pairs, total=len(ts), desc=sampler, disable=not progress)):
         x0, eps = denoise(model, schedule, x, t, prediction=prediction, clip_x0=clip_x0)
         yield ReverseStep(i, t, x, x0)
@@ -423,14 +434,14 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
         else:
             x = dpm_solver_step(schedule, x, t, t_next, x0, last)
             last = (t, x0)
-    yield ReverseStep(len(ts), -1, x, x)
+    yield ReverseStep(len(ts), int(final_t), x, x)
 
 
 def sample(model: Model, schedule: NoiseSchedule, shape: Sequence[int], *, sampler: str = "ddim",
            steps: int = 50, eta: float = 0.0, prediction: str = "epsilon",
            generator: torch.Generator | None = None, device: torch.device | str | None = None,
            dtype: torch.dtype = torch.float32, x_T: torch.Tensor | None = None, clip_x0: bool = True,
-           spacing: str = "trailing", progress: bool = False) -> torch.Tensor:
+           spacing: str = "trailing", offset: int = 0, final_t: int = -1, progress: bool = False) -> torch.Tensor:
     """Generate a batch x_0 of `shape` (B, C, H, W) with one of SAMPLERS.
 
     model        model(x_t, t) with t a (B,) long tensor; its output means `prediction` (epsilon, x0 or v).
@@ -442,11 +453,15 @@ def sample(model: Model, schedule: NoiseSchedule, shape: Sequence[int], *, sampl
     device       default: x_T's device, else the model's, else the CPU
     x_T          the starting noise (cast to dtype and device); drawn from N(0, I) if None
     clip_x0      clamp each x0 estimate to [-1, 1] (turn off for latents or exact tests)
+    spacing, offset   which timesteps (see `timesteps`)
+    final_t      where the last step lands: -1 is the clean end (abar = 1); 0 stops at abar_0, as SD 1.5's
+                 DDIM does (set_alpha_to_one=False), a difference of 1 - abar_0 = 0.00085 in the noise variance
     progress     show a tqdm progress bar
     """
     for step in reverse_process(model, schedule, shape, sampler=sampler, steps=steps, eta=eta,
                                 prediction=prediction, generator=generator, device=device, dtype=dtype,
-                                x_T=x_T, clip_x0=clip_x0, spacing=spacing, progress=progress):
+                                x_T=x_T, clip_x0=clip_x0, spacing=spacing, offset=offset, final_t=final_t,
+                                progress=progress):
         pass
     return step.x_t
 

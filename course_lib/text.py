@@ -272,11 +272,15 @@ class TextEncoderConfig:
     heads: int = 4                   # must divide width
     mlp_ratio: int = 4               # MLP hidden size = mlp_ratio * width
     dropout: float = 0.0
+    causal: bool = False             # each token sees only itself and earlier tokens (CLIP's text encoder)
+    activation: str = "gelu"         # the MLP's: "gelu", or "quick_gelu" x * sigmoid(1.702 x) (OpenAI CLIP)
 
     def __post_init__(self):
         for name in ("vocab_size", "max_length", "width", "layers", "heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; valid are {', '.join(ACTIVATIONS)}")
         if self.vocab_size <= UNK:
             raise ValueError(f"vocab_size must exceed the {len(SPECIALS)} special tokens; got {self.vocab_size}")
         if self.max_length < 2:
@@ -346,8 +350,19 @@ def clip_config(preset: str, vocab_size: int, max_length: int = 32) -> CLIPConfi
 
 # --- Text encoder ------------------------------------------------------------------------------------
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's fast approximation of GELU, kept by every model trained with it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over tokens; keys at padded positions are masked out."""
+    """Multi-head self-attention over tokens. `keep` (B or 1, 1, L or 1, L) bool says which keys each query may
+    attend to: real tokens only (padding masked out), and with a causal encoder only itself and earlier ones."""
 
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -355,9 +370,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        keep = mask[:, None, None, :]                              # (B, 1, 1, L): True = may be attended to
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(h, "b h l d -> b l (h d)"))
 
@@ -365,38 +379,43 @@ class Attention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) ([2] with the norm moved first)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0, activation: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads, dropout)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), ACTIVATIONS[activation](),
+                                 nn.Linear(mlp_ratio * width, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), mask))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), keep))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class TextEncoder(nn.Module):
     """ids (B, L), mask (B, L) -> hidden states (B, L, width); token + learned position embeddings,
-    pre-LN transformer blocks, a final LayerNorm. Padded positions come out as zeros."""
+    pre-LN transformer blocks, a final LayerNorm. Padded positions come out as zeros.
+
+    mask=None treats every position as real: nothing is masked and nothing zeroed. That is how Stable
+    Diffusion runs CLIP's causal encoder (config.causal): padding comes after EOS, so no real token can see it,
+    and the U-Net cross-attends to all 77 states, the padding's included."""
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.config = cfg = config
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Parameter(torch.randn(cfg.max_length, cfg.width) * 0.01)
-        self.blocks = nn.ModuleList(TransformerBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.activation)
                                     for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
-    def check_input(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def check_input(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         cfg = self.config
         if ids.ndim != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"ids must be an integer tensor (B, L); got dtype {ids.dtype}, shape {tuple(ids.shape)}")
-        if mask.shape != ids.shape or mask.dtype != torch.bool:
+        if mask is not None and (mask.shape != ids.shape or mask.dtype != torch.bool):
             raise ValueError(f"mask must be a bool tensor shaped like ids {tuple(ids.shape)}; got dtype {mask.dtype}, "
                              f"shape {tuple(mask.shape)}")
         if ids.shape[1] > cfg.max_length:
@@ -404,16 +423,23 @@ class TextEncoder(nn.Module):
         if ids.numel() and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
             raise ValueError(f"token ids must be in 0..{cfg.vocab_size - 1}; got "
                              f"{ids.min().item()}..{ids.max().item()}")
-        if ids.shape[0] and not mask.any(dim=1).all():
+        if mask is not None and ids.shape[0] and not mask.any(dim=1).all():
             raise ValueError("every row of mask needs at least one True (real) token; a tokenizer gives BOS and EOS")
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         self.check_input(ids, mask)
         B, L = ids.shape                                           # batch, tokens
         x = self.token_embedding(ids) + self.position_embedding[:L]   # (B, L, width)
+        keep = None                                                # which keys each query may attend to
+        if mask is not None:
+            keep = mask[:, None, None, :]                          # (B, 1, 1, L): real tokens only
+        if self.config.causal:
+            causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()   # query i sees keys 0..i
+            keep = causal[None, None] if keep is None else keep & causal
         for block in self.blocks:
-            x = block(x, mask)
-        return self.norm(x) * mask[..., None]
+            x = block(x, keep)
+        x = self.norm(x)
+        return x if mask is None else x * mask[..., None]
 
     @staticmethod
     def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

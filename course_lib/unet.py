@@ -44,6 +44,11 @@ position can look at every text token:
     (per head, d = head_channels). The mask (B, L), True at real tokens, keeps padding out of the softmax,
     so what a padded prompt produces does not depend on what the padding holds.
 
+Stable Diffusion's own U-Net (course_lib.sd) is this network with three settings: `num_heads=8` (a fixed
+number of heads, so wider levels get wider heads), `time_conditioning="add"`, and `sd_skips=True`: conv_in's
+output and every downsampled map are kept as skips too, and each level on the way up has one more Block to
+use them (for SD 1.5: 12 skips, 3 Blocks per level going up).
+
 proj_out starts at zero, so a new SpatialTransformer is the identity and training begins from the plain
 ResBlock path. The context is the same at every timestep and every level; the timestep still enters through
 the ResBlocks. `UNet(x_t, t, context, context_mask)`; an unconditional U-Net (context_dim=None, the
@@ -83,6 +88,9 @@ class UNetConfig:
     gradient_checkpointing: bool = False                 # recompute activations in backward to save memory
     context_dim: int | None = None                       # width D of the text states (B, L, D); None: unconditional
     transformer_depth: int = 1                           # TransformerBlocks per SpatialTransformer (if context_dim)
+    num_heads: int | None = None                         # heads per attention layer, fixed (SD 1.5: 8); None: by head_channels
+    sd_skips: bool = False                               # SD's skip layout: conv_in and each Downsample leave a skip too,
+                                                         # and every level has blocks_per_level + 1 Blocks on the way up
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -97,9 +105,17 @@ class UNetConfig:
                 raise ValueError(f"every channel count must be divisible by norm_groups={self.norm_groups}; "
                                  f"got {c} in channels={self.channels}")
             # the middle of the U always attends, so the last level needs whole heads too
-            if (attend or level == len(self.channels) - 1) and c % self.head_channels:
+            if self.num_heads is None and (attend or level == len(self.channels) - 1) and c % self.head_channels:
                 raise ValueError(f"levels with attention (and the last level) need channels divisible by "
                                  f"head_channels={self.head_channels}; got {c} at level {level}")
+        if self.num_heads is not None:
+            if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
+                raise ValueError(f"num_heads must be a positive int (or None to use head_channels); "
+                                 f"got {self.num_heads!r}")
+            bad = [c for c in self.channels if c % self.num_heads]
+            if bad:
+                raise ValueError(f"num_heads={self.num_heads} must divide every level's channels; "
+                                 f"got channels={self.channels}")
         if self.time_conditioning not in TIME_CONDITIONING:
             raise ValueError(f"unknown time_conditioning {self.time_conditioning!r}; valid are "
                              f"{', '.join(TIME_CONDITIONING)}")
@@ -124,6 +140,10 @@ class UNetConfig:
     def time_channels(self) -> int:
         return 4 * self.channels[0]
 
+    def head_channels_at(self, channels: int) -> int:
+        """Channels per head of an attention layer of this width: head_channels, or channels / num_heads."""
+        return self.head_channels if self.num_heads is None else channels // self.num_heads
+
     @property
     def conditional(self) -> bool:
         """True for a text-conditioned U-Net (one that takes a context)."""
@@ -138,8 +158,10 @@ class UNetConfig:
     def __repr__(self) -> str:
         # An unconditional config leaves out the conditioning fields at their defaults, so it reads as it
         # did before they existed.
-        skip = () if self.conditional else [f for f in ("context_dim", "transformer_depth")
-                                            if getattr(self, f) == UNetConfig.__dataclass_fields__[f].default]
+        skip = [f for f in ("num_heads", "sd_skips") if getattr(self, f) == UNetConfig.__dataclass_fields__[f].default]
+        if not self.conditional:
+            skip += [f for f in ("context_dim", "transformer_depth")
+                     if getattr(self, f) == UNetConfig.__dataclass_fields__[f].default]
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in skip)
         return f"UNetConfig({fields})"
 
@@ -285,12 +307,12 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, with a residual path."""
 
-    def __init__(self, channels: int, head_channels: int = 32, norm_groups: int = 8):
+    def __init__(self, channels: int, head_channels: int = 32, norm_groups: int = 8, eps: float = 1e-5):
         super().__init__()
         if channels % head_channels:
             raise ValueError(f"channels ({channels}) must be divisible by head_channels ({head_channels})")
         self.heads = channels // head_channels
-        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=eps)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.out = nn.Linear(channels, channels)
 
@@ -412,11 +434,17 @@ class SpatialTransformer(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    """A 3x3 conv with stride 2. asymmetric=True pads only the right and bottom by one (SD's autoencoder) instead
+    of one on every side: the same output size, sampled half a pixel further up and left."""
+
+    def __init__(self, channels: int, asymmetric: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -438,13 +466,14 @@ class Block(nn.Module):
         super().__init__()
         self.res = ResBlock(in_channels, out_channels, cfg.time_channels, cfg.norm_groups,
                             cfg.time_conditioning, cfg.dropout)
+        head_channels = cfg.head_channels_at(out_channels)
         if not attend:
             self.attn = None
         elif cfg.conditional:
-            self.attn = SpatialTransformer(out_channels, cfg.context_dim, cfg.head_channels, cfg.transformer_depth,
+            self.attn = SpatialTransformer(out_channels, cfg.context_dim, head_channels, cfg.transformer_depth,
                                            cfg.norm_groups, cfg.dropout)
         else:
-            self.attn = SelfAttention(out_channels, cfg.head_channels, cfg.norm_groups)
+            self.attn = SelfAttention(out_channels, head_channels, cfg.norm_groups)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -470,28 +499,36 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
 
         # Down: at each level, blocks_per_level Blocks (each leaves a skip), then halve the resolution.
+        # skip_channels follows the skips forward will keep, so the way up knows what it concatenates.
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         c_in = ch[0]
+        skip_channels = [ch[0]] if cfg.sd_skips else []
         for level, c in enumerate(ch):
             self.down.append(nn.ModuleList(
                 Block(c_in if i == 0 else c, c, cfg, cfg.attention[level]) for i in range(cfg.blocks_per_level)))
+            skip_channels += [c] * cfg.blocks_per_level
             c_in = c
             last = level == cfg.levels - 1
             self.downsample.append(nn.Identity() if last else Downsample(c))
+            if cfg.sd_skips and not last:
+                skip_channels.append(c)
 
         # Middle, at the lowest resolution: ResBlock, attention (a SpatialTransformer if conditional), ResBlock.
         self.mid1 = Block(ch[-1], ch[-1], cfg, attend=True)
         self.mid2 = Block(ch[-1], ch[-1], cfg, attend=False)
 
-        # Up: mirror image; each Block first concatenates the matching skip from the way down.
+        # Up: mirror image; each Block first concatenates the matching skip from the way down (the last one kept
+        # is the first used). With sd_skips there is one more Block per level, for the extra skips.
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         c_in = ch[-1]
         for level in reversed(range(cfg.levels)):
             c = ch[level]
-            self.up.append(nn.ModuleList(
-                Block((c_in if i == 0 else c) + c, c, cfg, cfg.attention[level]) for i in range(cfg.blocks_per_level)))
+            blocks = nn.ModuleList()
+            for i in range(cfg.blocks_per_level + int(cfg.sd_skips)):
+                blocks.append(Block((c_in if i == 0 else c) + skip_channels.pop(), c, cfg, cfg.attention[level]))
+            self.up.append(blocks)
             c_in = c
             self.upsample.append(nn.Identity() if level == 0 else Upsample(c))
 
@@ -561,12 +598,14 @@ class UNet(nn.Module):
         emb = self.time_embed(t)
         h = self.conv_in(x)
 
-        skips = []                                        # the U's skip connections, in plain sight
+        skips = [h] if self.config.sd_skips else []      # the U's skip connections, in plain sight
         for blocks, down in zip(self.down, self.downsample):
             for block in blocks:
                 h = self._run(block, h, emb, c, m)
                 skips.append(h)
             h = down(h)
+            if self.config.sd_skips and not isinstance(down, nn.Identity):
+                skips.append(h)                           # SD also keeps each downsampled map
 
         h = self._run(self.mid1, h, emb, c, m)
         h = self._run(self.mid2, h, emb, c, m)

@@ -76,6 +76,8 @@ class VAEConfig:
     latent_channels: int = 4                      # C of the latent
     norm_groups: int = 8                          # GroupNorm groups (must divide every channel count)
     mid_attention: bool = True                    # self-attention in the middle, at the lowest resolution
+    norm_eps: float = 1e-5                        # every GroupNorm's epsilon (SD's autoencoder: 1e-6)
+    asymmetric_padding: bool = False              # downsample convs pad right/bottom only (SD's autoencoder)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -85,6 +87,8 @@ class VAEConfig:
         if not self.channels or any(not isinstance(c, int) or c < 1 for c in self.channels):
             raise ValueError(f"channels needs at least one positive int per level, e.g. (64, 128, 128); "
                              f"got {self.channels}")
+        if not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool) or not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive number (e.g. 1e-5, or SD's 1e-6); got {self.norm_eps!r}")
         if any(c % self.norm_groups for c in self.channels):
             raise ValueError(f"every channel count must be divisible by norm_groups={self.norm_groups}; "
                              f"got channels={self.channels}")
@@ -180,11 +184,11 @@ class DiagonalGaussian:
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> conv, plus a residual path (no time input)."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm_groups: int = 8):
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int = 8, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(norm_groups, in_channels)
+        self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(norm_groups, out_channels)
+        self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -196,9 +200,10 @@ class ResBlock(nn.Module):
 
 def mid_block(channels: int, cfg: VAEConfig) -> nn.Sequential:
     """ResBlock, single-head self-attention over the h*w positions (if cfg.mid_attention), ResBlock."""
-    attn = SelfAttention(channels, head_channels=channels, norm_groups=cfg.norm_groups)
-    return nn.Sequential(ResBlock(channels, channels, cfg.norm_groups),
-                         attn if cfg.mid_attention else nn.Identity(), ResBlock(channels, channels, cfg.norm_groups))
+    attn = SelfAttention(channels, head_channels=channels, norm_groups=cfg.norm_groups, eps=cfg.norm_eps)
+    return nn.Sequential(ResBlock(channels, channels, cfg.norm_groups, cfg.norm_eps),
+                         attn if cfg.mid_attention else nn.Identity(),
+                         ResBlock(channels, channels, cfg.norm_groups, cfg.norm_eps))
 
 
 class Encoder(nn.Module):
@@ -211,13 +216,14 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         c_in = ch[0]
         for level, c in enumerate(ch):
-            blocks = [ResBlock(c_in if i == 0 else c, c, cfg.norm_groups) for i in range(cfg.blocks_per_level)]
+            blocks = [ResBlock(c_in if i == 0 else c, c, cfg.norm_groups, cfg.norm_eps)
+                      for i in range(cfg.blocks_per_level)]
             if level < len(ch) - 1:
-                blocks.append(Downsample(c))
+                blocks.append(Downsample(c, asymmetric=cfg.asymmetric_padding))
             self.down.append(nn.Sequential(*blocks))
             c_in = c
         self.mid = mid_block(ch[-1], cfg)
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[-1])
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[-1], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,12 +247,13 @@ class Decoder(nn.Module):
         c_in = ch[-1]
         for level in reversed(range(len(ch))):
             c = ch[level]
-            blocks = [ResBlock(c_in if i == 0 else c, c, cfg.norm_groups) for i in range(cfg.blocks_per_level + 1)]
+            blocks = [ResBlock(c_in if i == 0 else c, c, cfg.norm_groups, cfg.norm_eps)
+                      for i in range(cfg.blocks_per_level + 1)]
             if level > 0:
                 blocks.append(Upsample(c))
             self.up.append(nn.Sequential(*blocks))
             c_in = c
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0])
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

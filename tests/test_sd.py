@@ -1,0 +1,350 @@
+"""Stable Diffusion 1.5 in course_lib (course_lib.sd): parity with diffusers and transformers, offline.
+
+diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel are built with small random
+configs (as diffusers' own tests do); their state dicts are converted into course_lib's modules and the outputs
+compared in float32. The sampler loop is compared against diffusers' StableDiffusionPipeline with the same
+components, scheduler settings and starting latents. The original single-file names are checked against
+diffusers' own converter from that layout. Test-only dependencies: diffusers, transformers (via peft).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from course_lib import sd
+from course_lib.clip_tokenizer import CLIPTokenizer, bytes_to_unicode
+from course_lib.text import TextEncoder
+from course_lib.unet import UNet
+from course_lib.vae import VAE
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4          # the issue's bound on the max absolute difference in float32
+
+
+def _seeded(build, seed=0):
+    torch.manual_seed(seed)
+    return build().eval()
+
+
+def small_unet():
+    # three levels (attention, attention, none), as SD's four levels (attention x3, none) in small
+    return _seeded(lambda: diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8))
+
+
+def small_vae():
+    return _seeded(lambda: diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16), seed=1)
+
+
+def small_text_encoder(vocab_size=1000):
+    config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=128,
+                                         num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+                                         hidden_act="quick_gelu", bos_token_id=vocab_size - 2,
+                                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    return _seeded(lambda: transformers.CLIPTextModel(config), seed=2)
+
+
+def convert(kind, theirs, config):
+    ours = kind(config).eval()
+    sd.load_weights(ours, theirs.state_dict(), "diffusers")
+    return ours
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# --- the three networks ------------------------------------------------------------------------------------
+
+def test_unet_matches_diffusers():
+    theirs = small_unet()
+    ours = convert(UNet, theirs, sd.unet_config_from_diffusers(dict(theirs.config)))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 900])
+    context = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        expected = theirs(x, t, encoder_hidden_states=context).sample
+        got = ours(x, t, context)
+    assert expected.abs().mean() > 0.05                      # a real output, not zeros on both sides
+    assert max_diff(got, expected) <= TOL
+
+
+def test_vae_encoder_and_decoder_match_diffusers():
+    theirs = small_vae()
+    ours = convert(VAE, theirs, sd.vae_config_from_diffusers(dict(theirs.config)))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        posterior = theirs.encode(x).latent_dist
+        mine = ours.encode(x)
+        decoded, mine_decoded = theirs.decode(z).sample, ours.decode(z)
+    assert max_diff(mine.mean, posterior.mean) <= TOL
+    assert max_diff(mine.logvar, posterior.logvar) <= TOL
+    assert max_diff(mine_decoded, decoded) <= TOL
+    assert decoded.abs().mean() > 0.01
+
+
+def test_text_encoder_matches_transformers_at_every_position():
+    theirs = small_text_encoder()
+    ours = convert(TextEncoder, theirs, sd.text_config_from_transformers(theirs.config.to_dict()))
+    ids = torch.randint(0, 998, (2, 77), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 998
+    with torch.no_grad():
+        expected = theirs(ids).last_hidden_state
+        got = ours(ids, None)
+    assert max_diff(got, expected) <= TOL
+
+
+def test_causal_encoder_ignores_later_tokens():
+    cfg = sd.TINY.text
+    enc = TextEncoder(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        a, b = enc(ids, None), enc(changed, None)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+# --- tokenizer files and the whole pipeline --------------------------------------------------------------
+
+def write_tokenizer(folder, vocab_size=1000):
+    """A byte-level CLIP vocabulary: 512 byte pieces, merges for a few common words, two special tokens last."""
+    chars = list(bytes_to_unicode().values())
+    pieces = chars + [c + "</w>" for c in chars]
+    merges = [("r", "e"), ("re", "d</w>"), ("f", "o"), ("fo", "x</w>"), ("a", "t</w>"), ("c", "at</w>")]
+    pieces += [a + b for a, b in merges]
+    pieces += [f"filler{i}" for i in range(vocab_size - 2 - len(pieces))]
+    pieces += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return folder
+
+
+def diffusers_pipeline(tmp_path):
+    folder = write_tokenizer(tmp_path / "tok")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                           model_max_length=77)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                        timestep_spacing="leading")
+    unet = small_unet()
+    # give cross-attention weight: diffusers' random init already has non-zero proj_out, so the prompt matters
+    pipe = diffusers.StableDiffusionPipeline(vae=small_vae(), text_encoder=small_text_encoder(), tokenizer=tokenizer,
+                                             unet=unet, scheduler=scheduler, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, folder
+
+
+def test_sampler_loop_matches_diffusers_pipeline(tmp_path):
+    pipe, folder = diffusers_pipeline(tmp_path)
+    ours = sd.StableDiffusion.from_diffusers_modules(pipe.unet, pipe.vae, pipe.text_encoder,
+                                                     CLIPTokenizer.from_directory(folder))
+    prompts = ["a red fox", "cat"]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = pipe(prompts, height=16, width=16, num_inference_steps=6, guidance_scale=7.5,
+                        latents=latents.clone(), output_type="latent").images
+    got = ours(prompts, height=16, width=16, steps=6, guidance_scale=7.5, latents=latents, return_latents=True)
+    assert max_diff(expected, latents) > 0.1                         # the sampler moved
+    assert max_diff(got, expected) <= TOL
+    # the prompt matters: another prompt lands elsewhere
+    other = ours(["cat", "a red fox"], height=16, width=16, steps=6, latents=latents, return_latents=True)
+    assert max_diff(other, got) > 1e-3
+
+
+def test_from_pretrained_reads_a_diffusers_folder(tmp_path):
+    pipe, _ = diffusers_pipeline(tmp_path)
+    pipe.save_pretrained(tmp_path / "model")
+    ours = sd.StableDiffusion.from_pretrained(tmp_path / "model")
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        expected = pipe.unet(x, 500, encoder_hidden_states=torch.ones(1, 77, 32)).sample
+        got = ours.unet(x, 500, torch.ones(1, 77, 32))
+    assert max_diff(got, expected) <= TOL
+    ids = pipe.tokenizer(["a red fox"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    torch.testing.assert_close(ours.tokenizer("a red fox")[0], ids)
+    assert ours.scale_factor == pipe.vae.config.scaling_factor
+
+
+def original_checkpoint(pipe) -> dict[str, torch.Tensor]:
+    """The pipeline's weights under the original release's names, from diffusers' components through
+    course_lib's key map (its correctness against diffusers' own converter is the next test)."""
+    out = {}
+    parts = [("model.diffusion_model.", pipe.unet, UNet, sd.unet_config_from_diffusers(dict(pipe.unet.config))),
+             ("first_stage_model.", pipe.vae, VAE, sd.vae_config_from_diffusers(dict(pipe.vae.config))),
+             ("cond_stage_model.transformer.", pipe.text_encoder, TextEncoder,
+              sd.text_config_from_transformers(pipe.text_encoder.config.to_dict()))]
+    for prefix, theirs, kind, cfg in parts:
+        ours = convert(kind, theirs, cfg)
+        state = ours.state_dict()
+        for key, names in sd.key_map(ours, "original").items():
+            chunks = state[key].chunk(len(names)) if len(names) > 1 else [state[key]]
+            for name, chunk in zip(names, chunks):
+                out[prefix + name] = chunk.contiguous().clone()
+    # the original VAE keeps its attention projections as 1x1 convolutions
+    for k, v in list(out.items()):
+        if k.startswith("first_stage_model.") and ".attn_1." in k and k.endswith(".weight") and v.ndim == 2:
+            out[k] = v[:, :, None, None]
+    return out
+
+
+def test_original_names_agree_with_diffusers_own_converter(tmp_path):
+    from diffusers.loaders import single_file_utils as su
+    pipe, _ = diffusers_pipeline(tmp_path)
+    original = original_checkpoint(pipe)
+    unet_keys = su.convert_ldm_unet_checkpoint(original, dict(pipe.unet.config))
+    assert set(unet_keys) == set(pipe.unet.state_dict())
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(unet_keys[k], v, rtol=0, atol=0, msg=k)
+    vae_keys = su.convert_ldm_vae_checkpoint(original, dict(pipe.vae.config))
+    expected = pipe.vae.state_dict()
+    assert set(vae_keys) == set(expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(vae_keys[k].reshape(v.shape), v, rtol=0, atol=0, msg=k)
+
+
+def test_from_pretrained_reads_an_original_single_file(tmp_path):
+    pipe, folder = diffusers_pipeline(tmp_path)
+    file = tmp_path / "v1-5-tiny.safetensors"
+    save_file(original_checkpoint(pipe), str(file))
+    config = sd.SDConfig(unet=sd.unet_config_from_diffusers(dict(pipe.unet.config)),
+                         vae=sd.vae_config_from_diffusers(dict(pipe.vae.config)),
+                         text=sd.text_config_from_transformers(pipe.text_encoder.config.to_dict()))
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        sd.StableDiffusion.from_pretrained(file, config=config)
+    ours = sd.StableDiffusion.from_pretrained(file, tokenizer=folder, config=config)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = pipe("a red fox", height=16, width=16, num_inference_steps=3, latents=latents.clone(),
+                        output_type="latent").images
+    got = ours("a red fox", height=16, width=16, steps=3, latents=latents, return_latents=True)
+    assert max_diff(got, expected) <= TOL
+    # a .ckpt goes through torch.load(weights_only=True)
+    ckpt = tmp_path / "v1-5-tiny.ckpt"
+    torch.save({"state_dict": original_checkpoint(pipe)}, ckpt)
+    assert sd.read_state_dict(ckpt).keys() == original_checkpoint(pipe).keys()
+
+
+# --- what goes wrong -------------------------------------------------------------------------------------
+
+def test_a_missing_key_is_named():
+    theirs = small_unet()
+    state = dict(theirs.state_dict())
+    del state["down_blocks.0.resnets.1.time_emb_proj.weight"]
+    with pytest.raises(sd.CheckpointMismatch, match=r"missing keys.*down_blocks\.0\.resnets\.1\.time_emb_proj\.weight"):
+        sd.load_weights(UNet(sd.unet_config_from_diffusers(dict(theirs.config))), state, "diffusers")
+
+
+def test_a_renamed_key_is_named_twice():
+    theirs = small_vae()
+    state = dict(theirs.state_dict())
+    state["encoder.mid_block.attentions.0.query.weight"] = state.pop("encoder.mid_block.attentions.0.to_q.weight")
+    with pytest.raises(sd.CheckpointMismatch) as err:
+        sd.load_weights(VAE(sd.vae_config_from_diffusers(dict(theirs.config))), state, "diffusers")
+    assert err.value.missing == ["encoder.mid_block.attentions.0.to_q.weight"]
+    assert err.value.unexpected == ["encoder.mid_block.attentions.0.query.weight"]
+    assert "unexpected keys" in str(err.value)
+
+
+def test_a_wrong_shape_and_a_wrong_source_are_named():
+    theirs = small_text_encoder()
+    cfg = sd.text_config_from_transformers(theirs.config.to_dict())
+    state = dict(theirs.state_dict())
+    state["text_model.final_layer_norm.weight"] = torch.ones(7)
+    with pytest.raises(sd.CheckpointMismatch, match="wrong shapes: text_model.final_layer_norm.weight"):
+        sd.load_weights(TextEncoder(cfg), state, "diffusers")
+    with pytest.raises(ValueError, match="valid are diffusers, original"):
+        sd.load_weights(TextEncoder(cfg), state, "hub")
+    with pytest.raises(sd.CheckpointMismatch, match="missing keys"):
+        sd.load_weights(UNet(sd.TINY.unet), small_unet().state_dict(), "original")
+
+
+def test_missing_files_say_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffusers folder"):
+        sd.StableDiffusion.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "model").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        sd.StableDiffusion.from_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=".safetensors, .ckpt"):
+        bad = tmp_path / "weights.txt"
+        bad.write_text("x")
+        sd.read_state_dict(bad)
+
+
+# --- SD 1.5's sizes and the tiny stand-in -------------------------------------------------------------------
+
+def test_sd15_sizes_match_diffusers_and_transformers():
+    """The full-size networks, built on the meta device (no memory), have exactly the parameter counts of
+    diffusers' and transformers' SD 1.5 configurations, built the same way."""
+    with torch.device("meta"):
+        ours = {"unet": UNet(sd.SD15.unet), "vae": VAE(sd.SD15.vae), "text": TextEncoder(sd.SD15.text)}
+        theirs = {
+            "unet": diffusers.UNet2DConditionModel(
+                sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2),
+            "vae": diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                           down_block_types=("DownEncoderBlock2D",) * 4,
+                                           up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
+                                           sample_size=512),
+            "text": transformers.CLIPTextModel(transformers.CLIPTextConfig(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")),
+        }
+    for name in ours:
+        count = lambda m: sum(p.numel() for p in m.parameters())          # noqa: E731
+        assert count(ours[name]) == count(theirs[name]), name
+        key_map = sd.key_map(ours[name], "diffusers", set(theirs[name].state_dict()))
+        used = {k for names in key_map.values() for k in names}
+        assert used == {k for k in theirs[name].state_dict() if not k.endswith("position_ids")}, name
+    assert 859e6 < sum(p.numel() for p in ours["unet"].parameters()) < 860e6
+
+
+def test_tiny_random_model_generates_and_follows_the_prompt():
+    model = sd.StableDiffusion.random("tiny")
+    a = model(["a red fox", "a red fox"], steps=4, seed=0)
+    assert a.shape == (2, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    assert not torch.equal(a[0], a[1])                     # seeds seed + k differ
+    b = model("a red fox", steps=4, seed=1)
+    torch.testing.assert_close(b[0], a[1])                 # ... and image k does not depend on the batch
+    c = model("a blue fox", steps=4, seed=0)
+    assert max_diff(c[0], a[0]) > 1e-4
+    with pytest.raises(ValueError, match="multiple of 16"):
+        model("x", height=60)
+
+
+def test_lora_step_trains_only_the_adapters():
+    model = sd.StableDiffusion.random("tiny")
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    params = model.add_lora(rank=2)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    latents = model.encode_images(torch.rand(2, 3, 64, 64) * 2 - 1)
+    context = model.encode(["a red fox", "cat"])
+    g = torch.Generator().manual_seed(0)
+    loss = model.lora_loss(latents, context, g)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    state = model.unet.state_dict()
+    for k, v in before.items():
+        base = k.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        torch.testing.assert_close(state.get(k, state.get(base)), v)    # every base weight unchanged
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
