@@ -50,7 +50,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .clip_tokenizer import CLIPTokenizer, bytes_to_unicode
-from .lora import inject_lora, lora_parameters
+from .lora import inject_lora, lora_layers, lora_parameters
 from .sampling import GuidedModel, sample
 from .schedules import NoiseSchedule, scaled_linear_schedule
 from .text import TextEncoder, TextEncoderConfig
@@ -608,10 +608,12 @@ class StableDiffusion:
     # --- fine-tuning -------------------------------------------------------------------------------------
     def add_lora(self, rank: int = 4, alpha: float | None = None, gradient_checkpointing: bool = True) -> list:
         """LoRA adapters on the U-Net's attention projections (to_q, to_k, to_v, to_out), kept in float32 while
-        the frozen base stays in its dtype; returns the trainable parameters. Gradient checkpointing recomputes
+        the frozen base stays in its dtype; returns the trainable parameters (the existing ones if the U-Net
+        already has adapters). Gradient checkpointing recomputes
         each Block's activations in the backward pass instead of storing them."""
-        self.unet.requires_grad_(False)
-        inject_lora(self.unet, rank=rank, alpha=alpha)
+        if not lora_layers(self.unet):                    # called again: keep training the adapters it has
+            self.unet.requires_grad_(False)
+            inject_lora(self.unet, rank=rank, alpha=alpha)
         params = lora_parameters(self.unet)
         for p in params:
             p.data = p.data.float()
@@ -634,6 +636,57 @@ class StableDiffusion:
         return F.mse_loss(out.float(), noise)
 
 
+@dataclass
+class LoRARun:
+    """What `fine_tune_lora` did: the loss at every step, the seconds spent in steps, the trainable count."""
+    losses: list[float]
+    seconds: float
+    trainable: int
+
+
+def fine_tune_lora(model: StableDiffusion, images: torch.Tensor, captions: list[str], *, steps: int,
+                   rank: int = 4, lr: float = 1e-4, batch_size: int = 1, seed: int = 0,
+                   gradient_checkpointing: bool = True, progress: bool = True) -> LoRARun:
+    """LoRA on SD's attention projections from (images in [-1, 1], captions): SD's fine-tuning recipe at its
+    smallest. The images are encoded once (posterior means) and the captions once, so a step is one U-Net
+    forward and backward. On a GPU the frozen base runs in float16 under autocast, with a GradScaler so that
+    small float16 gradients do not underflow to zero; the adapters' weights and Adam moments stay float32."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    if len(images) != len(captions):
+        raise ValueError(f"one caption per image: got {len(images)} images and {len(captions)} captions")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    size = model.vae.config.factor * 2 ** (model.unet.config.levels - 1)
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % size or images.shape[3] % size:
+        raise ValueError(f"images must be (N, 3, H, W) with H and W multiples of {size}; got {tuple(images.shape)}")
+    latents = model.encode_images(images)
+    context = model.encode(captions).float()
+    params = model.add_lora(rank=rank, gradient_checkpointing=gradient_checkpointing)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    on_gpu = model.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if on_gpu and model.dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(seed)
+    losses, seconds = [], 0.0
+    for _ in tqdm(range(steps), desc="LoRA", disable=not progress):
+        t0 = time.perf_counter()
+        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        loss = model.lora_loss(latents[index].to(model.device), context[index], generator)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        losses.append(loss.item())
+        seconds += time.perf_counter() - t0
+    return LoRARun(losses, seconds, sum(p.numel() for p in params))
+
+
 def _load_part(kind: type, cfg, state: dict, source: str, prefix: str, device, dtype) -> nn.Module:
     """Build a network on the meta device (no memory, no random init), give it real storage on `device`, then
     copy the converted weights in, cast to dtype."""
@@ -647,4 +700,4 @@ def _load_part(kind: type, cfg, state: dict, source: str, prefix: str, device, d
 
 __all__ = ["SDConfig", "SD15", "TINY", "PRESETS", "get_preset", "tiny_tokenizer", "CheckpointMismatch",
            "unet_config_from_diffusers", "vae_config_from_diffusers", "text_config_from_transformers",
-           "key_map", "convert_state_dict", "load_weights", "read_state_dict", "StableDiffusion"]
+           "key_map", "convert_state_dict", "load_weights", "read_state_dict", "StableDiffusion", "LoRARun", "fine_tune_lora"]

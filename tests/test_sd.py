@@ -348,3 +348,16 @@ def test_lora_step_trains_only_the_adapters():
         base = k.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
         torch.testing.assert_close(state.get(k, state.get(base)), v)    # every base weight unchanged
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_fine_tune_lora_lowers_the_loss_on_its_images():
+    from course_lib.data import load_emoji
+    model = sd.StableDiffusion.random("tiny")
+    emoji = load_emoji(size=64, limit=4)
+    run = sd.fine_tune_lora(model, emoji.images, ["an emoji"] * 4, steps=40, rank=4, lr=3e-3, batch_size=4,
+                            progress=False)
+    assert len(run.losses) == 40 and run.trainable > 0
+    first, last = sum(run.losses[:10]) / 10, sum(run.losses[-10:]) / 10
+    assert last < first
+    with pytest.raises(ValueError, match="one caption per image"):
+        sd.fine_tune_lora(model, emoji.images, ["x"], steps=1)

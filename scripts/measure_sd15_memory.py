@@ -1,0 +1,239 @@
+r"""Peak GPU memory of Stable Diffusion 1.5 at 512 x 512: generating an image and one LoRA training step, against 8 GiB.
+
+    python scripts/measure_sd15_memory.py                     # needs a CUDA GPU; prints a table
+    python scripts/measure_sd15_memory.py --json sd15.json    # and writes the rows and the machine
+    python scripts/measure_sd15_memory.py --preset tiny --device cpu --steps 2   # the same code path, in seconds
+
+What is measured. The full-size SD 1.5 networks (860M U-Net, 84M VAE, 123M text encoder) are built once in
+float16 on the GPU; then each row runs one job under course_lib.memory.measure_peak, which resets the peak
+statistics first, so every row is "the resident weights + that job":
+
+    weights only                the three networks in float16 (the floor under every other row)
+    generation                  one prompt at --size, --steps DDIM steps, guidance 7.5 (the U-Net sees a batch
+                                of 2 each step: the prompt and the empty prompt), the VAE decoding with slicing
+    decode 2, sliced / at once  the VAE decoder on 2 latents, one at a time and both at once: what slicing saves
+    LoRA step, checkpointing    the image encoded by the VAE and the prompt by the text encoder (no gradients),
+                                add_lora(rank=4), AdamW over the adapters, lora_loss().backward(), step: twice,
+                                so AdamW's two moment buffers exist on the second step
+    LoRA step, no checkpointing the same with gradient checkpointing off: what checkpointing saves
+
+`peak` is torch.cuda.max_memory_allocated, `reserved` the caching allocator's high-water mark (closer to what
+nvidia-smi shows); "within 8 GiB" compares the larger, `reserved`. Neither counts the CUDA context (~0.3-0.5 GiB
+per process). A row that runs out of GPU memory is reported as such; the others still run.
+
+Why random weights suffice. The memory a network needs depends on the shapes of its weights and activations,
+never on their values: StableDiffusion.random("sd15") allocates exactly the tensors the published checkpoint
+fills. No download is needed. The byte-level tiny tokenizer reads the prompt (ids < 514, inside CLIP's 49,408);
+the text encoder runs over all 77 positions whatever the tokenizer, so its cost is the same.
+
+What keeps SD 1.5 under 8 GiB (see course_lib.sd):
+    float16 weights                  2 bytes a parameter: 2.1 GB for all three networks instead of 4.3
+    scaled_dot_product_attention     flash / memory-efficient kernels never store the 4,096 x 4,096 scores
+    VAE slicing                      decode one image at a time: the decoder's 512 x 512 maps are the largest
+                                     activations of generation
+    gradient checkpointing           each U-Net Block's activations are recomputed in backward, not stored
+    LoRA                             the 860M base is frozen: gradients and AdamW moments exist only for the
+                                     adapters (~0.8M parameters at rank 4), kept in float32
+
+On a machine without CUDA the script stops with a message, unless asked for `--preset tiny --device cpu`: that
+runs every row on the tiny preset in seconds (the tests do this), with memory "n/a" since course_lib.memory
+measures GPU memory only. Put the numbers in the README with the GPU's name and torch's version, as printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from course_lib import memory  # noqa: E402
+from course_lib.sd import PRESETS, StableDiffusion, get_preset  # noqa: E402
+from course_lib.settings import describe_machine  # noqa: E402
+
+DEFAULT_SIZE = {"sd15": 512, "tiny": 64}        # SD 1.5's native resolution; the tiny VAE's
+PROMPT = "a watercolour painting of a fox in the snow"
+GUIDANCE = 7.5
+LORA_RANK = 4
+LORA_STEPS = 2                                   # the second step has AdamW's moments to hold
+
+
+@dataclass
+class Row:
+    """One measured job: its course_lib.memory report, wall-clock seconds, and how it ended."""
+    name: str
+    report: memory.MemoryReport | None
+    seconds: float
+    status: str = "ok"                           # "ok", "out of memory" or "failed: <error>"
+
+    def cells(self) -> tuple[str, str, str]:
+        """(peak GiB, reserved GiB, within budget) as the table prints them."""
+        r = self.report
+        if self.status != "ok":
+            return "-", "-", "OOM" if self.status == "out of memory" else "-"
+        if not r.measured:
+            return "n/a", "n/a", "n/a"
+        return f"{r.peak_gib:.3f}", f"{r.reserved_bytes / memory.GIB:.3f}", "yes" if r.fits else "NO"
+
+    def to_json(self) -> dict:
+        r = self.report
+        measured = r is not None and r.measured
+        return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 3),
+                "peak_gib": r.peak_gib if measured else None,
+                "reserved_gib": r.reserved_bytes / memory.GIB if measured else None,
+                "fits": r.fits if measured else None}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="sd15", choices=list(PRESETS), help="network sizes (default sd15)")
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --preset tiny)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the generation row (default 50)")
+    parser.add_argument("--size", type=int, default=None, help="image height and width in pixels "
+                        f"(default {DEFAULT_SIZE['sd15']} for sd15, {DEFAULT_SIZE['tiny']} for tiny)")
+    parser.add_argument("--json", default=None, help="also write the rows and the machine to this file")
+    args = parser.parse_args(argv)
+
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be cuda, cuda:N or cpu; got {args.device!r}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("this script measures GPU memory and needs a CUDA GPU, which this machine lacks. "
+                     "To exercise the code path on a CPU instead (nothing is measured), run it with "
+                     "--preset tiny --device cpu")
+    if args.device.type == "cpu" and args.preset != "tiny":
+        parser.error(f"on a CPU, only --preset tiny runs (in seconds); --preset {args.preset} measures nothing "
+                     "there and is slow. Use --preset tiny --device cpu, or a CUDA GPU")
+    if args.device.type not in ("cuda", "cpu"):
+        parser.error(f"--device must be cuda, cuda:N or cpu; got {args.device}")
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1; got {args.steps}")
+
+    cfg = get_preset(args.preset)
+    multiple = cfg.vae.factor * 2 ** (cfg.unet.levels - 1)     # the VAE's factor times the U-Net's downsampling
+    args.size = DEFAULT_SIZE[args.preset] if args.size is None else args.size
+    if args.size < multiple or args.size % multiple:
+        parser.error(f"--size must be a positive multiple of {multiple} for --preset {args.preset}; got {args.size}")
+    return args
+
+
+def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
+    """Every job, each measured on its own with the weights already resident."""
+    device = sd.device
+    rows: list[Row] = []
+
+    def attempt(name: str, fn) -> None:
+        start = time.perf_counter()
+        try:
+            report = memory.measure_peak(fn, device, name)
+            rows.append(Row(name, report, time.perf_counter() - start))
+        except torch.cuda.OutOfMemoryError:
+            rows.append(Row(name, None, time.perf_counter() - start, "out of memory"))
+        except Exception as error:  # one failing row must not lose the others
+            rows.append(Row(name, None, time.perf_counter() - start, f"failed: {type(error).__name__}: {error}"))
+        for p in sd.unet.parameters():          # an interrupted backward can leave gradients behind
+            p.grad = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"{name}: {rows[-1].status}, {rows[-1].seconds:.1f} s", flush=True)
+
+    latent = size // sd.factor
+    channels = sd.unet.config.in_channels
+    two_latents = torch.randn(2, channels, latent, latent, generator=torch.Generator().manual_seed(0))
+
+    attempt("weights only", lambda: None)
+    plural = "s" if steps > 1 else ""
+    attempt(f"generation, {size} px, batch 1, {steps} step{plural}, guidance {GUIDANCE:g}, VAE slicing",
+            lambda: sd(PROMPT, steps=steps, guidance_scale=GUIDANCE, height=size, width=size, vae_slicing=True))
+    attempt("VAE decode, batch 2, sliced (one at a time)", lambda: sd.decode(two_latents, slicing=True))
+    attempt("VAE decode, batch 2, at once (no slicing)", lambda: sd.decode(two_latents, slicing=False))
+
+    params = sd.add_lora(rank=LORA_RANK, gradient_checkpointing=True)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def lora_steps(checkpointing: bool):
+        def run() -> None:
+            sd.unet.config = sd.unet.config.replace(gradient_checkpointing=checkpointing)
+            optimizer = torch.optim.AdamW(params, lr=1e-4)
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(LORA_STEPS):
+                latents = sd.encode_images(image)       # no gradients: the VAE and text encoder are frozen
+                context = sd.encode(PROMPT)
+                loss = sd.lora_loss(latents, context, generator)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return run
+
+    for checkpointing in (True, False):
+        attempt(f"LoRA step, {size} px, batch 1, rank {LORA_RANK}, "
+                f"{'gradient checkpointing' if checkpointing else 'no checkpointing'}", lora_steps(checkpointing))
+    return rows
+
+
+def print_table(rows: list[Row], header: str) -> None:
+    budget = f"within {memory.BUDGET_GIB:g} GiB"
+    print(header)
+    print(f"| {'row':66s} | peak GiB | reserved GiB | {budget} | seconds |")
+    print(f"|{'-' * 68}|----------|--------------|{'-' * (len(budget) + 2)}|---------|")
+    for row in rows:
+        peak, reserved, fits = row.cells()
+        print(f"| {row.name[:66]:66s} | {peak:>8s} | {reserved:>12s} | {fits:^{len(budget)}s} | {row.seconds:7.1f} |")
+    for row in rows:
+        if row.status != "ok":
+            print(f"{row.name}: {row.status}")
+
+
+def millions(n: int) -> str:
+    """A parameter count for people: 859.5M, 0.044M."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e6:.3f}M"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    dtype = torch.float16 if device.type == "cuda" else torch.float32     # float16 CPU kernels are slow or missing
+    start = time.perf_counter()
+    sd = StableDiffusion.random(args.preset, seed=0, device=device, dtype=dtype)
+    build_seconds = time.perf_counter() - start
+    counts = sd.parameter_counts()
+    print(f"Built {args.preset} with random weights in {build_seconds:.1f} s, {str(dtype).removeprefix('torch.')}: "
+          + ", ".join(f"{name} {millions(n)}" for name, n in counts.items())
+          + f", {millions(sum(counts.values()))} in all", flush=True)
+
+    rows = measure_rows(sd, args.steps, args.size)
+
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        total_gib = torch.cuda.get_device_properties(device).total_memory / memory.GIB
+        machine = f"{gpu} ({total_gib:.0f} GiB)"
+    else:
+        gpu, total_gib, machine = None, None, f"{describe_machine()}: {memory.NOT_MEASURED}"
+    print()
+    print_table(rows, f"Peak memory of {args.preset} at {args.size} x {args.size}, {dtype}, on {machine}, "
+                      f"torch {torch.__version__}; budget {memory.BUDGET_GIB:g} GiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": describe_machine(), "gpu": gpu, "gpu_total_gib": total_gib, "torch": torch.__version__,
+            "device": str(device), "dtype": str(dtype), "preset": args.preset, "size": args.size, "steps": args.steps,
+            "guidance_scale": GUIDANCE, "lora_rank": LORA_RANK, "budget_gib": memory.BUDGET_GIB,
+            "parameters": counts, "rows": [row.to_json() for row in rows]}, indent=1))
+    failed = [row.name for row in rows if row.status.startswith("failed")]
+    if failed:
+        print(f"{len(failed)} row(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

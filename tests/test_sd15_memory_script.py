@@ -1,0 +1,66 @@
+"""scripts/measure_sd15_memory.py: its code path on the tiny preset on a CPU, and its refusal without a GPU.
+
+The numbers themselves need a CUDA GPU (`python scripts/measure_sd15_memory.py`); here every row runs on the tiny
+networks in seconds, so a broken call into course_lib.sd shows up before anyone spends GPU time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "measure_sd15_memory.py"
+ROWS = ("weights only", "generation", "VAE decode, batch 2, sliced", "VAE decode, batch 2, at once",
+        "LoRA step", "gradient checkpointing", "no checkpointing")
+FIELDS = {"name", "status", "seconds", "peak_gib", "reserved_gib", "fits"}
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_tiny_preset_on_cpu_runs_every_row(tmp_path):
+    out = tmp_path / "memory.json"
+    run = run_script("--preset", "tiny", "--device", "cpu", "--steps", "2", "--json", str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    for row in ROWS:
+        assert any(row in line for line in table), f"no table row mentions {row!r}:\n{run.stdout}"
+    assert "within 8 GiB" in run.stdout and "not measured" in run.stdout
+
+    report = json.loads(out.read_text())
+    assert {"machine", "torch", "gpu", "preset", "size", "steps", "parameters", "rows"} <= set(report)
+    assert (report["preset"], report["size"], report["steps"], report["gpu"]) == ("tiny", 64, 2, None)
+    assert set(report["parameters"]) == {"unet", "vae", "text_encoder"}
+    rows = report["rows"]
+    assert len(rows) == 6
+    names = " / ".join(r["name"] for r in rows)
+    for row in ROWS:
+        assert row in names
+    for r in rows:
+        assert set(r) == FIELDS
+        assert r["status"] == "ok" and r["seconds"] >= 0
+        assert r["peak_gib"] is None and r["reserved_gib"] is None and r["fits"] is None   # a CPU measures nothing
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_without_cuda_it_refuses_and_says_what_is_needed():
+    run = run_script("--steps", "1")
+    assert run.returncode != 0
+    assert "CUDA" in run.stderr and "--preset tiny --device cpu" in run.stderr
+
+
+def test_sd15_on_cpu_and_bad_sizes_are_refused():
+    run = run_script("--preset", "sd15", "--device", "cpu")
+    assert run.returncode != 0 and "--preset tiny" in run.stderr
+    run = run_script("--preset", "tiny", "--device", "cpu", "--size", "40")
+    assert run.returncode != 0 and "multiple of 16" in run.stderr
