@@ -43,15 +43,15 @@ MIN_VERSIONS := numpy==1.26.4 matplotlib==3.9.4 ipywidgets==7.7.1 ipykernel==6.2
                 tqdm==4.66.1 einops==0.7.0 regex==2024.11.6 safetensors==0.8.0 pytest==8.0.0 nbval==0.11.0
 test-min:
 	test -x .venv-min/bin/python || $(PYTHON) -m venv .venv-min
-	.venv-min/bin/python -m pip install --quiet $(TORCH) $(MIN_VERSIONS) diffusers==0.42.1 peft==0.21.2
+	.venv-min/bin/python -m pip install --quiet $(TORCH) $(MIN_VERSIONS) diffusers==0.42.1 peft==0.21.2 playwright==1.65.2
 	.venv-min/bin/python -m pip install --quiet --no-deps -e .
 	.venv-min/bin/python -m pytest
 
-# The widgets in a real browser (tests/test_browser.py): JupyterLab in quick mode, driven by Playwright in Debian's
-# Chromium (apt-get install chromium; Playwright's own browser download is not used). Screenshots in runs/browser/.
+# The widgets in a real browser alone (tests/test_browser.py; `make test` runs it too where Chromium is installed):
+# JupyterLab in quick mode, driven by Playwright in Debian's Chromium (apt-get install chromium; Playwright's own
+# browser download is not used). Screenshots in runs/browser/.
 test-browser: $(STAMP)
 	@command -v chromium >/dev/null || test -n "$$CHROMIUM" || { echo "needs Chromium: apt-get install chromium (or set CHROMIUM)"; exit 1; }
-	$(BIN)/python -m pip install --quiet playwright==1.65.2
 	$(BIN)/python -m pytest tests/test_browser.py -v
 
 # Rebuild data/ from the pinned npm packages and the pinned scikit-image wheel (needs npm and network).

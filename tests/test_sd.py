@@ -9,14 +9,15 @@ diffusers' own converter from that layout. Test-only dependencies: diffusers, tr
 
 from __future__ import annotations
 
-import json
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from course_lib import sd
-from course_lib.clip_tokenizer import CLIPTokenizer, bytes_to_unicode
+from course_lib.clip_tokenizer import CLIPTokenizer
 from course_lib.text import TextEncoder
 from course_lib.unet import UNet
 from course_lib.vae import VAE
@@ -24,90 +25,29 @@ from course_lib.vae import VAE
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-TOL = 1e-4          # the issue's bound on the max absolute difference in float32
+# The small diffusers / transformers networks and the pipeline are built by scripts/sd_parity.py (which prints the
+# measured differences); loaded from there so the script and the tests compare the same things.
+_spec = importlib.util.spec_from_file_location("sd_parity", Path(__file__).resolve().parents[1] / "scripts" / "sd_parity.py")
+parity = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(parity)
+TOL = parity.TOL            # the issue's bound on the max absolute difference in float32
+small_unet, small_vae, small_text_encoder = parity.small_unet, parity.small_vae, parity.small_text_encoder
+convert, max_diff = parity.convert, parity.max_diff
 
 
-def _seeded(build, seed=0):
-    torch.manual_seed(seed)
-    return build().eval()
+def diffusers_pipeline(tmp_path):
+    return parity.diffusers_pipeline(tmp_path)
 
 
-def small_unet():
-    # three levels (attention, attention, none), as SD's four levels (attention x3, none) in small
-    return _seeded(lambda: diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8))
+def test_parity_script_rows_are_all_within_the_bound():
+    rows = parity.measure()
+    assert len(rows) == 6
+    for what, diff, scale in rows:
+        assert diff <= TOL, what
+        assert scale > 0.01, what             # real outputs, not zeros on both sides
 
 
-def small_vae():
-    return _seeded(lambda: diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=2, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=16), seed=1)
-
-
-def small_text_encoder(vocab_size=1000):
-    config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=128,
-                                         num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
-                                         hidden_act="quick_gelu", bos_token_id=vocab_size - 2,
-                                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
-    return _seeded(lambda: transformers.CLIPTextModel(config), seed=2)
-
-
-def convert(kind, theirs, config):
-    ours = kind(config).eval()
-    sd.load_weights(ours, theirs.state_dict(), "diffusers")
-    return ours
-
-
-def max_diff(a, b) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-# --- the three networks ------------------------------------------------------------------------------------
-
-def test_unet_matches_diffusers():
-    theirs = small_unet()
-    ours = convert(UNet, theirs, sd.unet_config_from_diffusers(dict(theirs.config)))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([10, 900])
-    context = torch.randn(2, 77, 32, generator=g)
-    with torch.no_grad():
-        expected = theirs(x, t, encoder_hidden_states=context).sample
-        got = ours(x, t, context)
-    assert expected.abs().mean() > 0.05                      # a real output, not zeros on both sides
-    assert max_diff(got, expected) <= TOL
-
-
-def test_vae_encoder_and_decoder_match_diffusers():
-    theirs = small_vae()
-    ours = convert(VAE, theirs, sd.vae_config_from_diffusers(dict(theirs.config)))
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
-    z = torch.randn(2, 4, 8, 8, generator=g)
-    with torch.no_grad():
-        posterior = theirs.encode(x).latent_dist
-        mine = ours.encode(x)
-        decoded, mine_decoded = theirs.decode(z).sample, ours.decode(z)
-    assert max_diff(mine.mean, posterior.mean) <= TOL
-    assert max_diff(mine.logvar, posterior.logvar) <= TOL
-    assert max_diff(mine_decoded, decoded) <= TOL
-    assert decoded.abs().mean() > 0.01
-
-
-def test_text_encoder_matches_transformers_at_every_position():
-    theirs = small_text_encoder()
-    ours = convert(TextEncoder, theirs, sd.text_config_from_transformers(theirs.config.to_dict()))
-    ids = torch.randint(0, 998, (2, 77), generator=torch.Generator().manual_seed(0))
-    ids[:, 0] = 998
-    with torch.no_grad():
-        expected = theirs(ids).last_hidden_state
-        got = ours(ids, None)
-    assert max_diff(got, expected) <= TOL
-
+# --- the text encoder, the tokenizer files and the whole pipeline ------------------------------------------
 
 def test_causal_encoder_ignores_later_tokens():
     cfg = sd.TINY.text
@@ -119,38 +59,6 @@ def test_causal_encoder_ignores_later_tokens():
         a, b = enc(ids, None), enc(changed, None)
     torch.testing.assert_close(a[:, :8], b[:, :8])
     assert not torch.allclose(a[:, 8:], b[:, 8:])
-
-
-# --- tokenizer files and the whole pipeline --------------------------------------------------------------
-
-def write_tokenizer(folder, vocab_size=1000):
-    """A byte-level CLIP vocabulary: 512 byte pieces, merges for a few common words, two special tokens last."""
-    chars = list(bytes_to_unicode().values())
-    pieces = chars + [c + "</w>" for c in chars]
-    merges = [("r", "e"), ("re", "d</w>"), ("f", "o"), ("fo", "x</w>"), ("a", "t</w>"), ("c", "at</w>")]
-    pieces += [a + b for a, b in merges]
-    pieces += [f"filler{i}" for i in range(vocab_size - 2 - len(pieces))]
-    pieces += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return folder
-
-
-def diffusers_pipeline(tmp_path):
-    folder = write_tokenizer(tmp_path / "tok")
-    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                           model_max_length=77)
-    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                        timestep_spacing="leading")
-    unet = small_unet()
-    # give cross-attention weight: diffusers' random init already has non-zero proj_out, so the prompt matters
-    pipe = diffusers.StableDiffusionPipeline(vae=small_vae(), text_encoder=small_text_encoder(), tokenizer=tokenizer,
-                                             unet=unet, scheduler=scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, folder
 
 
 def test_sampler_loop_matches_diffusers_pipeline(tmp_path):
