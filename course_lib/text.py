@@ -361,8 +361,8 @@ ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over tokens. `keep` (B or 1, 1, L or 1, L) bool says which keys each query may
-    attend to: real tokens only (padding masked out), and with a causal encoder only itself and earlier ones."""
+    """Multi-head self-attention over tokens. `keep` says which keys each query may attend to: a padding mask
+    (B, L), True at real tokens, or a full (B or 1, 1, L, L) bool mask (TextEncoder's, which adds causality)."""
 
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -372,6 +372,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        if keep is not None and keep.ndim == 2:                     # (B, L) padding mask: the same for every query
+            keep = keep[:, None, None, :]
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(h, "b h l d -> b l (h d)"))
 
