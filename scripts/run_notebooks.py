@@ -3,17 +3,27 @@
     python scripts/run_notebooks.py                       # every notebook, full mode, outputs saved
     python scripts/run_notebooks.py notebooks/02_*.ipynb  # some notebooks
     python scripts/run_notebooks.py --quick --check       # quick mode, nothing saved: a timing run
+    OMP_NUM_THREADS=1 python scripts/run_notebooks.py --quick --record results/notebook_times.json
 
 Committed notebooks carry the outputs of a full-mode run made by this script. It drops the
 widget state (large, and useless without a kernel) and prints each notebook's run time and size.
+
+A notebook's time is that of its cells: from the first cell's start to the last cell's reply, as
+nbclient stamps them in each cell's metadata (the kernel's start-up is not counted). A committed
+notebook carries these stamps, so its full-mode time can be read back from it; `--record FILE` also
+stores the time, with the date, machine and thread count, under the notebook's name and mode in FILE
+(a JSON file; other entries are kept). tests/test_notebook_hygiene.py compares each notebook's
+'# Needs:' line with these times.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
@@ -22,17 +32,49 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(path: Path, quick: bool, save: bool, timeout: int) -> None:
+def cells_seconds(nb) -> float:
+    """Seconds from the first code cell's start to the last one's reply, as nbclient stamps them in the cells."""
+    stamps = [c.metadata.get("execution", {}) for c in nb.cells if c.cell_type == "code"]
+    if not stamps or not all("iopub.execute_input" in s and "shell.execute_reply" in s for s in stamps):
+        raise ValueError("not every code cell carries nbclient's timing metadata: run the notebook with this script")
+    parse = lambda stamp: datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (parse(stamps[-1]["shell.execute_reply"]) - parse(stamps[0]["iopub.execute_input"])).total_seconds()
+
+
+def record(file: Path, name: str, mode: str, seconds: float, wall_seconds: float) -> None:
+    """Store one run's time under file[name][mode], keeping every other entry."""
+    import torch
+    from course_lib.settings import describe_machine
+
+    times = json.loads(file.read_text()) if file.exists() else {}
+    times.setdefault(name, {})[mode] = {
+        "mode": mode,
+        "seconds": round(seconds, 1),              # the cells, as cells_seconds counts them
+        "wall_seconds": round(wall_seconds, 1),    # with the kernel's start-up
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(),
+        "threads": torch.get_num_threads(),
+    }
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
+
+
+def run(path: Path, quick: bool, save: bool, timeout: int, record_to: Path | None = None) -> None:
     nb = nbformat.read(path, as_version=4)
+    mode = "quick" if quick else "full"
     os.environ["COURSE_QUICK"] = "1" if quick else "0"
     start = time.perf_counter()
     NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    seconds = time.perf_counter() - start
+    wall_seconds = time.perf_counter() - start
+    seconds = cells_seconds(nb)
     nb.metadata.pop("widgets", None)
     if save:
         nbformat.write(nb, path)
+    if record_to is not None:
+        record(record_to, path.name, mode, seconds, wall_seconds)
     size = len(nbformat.writes(nb).encode()) / 1e6
-    print(f"{path.name}: {'quick' if quick else 'full'} mode, {seconds:.1f} s, {size:.2f} MB{'' if save else ' (not saved)'}")
+    print(f"{path.name}: {mode} mode, {seconds:.1f} s ({wall_seconds:.1f} s with the kernel's start), "
+          f"{size:.2f} MB{'' if save else ' (not saved)'}{f'; recorded in {record_to}' if record_to else ''}")
 
 
 def main() -> None:
@@ -41,10 +83,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="run in quick mode (implies --check)")
     ap.add_argument("--check", action="store_true", help="run without saving outputs")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    ap.add_argument("--record", type=Path, metavar="FILE",
+                    help="store each notebook's time, date, machine and threads in this JSON file "
+                         "(e.g. results/notebook_times.json), keeping its other entries")
     args = ap.parse_args()
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     for path in paths:
-        run(path, quick=args.quick, save=not (args.check or args.quick), timeout=args.timeout)
+        run(path, quick=args.quick, save=not (args.check or args.quick), timeout=args.timeout, record_to=args.record)
 
 
 if __name__ == "__main__":

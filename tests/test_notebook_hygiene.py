@@ -1,11 +1,13 @@
 """What a learner sees before running anything: every committed notebook carries the outputs of a real run,
 in order and without errors, stays small, and has the course's shape (title, what you will learn, the Colab
-set-up cell stating its needs, a summary, exercises with a check cell)."""
+set-up cell stating its needs, a summary, exercises with a check cell), and its '# Needs:' line states the times
+and GPU memory that were measured."""
 
 from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,108 @@ def test_the_course_shape(path):
     assert any(re.match(r"##+ .*Exercise", h) for h in headings), f"{path.name}: no exercises heading"
     check = [c for c in all_cells if c["cell_type"] == "code" and text(c).lstrip().startswith("# Check cell")]
     assert check, f"{path.name}: no '# Check cell' for the exercises"
+
+
+# What each notebook's '# Needs:' line states, against what was measured. This checks documentation against
+# recorded numbers; it times nothing itself. Full-mode time: the committed notebook's own timing stamps (nbclient
+# writes them into each cell's metadata; the committed outputs are a full-mode run). Quick-mode time: the record
+# that `scripts/run_notebooks.py --quick --record` keeps in results/notebook_times.json. GPU memory: the table
+# scripts/measure_memory.py writes to results/memory_full_mode_h100.json.
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMES = ROOT / "results" / "notebook_times.json"
+MEMORY = ROOT / "results" / "memory_full_mode_h100.json"
+SLACK = 2.0   # a measured time may lie this factor outside the stated range: machines and their load vary
+_NUMBER = r"\d+(?:\.\d+)?"
+# "full mode about 10 s", "quick mode 13-25 s", "full mode about 7-10 min", "full mode 23 min"
+_TIME = rf"(?:about )?(?P<low>{_NUMBER})(?:-(?P<high>{_NUMBER}))? (?P<unit>s|min)\b"
+RECORD = ("OMP_NUM_THREADS=1 python scripts/run_notebooks.py --quick --record results/notebook_times.json "
+          "notebooks/{name}")
+
+
+def needs_line(path: Path) -> str:
+    setup = next(c for c in cells(path) if c["cell_type"] == "code")
+    return next((line for line in text(setup).splitlines() if line.startswith("# Needs:")), "")
+
+
+def stated_seconds(path: Path, mode: str) -> tuple[str, float, float]:
+    """The words '<mode> mode <time>' in a notebook's Needs line and the range of seconds they state."""
+    needs = needs_line(path)
+    found = list(re.finditer(rf"\b{mode} mode {_TIME}", needs))
+    assert len(found) == 1, (
+        f"{path.name}: the Needs line must state the {mode}-mode time once, as '{mode} mode about 10 s', "
+        f"'{mode} mode 13-25 s' or '{mode} mode about 1.5 min' (found {len(found)}): {needs!r}")
+    m = found[0]
+    per = 60 if m["unit"] == "min" else 1
+    return m[0], float(m["low"]) * per, float(m["high"] or m["low"]) * per
+
+
+def full_mode_seconds(path: Path) -> float:
+    """From the first code cell's start to the last one's reply, as run_notebooks.cells_seconds counts them."""
+    code = [c for c in cells(path) if c["cell_type"] == "code"]
+    stamps = [c.get("metadata", {}).get("execution", {}) for c in code]
+    assert all("iopub.execute_input" in s and "shell.execute_reply" in s for s in stamps), (
+        f"{path.name}: not every code cell carries nbclient's timing metadata; "
+        f"run it with python scripts/run_notebooks.py notebooks/{path.name}")
+    outputs = "".join("".join(o.get("text", "")) for c in code for o in c.get("outputs", []))
+    mode = re.search(r"run mode: (\w+)", outputs)
+    assert mode and mode[1] == "full", (
+        f"{path.name}: the committed outputs must come from a full-mode run that prints 'run mode: full' "
+        f"(found {mode[0] if mode else 'no run mode'}); run python scripts/run_notebooks.py notebooks/{path.name}")
+    parse = lambda stamp: datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (parse(stamps[-1]["shell.execute_reply"]) - parse(stamps[0]["iopub.execute_input"])).total_seconds()
+
+
+def recorded_quick_seconds(path: Path) -> tuple[float, dict]:
+    entry = (json.loads(TIMES.read_text()) if TIMES.exists() else {}).get(path.name, {}).get("quick")
+    assert entry, (f"{path.name}: no quick-mode time in {TIMES.relative_to(ROOT)}; record one with "
+                   + RECORD.format(name=path.name))
+    return entry["seconds"], entry
+
+
+def minutes_and_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds:.0f} s ({seconds / 60:.1f} min)"
+
+
+@pytest.mark.parametrize("mode", ["full", "quick"])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_needs_line_states_the_measured_time(path, mode):
+    words, low, high = stated_seconds(path, mode)
+    if mode == "full":
+        measured = full_mode_seconds(path)
+        source = "the committed notebook's cell timings (first cell's start to last cell's reply)"
+        rerun = f"re-run it in full mode: python scripts/run_notebooks.py notebooks/{path.name}"
+    else:
+        measured, entry = recorded_quick_seconds(path)
+        source = f"{TIMES.relative_to(ROOT)} ({entry.get('date', '?')}, {entry.get('machine', '?')})"
+        rerun = "re-record it: " + RECORD.format(name=path.name)
+    assert low / SLACK <= measured <= high * SLACK, (
+        f"{path.name}: the Needs line states '{words}' but {mode} mode measured {minutes_and_seconds(measured)} in "
+        f"{source}, outside the stated range widened {SLACK:g}x either way "
+        f"({minutes_and_seconds(low / SLACK)} to {minutes_and_seconds(high * SLACK)}). Reword the Needs line to "
+        f"the measured time, or, if that measurement is stale, {rerun}")
+
+
+# Only notebooks whose Needs line states a GPU memory figure: every such figure must be a measured one.
+STATES_MEMORY = [p for p in NOTEBOOKS if re.search(rf"{_NUMBER} GiB", needs_line(p))]
+
+
+@pytest.mark.parametrize("path", STATES_MEMORY, ids=lambda p: p.stem)
+def test_needs_line_states_the_measured_gpu_memory(path):
+    needs = needs_line(path)
+    stated = re.findall(rf"({_NUMBER}) GiB", needs)
+    table = json.loads(MEMORY.read_text()) if MEMORY.exists() else {"rows": [], "machine": "(no file)"}
+    rows = [r for r in table["rows"] if r["name"].startswith(path.name[:2] + " ")]
+    assert rows, (f"{path.name}: the Needs line states {', '.join(stated)} GiB but {MEMORY.relative_to(ROOT)} has no "
+                  f"measurement for notebook {path.name[:2]}; measure it (python scripts/measure_memory.py on a GPU) "
+                  f"or take the figure out")
+    measured = ", ".join(f"{r['name']}: peak {r['peak_gib']:.3f} GiB" for r in rows)
+    assert "H100" in needs and "H100" in table["machine"], (
+        f"{path.name}: the Needs line states GPU memory; it must name the GPU it was measured on, "
+        f"that of {MEMORY.relative_to(ROOT)} ({table['machine']})")
+    for value in stated:
+        decimals = len(value.partition(".")[2])
+        assert any(abs(r["peak_gib"] - float(value)) <= 0.5 * 10 ** -decimals + 1e-9 for r in rows), (
+            f"{path.name}: the Needs line states {value} GiB, but no peak measured for notebook {path.name[:2]} "
+            f"in {MEMORY.relative_to(ROOT)} rounds to it ({measured}). Reword the Needs line to the measured peak, "
+            f"or re-measure with python scripts/measure_memory.py on a GPU if the notebook's settings changed")
