@@ -313,8 +313,9 @@ def _text_sources(key: str, layer_prefix: str) -> tuple[str, ...]:
     return tuple(f"{src}{p}.{leaf}" for p in parts[part])
 
 
-# Keys a published checkpoint may hold that no computation uses (a buffer of position indices).
-_IGNORED = re.compile(r"(^|\.)position_ids$")
+# Keys a published checkpoint may hold that no computation uses: a buffer of position indices, and (in some original
+# files, under first_stage_model.) the autoencoder's training losses, its LPIPS network and discriminator.
+_IGNORED = re.compile(r"(^|\.)position_ids$|^loss\.")
 
 
 def key_map(model: nn.Module, source: str, state_keys: set[str] | None = None) -> dict[str, tuple[str, ...]]:

@@ -269,3 +269,22 @@ def test_fine_tune_lora_lowers_the_loss_on_its_images():
     assert last < first
     with pytest.raises(ValueError, match="one caption per image"):
         sd.fine_tune_lora(model, emoji.images, ["x"], steps=1)
+
+
+def test_training_only_keys_of_an_original_file_are_ignored():
+    """Some original files carry the autoencoder's training losses (first_stage_model.loss.*) and position ids;
+    nothing uses them, so they are neither loaded nor reported as unexpected."""
+    theirs = small_vae()
+    ours = VAE(sd.vae_config_from_diffusers(dict(theirs.config))).eval()
+    converted = sd.convert_state_dict(theirs.state_dict(), ours, "diffusers")
+    state = {"first_stage_model." + k: v for k, v in converted.items()}
+    original = {}
+    for key, names in sd.key_map(ours, "original").items():
+        tensor = state["first_stage_model." + key]
+        chunks = tensor.chunk(len(names)) if len(names) > 1 else [tensor]
+        original.update({"first_stage_model." + n: c for n, c in zip(names, chunks)})
+    original["first_stage_model.loss.discriminator.main.0.weight"] = torch.zeros(3)
+    sd.load_weights(ours, original, "original", prefix="first_stage_model.")
+    original["first_stage_model.encoder.extra.weight"] = torch.zeros(3)
+    with pytest.raises(sd.CheckpointMismatch, match="unexpected keys.*first_stage_model.encoder.extra.weight"):
+        sd.load_weights(ours, original, "original", prefix="first_stage_model.")
