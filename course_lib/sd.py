@@ -486,8 +486,8 @@ class StableDiffusion:
         if path.is_dir():
             return cls._from_diffusers(path, tokenizer, device, dtype)
         if not path.exists():
-            raise FileNotFoundError(f"no Stable Diffusion weights at {path}: give a diffusers folder (with unet/, vae/, "
-                                    f"text_encoder/, tokenizer/) or an original single-file checkpoint")
+            raise FileNotFoundError(f"no Stable Diffusion weights at {path}: give a diffusers folder (with unet/, "
+                                    f"vae/, text_encoder/, tokenizer/) or an original single-file checkpoint")
         if tokenizer is None:
             raise ValueError("an original single-file checkpoint holds no tokenizer: pass tokenizer= a folder with "
                              "CLIP's vocab.json and merges.txt (for example the tokenizer/ folder of a diffusers "
@@ -701,4 +701,5 @@ def _load_part(kind: type, cfg, state: dict, source: str, prefix: str, device, d
 
 __all__ = ["SDConfig", "SD15", "TINY", "PRESETS", "get_preset", "tiny_tokenizer", "CheckpointMismatch",
            "unet_config_from_diffusers", "vae_config_from_diffusers", "text_config_from_transformers",
-           "key_map", "convert_state_dict", "load_weights", "read_state_dict", "StableDiffusion", "LoRARun", "fine_tune_lora"]
+           "key_map", "convert_state_dict", "load_weights", "read_state_dict", "StableDiffusion", "LoRARun",
+           "fine_tune_lora"]

@@ -27,7 +27,8 @@ transformers = pytest.importorskip("transformers")
 
 # The small diffusers / transformers networks and the pipeline are built by scripts/sd_parity.py (which prints the
 # measured differences); loaded from there so the script and the tests compare the same things.
-_spec = importlib.util.spec_from_file_location("sd_parity", Path(__file__).resolve().parents[1] / "scripts" / "sd_parity.py")
+_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sd_parity.py"
+_spec = importlib.util.spec_from_file_location("sd_parity", _SCRIPT)
 parity = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(parity)
 TOL = parity.TOL            # the bound on the max absolute difference in float32
