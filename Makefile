@@ -37,15 +37,21 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The same suite in a second environment holding the lowest versions pyproject.toml allows
-# (matplotlib 3.8 is known to break inline figures; ipywidgets 7.7.1 is what Colab ships).
-MIN_VERSIONS := numpy==1.26.4 matplotlib==3.9.4 ipywidgets==7.7.1 ipykernel==6.29.5 pillow==10.0.1 \
+# The same suite in a second environment holding the lowest versions pyproject.toml allows (matplotlib 3.8 is known
+# to break inline figures), then the widget code and the notebooks with widgets again with Colab's ipywidgets 7.7.1
+# in the kernel (Colab renders 7.7 with its own front end; JupyterLab 4 renders only 8, so no browser test there).
+MIN_VERSIONS := numpy==1.26.4 matplotlib==3.9.4 ipywidgets==8.1.0 ipykernel==6.29.5 pillow==10.0.1 \
                 tqdm==4.66.1 einops==0.7.0 regex==2024.11.6 safetensors==0.8.0 pytest==8.0.0 nbval==0.11.0
 test-min:
 	test -x .venv-min/bin/python || $(PYTHON) -m venv .venv-min
 	.venv-min/bin/python -m pip install --quiet $(TORCH) $(MIN_VERSIONS) diffusers==0.42.1 peft==0.21.2 playwright==1.65.2
 	.venv-min/bin/python -m pip install --quiet --no-deps -e .
 	.venv-min/bin/python -m pytest
+	.venv-min/bin/python -m pip install --quiet ipywidgets==7.7.1
+	.venv-min/bin/python -m pytest tests/test_widgets.py $(WIDGET_NOTEBOOKS); status=$$?; \
+	  .venv-min/bin/python -m pip install --quiet ipywidgets==8.1.0; exit $$status
+WIDGET_NOTEBOOKS := $(addprefix notebooks/,01_noise_addition.ipynb 02_forward_markov_chain.ipynb 05_sampling.ipynb \
+                      06_vae_latent_space.ipynb 08_text_encoder.ipynb 09_text_to_image.ipynb 10_lora.ipynb)
 
 # The widgets in a real browser alone (tests/test_browser.py; `make test` runs it too where Chromium is installed):
 # JupyterLab in quick mode, driven by Playwright in Debian's Chromium (apt-get install chromium; Playwright's own

@@ -36,6 +36,8 @@ CASES = [
     ("01_noise_addition.ipynb", "noise level", 2),
     ("02_forward_markov_chain.ipynb", "T", 2),
     ("05_sampling.ipynb", "step", 2),
+    ("06_vae_latent_space.ipynb", "alpha", 2),
+    ("08_text_encoder.ipynb", "k", 1),
     ("09_text_to_image.ipynb", "guidance", 2),
     ("10_lora.ipynb", "LoRA scale", 1),
 ]
@@ -47,6 +49,12 @@ except ImportError:
     playwright_api = None
 _missing = ("needs the playwright package (pip install -e '.[test]')" if playwright_api is None else
             "needs Chromium: apt-get install chromium (or set CHROMIUM to its path)" if CHROMIUM is None else None)
+if _missing is None:
+    import ipywidgets
+    if int(ipywidgets.__version__.split(".")[0]) < 8:
+        pytest.fail(f"JupyterLab 4 renders only ipywidgets 8 widgets; this environment has {ipywidgets.__version__} "
+                    f"(Colab's version, which only Colab's own front end renders): pip install 'ipywidgets>=8.1,<9'",
+                    pytrace=False)
 if _missing and IN_CI:
     pytest.fail(f"the browser test must run in CI: {_missing}", pytrace=False)
 if _missing:
