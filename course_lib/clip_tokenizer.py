@@ -71,6 +71,8 @@ from typing import Iterable
 import regex
 import torch
 
+from .text import merge_pair          # one BPE merge step, the same as the course's own tokenizer's
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = EOS_TOKEN                  # what a piece missing from the vocab becomes (as in transformers)
@@ -110,19 +112,6 @@ def clean_text(text: str) -> str:
 def pretokenize(text: str) -> list[str]:
     """Clean `text` and cut it into the words that BPE encodes one by one (CLIP's regex, above)."""
     return PATTERN.findall(clean_text(text))
-
-
-def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
-    """Join every non-overlapping occurrence of `pair` in `symbols`, scanning left to right."""
-    merged, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            merged.append(pair[0] + pair[1])
-            i += 2
-        else:
-            merged.append(symbols[i])
-            i += 1
-    return merged
 
 
 def _check_text(text: object, where: str = "text") -> str:
@@ -323,7 +312,7 @@ class CLIPTokenizer:
             pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, math.inf))
             if pair not in self.ranks:
                 break
-            symbols = _merge(symbols, pair)
+            symbols = merge_pair(symbols, pair)
         if len(self._cache) < _CACHE_SIZE:
             self._cache[word] = symbols
         return symbols

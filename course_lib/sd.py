@@ -3,7 +3,7 @@ r"""Stable Diffusion 1.5, built from the course's own modules, with its publishe
 Nothing new is invented here. SD 1.5 is the tiny text-to-image model of notebooks 06-09 at full size:
 
     part             course_lib module         SD 1.5's size                          tiny preset (tests, quick mode)
-    U-Net            unet.UNet                 channels (320, 640, 1280, 1280), 860M   channels (32, 64), 0.5M
+    U-Net            unet.UNet                 channels (320, 640, 1280, 1280), 860M   channels (32, 64), 1.1M
     VAE              vae.VAE                   512 px -> 4 x 64 x 64 (f = 8), 84M     64 px -> 4 x 8 x 8
     text encoder     text.TextEncoder          CLIP ViT-L/14's, 12 layers x 768, 123M  2 layers x 32
     tokenizer        clip_tokenizer            CLIP's byte-level BPE, 49,408 tokens    the 256 bytes, no merges
@@ -456,8 +456,8 @@ class StableDiffusion:
     def random(cls, preset: str | SDConfig = "tiny", seed: int = 0, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, tokenizer: CLIPTokenizer | None = None) -> "StableDiffusion":
         """Random weights in SD's shapes: for quick mode and tests (tiny), or to measure memory (sd15; the
-        memory a network needs does not depend on the values of its weights). The tiny preset gets the
-        byte-level `tiny_tokenizer`; sd15 needs CLIP's (pass tokenizer) to read prompts."""
+        memory a network needs does not depend on the values of its weights). Without `tokenizer` it gets the
+        byte-level `tiny_tokenizer` (its ids fit both presets' vocabularies; pass CLIP's to read prompts as SD does)."""
         cfg = get_preset(preset) if isinstance(preset, str) else preset
         if tokenizer is None:
             tokenizer = tiny_tokenizer(cfg.text.max_length)

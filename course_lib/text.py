@@ -94,7 +94,7 @@ def pretokenize(text: str) -> list[tuple[str, ...]]:
     return words
 
 
-def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
     """Replace every non-overlapping occurrence of `pair`, left to right, by the joined symbol."""
     out, i = [], 0
     while i < len(symbols):
@@ -186,7 +186,7 @@ class Tokenizer:
             _, best = min(candidates)                  # most frequent, then first in sort order
             merges.append(best)
             vocab.add(best[0] + best[1])
-            words = [(_merge_pair(symbols, best) if len(symbols) > 1 else symbols, n) for symbols, n in words]
+            words = [(merge_pair(symbols, best) if len(symbols) > 1 else symbols, n) for symbols, n in words]
         return cls(merges, max_length)
 
     def _bpe(self, word: tuple[str, ...]) -> list[str]:
@@ -198,7 +198,7 @@ class Tokenizer:
             rank, pair = min((self.ranks.get(p, math.inf), p) for p in zip(symbols, symbols[1:]))
             if rank == math.inf:
                 break
-            symbols = _merge_pair(symbols, pair)
+            symbols = merge_pair(symbols, pair)
         self._cache[word] = symbols
         return symbols
 
