@@ -41,6 +41,7 @@ import dataclasses
 import json
 import numbers
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from .clip_tokenizer import CLIPTokenizer, bytes_to_unicode
 from .lora import inject_lora, lora_layers, lora_parameters
@@ -652,10 +654,6 @@ def fine_tune_lora(model: StableDiffusion, images: torch.Tensor, captions: list[
     smallest. The images are encoded once (posterior means) and the captions once, so a step is one U-Net
     forward and backward. On a GPU the frozen base runs in float16 under autocast, with a GradScaler so that
     small float16 gradients do not underflow to zero; the adapters' weights and Adam moments stay float32."""
-    import time
-
-    from tqdm.auto import tqdm
-
     if len(images) != len(captions):
         raise ValueError(f"one caption per image: got {len(images)} images and {len(captions)} captions")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:

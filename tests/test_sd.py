@@ -33,11 +33,7 @@ parity = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(parity)
 TOL = parity.TOL            # the bound on the max absolute difference in float32
 small_unet, small_vae, small_text_encoder = parity.small_unet, parity.small_vae, parity.small_text_encoder
-convert, max_diff = parity.convert, parity.max_diff
-
-
-def diffusers_pipeline(tmp_path):
-    return parity.diffusers_pipeline(tmp_path)
+convert, max_diff, diffusers_pipeline = parity.convert, parity.max_diff, parity.diffusers_pipeline
 
 
 def test_parity_script_rows_are_all_within_the_bound():
