@@ -1,8 +1,14 @@
 """Saving and loading models and training state as safetensors, written atomically.
 
 Atomic: a file is first written next to its destination under a temporary name, flushed to disk,
-then renamed over the destination (os.replace is atomic on POSIX and Windows). An interruption
-leaves either the old file or the new one, never half of one.
+read back and verified, then renamed over the destination (os.replace is atomic on POSIX and Windows).
+An interruption leaves either the old file or the new one, never half of one; the hidden temporary
+file an interruption can leave behind is removed by the next save to that destination.
+
+Verified: every file written here carries a SHA-256 checksum of its tensors and metadata (metadata
+key "sha256"), checked whenever it is read, so a flipped byte or an edited step count is refused
+instead of loading silently. A file that cannot be read (truncated, corrupt, not safetensors) is
+reported with its path and what to do; files written before checksums existed load unchecked.
 
 Two kinds of file:
     training checkpoint   everything needed to continue exactly (weights, EMA weights, optimizer
@@ -17,13 +23,14 @@ elsewhere cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .schedules import NoiseSchedule, schedule_from_alphas_cumprod
@@ -48,35 +55,91 @@ def shipped(name: str) -> Path:
     return path
 
 
+CHECKSUM_KEY = "sha256"
+
+
+class CorruptCheckpoint(ValueError):
+    """A file that is not a readable safetensors file, or whose checksum does not match its contents."""
+
+
+def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and every metadata entry but the checksum itself."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for key in sorted(metadata or {}):
+        if key != CHECKSUM_KEY:
+            h.update(f"{key}={metadata[key]}|".encode())
+    return h.hexdigest()
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the hidden temporary files an interrupted save to `path` left behind (.<name>.<random>.tmp)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """save_file to a temporary file in the destination folder, fsync, then rename over `path`."""
+    """save_file to a temporary file in the destination folder, fsync, read back and verify its checksum,
+    then rename over `path`. Raises OSError naming the file (and leaving any earlier file intact) when the
+    folder cannot be made or the disk is full."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(f"cannot save {path}: a parent of it is a file, not a folder ({e}). "
+                                 f"Choose another path.") from None
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = dict(metadata or {})
+    metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
+    _remove_stale_temporaries(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        read(tmp)                               # verify what reached the disk before it replaces anything
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes files private; give the usual permissions
         os.replace(tmp, path)
+    except (OSError, SafetensorError, CorruptCheckpoint) as e:
+        kept = f"; the earlier {path.name} is unchanged" if path.exists() else ""
+        raise OSError(f"could not write {path}: {e}. Check the folder is writable and the disk has room "
+                      f"(about {sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6:.1f} MB "
+                      f"needed){kept}.") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return path
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file."""
+    """All tensors and the metadata of a safetensors file, its checksum verified where it has one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    advice = ("If it is a shipped file, restore it (git checkout -- <file>) or rebuild it with the command in "
+              "its model card; if it is a training checkpoint, delete it to start afresh.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptCheckpoint(f"{path} is not a readable safetensors file ({e}): it is truncated, corrupt "
+                                f"or of another format. {advice}") from None
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is not None and checksum(tensors, metadata) != expected:
+        raise CorruptCheckpoint(f"{path} does not match its checksum: its contents changed after it was "
+                                f"written (a damaged or edited file). {advice}")
+    metadata.pop(CHECKSUM_KEY, None)
     return tensors, metadata
 
 
@@ -127,5 +190,5 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     return model, schedule, info
 
 
-__all__ = ["checkpoints_dir", "shipped", "atomic_save", "read", "compact_state", "read_format", "save_model",
+__all__ = ["checkpoints_dir", "shipped", "CorruptCheckpoint", "checksum", "atomic_save", "read", "compact_state", "read_format", "save_model",
            "load_model"]

@@ -6,7 +6,7 @@ Notation (Ho et al. 2020 [1]; timestep convention of course_lib.schedules: t = 0
     xt          x_t             the noisy image at step t
     noise       \epsilon        standard Gaussian noise, N(0, I)
 
-Equations:
+Equations (and, at the end of this file, the training objective built on them):
     one Markov step      q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I)                    (Eq. 2)
     closed form          q(x_t | x_0)     = N(sqrt(abar_t) x_0, (1 - abar_t) I)                   (Eq. 4)
     posterior            q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)                               (Eqs. 6-7)
@@ -23,7 +23,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,7 +34,7 @@ RANGE_TOLERANCE = 1e-3
 
 
 def check_images(x: torch.Tensor, name: str = "x0", data_range: bool = True) -> None:
-    """Raise a clear error unless x is a float (B, C, H, W) batch (and, for data, within [-1, 1])."""
+    """Raise a clear error unless x is a finite float (B, C, H, W) batch (and, for data, within [-1, 1])."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W); got {type(x).__name__}")
     if x.ndim != 4:
@@ -43,6 +44,11 @@ def check_images(x: torch.Tensor, name: str = "x0", data_range: bool = True) -> 
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a float tensor in [-1, 1]; got dtype {x.dtype} "
                         f"(convert uint8 images with course_lib.data.to_model_range)")
+    if x.numel() and not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f"{name} holds {bad} NaN or infinite value(s) of {x.numel()}; every value must be a "
+                         f"finite number (in [-1, 1] for images). Check what produced it (a diverged model, a "
+                         f"division by zero) before noising or sampling.")
     if data_range and x.numel():
         lo, hi = x.min().item(), x.max().item()
         if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
@@ -160,3 +166,75 @@ def predicted_x0_eps(prediction: str, model_output: torch.Tensor, xt: torch.Tens
     if prediction == "x0":
         return model_output, (xt - a * model_output) / s
     return a * xt - s * model_output, s * xt + a * model_output
+
+
+# --- The training objective -------------------------------------------------------------------------------
+# Written once; every model in the course that learns to denoise trains with it (the pixel and latent
+# Trainer, the tiny SD, LoRA, DreamBooth, LiDB, HyperDreamBooth's fine-tuning, SD 1.5's LoRA, the memory
+# measurement). Algorithm 1 of Ho et al. 2020, with the prediction types above:
+#     t ~ Uniform{0..T-1},  eps ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps      (Eq. 4)
+#     loss = mean_i  w(t_i) || model(x_t, t)_i - target_i ||^2
+# with w = 1 (the "simple" loss) or min-SNR-gamma weighting (Hang et al. 2023, arXiv 2303.09556): the
+# loss of each sample, seen as an x0 error, is weighted by min(SNR(t), gamma); for an eps or v network
+# that is  w = min(SNR, gamma) / SNR  (eps),  min(SNR, gamma) / (SNR + 1)  (v),  min(SNR, gamma)  (x0).
+
+@dataclass
+class LossTerms:
+    """One evaluation of the objective: the loss and what it was made from (for logging and for the
+    learned schedule, which needs the prediction)."""
+    loss: torch.Tensor           # () the weighted mean over the batch
+    per_sample: torch.Tensor     # (B,) each sample's weighted squared error, averaged over its pixels
+    output: torch.Tensor         # the network's output, float32
+    xt: torch.Tensor             # the noisy input
+    noise: torch.Tensor
+    alpha_bar: torch.Tensor      # (B, 1, 1, 1)
+
+
+def snr_weight(prediction: str, snr: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """min-SNR-gamma loss weight per sample (1 everywhere when gamma is None). At SNR = 0 (a zero-terminal-
+    SNR schedule's last step) the eps weight min(SNR, gamma) / SNR is taken at its limit, 1."""
+    check_prediction(prediction)
+    if gamma is None:
+        return torch.ones_like(snr)
+    if gamma <= 0:
+        raise ValueError(f"min_snr_gamma must be > 0 (5 in Hang et al.) or None for no weighting; got {gamma}")
+    clipped = snr.clamp(max=gamma)
+    if prediction == "epsilon":
+        return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
+    if prediction == "v":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def denoising_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, noise: torch.Tensor,
+                   alpha_bar: torch.Tensor, t_model: torch.Tensor, *, prediction: str, cond: tuple = (),
+                   min_snr_gamma: float | None = None) -> LossTerms:
+    """The objective for given noise and noise levels (any alpha_bar in [0, 1], shape (B, 1, 1, 1)): noise
+    x0 by Eq. 4, call model(x_t, t_model, *cond), compare with the prediction type's target."""
+    xt = vp_mix(x0, noise, alpha_bar)
+    out = model(xt, t_model, *cond).float()
+    target = prediction_target(prediction, x0, noise, alpha_bar)
+    per_sample = (out - target).pow(2).flatten(1).mean(1)                  # (B,)
+    if min_snr_gamma is not None:
+        ab = alpha_bar.flatten().double()
+        per_sample = per_sample * snr_weight(prediction, ab / (1 - ab), min_snr_gamma).to(per_sample)
+    return LossTerms(per_sample.mean(), per_sample, out, xt, noise, alpha_bar)
+
+
+def diffusion_loss(model: Callable[..., torch.Tensor], schedule: NoiseSchedule, x0: torch.Tensor, *,
+                   prediction: str = "epsilon", generator: torch.Generator | None = None,
+                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None, cond: tuple = (),
+                   min_snr_gamma: float | None = None) -> LossTerms:
+    """The training loss on clean data x0 (pixels, or a VAE's latents: any range) with a discrete schedule.
+
+    t and noise are drawn from `generator` on the CPU (t first, then noise) unless given, so a run is
+    the same on every device; cond is passed to the model after (x_t, t), e.g. (context, mask)."""
+    check_images(x0, "x0", data_range=False)
+    if t is None:
+        t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator)
+    t, noise = t.to(x0.device), noise.to(device=x0.device, dtype=x0.dtype)
+    alpha_bar = schedule.extract(schedule.alphas_cumprod, t, x0)
+    return denoising_loss(model, x0, noise, alpha_bar, t, prediction=prediction, cond=cond,
+                          min_snr_gamma=min_snr_gamma)

@@ -20,12 +20,19 @@ Schedules:
     cosine          \bar\alpha(t) = cos^2(((t/T + s)/(1 + s)) pi/2), s = 0.008, betas clipped at 0.999 [3]
     sigmoid         \bar\alpha(t) from a sigmoid over [start, end] with temperature tau [4]
 
+Zero terminal SNR (Lin et al. 2024 [5], Algorithm 1): any of these, rescaled so that sqrt(abar) falls
+linearly onto exactly 0 at t = T-1 (the last beta becomes 1): the last step is pure noise, as sampling
+from N(0, I) assumes. An epsilon model cannot be sampled from there (x0 = (x_t - s eps) / sqrt(abar)
+divides by 0), so such a schedule goes with v-prediction.
+
 References:
   [1] Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. 2020. https://arxiv.org/abs/2006.11239
   [2] Rombach et al. High-Resolution Image Synthesis with Latent Diffusion Models. 2022. https://arxiv.org/abs/2112.10752
   [3] Nichol, Dhariwal. Improved Denoising Diffusion Probabilistic Models. 2021. https://arxiv.org/abs/2102.09672
   [4] Jabri, Fleet, Chen. Scalable Adaptive Computation for Iterative Generation. 2023, and
       Chen. On the Importance of Noise Scheduling for Diffusion Models. 2023. https://arxiv.org/abs/2301.10972
+  [5] Lin, Liu, Li, Yang. Common Diffusion Noise Schedules and Sample Steps are Flawed. 2024.
+      https://arxiv.org/abs/2305.08891
 """
 
 from __future__ import annotations
@@ -45,9 +52,9 @@ class NoiseSchedule:
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         if betas.numel() < 1:
             raise ValueError("a schedule needs at least one step (got no betas)")
-        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
-            raise ValueError(f"betas must lie in the open interval (0, 1); got min {betas.min().item():.3g}, "
-                             f"max {betas.max().item():.3g}")
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas[:-1] >= 1).any() or betas[-1] > 1:
+            raise ValueError(f"betas must lie in the open interval (0, 1) (the last may be exactly 1: zero terminal "
+                             f"SNR); got min {betas.min().item():.3g}, max {betas.max().item():.3g}")
         self.name = name
         self.T = betas.numel()
         self.betas = betas
@@ -58,7 +65,7 @@ class NoiseSchedule:
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
-        self.log_snr = self.snr.log()
+        self.log_snr = self.snr.log()                   # -inf at a zero-terminal-SNR schedule's last step
         # Posterior q(x_{t-1} | x_t, x_0), Eqs. 6-7 of [1]; at t = 0 it is centred on x_0 with zero variance.
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
@@ -66,6 +73,11 @@ class NoiseSchedule:
 
     def __len__(self) -> int:
         return self.T
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """True when the last step is pure noise (abar_{T-1} = 0 exactly)."""
+        return bool(self.alphas_cumprod[-1] == 0)
 
     def __repr__(self) -> str:
         ab = self.alphas_cumprod
@@ -152,16 +164,33 @@ def sigmoid_schedule(T: int = 1000, start: float = -3.0, end: float = 3.0, tau: 
     return NoiseSchedule(_betas_from_alpha_bar(alpha_bar, T, max_beta), "sigmoid")
 
 
+def rescale_zero_terminal_snr(schedule: NoiseSchedule) -> NoiseSchedule:
+    r"""The schedule with zero terminal SNR (Algorithm 1 of Lin et al. 2024).
+
+    Notation: a_t = sqrt(abar_t). Shift a so that its last value is 0, then scale it so that its first
+    value is unchanged:  a'_t = (a_t - a_{T-1}) * a_0 / (a_0 - a_{T-1}).  Then abar'_t = a'_t^2 and
+    beta'_t = 1 - abar'_t / abar'_{t-1}, so beta'_{T-1} = 1."""
+    a = schedule.sqrt_alphas_cumprod
+    a0, aT = a[0].clone(), a[-1].clone()
+    if schedule.T < 2 or a0 <= aT:
+        raise ValueError("rescaling to zero terminal SNR needs a schedule of at least 2 steps whose abar falls")
+    a = (a - aT) * a0 / (a0 - aT)
+    rescaled = schedule_from_alphas_cumprod(a ** 2)
+    rescaled.name = f"{schedule.name}_zero_snr"
+    return rescaled
+
+
 def schedule_from_betas(betas) -> NoiseSchedule:
     """A schedule from any given betas (each in (0, 1))."""
     return NoiseSchedule(torch.as_tensor(betas, dtype=torch.float64), "from_betas")
 
 
 def schedule_from_alphas_cumprod(alphas_cumprod) -> NoiseSchedule:
-    """A schedule from a given alpha-bar curve: beta_t = 1 - abar_t / abar_{t-1}, abar_{-1} = 1."""
+    """A schedule from a given alpha-bar curve: beta_t = 1 - abar_t / abar_{t-1}, abar_{-1} = 1.
+    The last value may be exactly 0 (zero terminal SNR)."""
     ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
-    if ab.numel() < 1 or (ab <= 0).any() or (ab >= 1).any() or (ab[1:] > ab[:-1]).any():
-        raise ValueError("alphas_cumprod must be non-increasing and inside (0, 1)")
+    if ab.numel() < 1 or (ab[:-1] <= 0).any() or ab[-1] < 0 or (ab >= 1).any() or (ab[1:] > ab[:-1]).any():
+        raise ValueError("alphas_cumprod must be non-increasing and inside (0, 1) (the last value may be 0)")
     prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
     return NoiseSchedule(1.0 - ab / prev, "from_alphas_cumprod")
 
@@ -174,8 +203,10 @@ _BUILDERS = {
 }
 
 
-def make_schedule(kind: str, T: int = 1000, **kwargs) -> NoiseSchedule:
-    """Build a schedule by name: one of KINDS, with that builder's keyword arguments."""
+def make_schedule(kind: str, T: int = 1000, *, zero_terminal_snr: bool = False, **kwargs) -> NoiseSchedule:
+    """Build a schedule by name: one of KINDS, with that builder's keyword arguments; zero_terminal_snr=True
+    rescales it (`rescale_zero_terminal_snr`)."""
     if kind not in _BUILDERS:
         raise ValueError(f"unknown schedule {kind!r}; choose from {list(KINDS)}")
-    return _BUILDERS[kind](T, **kwargs)
+    schedule = _BUILDERS[kind](T, **kwargs)
+    return rescale_zero_terminal_snr(schedule) if zero_terminal_snr else schedule

@@ -8,17 +8,12 @@ One training step (Ho et al. 2020, Algorithm 1, with the prediction types of Sal
 With a learned schedule (course_lib.learned_schedule) t is continuous, u ~ U(0, 1), and the schedule's
 parameters are trained alongside to minimise the variance of the variational bound's estimate.
 
-Around the step:
-    AdamW with linear warm-up       the learning rate rises from 0 over `warmup` steps, then stays
-    gradient clipping               the gradient's global norm is capped at `grad_clip`
-    EMA                             a slowly moving average of the weights, used for sampling; its
-                                    decay ramps up as min(ema_decay, (1 + step) / (10 + step))
-    mixed precision (GPU)           bf16 autocast where the GPU has it natively (compute capability
-                                    >= 8.0), else fp16 autocast with a gradient scaler; float32 on CPU
-    NaN / inf guard                 a non-finite loss stops training with the step number
-    checkpoints                     safetensors, written atomically; a checkpoint holds the weights,
-                                    EMA, optimizer moments, random-number states and data order,
-                                    so `Trainer.resume` continues exactly where training stopped
+The loss is course_lib.forward.diffusion_loss (the one objective); the step around it is the course's
+one loop, course_lib.loop.Fit: AdamW with linear warm-up, gradient clipping, EMA (decay ramped up as
+min(ema_decay, (1 + step) / (10 + step))), mixed precision (bf16 autocast where the GPU has it natively,
+compute capability >= 8.0, else fp16 autocast with a gradient scaler; float32 on CPU), the NaN and
+explosion guards, atomic verified checkpoints and exact resume. This module adds only what is the
+diffusion model's own: its data (images, captions), its objective's settings and sampling grids.
 
 Text conditioning (a U-Net built with context_dim, course_lib.unet): each image comes with the text
 encoder's states for its caption (a `Conditioning`), and the model learns eps(x_t, t, text). With
@@ -44,26 +39,27 @@ progress and writes files, and `save` stores the plain U-Net's weights, so check
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .forward import check_images, check_prediction, predicted_x0_eps, prediction_target
+from .forward import (check_images, check_prediction, denoising_loss, diffusion_loss, predicted_x0_eps,
+                      snr_weight)
 from .learned_schedule import LearnedSchedule, schedule_loss_surrogate
+from .loop import (PRECISIONS, Batches, Fit, FitConfig, TrainingDiverged, autocast, ema_decay_at, ema_update,
+                   fingerprint, lr_factor, resolve_precision)
 from .schedules import KINDS, NoiseSchedule, make_schedule
 from .unet import UNet, UNetConfig
+
+SCHEDULES = KINDS + ("learned",)
 
 SCHEDULES = KINDS + ("learned",)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -81,12 +77,14 @@ class TrainConfig:
     ema_decay: float = 0.999
     prediction: str = "epsilon"
     schedule: str = "linear"          # one of SCHEDULES
+    zero_terminal_snr: bool = False   # rescale the schedule so abar_{T-1} = 0 (Lin et al. 2024); needs "v" or "x0"
     T: int = 1000
     schedule_lr: float = 1e-3         # learning rate of a learned schedule's parameters
     precision: str = "auto"
     hflip: bool = False               # random horizontal flips (off: many emoji are not symmetric)
     caption_dropout: float = 0.1      # with text conditioning: share of captions replaced by the empty prompt
     latents: bool = False             # the data are VAE latents: no [-1, 1] check, no x0 clamp when sampling
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); None: off
     seed: int = 0
 
     def __post_init__(self):
@@ -100,8 +98,17 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup < 0 or self.grad_clip <= 0 or not 0 <= self.ema_decay < 1:
             raise ValueError("need lr > 0, warmup >= 0, grad_clip > 0 and 0 <= ema_decay < 1")
+        if self.zero_terminal_snr and (self.schedule == "learned" or self.prediction == "epsilon"):
+            raise ValueError("zero_terminal_snr needs a fixed schedule and prediction 'v' or 'x0': at abar = 0 an "
+                             f"epsilon model's x0 estimate divides by 0; got schedule {self.schedule!r}, "
+                             f"prediction {self.prediction!r}")
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"caption_dropout is a probability in [0, 1]; got {self.caption_dropout}")
+        if self.min_snr_gamma is not None:
+            snr_weight(self.prediction, torch.ones(1), self.min_snr_gamma)     # checks gamma > 0
+            if self.schedule == "learned":
+                raise ValueError("min_snr_gamma weights a fixed schedule's timesteps; the learned schedule "
+                                 "weights its own (set min_snr_gamma=None)")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -111,52 +118,10 @@ class TrainConfig:
         return cls(**json.loads(text))
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """'auto' -> 'bf16' on a GPU of compute capability >= 8.0, 'fp16' on older GPUs (a T4 is 7.5: fast fp16,
-    no native bf16), 'fp32' on a CPU. 'fp16' needs a CUDA GPU (its gradient scaler is CUDA-only)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
-    device = torch.device(device)
-    if precision != "auto":
-        if precision == "fp16" and device.type != "cuda":
-            raise ValueError("precision 'fp16' (with a GradScaler) needs a CUDA GPU; on a CPU use 'fp32' or 'bf16'")
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "bf16" if major >= 8 else "fp16"
-
-
-def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """The autocast context for a resolved precision ('fp32': none)."""
-    device = torch.device(device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to config.lr over config.warmup steps, then constant."""
-    if config.warmup == 0:
-        return config.lr
-    return config.lr * min(1.0, (step + 1) / config.warmup)
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay ramped up so the early average is not dominated by the random initial weights."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite."""
+    """The Trainer's learning rate at `step`: linear warm-up to config.lr over config.warmup steps, then
+    constant (course_lib.loop.lr_factor)."""
+    return config.lr * lr_factor(step, config.steps, config.warmup, "constant")
 
 
 @dataclass
@@ -188,7 +153,7 @@ class Conditioning:
         return context, mask
 
 
-class Trainer:
+class Trainer(Fit):
     """Trains a U-Net on a fixed tensor of images; `train()` runs until config.steps, resumable.
 
     trainer = Trainer(UNet(get_preset("small")), images, TrainConfig(steps=2000))
@@ -205,8 +170,7 @@ class Trainer:
 
     def __init__(self, model: UNet, images: torch.Tensor, config: TrainConfig | None = None,
                  device: torch.device | str | None = None, conditioning: Conditioning | None = None):
-        self.config = config or TrainConfig()
-        cfg = self.config
+        self.config = cfg = config or TrainConfig()
         check_images(images, "images", data_range=not cfg.latents)
         if images.shape[1] != model.config.in_channels:
             raise ValueError(f"images have {images.shape[1]} channels; the model expects {model.config.in_channels}")
@@ -220,37 +184,41 @@ class Trainer:
             if conditioning.context.shape[-1] != context_dim:
                 raise ValueError(f"the text states are {conditioning.context.shape[-1]}-d; the U-Net's "
                                  f"context_dim is {context_dim}")
-        self.conditioning = conditioning
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.precision = resolve_precision(cfg.precision, self.device)
-        self.images = images
+        self.conditioning, self.images = conditioning, images
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.precision = resolve_precision(cfg.precision, device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         if cfg.batch_size % self.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is the global batch, split evenly over the "
                              f"{self.world_size} processes; it must be divisible by {self.world_size}")
-        self.model = model.to(self.device).train()          # always the plain U-Net (saved, EMA'd, sampled)
+        self.model = model.to(device).train()               # always the plain U-Net (saved, EMA'd, sampled)
         self.net = self.model                               # what the training step calls
         if self.world_size > 1:                             # DDP: copies rank 0's weights to every rank now,
             self.net = nn.parallel.DistributedDataParallel(  # and averages gradients during backward
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+                self.model, device_ids=[device] if device.type == "cuda" else None)
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.learned: LearnedSchedule | None = None
         self.fixed_schedule: NoiseSchedule | None = None
         groups = [{"params": list(self.model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         if cfg.schedule == "learned":
-            self.learned = LearnedSchedule().to(self.device)
-            groups.append({"params": list(self.learned.parameters()), "lr": cfg.schedule_lr, "weight_decay": 0.0})
+            self.learned = LearnedSchedule().to(device)
+            groups.append({"params": list(self.learned.parameters()), "lr": cfg.schedule_lr, "weight_decay": 0.0,
+                           "scheduled": False})       # the schedule's own rate, no warm-up
         else:
-            self.fixed_schedule = make_schedule(cfg.schedule, cfg.T)
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
-        self.losses: list[float] = []
+            self.fixed_schedule = make_schedule(cfg.schedule, cfg.T, zero_terminal_snr=cfg.zero_terminal_snr)
+        fit = FitConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
+                        precision=self.precision)
+        super().__init__(fit, torch.optim.AdamW(groups, betas=(0.9, 0.999)), device, seed=cfg.seed,
+                         batches=Batches(images.shape[0], cfg.batch_size, torch.Generator()))
+        self.batches.generator = self.generator                  # one generator for every draw
+        self.ema = self.ema_model                                 # the EMA U-Net, for sampling
+        self.ema_tensors = list(self.ema_model.parameters())      # ... as the loop keeps it
+        self.ema_sources = list(self.model.parameters())
+        self.ema_decay = cfg.ema_decay
+        self._fingerprint: str | None = None
         self.sample_grids: list[tuple[int, torch.Tensor]] = []
-        self.seconds = 0.0
-        self._order = torch.empty(0, dtype=torch.long)
-        self._position = 0
+        self._sampling: tuple[int, int, int] | None = None       # (every, count, steps) while train() runs
+        self._schedule_grads: list[torch.Tensor] | None = None
 
     # --- the schedule the samplers should use -------------------------------------------------------
     @property
@@ -264,6 +232,10 @@ class Trainer:
         """True on the process that logs and writes files: rank 0, or the only process."""
         return self.rank == 0
 
+    @property
+    def losses(self) -> list[float]:
+        return self.history["loss"]
+
     # --- data -----------------------------------------------------------------------------------------
     def _my_rows(self, batch: int) -> slice:
         """This rank's rows of a global batch: rank r of N takes r*b .. (r+1)*b - 1, b = batch / N."""
@@ -273,17 +245,7 @@ class Trainer:
     def _next_batch(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """A batch drawn without replacement (a new random order each pass through the data), with its
         text states (some dropped to the empty prompt) when the model is conditional."""
-        n, b = self.images.shape[0], self.config.batch_size
-        picked = []
-        while b > 0:
-            if self._position >= self._order.numel():
-                self._order = torch.randperm(n, generator=self.generator)
-                self._position = 0
-            take = self._order[self._position:self._position + b]
-            self._position += take.numel()
-            b -= take.numel()
-            picked.append(take)
-        index = torch.cat(picked)                          # the global batch, the same on every rank
+        index = self.batches.next()                        # the global batch, the same on every rank
         mine = self._my_rows(index.numel())                # ... of which this rank keeps its slice
         x0 = self.images[index[mine]]
         if self.config.hflip:
@@ -295,7 +257,7 @@ class Trainer:
             cond = tuple(z.to(self.device, non_blocking=True) for z in self.conditioning.batch(index[mine], drop))
         return x0.to(self.device, non_blocking=True), cond
 
-    # --- one step ---------------------------------------------------------------------------------------
+    # --- the model's part of a step: its loss ---------------------------------------------------------
     def loss_on(self, x0: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, dict]:
         """The training loss on a batch (drawing t and noise from the trainer's generator); `cond` is
@@ -304,69 +266,60 @@ class Trainer:
         cfg, B = self.config, x0.shape[0] * self.world_size    # B: the global batch
         mine = self._my_rows(B)
         noise = torch.randn((B, *x0.shape[1:]), generator=self.generator)[mine].to(self.device)
-        extra: dict = {}
-        if self.learned is None:
-            t = torch.randint(0, cfg.T, (B,), generator=self.generator)[mine].to(self.device)
-            abar = self.fixed_schedule.extract(self.fixed_schedule.alphas_cumprod, t, x0)
-            t_model = t
-        else:
+        cond = () if cond is None else cond
+        with autocast(self.precision, self.device):
+            if self.learned is None:
+                t = torch.randint(0, cfg.T, (B,), generator=self.generator)[mine].to(self.device)
+                terms = diffusion_loss(self.net, self.fixed_schedule, x0, prediction=cfg.prediction, t=t,
+                                       noise=noise, cond=cond, min_snr_gamma=cfg.min_snr_gamma)
+                return terms.loss, {}
             u = torch.rand(B, generator=self.generator)[mine].to(self.device)
             gamma, slope = self.learned.gamma_and_slope(u)
             g = gamma.detach().requires_grad_(True)           # the noise level, as a leaf for d/d gamma
-            abar = torch.sigmoid(-g)[:, None, None, None]
-            t_model = u * cfg.T - 1
-            extra = {"gamma": gamma, "slope": slope, "g": g}
-        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        with autocast(self.precision, self.device):
-            out = self.net(xt, t_model) if cond is None else self.net(xt, t_model, *cond)
-        out = out.float()
-        target = prediction_target(cfg.prediction, x0, noise, abar)
-        loss = F.mse_loss(out, target)
-        if self.learned is not None:
-            _, eps_hat = predicted_x0_eps(cfg.prediction, out, xt, abar)
-            extra["sse"] = (noise - eps_hat).pow(2).flatten(1).sum(1)
-        return loss, extra
+            terms = denoising_loss(self.net, x0, noise, torch.sigmoid(-g)[:, None, None, None], u * cfg.T - 1,
+                                   prediction=cfg.prediction, cond=cond)
+        _, eps_hat = predicted_x0_eps(cfg.prediction, terms.output, terms.xt, terms.alpha_bar)
+        sse = (noise - eps_hat).pow(2).flatten(1).sum(1)
+        return terms.loss, {"gamma": gamma, "slope": slope, "g": g, "sse": sse}
 
-    def train_step(self) -> float:
-        cfg = self.config
-        for group in self.optimizer.param_groups[:1]:
-            group["lr"] = lr_at(self.step, cfg)
+    def loss(self) -> torch.Tensor:
         x0, cond = self._next_batch()
         loss, extra = self.loss_on(x0, cond)
-        logged = distributed.all_reduce_mean(loss.detach())   # the global batch's loss, on every rank
-        if not torch.isfinite(logged):
-            raise TrainingDiverged(
-                f"the loss became {logged.item()} at step {self.step}; training stopped. Lower the learning "
-                f"rate (now {lr_at(self.step, cfg):.2e}), keep grad_clip on, or try precision='fp32'. "
-                f"The last checkpoint written (if any) is intact.")
-        self.optimizer.zero_grad(set_to_none=True)
         if self.learned is not None:
-            # d sse_i / d gamma_i for the schedule's variance objective (denoiser held fixed)
+            # the schedule's variance objective: d sse_i / d gamma_i with the denoiser held fixed
             (dsse,) = torch.autograd.grad(extra["sse"].sum(), extra["g"], retain_graph=True)
             surrogate = schedule_loss_surrogate(extra["gamma"], extra["slope"], extra["sse"].detach(), dsse)
-            sched_grads = torch.autograd.grad(surrogate, list(self.learned.parameters()))
-            sched_grads = [distributed.all_reduce_mean(g) for g in sched_grads]   # DDP does not see these
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)   # DDP's grads: already averaged
-        if self.learned is not None:
-            for p, g in zip(self.learned.parameters(), sched_grads):
-                p.grad = g
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
-        self.step += 1
-        value = logged.item()
-        self.losses.append(value)
-        return value
+            grads = torch.autograd.grad(surrogate, list(self.learned.parameters()))
+            self._schedule_grads = [distributed.all_reduce_mean(g) for g in grads]   # DDP does not see these
+        return loss
 
-    # --- the loop -----------------------------------------------------------------------------------------
+    def clip_parameters(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())                # DDP's gradients: already averaged
+
+    def before_step(self) -> None:
+        if self.learned is not None:
+            for p, g in zip(self.learned.parameters(), self._schedule_grads):
+                p.grad = g
+
+    def after_step(self) -> None:
+        if self._sampling is not None:
+            every, count, steps = self._sampling
+            if every and self.step % every == 0 and self.is_main:
+                self.sample_grids.append((self.step, self.sample(count, steps=steps)))
+
+    def run_info(self) -> dict:
+        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "steps"}   # steps may grow
+        if self._fingerprint is None:                      # the data do not change: hash them once
+            cond = self.conditioning
+            self._fingerprint = fingerprint(self.images, *((cond.context, cond.mask) if cond else ()))
+        return {"train_config": config, "unet_config": json.loads(self.model.config.to_json()),
+                "data": self._fingerprint, "n_images": self.images.shape[0]}
+
+    def train_step(self) -> float:
+        """One step of the loop (course_lib.loop.Fit.fit); returns the logged loss."""
+        self.fit(self.step + 1, progress=False)
+        return self.losses[-1]
+
     def train(self, steps: int | None = None, *, checkpoint_path: str | Path | None = None,
               checkpoint_every: int = 1000, sample_every: int = 0, sample_count: int = 16,
               sample_steps: int = 50, callback: Callable[["Trainer"], None] | None = None,
@@ -378,33 +331,13 @@ class Trainer:
         callback          called every callback_every steps (e.g. to redraw a live loss curve)
         Under DDP call it on every rank: rank 0 alone shows progress, samples grids and writes the
         checkpoint; the callback runs on every rank (test trainer.is_main to print once)."""
-        target = self.config.steps if steps is None else steps
-        start, begun = self.step, time.perf_counter()
-        bar = tqdm(total=target, initial=self.step, disable=not (progress and self.is_main), desc="training",
-                   unit="step")
+        self._sampling = (sample_every, sample_count, sample_steps)
         try:
-            while self.step < target:
-                t0 = time.perf_counter()
-                loss = self.train_step()
-                self.seconds += time.perf_counter() - t0
-                bar.update(1)
-                if self.step % 10 == 0 or self.step == target:
-                    bar.set_postfix(loss=f"{sum(self.losses[-10:]) / len(self.losses[-10:]):.4f}")
-                if sample_every and self.step % sample_every == 0 and self.is_main:
-                    self.sample_grids.append((self.step, self.sample(sample_count, steps=sample_steps)))
-                if checkpoint_path is not None and self.step % checkpoint_every == 0:
-                    self.save(checkpoint_path)
-                if callback is not None and (self.step % callback_every == 0 or self.step == target):
-                    callback(self)
-                if max_seconds is not None:
-                    late = torch.tensor(float(time.perf_counter() - begun >= max_seconds), device=self.device)
-                    if distributed.all_reduce_mean(late) > 0:    # all ranks stop at the same step
-                        break
+            return self.fit(steps, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+                            max_seconds=max_seconds, progress=progress, callback=callback,
+                            callback_every=callback_every)
         finally:
-            bar.close()
-        if checkpoint_path is not None and self.step != start:
-            self.save(checkpoint_path)
-        return self
+            self._sampling = None
 
     @torch.no_grad()
     def sample(self, n: int = 16, *, steps: int = 50, sampler: str = "ddim", seed: int = 0,
@@ -414,7 +347,7 @@ class Trainer:
         classifier-free guidance at `guidance_scale`."""
         from .sampling import GuidedModel, sample  # imported here: sampling does not depend on training
 
-        net = self.ema if use_ema else self.model
+        net = self.ema_model if use_ema else self.model
         was_training = net.training
         net.eval()
         model = net
@@ -434,79 +367,25 @@ class Trainer:
         return out.float().cpu()
 
     # --- checkpoints ----------------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        if self.learned is not None:
-            tensors.update({f"schedule.{k}": v for k, v in self.learned.state_dict().items()})
-        for i, state in self.optimizer.state_dict()["state"].items():
-            for name, value in state.items():
-                tensors[f"optim.{i}.{name}"] = torch.as_tensor(value)
-        tensors["rng.loop"] = self.generator.get_state()
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        tensors["data.order"] = self._order.clone()
-        tensors["log.losses"] = torch.tensor(self.losses, dtype=torch.float64)
-        return tensors
-
-    def save(self, path: str | Path) -> Path:
-        """Write a full training checkpoint, atomically. Under DDP call it on every rank: rank 0 writes,
-        the others wait until the file is complete."""
-        meta = {"format": "course_lib.train/1", "train_config": self.config.to_json(),
-                "unet_config": self.model.config.to_json(), "step": str(self.step),
-                "data_position": str(self._position), "seconds": repr(self.seconds),
-                "n_images": str(self.images.shape[0]), "precision": self.precision,
-                "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"}
-                                            for g in self.optimizer.state_dict()["param_groups"]]),
-                "scaler": json.dumps(self.scaler.state_dict() if self.scaler is not None else None)}
-        if self.is_main:
-            ckpt.atomic_save(self.state_tensors(), path, meta)
-        distributed.barrier()
-        return Path(path)
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), "train_config": self.config.to_json(),
+                "unet_config": self.model.config.to_json()}
 
     @classmethod
     def resume(cls, path: str | Path, images: torch.Tensor, device: torch.device | str | None = None,
                steps: int | None = None, conditioning: Conditioning | None = None) -> "Trainer":
         """A Trainer in exactly the state `save` recorded; `steps` may raise the total to train for.
-        Pass the same images (and conditioning) it was trained on."""
-        tensors, meta = ckpt.read(path)
-        if meta.get("format") != "course_lib.train/1":
-            raise ValueError(f"{path} is not a course_lib training checkpoint (format {meta.get('format')!r})")
-        if int(meta["n_images"]) != images.shape[0]:
-            raise ValueError(f"the checkpoint was trained on {meta['n_images']} images; got {images.shape[0]}. "
-                             f"Resume with the same data to continue exactly.")
+        Pass the same images (and conditioning) it was trained on: anything else is refused."""
+        _, meta = ckpt.read(path)
+        if "train_config" not in meta:
+            raise ValueError(f"{path} is not a course_lib Trainer checkpoint (format {meta.get('format')!r}; "
+                             f"it holds no train_config)")
         config = TrainConfig.from_json(meta["train_config"])
         if steps is not None:
             config.steps = steps
-        model = UNet(UNetConfig.from_json(meta["unet_config"]))
-        trainer = cls(model, images, config, device=device or "cpu", conditioning=conditioning)
-        sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        trainer.model.load_state_dict(sub("model."))
-        trainer.ema.load_state_dict(sub("ema."))
-        if trainer.learned is not None:
-            trainer.learned.load_state_dict(sub("schedule."))
-        optim_state: dict[int, dict] = {}
-        for key, value in sub("optim.").items():
-            index, name = key.split(".", 1)
-            optim_state.setdefault(int(index), {})[name] = value
-        groups = json.loads(meta["param_groups"])
-        state_dict = trainer.optimizer.state_dict()
-        for group, saved in zip(state_dict["param_groups"], groups):
-            group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
-        state_dict["state"] = optim_state
-        trainer.optimizer.load_state_dict(state_dict)
-        if trainer.scaler is not None and json.loads(meta["scaler"]) is not None:
-            trainer.scaler.load_state_dict(json.loads(meta["scaler"]))
-        trainer.generator.set_state(tensors["rng.loop"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], trainer.device)
-        trainer._order = tensors["data.order"].long()
-        trainer._position = int(meta["data_position"])
-        trainer.step = int(meta["step"])
-        trainer.seconds = float(meta["seconds"])
-        trainer.losses = tensors["log.losses"].tolist()
+        trainer = cls(UNet(UNetConfig.from_json(meta["unet_config"])), images, config, device=device or "cpu",
+                      conditioning=conditioning)
+        trainer.load(path)
         return trainer
 
     def export(self, path: str | Path, info: dict | None = None, use_ema: bool = True) -> Path:
@@ -515,7 +394,7 @@ class Trainer:
                    "train_config": dataclasses.asdict(self.config), "n_images": self.images.shape[0]}
         details.update(info or {})
         if self.is_main:                                    # under DDP: rank 0 writes, the others wait
-            ckpt.save_model(path, self.ema if use_ema else self.model, schedule=self.schedule,
+            ckpt.save_model(path, self.ema_model if use_ema else self.model, schedule=self.schedule,
                             prediction=self.config.prediction, info=details)
         distributed.barrier()
         return Path(path)

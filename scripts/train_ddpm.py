@@ -68,7 +68,8 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
         f"| file | `checkpoints/{NAME}.safetensors` (EMA weights, float16) |",
         f"| architecture | course_lib.unet preset `{args.preset}`, {params:,} parameters |",
         f"| data | Noto emoji, training split ({info['n_images']} images), 32 px |",
-        f"| objective | {tc['prediction']} prediction, {tc['schedule']} schedule, T = {tc['T']} |",
+        f"| objective | {tc['prediction']} prediction, {tc['schedule']} schedule"
+        f"{' rescaled to zero terminal SNR' if tc.get('zero_terminal_snr') else ''}, T = {tc['T']} |",
         f"| training | {info['steps']} steps, batch {tc['batch_size']}, AdamW lr {tc['lr']} "
         f"(warm-up {tc['warmup']}), grad clip {tc['grad_clip']}, EMA {tc['ema_decay']}, seed {tc['seed']} |",
         f"| hardware | {info.get('machine', 'unknown')} |",
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--schedule", default="cosine")
     parser.add_argument("--prediction", default="epsilon")
+    parser.add_argument("--zero-terminal-snr", action="store_true", help="rescale the schedule (Lin et al. 2024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None)
@@ -135,7 +137,8 @@ def main() -> None:
         else:
             torch.manual_seed(args.seed)
             config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=200,
-                                 schedule=args.schedule, prediction=args.prediction, seed=args.seed)
+                                 schedule=args.schedule, prediction=args.prediction, seed=args.seed,
+                                 zero_terminal_snr=args.zero_terminal_snr)
             trainer = Trainer(UNet(get_preset(args.preset)), images, config, device=args.device)
         trainer.train(checkpoint_path=state, checkpoint_every=100,
                       max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
