@@ -1,10 +1,12 @@
-"""Plotting helpers for the notebooks: image grids, strips of x_t over t, schedule curves.
+"""Plotting helpers for the notebooks: image grids, labelled rows of images, strips of x_t over t, schedule curves.
 
 Each function returns a matplotlib Figure (or an array) and never calls plt.show(),
 so it works inline in a notebook, inside an ipywidgets Output, or headless in a test.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -52,6 +54,51 @@ def show_images(images: torch.Tensor, nrow: int = 8, titles: list[str] | None = 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def show_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], col_titles: Sequence[str] | None = None,
+              title: str | None = None, size: float = 0.8) -> Figure:
+    """Rows of images with a label left of each row, optional titles over the columns and one over the figure.
+
+    rows         one (N, 3, H, W) tensor in [-1, 1] per row (clamped for display), the same N in every row
+    labels       one label per row ("\\n" starts a new line)
+    col_titles   N titles over the first row's images, or None
+    size         each image's width and height in inches
+    """
+    rows, labels = list(rows), [str(label) for label in labels]
+    if not rows:
+        raise ValueError("rows is empty; give one (N, 3, H, W) image tensor per row")
+    for i, row in enumerate(rows):
+        check_images(row, f"rows[{i}]", data_range=False)
+    lengths = [len(row) for row in rows]
+    n = lengths[0]
+    if n == 0 or any(k != n for k in lengths):
+        raise ValueError(f"every row must hold the same number of images (at least one); got {lengths} images "
+                         f"in the {len(rows)} rows")
+    if len(labels) != len(rows):
+        raise ValueError(f"labels must give one label per row: {len(rows)} rows, got {len(labels)} labels")
+    if col_titles is not None and len(col_titles) != n:
+        raise ValueError(f"col_titles must give one title per column: {n} columns, got {len(col_titles)} titles")
+    if not size > 0:
+        raise ValueError(f"size is each image's width in inches and must be positive; got {size}")
+    longest = max(len(line) for label in labels for line in label.split("\n"))
+    label_inches = min(3.0, max(1.2, 0.5 + 0.06 * longest))          # room for the row labels at fontsize 7
+    title_lines = max(str(t).count("\n") + 1 for t in col_titles) if col_titles else 0
+    height = size * len(rows) + 0.35 * bool(title) + 0.2 * title_lines
+    fig, axes = plt.subplots(len(rows), n, figsize=(size * n + label_inches, height), dpi=DPI, squeeze=False)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        for j, (ax, pixels) in enumerate(zip(axes[i], to_uint8(row.clamp(-1, 1)))):
+            ax.imshow(pixels, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])                       # not axis("off"): it would hide the label
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if i == 0 and col_titles:
+                ax.set_title(str(col_titles[j]), fontsize=7)
+        axes[i, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=0.3, w_pad=0.2)
     return fig
 
 

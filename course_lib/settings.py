@@ -1,4 +1,4 @@
-"""Run modes and devices: the one place the course reads its environment.
+"""Run modes and devices: the one place the course reads its environment, and `timed`, which times a call on it.
 
 Full mode is the default: the sizes a learner on an 8 GB GPU gets, with real
 results in minutes. Quick mode runs the same code with tiny sizes and a handful
@@ -12,7 +12,8 @@ In code, pick a size per mode with `choose(full=..., quick=...)`.
 from __future__ import annotations
 
 import os
-from typing import TypeVar
+import time
+from typing import Callable, TypeVar
 
 import torch
 
@@ -68,3 +69,20 @@ def describe_machine() -> str:
         return torch.cuda.get_device_name(0)
     threads = torch.get_num_threads()
     return f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """fn()'s result and the wall-clock seconds it took. Once CUDA is in use it waits for the GPU before starting
+    and before stopping the clock, since GPU work runs asynchronously and would otherwise go uncounted."""
+    if not callable(fn):
+        raise TypeError(f"timed takes a function of no arguments (e.g. lambda: model(x)); got {type(fn).__name__}")
+    _synchronize()
+    start = time.perf_counter()
+    result = fn()
+    _synchronize()
+    return result, time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_initialized():          # CUDA in use (never initialises it just to time a CPU call)
+        torch.cuda.synchronize()

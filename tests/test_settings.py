@@ -50,3 +50,17 @@ def test_suite_sets_a_mode():
 
 def test_default_device():
     assert settings.default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_timed_returns_the_result_and_the_seconds():
+    import time
+
+    result, seconds = settings.timed(lambda: time.sleep(0.02) or "done")
+    assert result == "done"
+    assert 0.02 <= seconds < 1.0
+    assert settings.timed(lambda: None)[1] >= 0
+
+
+def test_timed_refuses_what_is_not_a_function():
+    with pytest.raises(TypeError, match=r"function of no arguments .*got int"):
+        settings.timed(3)
