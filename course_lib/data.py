@@ -13,6 +13,9 @@ pixels it covers).
 The split is fixed: about one emoji in ten is held out, chosen by a hash of the
 base emoji, so all skin-tone variants of an emoji fall on the same side.
 
+`check_choice(name, value, valid)` refuses an option that is not one of its valid
+choices, naming them all; the loaders here and course_lib.metrics use it.
+
 Data sources (see data/emoji/LICENSES.md):
   [1] Noto Color Emoji, Google, Apache-2.0, via npm emoji-datasource-google 16.0.0
   [2] Twemoji, Twitter/X, CC-BY-4.0, via npm emoji-datasource-twitter 16.0.0
@@ -111,7 +114,9 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="area")
 
 
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
+    """Refuse an option that is not one of `valid`, naming the option, the value given and every valid choice:
+    check_choice("split", "test", SPLITS) raises ValueError("unknown split 'test'; choose from ['train', ...]")."""
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; choose from {list(valid)}")
 
@@ -124,8 +129,8 @@ def load_emoji(size: int = 32, split: str = "train", style: str = "noto",
     style "twemoji": the Twemoji image of the same emoji, where one exists.
     limit: keep only the first `limit` images (the order is fixed), e.g. for quick mode.
     """
-    _check_choice("style", style, STYLES)
-    _check_choice("split", split, SPLITS)
+    check_choice("style", style, STYLES)
+    check_choice("split", split, SPLITS)
     if not isinstance(size, int) or not 1 <= size <= MAX_EMOJI_SIZE:
         raise ValueError(f"size must be an int from 1 to {MAX_EMOJI_SIZE} (the shipped tiles are 64 px); got {size!r}")
     meta = _metadata()
@@ -151,7 +156,7 @@ def load_emoji(size: int = 32, split: str = "train", style: str = "noto",
 
 def load_photo(name: str = "astronaut", size: int = 128) -> torch.Tensor:
     """A public-domain photograph as a (3, size, size) float32 tensor in [-1, 1]."""
-    _check_choice("photo", name, PHOTOS)
+    check_choice("photo", name, PHOTOS)
     if not isinstance(size, int) or not 1 <= size <= 256:
         raise ValueError(f"size must be an int from 1 to 256 (the shipped photos are 256 px); got {size!r}")
     im = np.asarray(Image.open(data_dir() / "photos" / f"{name}.png").convert("RGB"))

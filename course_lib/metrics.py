@@ -1,19 +1,14 @@
-r"""Sample quality (FID, KID) in a fixed feature space, and a memorisation check.
+r"""Sample quality (FID, KID) in a fixed feature space, a memorisation check, and subject fidelity.
 
-FID and KID compare two sets of images through the features a frozen network gives them.
-The usual network is Inception-v3, whose weights cannot be downloaded offline, so the
-course ships its own: `FeatureNet`, a small CNN (0.3 M parameters, 0.6 MB in fp16)
-trained by `python scripts/train_feature_net.py` to name the Unicode *subcategory* of an
-emoji ("face-smiling", "animal-bird", "country-flag", ... 99 of them) from a 32 px image of
-the training split. Subcategories, not the 10 categories: "Smileys & Emotion" vs "People &
-Body" says little about shape, while 99 fine classes force the features to tell faces from
-hands from flags from birds, which is what a quality measure should notice. The features
-are the penultimate embedding: the global average pool of the last conv block (D = 128,
-the analogue of Inception's 2048-d pool3), centred and scaled once on the training images.
-Its norm layers are BatchNorm, frozen: unlike GroupNorm they keep noise and blur visible
-in the features (measured; see the training script). Numbers are comparable only within
-this feature space, never with published Inception FIDs. The model card, with accuracy,
-floors and FID under noise and blur, is checkpoints/feature_net.md.
+FID and KID compare two sets of images through the features a frozen network gives them. The usual network,
+Inception-v3, cannot be downloaded offline, so the course ships its own: `FeatureNet`, a small CNN (0.3 M
+parameters, 0.6 MB in fp16) trained by `python scripts/train_feature_net.py` to name the Unicode *subcategory* of
+a 32 px training emoji ("face-smiling", "animal-bird", ... 99 of them: the 10 categories say little about shape,
+while 99 fine classes make the features tell faces from hands from flags from birds). The features are the
+global average pool of the last conv block (D = 128, the analogue of Inception's 2048-d pool3), centred and
+scaled once on the training images; the network's BatchNorm layers, frozen, keep noise and blur visible in them
+(GroupNorm would not). Numbers are comparable only within this feature space, never with published Inception
+FIDs. The model card, with accuracy, floors and FID under noise and blur, is checkpoints/feature_net.md.
 
 Notation:
     f(x)            the D-dim feature of image x (`features`)
@@ -27,16 +22,18 @@ Equations:
     KID = MMD^2_unbiased = mean_{i!=j} k(a_i, a_j) + mean_{i!=j} k(b_i, b_j) - 2 mean_{i,j} k(a_i, b_j)  [2]
           averaged over random subsets; unbiased, so it can come out slightly negative.
 
-Sample size matters. FID is biased upward for small n [3]: two sets of real images drawn
-from the same distribution give a positive FID that shrinks as n grows. So a figure is
-only meaningful beside the real-versus-real *floor* at the same n (`floor`), and two
-figures only comparable at equal n; `evaluate` reports both. KID is unbiased but noisy
-at small n: read its std. The floor also holds the held-out images' shift from the training
-images, which the network has seen: a model that reproduced its training set would score it.
+Sample size matters. FID is biased upward for small n [3]: two sets of real images drawn from the same
+distribution give a positive FID that shrinks as n grows. So a figure is only meaningful beside the
+real-versus-real *floor* at the same n (`floor`), and two figures only comparable at equal n; `evaluate` reports
+both. KID is unbiased but noisy at small n: read its std. The floor also holds the held-out images' shift from
+the training images, which the network has seen: a model that reproduced its training set would score it.
 
-Memorisation: `memorisation` finds each sample's nearest training image (RMS distance
-in pixels or in features) and flags samples closer than a threshold, chosen from the
-distances held-out images (which no model has seen) have to their nearest training image.
+Memorisation: `memorisation` finds each sample's nearest training image (RMS distance in pixels or in features)
+and flags samples closer than a threshold, chosen from the distances held-out images (which no model has seen)
+have to their nearest training image.
+
+Subject fidelity (notebooks 11, 12): `subject_similarity`, DreamBooth's DINO score in this feature space, and
+`self_similarity`, the same score among the real images of a subject, the reference it is compared with.
 
 References:
   [1] Heusel et al. GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
@@ -57,8 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import checkpoints_dir
-from .data import _check_choice, load_emoji
+from .checkpoint import checkpoints_dir, read
+from .data import check_choice, load_emoji
 from .forward import check_images
 from .settings import default_device
 
@@ -78,9 +75,9 @@ class FeatureNetConfig:
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv -> BatchNorm -> SiLU. Frozen in eval mode, BatchNorm is a fixed affine map, so an
-    image's features do not depend on its batch, and (unlike GroupNorm, which divides out each
-    image's own response energy) noise in an image still shows in its features."""
+    """3x3 conv -> BatchNorm -> SiLU. Frozen in eval mode, BatchNorm is a fixed affine map, so an image's features
+    do not depend on its batch, and (unlike GroupNorm, which divides out each image's own response energy) noise
+    in an image still shows in its features."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -118,9 +115,9 @@ class FeatureNet(nn.Module):
         return self.stages(x).mean(dim=(2, 3))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The features: the pool, centred on the training images' mean and divided by one number
-        so the average per-dimension variance over the training images is 1 (the scale KID's
-        kernel (x.y / D + 1)^3 assumes; relative weights of the dimensions are left as learnt)."""
+        """The features: the pool, centred on the training images' mean and divided by one number so the average
+        per-dimension variance over the training images is 1 (the scale KID's kernel (x.y / D + 1)^3 assumes;
+        relative weights of the dimensions are left as learnt)."""
         return (self.pool(x) - self.feature_mean) / self.feature_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,9 +133,8 @@ _NETS: dict[tuple[str, str], FeatureNet] = {}
 
 
 def load_feature_net(device: torch.device | str | None = None) -> FeatureNet:
-    """The shipped FeatureNet, frozen, in eval mode and float32 (cached per file and device)."""
-    from safetensors import safe_open
-
+    """The shipped FeatureNet, frozen, in eval mode and float32 (cached per file and device). A damaged file
+    is refused by checkpoint.read, naming it."""
     device = torch.device(device) if device is not None else default_device()
     path = Path(FEATURE_NET_PATH)
     key = (str(path), str(device))
@@ -147,16 +143,13 @@ def load_feature_net(device: torch.device | str | None = None) -> FeatureNet:
     if not path.exists():
         raise FileNotFoundError(f"feature network checkpoint not found at {path}. Rebuild it (a few minutes "
                                 f"on a CPU) with `{REBUILD_COMMAND}` from the repository root.")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, meta = read(path)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 on disk
     config = json.loads(meta["config"])
     net = FeatureNet(FeatureNetConfig(**{**config, "channels": tuple(config["channels"])}),
                      classes=json.loads(meta["classes"]))
     net.load_state_dict(state)
-    # Default memorisation thresholds per space, measured by the training script (see `memorisation`).
-    net.memorisation_thresholds = json.loads(meta.get("memorisation_thresholds", "{}"))
+    net.memorisation_thresholds = json.loads(meta.get("memorisation_thresholds", "{}"))   # see `memorisation`
     net = net.to(device).eval().requires_grad_(False)
     _NETS[key] = net
     return net
@@ -175,8 +168,7 @@ def to_feature_size(images: torch.Tensor) -> torch.Tensor:
 def features(images: torch.Tensor, batch_size: int = 256, device: torch.device | str | None = None) -> torch.Tensor:
     """FeatureNet embeddings (N, D) float32 on the CPU of images (N, 3, H, W) in [-1, 1].
 
-    Any H, W is resized to 32 x 32; values outside [-1, 1] are clipped, as saving the
-    images to a file would."""
+    Any H, W is resized to 32 x 32; values outside [-1, 1] are clipped, as saving the images to a file would."""
     check_images(images, "images", data_range=False)
     if images.shape[1] != 3:
         raise ValueError(f"images must have 3 (RGB) channels; got shape {tuple(images.shape)}")
@@ -247,10 +239,10 @@ def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 100, subset
         seed: int = 0) -> tuple[float, float]:
     """KID: unbiased MMD^2, cubic polynomial kernel, mean and std over random subsets [2].
 
-    subset_size defaults to min(1000, N_a // 2, N_b // 2): each subset draws that many rows of each
-    set without replacement, so subsets differ even when a set is small (with subsets as large as
-    the set, every subset would be the same and the std 0). The std is the spread of one
-    subset's estimate, a conservative guide to the uncertainty of the mean."""
+    subset_size defaults to min(1000, N_a // 2, N_b // 2): each subset draws that many rows of each set without
+    replacement, so subsets differ even when a set is small (with subsets as large as the set, every subset would
+    be the same and the std 0). The std is the spread of one subset's estimate, a conservative guide to the
+    uncertainty of the mean."""
     a, b = _check_feats(feats_a, "feats_a"), _check_feats(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets must have the same dimension; got {a.shape[1]} and {b.shape[1]}")
@@ -262,8 +254,7 @@ def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 100, subset
     g = torch.Generator().manual_seed(seed)
     values = torch.stack([_mmd2_unbiased(a[torch.randperm(len(a), generator=g)[:m]],
                                          b[torch.randperm(len(b), generator=g)[:m]]) for _ in range(subsets)])
-    std = values.std().item() if subsets > 1 else 0.0
-    return values.mean().item(), std
+    return values.mean().item(), (values.std().item() if subsets > 1 else 0.0)
 
 
 # --- Quality against the emoji, with the real-versus-real floor ---------------------------------------
@@ -291,7 +282,7 @@ _REF_FEATS: dict[tuple[str, int, str], torch.Tensor] = {}
 
 def emoji_features(split: str, size: int = 32, device: torch.device | str | None = None) -> torch.Tensor:
     """Features of the Noto emoji of one split loaded at `size` px (cached per process)."""
-    _check_choice("split", split, REFERENCES)
+    check_choice("split", split, REFERENCES)
     key = (split, size, str(FEATURE_NET_PATH), str(device))
     if key not in _REF_FEATS:
         _REF_FEATS[key] = features(load_emoji(size=size, split=split).images, device=device)
@@ -312,7 +303,7 @@ def floor(n: int | None = None, size: int = 32, seed: int = 0, reference: str = 
     reference "train": n random held-out images against all training images (what a perfect model
         of the emoji that copies nothing would score); n from 2 to 398.
     FID is biased upward at small n [3], so compare a model's figure with the floor at its n."""
-    _check_choice("reference", reference, REFERENCES)
+    check_choice("reference", reference, REFERENCES)
     ref = emoji_features(reference, size, device)
     pool = emoji_features("train" if reference == "heldout" else "heldout", size, device)
     n = min(len(ref), len(pool)) if n is None else n  # 398 either way
@@ -330,7 +321,7 @@ def evaluate(samples: torch.Tensor, reference: str = "heldout", size: int | None
 
     The reference images are loaded at the samples' size (or `size`) and go through the same resize
     to 32 px, so a 16 px model is judged against 16 px emoji. The floor uses the same n as the samples."""
-    _check_choice("reference", reference, REFERENCES)
+    check_choice("reference", reference, REFERENCES)
     check_images(samples, "samples", data_range=False)
     size = size or samples.shape[-1]
     quality = _compare(features(samples, device=device), emoji_features(reference, size, device),
@@ -362,9 +353,9 @@ def nearest_neighbours(samples: torch.Tensor, train_images: torch.Tensor, space:
     (training images are area-resized to it); "features": RMS difference of FeatureNet features.
     train_features: the training images' features, if already computed (e.g. `emoji_features("train")`),
     to save recomputing them on every call in feature space.
-    Returns shapes (N,) for k = 1, else (N, k), nearest first. Distances come from
-    |a|^2 + |b|^2 - 2 a.b in float64, so an exact copy is at distance 0 (to ~1e-7)."""
-    _check_choice("space", space, SPACES)
+    Returns shapes (N,) for k = 1, else (N, k), nearest first. Distances come from |a|^2 + |b|^2 - 2 a.b in
+    float64, so an exact copy is at distance 0 (to ~1e-7)."""
+    check_choice("space", space, SPACES)
     check_images(samples, "samples", data_range=False)
     check_images(train_images, "train_images", data_range=False)
     if not isinstance(k, int) or not 1 <= k <= len(train_images):
@@ -420,15 +411,14 @@ def memorisation(samples: torch.Tensor, train_images: torch.Tensor, threshold: f
                  device: torch.device | str | None = None) -> MemorisationReport:
     """Flag samples whose nearest training image is closer than `threshold` (RMS distance).
 
-    The default threshold of each space is half the 1st percentile of the distances from held-out
-    images (new emoji, unseen by construction, so not memorised) to their nearest training image,
-    measured by scripts/train_feature_net.py and stored with the feature network (values on
-    checkpoints/feature_net.md). It flags copies and near-copies and almost never a new emoji
-    (it leaves out held-out images that are the same picture as a training image: a few emoji
-    are drawn identically, and those are rightly flagged). `train_features` as in `nearest_neighbours`.
-    Pixel space is the main check; feature space flags only (near-)exact copies, since different
-    emoji of one subcategory can sit close together there."""
-    _check_choice("space", space, SPACES)
+    The default threshold of each space is half the 1st percentile of the distances from held-out images (new emoji,
+    unseen by construction, so not memorised) to their nearest training image, measured by
+    scripts/train_feature_net.py and stored with the feature network (values on checkpoints/feature_net.md). It
+    flags copies and near-copies and almost never a new emoji (it leaves out held-out images that are the same
+    picture as a training image: a few emoji are drawn identically, and those are rightly flagged). `train_features`
+    as in `nearest_neighbours`. Pixel space is the main check; feature space flags only (near-)exact copies, since
+    different emoji of one subcategory can sit close together there."""
+    check_choice("space", space, SPACES)
     if threshold is None:
         thresholds = load_feature_net(device).memorisation_thresholds
         if space not in thresholds:
@@ -442,9 +432,9 @@ def memorisation(samples: torch.Tensor, train_images: torch.Tensor, threshold: f
 
 def subject_similarity(generated: torch.Tensor, references: torch.Tensor,
                        device: torch.device | str | None = None) -> float:
-    """Subject fidelity: the mean cosine similarity, in the feature net's space, between every generated
-    image and every reference image of the subject (DreamBooth's DINO score, with our feature net in
-    place of DINO). 1 = the same features; unrelated emoji score lower (see notebook 12 for the scale)."""
+    """Subject fidelity: the mean cosine similarity, in the feature net's space, between every generated image and
+    every reference image of the subject (DreamBooth's DINO score, with our feature net in place of DINO). 1 = the
+    same features; unrelated emoji score lower (see notebook 12 for the scale)."""
     a = F.normalize(features(generated, device=device), dim=-1)
     b = F.normalize(features(references, device=device), dim=-1)
     return float((a @ b.T).mean())
@@ -456,92 +446,5 @@ def self_similarity(images: torch.Tensor, device: torch.device | str | None = No
     if len(images) < 2:
         raise ValueError(f"self_similarity needs at least 2 images; got {len(images)}")
     f = F.normalize(features(images, device=device), dim=-1)
-    sims = f @ f.T
-    n = len(f)
+    sims, n = f @ f.T, len(f)
     return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
-
-
-
-# --- personalisation (notebook 12) ------------------------------------------------------------------
-
-PERSONALISATION_METHODS = ("DreamBooth", "LoRA-DreamBooth", "LiDB", "hypernetwork only",
-                           "hypernetwork + fast fine-tuning")
-
-
-def compare_personalisation(base, hyper, lidb_config, lidb_seed: int, subjects: list, *, db_steps: int = 400,
-                            fast_steps: int = 40, fast_rank: int = 4, fast_lr: float = 1e-3, seeds: int = 4,
-                            steps: int = 20, guidance_scale: float = 3.0, prior_images: int = 48,
-                            report=print) -> tuple[dict, dict, dict]:
-    """Notebook 12's comparison. For each subject (course_lib.dreambooth.Subject), every method gets the
-    default-tone image captioned "sks <class>" and is asked for the five other tones, `seeds` images each:
-
-      DreamBooth                        full fine-tuning with prior preservation, db_steps steps
-      LoRA-DreamBooth                   rank-4 LoRA with prior preservation, db_steps steps
-      LiDB                              the LiDB numbers alone, db_steps steps
-      hypernetwork only                 one forward pass of `hyper`
-      hypernetwork + fast fine-tuning   rank relaxation to rank fast_rank, fast_steps steps
-
-    Returns (records: method -> one dict per subject with seconds, subject (fidelity), prompt (CLIP score),
-    tone (accuracy); plus the rows "base model, class prompt" and "real images"; numbers: method -> numbers
-    trained; examples: subject name -> method -> the first seed's images of the five tones)."""
-    import time
-
-    from . import dreambooth as db
-    from . import hyperdreambooth as hd
-    from .lora import adapter_numbers
-    from .text import clip_score
-
-    asked = db.TONES[1:]
-
-    def scores(images, s, tones, real=False):
-        class_prompts = [s.prompt(t, None) for t in tones]
-        return dict(subject=self_similarity(images) if real else subject_similarity(images, s.images[1:]),
-                    prompt=clip_score(base.clip, base.tokenizer, images, class_prompts).mean().item(),
-                    tone=db.tone_accuracy(base.clip, base.tokenizer, images, s, tones))
-
-    tones = [t for t in asked for _ in range(seeds)]
-    records = {m: [] for m in PERSONALISATION_METHODS + ("base model, class prompt", "real images")}
-    counts = hd.lidb_numbers(base.unet, lidb_config)
-    numbers = {"DreamBooth": counts["full"], "LoRA-DreamBooth": counts["lora_rank4"], "LiDB": counts["lidb"],
-               "hypernetwork only": 0, "hypernetwork + fast fine-tuning": None}
-    examples: dict = {}
-    for s in subjects:
-        one, prompt, cls = s.images[:1], [s.prompt("")], [s.prompt("", None)]
-        out = {}
-        for name, method in (("DreamBooth", "full"), ("LoRA-DreamBooth", "lora")):
-            r = db.dreambooth(base, one, prompt, cls, db.DreamBoothConfig(
-                method=method, steps=db_steps, prior_images=prior_images, prior_steps=steps,
-                guidance_scale=guidance_scale))
-            out[name] = (r.seconds + r.prior_seconds, r.pipe)
-        p = hd.personal_pipeline(base)
-        lidb = hd.LiDB(p.unet, lidb_config, seed=lidb_seed)
-        fit = hd.fit_lidb(p, lidb, hd.subject_data(p, [s], tones=("",)), steps=db_steps, batch_size=4)
-        lidb.set(fit.weights)
-        out["LiDB"] = (fit.seconds, p)
-        p = hd.personal_pipeline(base)
-        lidb = hd.LiDB(p.unet, lidb_config, seed=lidb_seed)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            w = hyper(one.to(base.device), lidb.init_weights(1)[0])
-        t_hyper = time.perf_counter() - t0
-        lidb.set(w)
-        out["hypernetwork only"] = (t_hyper, p)
-        q = hd.personal_pipeline(base)
-        q_lidb = hd.LiDB(q.unet, lidb_config, seed=lidb_seed)
-        fast = hd.fast_finetune(q, q_lidb, w, one, prompt, rank=fast_rank, steps=fast_steps, lr=fast_lr)
-        numbers["hypernetwork + fast fine-tuning"] = adapter_numbers(q.unet)
-        out["hypernetwork + fast fine-tuning"] = (t_hyper + fast.seconds, q)
-        for name, (seconds, pipe) in out.items():
-            images = pipe([s.prompt(t) for t in tones], seed=1000, steps=steps, guidance_scale=guidance_scale)
-            records[name].append(dict(seconds=seconds, **scores(images, s, tones)))
-            examples.setdefault(s.name, {})[name] = images[::seeds]
-        base_images = base([s.prompt(t, None) for t in tones], seed=1000, steps=steps, guidance_scale=guidance_scale)
-        records["base model, class prompt"].append(dict(seconds=0.0, **scores(base_images, s, tones)))
-        records["real images"].append(dict(seconds=0.0, **scores(s.images[1:], s, list(asked), real=True)))
-        report(f"{s.name}: done")
-    return records, numbers, examples
-
-
-def summarise(records: dict) -> dict:
-    """method -> the mean over subjects of each measure in `records` (from compare_personalisation)."""
-    return {m: {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} for m, rows in records.items() if rows}

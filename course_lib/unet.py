@@ -1,4 +1,4 @@
-r"""The U-Net that predicts the noise: time embedding, ResBlocks, attention, and the U itself.
+r"""The U-Net that predicts the noise: time embedding, ResBlocks, down/up sampling, and the U itself.
 
 The network takes a noisy image x_t and its timestep t and returns a tensor of the same shape
 (the predicted noise, clean image or v, depending on how it is trained; see course_lib.forward).
@@ -11,48 +11,31 @@ The network takes a noisy image x_t and its timestep t and returns a tensor of t
     out <- conv_out <- [cat(h, skip) -> ResBlock (+Attention)] x n <- Upsample <- ... <- middle
 
 Pieces (each a few lines below):
-    timestep_embedding   sinusoids of t at geometric frequencies (Vaswani et al. 2017; Ho et al. 2020)
+    timestep_embedding   sinusoids of t at geometric frequencies (Vaswani et al. 2017; Ho et al. 2020 [1])
     ResBlock             GroupNorm -> SiLU -> conv -> add time (scale-and-shift or addition) -> GroupNorm
-                         -> SiLU -> conv, plus a residual path (He et al. 2016)
-    SelfAttention        multi-head self-attention over the H*W positions, with
-                         torch.nn.functional.scaled_dot_product_attention
+                         -> SiLU -> conv, plus a residual path (He et al. 2016 [3])
     Downsample/Upsample  a stride-2 conv; nearest-neighbour x2 then a conv
-    CrossAttention, FeedForward, TransformerBlock, SpatialTransformer
-                         text conditioning, used in place of SelfAttention when context_dim is set (below)
+    Block                a ResBlock, then attention where the config asks for it (course_lib.attention):
+                         SelfAttention (notebook 03), or a SpatialTransformer if context_dim is set (notebook 09)
     UNet                 the U: the skip connections are a plain Python list in `forward`
 
-The layout follows DDPM (Ho et al. 2020, arXiv 2006.11239) with the scale-and-shift time conditioning
-of Dhariwal & Nichol 2021 (arXiv 2105.05233). `UNetConfig` is the whole description of a network;
-`PRESETS` names the pixel-space sizes the course uses, `SD_PRESETS` the text-conditioned latent ones,
-and `preset_table()` counts their parameters.
+The layout follows DDPM [1] with the scale-and-shift time conditioning of [2]. `UNetConfig` is the whole
+description of a network; `PRESETS` names the pixel-space sizes the course uses, `SD_PRESETS` the
+text-conditioned latent ones [4], and `preset_table()` counts their parameters. With context_dim set the
+U-Net is called as `UNet(x_t, t, context, context_mask)`, context (B, L, context_dim) being the text
+encoder's states; an unconditional one (context_dim=None, the default) takes no context. Inputs are floats
+in the parameters' dtype (float32 unless the model was cast), or any float but float64 under torch.autocast.
 
-Conditioning on text (Stable Diffusion; Rombach et al. 2022, arXiv 2112.10752, Sec. 3.3 and Fig. 3).
-A text encoder turns a prompt into L token states, the context c of shape (B, L, D). With
-`UNetConfig(context_dim=D)` every attention layer of the U becomes a SpatialTransformer, where each image
-position can look at every text token:
+SD 1.5's own U-Net (course_lib.sd, notebook 13) is this network with `num_heads=8` (wider levels get wider
+heads), `time_conditioning="add"` and `sd_skips=True`: conv_in's output and every downsampled map are skips
+too, and each level on the way up has one more Block to use them (SD 1.5: 12 skips, 3 Blocks a level up).
 
-    x (B, C, H, W) -> GroupNorm -> 1x1 conv (proj_in) -> tokens (B, H*W, C)
-        -> [TransformerBlock] x transformer_depth -> back to (B, C, H, W) -> 1x1 conv (proj_out) -> + x
-
-    TransformerBlock, pre-LayerNorm, each part with a residual path (SD's BasicTransformerBlock):
-        h = h + SelfAttention(LayerNorm(h))          image tokens attend to each other
-        h = h + CrossAttention(LayerNorm(h), c)      ... and to the text: Q from h, K and V from c
-        h = h + FeedForward(LayerNorm(h))            GEGLU (Shazeer 2020, arXiv 2002.05202)
-
-    CrossAttention:  Q = h W_q (B, N, C),  K = c W_k,  V = c W_v (B, L, C),
-                     out = softmax(Q K^T / sqrt(d) + M) V,   M = 0 at real tokens, -inf at padding
-    (per head, d = head_channels). The mask (B, L), True at real tokens, keeps padding out of the softmax,
-    so what a padded prompt produces does not depend on what the padding holds.
-
-Stable Diffusion's own U-Net (course_lib.sd) is this network with three settings: `num_heads=8` (a fixed
-number of heads, so wider levels get wider heads), `time_conditioning="add"`, and `sd_skips=True`: conv_in's
-output and every downsampled map are kept as skips too, and each level on the way up has one more Block to
-use them (for SD 1.5: 12 skips, 3 Blocks per level going up).
-
-proj_out starts at zero, so a new SpatialTransformer is the identity and training begins from the plain
-ResBlock path. The context is the same at every timestep and every level; the timestep still enters through
-the ResBlocks. `UNet(x_t, t, context, context_mask)`; an unconditional U-Net (context_dim=None, the
-default) is exactly the DDPM network above and takes no context.
+References:
+  [1] Ho, Jain, Abbeel 2020, Denoising Diffusion Probabilistic Models. https://arxiv.org/abs/2006.11239
+  [2] Dhariwal, Nichol 2021, Diffusion Models Beat GANs on Image Synthesis. https://arxiv.org/abs/2105.05233
+  [3] He et al. 2016, Deep Residual Learning for Image Recognition. https://arxiv.org/abs/1512.03385
+  [4] Rombach et al. 2022, High-Resolution Image Synthesis with Latent Diffusion Models.
+      https://arxiv.org/abs/2112.10752
 """
 
 from __future__ import annotations
@@ -64,9 +47,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .attention import SelfAttention, SpatialTransformer, check_context
 
 TIME_CONDITIONING = ("scale_shift", "add")
 
@@ -112,8 +96,7 @@ class UNetConfig:
             if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
                 raise ValueError(f"num_heads must be a positive int (or None to use head_channels); "
                                  f"got {self.num_heads!r}")
-            bad = [c for c in self.channels if c % self.num_heads]
-            if bad:
+            if any(c % self.num_heads for c in self.channels):
                 raise ValueError(f"num_heads={self.num_heads} must divide every level's channels; "
                                  f"got channels={self.channels}")
         if self.time_conditioning not in TIME_CONDITIONING:
@@ -123,13 +106,12 @@ class UNetConfig:
             raise ValueError(f"channels[0] sets the time embedding's width and must be even; got {self.channels[0]}")
         if self.blocks_per_level < 1:
             raise ValueError(f"blocks_per_level must be at least 1; got {self.blocks_per_level}")
-        if self.context_dim is not None and (isinstance(self.context_dim, bool) or not isinstance(self.context_dim, int)
-                                             or self.context_dim < 1):
+        D, depth = self.context_dim, self.transformer_depth
+        if D is not None and (isinstance(D, bool) or not isinstance(D, int) or D < 1):
             raise ValueError(f"context_dim must be a positive int (the text encoder's width) or None for an "
-                             f"unconditional U-Net; got {self.context_dim!r}")
-        if isinstance(self.transformer_depth, bool) or not isinstance(self.transformer_depth, int) \
-                or self.transformer_depth < 1:
-            raise ValueError(f"transformer_depth must be an int of at least 1; got {self.transformer_depth!r}")
+                             f"unconditional U-Net; got {D!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"transformer_depth must be an int of at least 1; got {depth!r}")
         self.check_size(self.image_size)
 
     @property
@@ -156,8 +138,7 @@ class UNetConfig:
                              f"{self.levels - 1} times); got {size}")
 
     def __repr__(self) -> str:
-        # An unconditional config leaves out the conditioning fields at their defaults, so it reads as it
-        # did before they existed.
+        """Fields at their defaults that only SD or text conditioning use are left out."""
         skip = [f for f in ("num_heads", "sd_skips") if getattr(self, f) == UNetConfig.__dataclass_fields__[f].default]
         if not self.conditional:
             skip += [f for f in ("context_dim", "transformer_depth")
@@ -190,9 +171,8 @@ PRESETS: dict[str, UNetConfig] = {
                        attention=(False, True, True), head_channels=32, norm_groups=8),
 }
 
-# Text-conditioned latent U-Nets (notebooks 07 and 09): they denoise 4-channel VAE latents (8x8 for 32 px
-# emoji) and cross-attend to text states of width context_dim. Kept apart from PRESETS, whose entries all
-# take 3-channel images and no context (notebook 03 loops over them).
+# Text-conditioned latent U-Nets (notebooks 07 and 09): 4-channel VAE latents (8x8 for 32 px emoji), cross-
+# attending to text states of width context_dim. Apart from PRESETS (3 channels, no context; 03 loops over them).
 SD_PRESETS: dict[str, UNetConfig] = {
     # quick mode and tests: seconds on a CPU
     "sd_tiny": UNetConfig(image_size=8, in_channels=4, out_channels=4, channels=(32, 64), blocks_per_level=1,
@@ -254,7 +234,8 @@ class TimeEmbedding(nn.Module):
                                  nn.Linear(time_channels, time_channels))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.base_channels))
+        # the sinusoids are computed in float32, then cast to the MLP's dtype (a no-op unless the model was cast)
+        return self.mlp(timestep_embedding(t, self.base_channels).to(self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -288,151 +269,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v written out, for q (B, heads, N_q, d) and k, v (B, heads, N_k, d). SDPA
-    computes the same thing without storing the N_q x N_k matrix when it can (flash / memory-efficient kernels).
-
-    mask: optional bool, broadcastable to (B, heads, N_q, N_k), True where a query may attend to a key (SDPA's
-    convention for a bool attn_mask). Masked scores become -inf, so they get weight exactly 0 after the
-    softmax; every query needs at least one key it may attend to, or its row is 0/0 = NaN."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])               # (B, heads, N_q, N_k)
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True: attend); got dtype {mask.dtype}")
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the H*W positions of a feature map, with a residual path."""
-
-    def __init__(self, channels: int, head_channels: int = 32, norm_groups: int = 8, eps: float = 1e-5):
-        super().__init__()
-        if channels % head_channels:
-            raise ValueError(f"channels ({channels}) must be divisible by head_channels ({head_channels})")
-        self.heads = channels // head_channels
-        self.norm = nn.GroupNorm(norm_groups, channels, eps=eps)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.out = nn.Linear(channels, channels)
-
-    def forward(self, x: torch.Tensor, naive: bool = False) -> torch.Tensor:
-        B, C, H, W = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)                        # (B, N, C), N = H*W
-        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
-        q, k, v = (z.reshape(B, H * W, self.heads, C // self.heads).transpose(1, 2) for z in (q, k, v))
-        h = naive_attention(q, k, v) if naive else F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(1, 2).reshape(B, H * W, C)                              # heads back together
-        return x + self.out(h).transpose(1, 2).reshape(B, C, H, W)
-
-
-class CrossAttention(nn.Module):
-    r"""Multi-head attention from image tokens x (B, N, C) to context tokens c (B, L, D), e.g. text states.
-
-        Q = x W_q,  K = c W_k,  V = c W_v          (no biases, as in SD; K and V map D -> C)
-        out = W_out concat_heads(softmax(Q K^T / sqrt(d) + M) V),    d = head_channels
-
-    M is 0 where mask (B, L) is True (a real token) and -inf at padding. With context=None it is plain
-    self-attention over x (the first attention of a TransformerBlock; then context_dim must equal query_dim).
-    There is no norm and no residual here: TransformerBlock adds both."""
-
-    def __init__(self, query_dim: int, context_dim: int, head_channels: int = 32):
-        super().__init__()
-        if query_dim % head_channels:
-            raise ValueError(f"query_dim ({query_dim}) must be divisible by head_channels ({head_channels})")
-        self.heads = query_dim // head_channels
-        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_out = nn.Linear(query_dim, query_dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                naive: bool = False) -> torch.Tensor:
-        context = x if context is None else context
-        B, N, C = x.shape              # batch, image tokens, channels
-        L = context.shape[1]           # context tokens
-        q = rearrange(self.to_q(x), "b n (heads d) -> b heads n d", heads=self.heads)
-        k = rearrange(self.to_k(context), "b l (heads d) -> b heads l d", heads=self.heads)
-        v = rearrange(self.to_v(context), "b l (heads d) -> b heads l d", heads=self.heads)
-        attn_mask = None
-        if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor, True at real tokens; got dtype {mask.dtype}")
-            if mask.shape != (B, L):
-                raise ValueError(f"mask must have shape (B, L) = ({B}, {L}); got {tuple(mask.shape)}")
-            attn_mask = mask[:, None, None, :]                                   # (B, 1, 1, L): every head, every query
-        if naive:
-            h = naive_attention(q, k, v, attn_mask)
-        else:
-            h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)     # (B, heads, N, d)
-        return self.to_out(rearrange(h, "b heads n d -> b n (heads d)"))
-
-    def extra_repr(self) -> str:
-        return f"heads={self.heads}"
-
-
-class FeedForward(nn.Module):
-    """GEGLU feed-forward (Shazeer 2020, arXiv 2002.05202), as in SD: [a, g] = proj(x), out(a * GELU(g)).
-
-    The gate g decides, per channel, how much of a passes; inner width mult * dim."""
-
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
-        super().__init__()
-        inner = mult * dim
-        self.proj = nn.Linear(dim, 2 * inner)
-        self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(inner, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return self.out(self.dropout(a * F.gelu(gate)))
-
-
-class TransformerBlock(nn.Module):
-    """Pre-LayerNorm self-attention, cross-attention to the context, and a GEGLU feed-forward, each added to
-    the tokens (SD's BasicTransformerBlock; Rombach et al. 2022, Fig. 3)."""
-
-    def __init__(self, dim: int, context_dim: int, head_channels: int = 32, dropout: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = CrossAttention(dim, dim, head_channels)              # self-attention (context = tokens)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = CrossAttention(dim, context_dim, head_channels)      # cross-attention to the text
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim, dropout=dropout)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if context is None:
-            raise ValueError("TransformerBlock needs a context (B, L, context_dim) to cross-attend to")
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, mask)
-        return x + self.ff(self.norm3(x))
-
-
-class SpatialTransformer(nn.Module):
-    """A feature map as H*W tokens through `depth` TransformerBlocks, with a residual path (Rombach et al. 2022):
-    GroupNorm -> 1x1 conv -> tokens -> blocks -> feature map -> 1x1 conv (zero at init) -> + x."""
-
-    def __init__(self, channels: int, context_dim: int, head_channels: int = 32, depth: int = 1,
-                 norm_groups: int = 8, dropout: float = 0.0):
-        super().__init__()
-        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)           # SD's eps
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.blocks = nn.ModuleList(TransformerBlock(channels, context_dim, head_channels, dropout)
-                                    for _ in range(depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.proj_out.weight)      # a new transformer adds nothing: x passes through unchanged
-        nn.init.zeros_(self.proj_out.bias)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, C, H, W = x.shape                      # batch, channels, height, width
-        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")   # (B, H*W, C)
-        for block in self.blocks:
-            h = block(h, context, mask)
-        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
-        return x + self.proj_out(h)
-
-
 class Downsample(nn.Module):
     """A 3x3 conv with stride 2. asymmetric=True pads only the right and bottom by one (SD's autoencoder) instead
     of one on every side: the same output size, sampled half a pixel further up and left."""
@@ -449,6 +285,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -500,8 +338,7 @@ class UNet(nn.Module):
 
         # Down: at each level, blocks_per_level Blocks (each leaves a skip), then halve the resolution.
         # skip_channels follows the skips forward will keep, so the way up knows what it concatenates.
-        self.down = nn.ModuleList()
-        self.downsample = nn.ModuleList()
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         c_in = ch[0]
         skip_channels = [ch[0]] if cfg.sd_skips else []
         for level, c in enumerate(ch):
@@ -520,8 +357,7 @@ class UNet(nn.Module):
 
         # Up: mirror image; each Block first concatenates the matching skip from the way down (the last one kept
         # is the first used). With sd_skips there is one more Block per level, for the extra skips.
-        self.up = nn.ModuleList()
-        self.upsample = nn.ModuleList()
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         c_in = ch[-1]
         for level in reversed(range(cfg.levels)):
             c = ch[level]
@@ -545,48 +381,44 @@ class UNet(nn.Module):
         cfg = self.config
         if not x.is_floating_point():
             raise TypeError(f"x must be a float tensor (images scaled to [-1, 1]); got dtype {x.dtype}")
+        self.check_dtype("x", x)
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must have shape (B, {cfg.in_channels}, H, W); got {tuple(x.shape)}")
         cfg.check_size(x.shape[2], "image height")
         cfg.check_size(x.shape[3], "image width")
         t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must be one timestep per image, shape ({x.shape[0]},); got {tuple(t.shape)}")
         return t
 
+    def check_dtype(self, name: str, value: torch.Tensor) -> None:
+        """An input must have the parameters' dtype, except under torch.autocast, whose layers cast any float
+        but float64 themselves. Refused here, it would reach torch's "Input type (double) and bias type (float)"."""
+        expected = self.conv_in.weight.dtype
+        if value.dtype == expected or (value.dtype != torch.float64 and torch.is_autocast_enabled(value.device.type)):
+            return
+        raise TypeError(f"{name} has dtype {value.dtype} but this U-Net's parameters are {expected}: cast the input "
+                        f"({name}.to({expected}); {name}.float() for float32), or the model to the input's dtype "
+                        f"(model.half() for float16, model.to(dtype)), or run float16/bfloat16 inputs under "
+                        f"torch.autocast")
+
     def check_context(self, x: torch.Tensor, context: torch.Tensor | None,
                       context_mask: torch.Tensor | None) -> None:
         """A conditional U-Net needs context (B, L, context_dim) and takes an optional bool mask (B, L) with at
-        least one True per row; an unconditional one takes neither."""
+        least one True per row (see attention.check_context); an unconditional one takes neither."""
         D = self.config.context_dim
         if D is None:
             if context is not None or context_mask is not None:
                 raise ValueError("this U-Net is unconditional (config.context_dim is None) and takes no context; "
                                  "build one with context_dim set (e.g. get_preset('sd_tiny')) to condition on text")
             return
-        B = x.shape[0]
         if context is None:
             raise ValueError(f"this U-Net is text-conditioned (context_dim={D}): pass context, the text encoder's "
-                             f"states, shape (B, L, {D}) = ({B}, tokens, {D}); for an unconditional prediction "
-                             f"pass the empty prompt's states")
-        if not isinstance(context, torch.Tensor) or not context.is_floating_point():
-            raise TypeError(f"context must be a float tensor of shape ({B}, L, {D}); got "
-                            f"{context.dtype if isinstance(context, torch.Tensor) else type(context).__name__}")
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != D:
-            raise ValueError(f"context must have shape (B, L, context_dim) = ({B}, L, {D}), one row of text states "
-                             f"per image; got {tuple(context.shape)}")
-        if context_mask is not None:
-            if not isinstance(context_mask, torch.Tensor) or context_mask.dtype != torch.bool:
-                raise TypeError(f"context_mask must be a bool tensor, True at real tokens and False at padding; "
-                                f"got {getattr(context_mask, 'dtype', type(context_mask).__name__)}")
-            if context_mask.shape != context.shape[:2]:
-                raise ValueError(f"context_mask must have shape (B, L) = {tuple(context.shape[:2])}, like context's "
-                                 f"first two axes; got {tuple(context_mask.shape)}")
-            if not bool(context_mask.any(dim=1).all()):
-                raise ValueError("every row of context_mask needs at least one True (a real token): a prompt of "
-                                 "padding only leaves cross-attention nothing to attend to")
+                             f"states, shape (B, L, {D}) = ({x.shape[0]}, tokens, {D}); for an unconditional "
+                             f"prediction pass the empty prompt's states")
+        check_context(context, context_mask, x.shape[0], D)
+        self.check_dtype("context", context)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:

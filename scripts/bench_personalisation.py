@@ -4,7 +4,7 @@
     python scripts/bench_personalisation.py --subjects 4     # the first 4, as notebook 12 on a CPU
 
 Every method gets one image per subject (the default tone) and is asked for the five other tones; see
-course_lib.metrics.compare_personalisation. Prints the table and writes it to results/personalisation.json.
+course_lib.benchmark.compare_personalisation. Prints the table and writes it to results/personalisation.json.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from course_lib import dreambooth as db  # noqa: E402
 from course_lib import hyperdreambooth as hd  # noqa: E402
+from course_lib.benchmark import PERSONALISATION_METHODS, compare_personalisation, summarise  # noqa: E402
 from course_lib.checkpoint import shipped  # noqa: E402
-from course_lib.metrics import PERSONALISATION_METHODS, compare_personalisation, summarise  # noqa: E402
 from course_lib.pipeline import TextToImage  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 

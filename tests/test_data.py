@@ -149,6 +149,13 @@ def test_unknown_split_lists_valid_ones():
         assert split in str(info.value)
 
 
+def test_check_choice_is_public_and_names_every_valid_choice():
+    data.check_choice("split", "train", data.SPLITS)                  # a valid choice passes silently
+    with pytest.raises(ValueError, match=r"unknown split 'test'; choose from \['train', 'heldout', 'all'\]"):
+        data.check_choice("split", "test", data.SPLITS)
+    assert data.check_choice.__doc__ and not hasattr(data, "_check_choice")
+
+
 @pytest.mark.parametrize("size", [0, 65, 32.0, -1])
 def test_bad_size_names_range(size):
     with pytest.raises(ValueError, match="1 to 64"):

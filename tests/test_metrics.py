@@ -1,7 +1,11 @@
 """course_lib.metrics: FID and KID against first principles and closed forms, the shipped feature
-space's behaviour on real emoji, the floor, and the memorisation check."""
+space's behaviour on real emoji, the floor, and the memorisation check; metrics only measures (it imports
+no personalisation method: notebook 12's benchmark is course_lib.benchmark)."""
 
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,6 +165,22 @@ def test_missing_checkpoint_names_the_command(monkeypatch, tmp_path):
     monkeypatch.setattr(metrics, "FEATURE_NET_PATH", tmp_path / "feature_net.safetensors")
     with pytest.raises(FileNotFoundError, match="python scripts/train_feature_net.py"):
         metrics.load_feature_net("cpu")
+
+
+def test_a_damaged_feature_net_file_is_named(monkeypatch, tmp_path):
+    path = tmp_path / "feature_net.safetensors"
+    path.write_bytes(metrics.FEATURE_NET_PATH.read_bytes()[:1000])          # truncated
+    monkeypatch.setattr(metrics, "FEATURE_NET_PATH", path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " is not a readable safetensors file .* truncated"):
+        metrics.load_feature_net("cpu")
+
+
+def test_metrics_imports_no_personalisation_method():
+    code = ("import sys, course_lib.metrics; print(sorted(m for m in sys.modules if m.startswith('course_lib.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for method in ("lora", "dreambooth", "hyperdreambooth", "benchmark", "pipeline", "text", "clip", "sd"):
+        assert f"'course_lib.{method}'" not in loaded, f"course_lib.metrics imports course_lib.{method}: {loaded}"
+    assert not hasattr(metrics, "compare_personalisation") and not hasattr(metrics, "PERSONALISATION_METHODS")
 
 
 # --- Memorisation --------------------------------------------------------------------------------------

@@ -1,0 +1,114 @@
+"""Notebook 12's benchmark: five ways to personalise the tiny Stable Diffusion, measured side by side.
+
+For each held-out subject (an emoji with six skin tones, course_lib.dreambooth.Subject) every method is given
+one image, the default tone captioned "sks <class>", and asked for the five other tones:
+
+    DreamBooth                        full fine-tuning with prior preservation [1]
+    LoRA-DreamBooth                   rank-4 LoRA adapters [2] trained with the same loss
+    LiDB                              HyperDreamBooth's lightweight DreamBooth: rank-1 in a frozen random basis [3]
+    hypernetwork only                 one forward pass of the hypernetwork predicting the LiDB weights [3]
+    hypernetwork + fast fine-tuning   that prediction, then rank-relaxed fast fine-tuning [3]
+
+Each is scored on what it costs (seconds, numbers trained) and what it gives: subject fidelity (feature-space
+similarity to the subject's real images, course_lib.metrics.subject_similarity), prompt fidelity (the mini
+CLIP's score of the class prompt, course_lib.clip.clip_score) and tone accuracy (course_lib.dreambooth). Two
+reference rows bracket the scores: the base model given the class prompt, and the real images themselves.
+
+This module sits above the methods it compares (it imports dreambooth, hyperdreambooth and lora), so that
+course_lib.metrics only measures and imports none of them. scripts/bench_personalisation.py runs it over
+more subjects for the README.
+
+References:
+  [1] Ruiz et al. 2023, DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation.
+      https://arxiv.org/abs/2208.12242
+  [2] Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models. https://arxiv.org/abs/2106.09685
+  [3] Ruiz et al. 2024, HyperDreamBooth: HyperNetworks for Fast Personalization of Text-to-Image Models.
+      https://arxiv.org/abs/2307.06949
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import dreambooth as db
+from . import hyperdreambooth as hd
+from .clip import clip_score
+from .lora import adapter_numbers
+from .metrics import self_similarity, subject_similarity
+
+PERSONALISATION_METHODS = ("DreamBooth", "LoRA-DreamBooth", "LiDB", "hypernetwork only",
+                           "hypernetwork + fast fine-tuning")
+
+
+def compare_personalisation(base, hyper, lidb_config, lidb_seed: int, subjects: list, *, db_steps: int = 400,
+                            fast_steps: int = 40, fast_rank: int = 4, fast_lr: float = 1e-3, seeds: int = 4,
+                            steps: int = 20, guidance_scale: float = 3.0, prior_images: int = 48,
+                            report=print) -> tuple[dict, dict, dict]:
+    """Notebook 12's comparison. For each subject (course_lib.dreambooth.Subject), every method gets the
+    default-tone image captioned "sks <class>" and is asked for the five other tones, `seeds` images each:
+
+      DreamBooth                        full fine-tuning with prior preservation, db_steps steps
+      LoRA-DreamBooth                   rank-4 LoRA with prior preservation, db_steps steps
+      LiDB                              the LiDB numbers alone, db_steps steps
+      hypernetwork only                 one forward pass of `hyper`
+      hypernetwork + fast fine-tuning   rank relaxation to rank fast_rank, fast_steps steps
+
+    Returns (records: method -> one dict per subject with seconds, subject (fidelity), prompt (CLIP score),
+    tone (accuracy); plus the rows "base model, class prompt" and "real images"; numbers: method -> numbers
+    trained; examples: subject name -> method -> the first seed's images of the five tones)."""
+    asked = db.TONES[1:]
+
+    def scores(images, s, tones, real=False):
+        class_prompts = [s.prompt(t, None) for t in tones]
+        return dict(subject=self_similarity(images) if real else subject_similarity(images, s.images[1:]),
+                    prompt=clip_score(base.clip, base.tokenizer, images, class_prompts).mean().item(),
+                    tone=db.tone_accuracy(base.clip, base.tokenizer, images, s, tones))
+
+    tones = [t for t in asked for _ in range(seeds)]
+    records = {m: [] for m in PERSONALISATION_METHODS + ("base model, class prompt", "real images")}
+    counts = hd.lidb_numbers(base.unet, lidb_config)
+    numbers = {"DreamBooth": counts["full"], "LoRA-DreamBooth": counts["lora_rank4"], "LiDB": counts["lidb"],
+               "hypernetwork only": 0, "hypernetwork + fast fine-tuning": None}
+    examples: dict = {}
+    for s in subjects:
+        one, prompt, cls = s.images[:1], [s.prompt("")], [s.prompt("", None)]
+        out = {}
+        for name, method in (("DreamBooth", "full"), ("LoRA-DreamBooth", "lora")):
+            r = db.dreambooth(base, one, prompt, cls, db.DreamBoothConfig(
+                method=method, steps=db_steps, prior_images=prior_images, prior_steps=steps,
+                guidance_scale=guidance_scale))
+            out[name] = (r.seconds + r.prior_seconds, r.pipe)
+        p = hd.personal_pipeline(base)
+        lidb = hd.LiDB(p.unet, lidb_config, seed=lidb_seed)
+        fit = hd.fit_lidb(p, lidb, hd.subject_data(p, [s], tones=("",)), steps=db_steps, batch_size=4)
+        lidb.set(fit.weights)
+        out["LiDB"] = (fit.seconds, p)
+        p = hd.personal_pipeline(base)
+        lidb = hd.LiDB(p.unet, lidb_config, seed=lidb_seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            w = hyper(one.to(base.device), lidb.init_weights(1)[0])
+        t_hyper = time.perf_counter() - t0
+        lidb.set(w)
+        out["hypernetwork only"] = (t_hyper, p)
+        q = hd.personal_pipeline(base)
+        q_lidb = hd.LiDB(q.unet, lidb_config, seed=lidb_seed)
+        fast = hd.fast_finetune(q, q_lidb, w, one, prompt, rank=fast_rank, steps=fast_steps, lr=fast_lr)
+        numbers["hypernetwork + fast fine-tuning"] = adapter_numbers(q.unet)
+        out["hypernetwork + fast fine-tuning"] = (t_hyper + fast.seconds, q)
+        for name, (seconds, pipe) in out.items():
+            images = pipe([s.prompt(t) for t in tones], seed=1000, steps=steps, guidance_scale=guidance_scale)
+            records[name].append(dict(seconds=seconds, **scores(images, s, tones)))
+            examples.setdefault(s.name, {})[name] = images[::seeds]
+        base_images = base([s.prompt(t, None) for t in tones], seed=1000, steps=steps, guidance_scale=guidance_scale)
+        records["base model, class prompt"].append(dict(seconds=0.0, **scores(base_images, s, tones)))
+        records["real images"].append(dict(seconds=0.0, **scores(s.images[1:], s, list(asked), real=True)))
+        report(f"{s.name}: done")
+    return records, numbers, examples
+
+
+def summarise(records: dict) -> dict:
+    """method -> the mean over subjects of each measure in `records` (from compare_personalisation)."""
+    return {m: {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} for m, rows in records.items() if rows}

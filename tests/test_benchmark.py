@@ -1,0 +1,19 @@
+"""course_lib.benchmark: notebook 12's comparison of personalisation methods (its full run over every method is
+tests/test_hyperdreambooth.py::test_compare_personalisation_runs_every_method)."""
+
+import pytest
+
+from course_lib import benchmark
+
+
+def test_summarise_averages_each_measure_over_subjects_and_skips_empty_methods():
+    records = {"LiDB": [dict(seconds=1.0, subject=0.5, tone=0.0), dict(seconds=3.0, subject=0.7, tone=1.0)],
+               "DreamBooth": []}
+    summary = benchmark.summarise(records)
+    assert set(summary) == {"LiDB"}
+    assert summary["LiDB"] == pytest.approx(dict(seconds=2.0, subject=0.6, tone=0.5))
+
+
+def test_the_five_methods_in_the_order_of_notebook_12():
+    assert benchmark.PERSONALISATION_METHODS == ("DreamBooth", "LoRA-DreamBooth", "LiDB", "hypernetwork only",
+                                                 "hypernetwork + fast fine-tuning")
