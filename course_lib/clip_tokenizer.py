@@ -71,7 +71,7 @@ from typing import Iterable
 import regex
 import torch
 
-from .text import merge_pair          # one BPE merge step, the same as the course's own tokenizer's
+from .tokenizer import merge_pair     # one BPE merge step, the same as the course's own tokenizer's
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

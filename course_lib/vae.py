@@ -27,8 +27,9 @@ Diffusion's autoencoder also has perceptual (LPIPS) and adversarial losses; squa
 slightly softer reconstructions. The diffusion model wants latents of unit variance, so the latents are
 multiplied by `latent_scale_factor` = 1 / std(z) (SD 1.x's 0.18215; [2] appendix D.1).
 
-The blocks follow SD's autoencoder: ResBlocks with no time input, stride-2 conv down, nearest x2 + conv
-up, ResBlock / self-attention / ResBlock at the lowest resolution, 1x1 convs around the latent.
+The blocks follow SD's autoencoder: ResnetBlocks (residual blocks with no time input), stride-2 conv down,
+nearest x2 + conv up, ResnetBlock / self-attention / ResnetBlock at the lowest resolution, 1x1 convs around
+the latent. `fit_vae` trains it with the course's one loop (course_lib.loop.Fit); `VAEFit` is the VAE's part.
 
 References:
     [1] Kingma & Welling 2013, Auto-Encoding Variational Bayes, https://arxiv.org/abs/1312.6114
@@ -42,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -50,10 +50,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .unet import Downsample, SelfAttention, Upsample
+from .attention import SelfAttention
+from .loop import Batches, Fit, FitConfig, autocast, fingerprint
+from .unet import Downsample, Upsample
 
 PRECISIONS = ("fp32", "bf16")
 # The weight on vae_loss's per-element means. Measured with VAEConfig() (8x8x4 latent, channels (64, 128, 128),
@@ -72,7 +73,7 @@ class VAEConfig:
     image_size: int = 32
     in_channels: int = 3
     channels: tuple[int, ...] = (64, 128, 128)   # feature channels at each resolution level
-    blocks_per_level: int = 1                     # ResBlocks per level in the encoder (the decoder has one more)
+    blocks_per_level: int = 1                     # ResnetBlocks per level in the encoder (the decoder: one more)
     latent_channels: int = 4                      # C of the latent
     norm_groups: int = 8                          # GroupNorm groups (must divide every channel count)
     mid_attention: bool = True                    # self-attention in the middle, at the lowest resolution
@@ -139,8 +140,8 @@ PRESETS: dict[str, VAEConfig] = {
 }
 
 
-def get_preset(name: str, **changes) -> VAEConfig:
-    """A named config, optionally with fields changed (e.g. get_preset("f4c4", latent_channels=8))."""
+def vae_preset(name: str, **changes) -> VAEConfig:
+    """A named VAE config, optionally with fields changed (e.g. vae_preset("f4c4", latent_channels=8))."""
     if name not in PRESETS:
         raise ValueError(f"unknown VAE preset {name!r}; valid are {', '.join(PRESETS)}")
     return PRESETS[name].replace(**changes) if changes else PRESETS[name]
@@ -148,9 +149,17 @@ def get_preset(name: str, **changes) -> VAEConfig:
 
 # --- The posterior and its KL term --------------------------------------------------------------------
 
+def _check_moments(mean: torch.Tensor, logvar: torch.Tensor) -> None:
+    """Refuse a posterior whose mean and logvar differ in shape or have no batch axis."""
+    if mean.shape != logvar.shape or mean.ndim < 2:
+        raise ValueError(f"mean and logvar must have the same shape, (B, C, H, W) or (B, D): a batch axis, then "
+                         f"the latent's; got mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)}")
+
+
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     r"""KL(N(mean, exp(logvar)) || N(0, I)) per image, summed over latent dims ([1] appendix B):
-    1/2 \sum (mu^2 + sigma^2 - 1 - log sigma^2). Returns shape (B,)."""
+    1/2 \sum (mu^2 + sigma^2 - 1 - log sigma^2). mean and logvar (B, C, H, W) or (B, D); returns (B,)."""
+    _check_moments(mean, logvar)
     mean, logvar = mean.float(), logvar.float()
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
@@ -159,6 +168,7 @@ class DiagonalGaussian:
     """The encoder's posterior q(z|x) = N(mean, diag exp(logvar)), one Gaussian per latent value."""
 
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        _check_moments(mean, logvar)
         self.mean = mean
         self.logvar = logvar.clamp(-30.0, 20.0)   # keeps exp() finite in float16/bfloat16 and float32
         self.std = torch.exp(0.5 * self.logvar)
@@ -181,8 +191,12 @@ class DiagonalGaussian:
 
 # --- The networks ----------------------------------------------------------------------------------------
 
-class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> conv, plus a residual path (no time input)."""
+class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> 3x3 conv, twice, plus a residual path (a 1x1 conv where the channels change).
+
+    The VAE's residual block (SD's autoencoder's ResnetBlock, diffusers' ResnetBlock2D without temb). It
+    differs from the U-Net's course_lib.unet.ResBlock in having no time-embedding input (an autoencoder
+    sees no timestep), no dropout, and a configurable GroupNorm epsilon."""
 
     def __init__(self, in_channels: int, out_channels: int, norm_groups: int = 8, eps: float = 1e-5):
         super().__init__()
@@ -199,11 +213,11 @@ class ResBlock(nn.Module):
 
 
 def mid_block(channels: int, cfg: VAEConfig) -> nn.Sequential:
-    """ResBlock, single-head self-attention over the h*w positions (if cfg.mid_attention), ResBlock."""
+    """ResnetBlock, single-head self-attention over the h*w positions (if cfg.mid_attention), ResnetBlock."""
     attn = SelfAttention(channels, head_channels=channels, norm_groups=cfg.norm_groups, eps=cfg.norm_eps)
-    return nn.Sequential(ResBlock(channels, channels, cfg.norm_groups, cfg.norm_eps),
+    return nn.Sequential(ResnetBlock(channels, channels, cfg.norm_groups, cfg.norm_eps),
                          attn if cfg.mid_attention else nn.Identity(),
-                         ResBlock(channels, channels, cfg.norm_groups, cfg.norm_eps))
+                         ResnetBlock(channels, channels, cfg.norm_groups, cfg.norm_eps))
 
 
 class Encoder(nn.Module):
@@ -216,7 +230,7 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         c_in = ch[0]
         for level, c in enumerate(ch):
-            blocks = [ResBlock(c_in if i == 0 else c, c, cfg.norm_groups, cfg.norm_eps)
+            blocks = [ResnetBlock(c_in if i == 0 else c, c, cfg.norm_groups, cfg.norm_eps)
                       for i in range(cfg.blocks_per_level)]
             if level < len(ch) - 1:
                 blocks.append(Downsample(c, asymmetric=cfg.asymmetric_padding))
@@ -229,14 +243,14 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            h = level(h)                      # ResBlocks, then halve the resolution (not at the last level)
+            h = level(h)                      # ResnetBlocks, then halve the resolution (not at the last level)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
     """z (B, latent_channels, h, w) -> x_hat (B, in_channels, h*f, w*f); the encoder's mirror image with
-    one extra ResBlock per level (as Stable Diffusion's decoder)."""
+    one extra ResnetBlock per level (as Stable Diffusion's decoder)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -247,7 +261,7 @@ class Decoder(nn.Module):
         c_in = ch[-1]
         for level in reversed(range(len(ch))):
             c = ch[level]
-            blocks = [ResBlock(c_in if i == 0 else c, c, cfg.norm_groups, cfg.norm_eps)
+            blocks = [ResnetBlock(c_in if i == 0 else c, c, cfg.norm_groups, cfg.norm_eps)
                       for i in range(cfg.blocks_per_level + 1)]
             if level > 0:
                 blocks.append(Upsample(c))
@@ -259,7 +273,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in self.up:
-            h = level(h)                      # ResBlocks, then double the resolution (not at full size)
+            h = level(h)                      # ResnetBlocks, then double the resolution (not at full size)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -371,29 +385,36 @@ def decode_latents(vae: VAE, latents: torch.Tensor, scale_factor: float, batch_s
 
 # --- Training ---------------------------------------------------------------------------------------------
 
-def _load_state(path: Path, vae: VAE, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                run: dict) -> tuple[torch.Tensor, int, dict]:
-    """Restore a checkpoint written by fit_vae; returns (data order, position in it, history)."""
-    tensors, meta = ckpt.read(path)
-    if meta.get("format") != "course_lib.vae_train/1":
-        raise ValueError(f"{path} is not a VAE training checkpoint (format {meta.get('format')!r}; "
-                         f"expected 'course_lib.vae_train/1')")
-    saved = json.loads(meta["run"])
-    changed = {k: (saved.get(k), v) for k, v in run.items() if saved.get(k) != v}
-    if changed:
-        raise ValueError(f"{path} was written by a different run; (checkpoint, now) differ in {changed}. "
-                         f"Use the same settings to continue, or resume=False / another path to start afresh.")
-    vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):                      # optim.<parameter index>.<exp_avg | exp_avg_sq | step>
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    generator.set_state(tensors["rng.loop"])
-    history = {k: tensors[f"log.{k}"].tolist() for k in ("loss", "recon", "kl")}
-    history.update(seconds=float(meta["seconds"]), steps=int(meta["step"]))
-    return tensors["data.order"].long(), int(meta["data_position"]), history
+class VAEFit(Fit):
+    """What the VAE gives the one loop (course_lib.loop.Fit): its batches (without replacement, filled across
+    passes), its loss (vae_loss on a posterior sample), its parameters and what a resumed run must share.
+    The loop does the rest: the AdamW step (no clipping, a constant rate), NaN guard, budget, checkpoints."""
+
+    def __init__(self, vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+                 kl_weight: float, device: torch.device, precision: str, seed: int):
+        self.vae, self.images, self.kl_weight, self.precision = vae, images, kl_weight, precision
+        config = FitConfig(steps=steps, lr=lr, grad_clip=None, precision=precision)
+        super().__init__(config, torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0), device, seed=seed,
+                         batches=Batches(images.shape[0], batch_size, torch.Generator()))
+        self.batches.generator = self.generator                # one generator: data order, then posterior noise
+        self.settings = {"config": json.loads(vae.config.to_json()), "lr": lr, "batch_size": batch_size,
+                         "kl_weight": kl_weight, "precision": precision, "seed": seed,
+                         "n_images": images.shape[0], "data": fingerprint(images)}   # steps may grow: not here
+
+    def loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        x = self.images[self.batches.next()].to(self.device)   # (B, C, H, W)
+        with autocast(self.precision, self.device):
+            recon, posterior = self.vae(x, generator=self.generator)
+        loss, parts = vae_loss(recon, x, posterior, self.kl_weight)
+        return loss, {"recon": parts["recon"], "kl": parts["kl"]}
+
+    def run_info(self) -> dict:
+        return self.settings
+
+    def report(self) -> dict:
+        """The history fit_vae returns: {"loss", "recon", "kl": per-step lists, "seconds", "steps"}."""
+        return {**{k: self.history.get(k, []) for k in ("loss", "recon", "kl")}, "seconds": self.seconds,
+                "steps": self.step}
 
 
 def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64, lr: float = 2e-4,
@@ -404,10 +425,11 @@ def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64,
             callback_every: int = 50) -> dict:
     """Train `vae` in place on `images` (N, C, H, W) in [-1, 1] until `steps` steps in total.
 
-    AdamW on `vae_loss`; batches drawn without replacement (a new order each pass) and posterior noise,
-    both from one CPU generator seeded by `seed`. With `checkpoint_path`, the weights, optimizer moments,
-    generator state, data order and history are written atomically every `checkpoint_every` steps and at
-    the end; if the file exists and `resume`, training continues from it exactly. `callback(history)` is
+    AdamW on `vae_loss`, no gradient clipping; batches drawn without replacement (a new order each pass) and
+    posterior noise, both from one CPU generator seeded by `seed`. With `checkpoint_path`, the weights,
+    optimizer moments, generator state, data order and history are written atomically every
+    `checkpoint_every` steps and at the end; if the file exists and `resume`, training continues from it
+    exactly (a run with other settings or data is refused, naming what differs). `callback(history)` is
     called every `callback_every` steps. Returns the history: {"loss", "recon", "kl": per-step lists,
     "seconds", "steps"}."""
     if precision not in PRECISIONS:
@@ -422,67 +444,21 @@ def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64,
     device = _device_of(vae, device)
     was_training = vae.training
     vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    run = {"config": cfg.to_json(), "n_images": images.shape[0], "batch_size": batch_size,
-           "kl_weight": kl_weight, "seed": seed}            # a resumed run must match these
-    order, position = torch.empty(0, dtype=torch.long), 0
-    history: dict = {"loss": [], "recon": [], "kl": [], "seconds": 0.0, "steps": 0}
-    path = Path(checkpoint_path) if checkpoint_path is not None else None
-    if path is not None and resume and path.exists():
-        order, position, history = _load_state(path, vae, optimizer, generator, run)
-
-    def save() -> None:                                  # everything needed to continue exactly
-        tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
-        tensors.update({f"optim.{i}.{name}": torch.as_tensor(value)
-                        for i, state in optimizer.state_dict()["state"].items() for name, value in state.items()})
-        tensors.update({f"log.{k}": torch.tensor(history[k], dtype=torch.float64) for k in ("loss", "recon", "kl")})
-        tensors.update({"rng.loop": generator.get_state(), "data.order": order.clone()})
-        meta = {"format": "course_lib.vae_train/1", "run": json.dumps(run), "step": str(history["steps"]),
-                "data_position": str(position), "seconds": repr(history["seconds"])}
-        ckpt.atomic_save(tensors, path, meta)
-
-    start, begun = history["steps"], time.perf_counter()
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="training VAE", unit="step")
+    run = VAEFit(vae, images, steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, device=device,
+                 precision=precision, seed=seed)
     try:
-        while history["steps"] < steps:
-            t0 = time.perf_counter()
-            picked: list[int] = []                         # a batch without replacement
-            while len(picked) < batch_size:
-                if position >= len(order):                 # a new random order for each pass
-                    order, position = torch.randperm(images.shape[0], generator=generator), 0
-                take = order[position:position + batch_size - len(picked)].tolist()
-                position += len(take)
-                picked += take
-            x = images[picked].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                recon, posterior = vae(x, generator=generator)
-            loss, parts = vae_loss(recon, x, posterior, kl_weight)
-            if not math.isfinite(parts["loss"]):
-                raise FloatingPointError(f"the VAE loss became {parts['loss']} at step {history['steps']}; "
-                                         f"training stopped. Lower lr (now {lr:g}) or use precision='fp32'.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for key in ("loss", "recon", "kl"):
-                history[key].append(parts[key])
-            history["steps"] += 1
-            history["seconds"] += time.perf_counter() - t0
-            bar.update(1)
-            if history["steps"] % 10 == 0:
-                bar.set_postfix(recon=f"{parts['recon']:.4f}", kl=f"{parts['kl']:.3f}")
-            if path is not None and history["steps"] % checkpoint_every == 0:
-                save()
-            if callback is not None and (history["steps"] % callback_every == 0 or history["steps"] == steps):
-                callback(history)
-            if max_seconds is not None and time.perf_counter() - begun >= max_seconds:
-                break
+        if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
+            try:
+                run.load(checkpoint_path)
+            except ValueError as error:
+                raise ValueError(f"{error} To train another model or dataset, pass resume=False (the file is then "
+                                 f"overwritten) or another checkpoint_path.") from error
+        run.fit(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
+                progress=progress, callback=None if callback is None else lambda fit: callback(fit.report()),
+                callback_every=callback_every, desc="training VAE")
     finally:
-        bar.close()
-    if path is not None and history["steps"] != start:
-        save()
-    vae.train(was_training)
-    return history
+        vae.train(was_training)
+    return run.report()
 
 
 # --- Model files ----------------------------------------------------------------------------------------
@@ -506,6 +482,6 @@ def load_vae(path: str | Path, device: torch.device | str | None = None) -> tupl
     return vae, float(metadata["scale_factor"]), json.loads(metadata.get("info", "{}"))
 
 
-__all__ = ["VAEConfig", "PRESETS", "get_preset", "kl_divergence", "DiagonalGaussian", "ResBlock", "mid_block",
+__all__ = ["VAEConfig", "PRESETS", "vae_preset", "kl_divergence", "DiagonalGaussian", "ResnetBlock", "mid_block",
            "Encoder", "Decoder", "VAE", "vae_loss", "psnr", "latent_scale_factor", "encode_latents",
-           "decode_latents", "fit_vae", "save_vae", "load_vae"]
+           "decode_latents", "VAEFit", "fit_vae", "save_vae", "load_vae"]

@@ -197,7 +197,7 @@ def retrieval_figure(clip, tokenizer, images: torch.Tensor, captions: Sequence[s
     "rank 2", ... and shows a uint8 (H, W, 3) array, so tests can read the pictures back."""
     import textwrap
 
-    from .text import similarity  # imported here: the other widgets do not need the text models
+    from .clip import similarity  # imported here: the other widgets do not need the text models
 
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str (\"\" is the empty prompt); got {type(prompt).__name__}")

@@ -69,7 +69,7 @@ def rows(device: torch.device) -> list[tuple[str, memory.MemoryReport]]:
 
     def row06():
         from course_lib.vae import VAE, fit_vae
-        from course_lib.vae import get_preset as vae_preset
+        from course_lib.vae import vae_preset
         f = FULL["06"]
         return memory.measure_peak(
             lambda: fit_vae(VAE(vae_preset(f["vae_preset"])), emoji.images, steps=2, batch_size=f["batch"],
@@ -83,11 +83,11 @@ def rows(device: torch.device) -> list[tuple[str, memory.MemoryReport]]:
                                    f"Trainer, {f['latent_preset']} on 8x8x4 latents, batch {f['batch']}")
 
     def tokenizer():
-        from course_lib.text import Tokenizer
+        from course_lib.tokenizer import Tokenizer
         return Tokenizer.train(emoji.captions, vocab_size=512)
 
     def row08():
-        from course_lib.text import MiniCLIP, clip_config, fit_clip
+        from course_lib.clip import MiniCLIP, clip_config, fit_clip
         f = FULL["08"]
         tok = tokenizer()
         return memory.measure_peak(
@@ -97,7 +97,7 @@ def rows(device: torch.device) -> list[tuple[str, memory.MemoryReport]]:
             device, f"fit_clip, {f['clip_preset']}, batch {f['batch']}")
 
     def conditional_unet():
-        from course_lib.text import clip_config
+        from course_lib.clip import clip_config
         tok = tokenizer()
         width = clip_config("small", tok.vocab_size).text.width
         return UNet(get_preset(FULL["09"]["unet_preset"], context_dim=width)), tok.max_length, width

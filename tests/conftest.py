@@ -28,10 +28,11 @@ def tiny_pipe():
     from course_lib.data import load_emoji
     from course_lib.pipeline import TextToImage
     from course_lib.schedules import make_schedule
-    from course_lib.text import MiniCLIP, Tokenizer, clip_config
+    from course_lib.clip import MiniCLIP, clip_config
+    from course_lib.tokenizer import Tokenizer
     from course_lib.unet import UNet, get_preset
     from course_lib.vae import VAE
-    from course_lib.vae import get_preset as vae_preset
+    from course_lib.vae import vae_preset
 
     torch.manual_seed(0)
     tokenizer = Tokenizer.train(load_emoji(size=8, limit=200).captions, vocab_size=128)

@@ -1,5 +1,6 @@
-"""The VAE: the KL term against torch.distributions, reparameterised samples, shapes per preset, clear errors,
-model files, training (loss falls, exact resume, NaN guard), PSNR and the latent scale factor."""
+"""The VAE: the KL term against torch.distributions (and its shape checks), reparameterised samples, shapes per
+preset, clear errors, model files, training through the one loop (loss falls, exact resume after an interruption,
+a different run refused naming what differs, NaN guard), PSNR and the latent scale factor."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from torch.distributions import Normal
 
 from course_lib import checkpoint as ckpt
 from course_lib.data import load_emoji
-from course_lib.vae import (PRESETS, VAE, DiagonalGaussian, VAEConfig, decode_latents, encode_latents, fit_vae,
-                            get_preset, kl_divergence, latent_scale_factor, load_vae, psnr, save_vae, vae_loss)
+from course_lib.vae import (PRESETS, VAE, DiagonalGaussian, ResnetBlock, VAEConfig, VAEFit, decode_latents,
+                            encode_latents, fit_vae, kl_divergence, latent_scale_factor, load_vae, psnr, save_vae,
+                            vae_loss, vae_preset)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = get_preset("tiny")
+TINY = vae_preset("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,20 @@ def test_kl_matches_torch_distributions():
     torch.testing.assert_close(DiagonalGaussian(mean, logvar).kl(), expected, rtol=1e-5, atol=1e-4)
     # the prior itself has zero KL
     assert kl_divergence(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)).abs().max() == 0
+
+
+def test_kl_refuses_mismatched_or_unbatched_shapes():
+    expected = r"same shape, \(B, C, H, W\) or \(B, D\)"
+    with pytest.raises(ValueError, match=expected + r".*got mean \(2, 4, 3, 3\) and logvar \(2, 4, 3, 2\)"):
+        kl_divergence(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 2))
+    with pytest.raises(ValueError, match=expected + r".*got mean \(5,\) and logvar \(5,\)"):
+        kl_divergence(torch.zeros(5), torch.zeros(5))       # 1-D: no batch axis (was an IndexError)
+    with pytest.raises(ValueError, match=expected):
+        kl_divergence(torch.zeros(2, 4), torch.zeros(1, 4))  # (was broadcast silently)
+    with pytest.raises(ValueError, match=expected):
+        DiagonalGaussian(torch.zeros(2, 4, 3, 3), torch.zeros(4, 3, 3))
+    by_hand = 0.5 * (0.5 ** 2 + 4.0 - 1.0 - math.log(4.0))   # (B, D) = (1, 1): mu 0.5, sigma^2 4
+    assert kl_divergence(torch.tensor([[0.5]]), torch.tensor([[math.log(4.0)]])).item() == pytest.approx(by_hand)
 
 
 def test_posterior_clamps_logvar():
@@ -81,7 +97,7 @@ def test_reparameterised_samples_have_the_posterior_mean_and_variance():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_encode_decode_shapes_per_preset(name):
-    cfg = get_preset(name)
+    cfg = vae_preset(name)
     torch.manual_seed(0)
     vae = VAE(cfg)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -95,16 +111,16 @@ def test_encode_decode_shapes_per_preset(name):
 
 
 def test_preset_geometry():
-    assert get_preset("f4c4").latent_shape == (4, 8, 8) and get_preset("f4c4").compression == 12
-    assert get_preset("f8c8").latent_shape == (8, 4, 4) and get_preset("f8c8").compression == 24
-    assert get_preset("f2c4").latent_shape == (4, 16, 16) and get_preset("f2c4").factor == 2
+    assert vae_preset("f4c4").latent_shape == (4, 8, 8) and vae_preset("f4c4").compression == 12
+    assert vae_preset("f8c8").latent_shape == (8, 4, 4) and vae_preset("f8c8").compression == 24
+    assert vae_preset("f2c4").latent_shape == (4, 16, 16) and vae_preset("f2c4").factor == 2
     assert VAEConfig().latent_shape == (4, 8, 8)
-    assert VAEConfig.from_json(get_preset("f8c8").to_json()) == get_preset("f8c8")
-    assert get_preset("tiny", latent_channels=8).latent_channels == 8
+    assert VAEConfig.from_json(vae_preset("f8c8").to_json()) == vae_preset("f8c8")
+    assert vae_preset("tiny", latent_channels=8).latent_channels == 8
 
 
 def test_bad_shapes_and_configs_give_clear_errors():
-    vae = VAE(get_preset("tiny", channels=(16, 32, 32)))                      # factor 4
+    vae = VAE(vae_preset("tiny", channels=(16, 32, 32)))                      # factor 4
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         vae.encode(torch.zeros(2, 1, 32, 32))
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -114,7 +130,7 @@ def test_bad_shapes_and_configs_give_clear_errors():
     with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
         vae.decode(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="valid are tiny, f2c4, f4c4, f8c8"):
-        get_preset("huge")
+        vae_preset("huge")
     with pytest.raises(ValueError, match="norm_groups"):
         VAEConfig(channels=(12, 24))
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -130,6 +146,12 @@ def test_mid_attention_switch():
     n = lambda m: sum(p.numel() for p in m.parameters())
     assert n(with_attn) > n(without)
     assert without(torch.zeros(1, 3, 32, 32))[0].shape == (1, 3, 32, 32)
+
+
+def test_resnet_block_has_no_time_input():
+    block = ResnetBlock(16, 32, norm_groups=8, eps=1e-6)
+    assert block(torch.zeros(2, 16, 8, 8)).shape == (2, 32, 8, 8)
+    assert block.norm1.eps == 1e-6 and not hasattr(block, "time_proj")
 
 
 # --- Loss and PSNR ---------------------------------------------------------------------------------------
@@ -231,3 +253,47 @@ def test_training_errors(images):
         fit_vae(tiny_vae(), images, steps=1, precision="fp16", progress=False)
     with pytest.raises(ValueError, match=r"\(N >= 1, 3, 32, 32\)"):
         fit_vae(tiny_vae(), images[:, :, :16, :16], steps=1, progress=False)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(images, tmp_path):
+    data = images[:10]
+    kw = dict(steps=6, batch_size=4, lr=1e-3, kl_weight=1e-2, seed=2, progress=False)
+    straight = tiny_vae()
+    full = fit_vae(straight, data, **kw)
+
+    def stop(history):
+        if history["steps"] == 4:
+            raise KeyboardInterrupt                           # the notebook's stop button after step 4
+    path = tmp_path / "vae_run.safetensors"
+    interrupted = tiny_vae().eval()
+    with pytest.raises(KeyboardInterrupt):
+        fit_vae(interrupted, data, checkpoint_path=path, checkpoint_every=2, callback=stop, callback_every=1, **kw)
+    assert not interrupted.training                           # its mode restored, interrupted or not
+    resumed = tiny_vae(seed=9)
+    history = fit_vae(resumed, data, checkpoint_path=path, **kw)
+    assert history["loss"] == full["loss"] and history["recon"] == full["recon"] and history["steps"] == 6
+    assert same_state(resumed, straight)
+
+
+def test_a_resume_with_another_lr_or_data_is_refused_naming_what_differs(images, tmp_path):
+    kw = dict(steps=2, batch_size=4, lr=1e-3, progress=False)
+    path = tmp_path / "vae_run.safetensors"
+    fit_vae(tiny_vae(), images[:8], checkpoint_path=path, **kw)
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0.001, now 0.002"):
+        fit_vae(tiny_vae(), images[:8], checkpoint_path=path, **(kw | {"lr": 2e-3, "steps": 4}))
+    with pytest.raises(ValueError, match=r"batch_size: checkpoint 4, now 8"):
+        fit_vae(tiny_vae(), images[:8], checkpoint_path=path, **(kw | {"batch_size": 8, "steps": 4}))
+    with pytest.raises(ValueError, match=r"data: checkpoint '[0-9a-f]+', now '[0-9a-f]+'.*resume=False"):
+        fit_vae(tiny_vae(), images[8:16], checkpoint_path=path, **(kw | {"steps": 4}))   # 8 other images
+    assert fit_vae(tiny_vae(), images[8:16], checkpoint_path=path, resume=False, **kw)["steps"] == 2
+
+
+def test_vae_fit_gives_the_loop_its_loss_and_keeps_no_clipping(images):
+    run = VAEFit(tiny_vae(), images[:10], steps=3, batch_size=4, lr=1e-3, kl_weight=1e-2,
+                 device=torch.device("cpu"), precision="fp32", seed=0)
+    assert run.fit_config.grad_clip is None and run.fit_config.decay == "constant" and run.fit_config.warmup == 0
+    assert not run.batches.drop_remainder and run.batches.generator is run.generator
+    assert set(run.run_info()) >= {"config", "lr", "batch_size", "kl_weight", "seed", "data", "n_images"}
+    run.fit(progress=False)
+    assert run.report()["steps"] == 3 and len(run.report()["kl"]) == 3
+    assert all(group["lr"] == 1e-3 for group in run.optimizer.param_groups)   # constant: no warm-up, no decay

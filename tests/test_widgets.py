@@ -178,7 +178,7 @@ def test_reverse_process_figure_rejects_bad_input(trajectory):
 @pytest.fixture(scope="module")
 def small_vae():
     """An untrained "tiny" VAE (seeded), in eval mode: any fixed encoder and decoder will do."""
-    from course_lib.vae import VAE, get_preset
+    from course_lib.vae import VAE, vae_preset as get_preset
 
     torch.manual_seed(0)
     return VAE(get_preset("tiny")).eval().requires_grad_(False)
@@ -239,7 +239,8 @@ def test_latent_interpolation_rejects_bad_images_and_steps(small_vae, image):
 def tiny_clip():
     """An untrained "tiny" mini CLIP (seeded) with a tokenizer trained on a few captions, and 10 random
     32 px images with their captions: any fixed encoders will do."""
-    from course_lib.text import MiniCLIP, Tokenizer, clip_config
+    from course_lib.clip import MiniCLIP, clip_config
+    from course_lib.tokenizer import Tokenizer
 
     captions = [f"{colour} {thing}" for colour in ("red", "green") for thing in ("heart", "cat face", "car",
                                                                                    "flag", "ball")]
@@ -252,7 +253,7 @@ def tiny_clip():
 
 def test_retrieval_figure_shows_the_top_k_by_similarity(tiny_clip):
     from course_lib.data import to_uint8
-    from course_lib.text import similarity
+    from course_lib.clip import similarity
 
     clip, tokenizer, images, captions = tiny_clip
     fig = widgets.retrieval_figure(clip, tokenizer, images, captions, "red heart", k=4)
