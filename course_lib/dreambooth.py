@@ -17,7 +17,9 @@ its six skin-tone renderings. The prompts can ask for a tone, "sks person: dark 
 held-out tones are real images of the subject to measure against. See `emoji_subjects`.
 
 Both variants live here: full fine-tuning (every U-Net weight trains) and LoRA (course_lib.lora; only
-the adapters train, the file is tiny). Both write into a copy; the base pipeline is never changed.
+the adapters train, the file is tiny). Both write into a copy; the base pipeline is never changed. Both
+train in the course's one loop (`DreamBoothFit`, a course_lib.finetune.CaptionedFineTune), so a run can
+checkpoint and resume exactly.
 
 [1] N. Ruiz et al., "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation", 2022.
 """
@@ -26,17 +28,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import lora as lora_lib
+from .clip import MiniCLIP, similarity
 from .data import load_emoji
+from .finetune import CaptionedFineTune, FineTune
 from .pipeline import TextToImage
-from .text import MiniCLIP, Tokenizer, similarity
+from .tokenizer import Tokenizer
 from .vae import encode_latents
 
 IDENTIFIER = "sks"
@@ -152,25 +157,20 @@ def tone_accuracy(clip: MiniCLIP, tokenizer: Tokenizer, images: torch.Tensor, su
 
 # --- The loss -------------------------------------------------------------------------------------------
 
-def diffusion_loss(unet: nn.Module, pipe: TextToImage, z0: torch.Tensor, context: torch.Tensor,
-                   mask: torch.Tensor, generator: torch.Generator, reduce: bool = True) -> torch.Tensor:
-    """`pipe.denoising_loss` for another U-Net (the copy being fine-tuned)."""
-    return pipe.denoising_loss(z0, context, mask, generator, unet=unet, reduce=reduce)
-
-
 def dreambooth_loss(unet: nn.Module, pipe: TextToImage, subject: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                     prior: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, prior_weight: float,
                     generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """([1], Eq. 2): L = L_subject + prior_weight * L_prior, each the mean denoising loss of its half of
-    the batch. subject and prior are (latents, context, mask). Returns (L, {"subject": .., "prior": ..})."""
+    the batch: pipe.denoising_loss with `unet` (the copy being fine-tuned). subject and prior are (latents,
+    context, mask). Returns (L, {"subject": .., "prior": ..})."""
     z, c, m = subject
     if prior is None or prior_weight == 0:
-        loss = diffusion_loss(unet, pipe, z, c, m, generator)
+        loss = pipe.denoising_loss(z, c, m, generator, unet=unet)
         return loss, {"subject": loss.item(), "prior": 0.0}
     zp, cp, mp = prior
     # one forward pass for both halves, then split: the same numbers as two passes
-    per_sample = diffusion_loss(unet, pipe, torch.cat([z, zp]), torch.cat([c, cp]), torch.cat([m, mp]),
-                                generator, reduce=False)
+    per_sample = pipe.denoising_loss(torch.cat([z, zp]), torch.cat([c, cp]), torch.cat([m, mp]), generator,
+                                     unet=unet, reduce=False)
     subject_loss, prior_loss = per_sample[:len(z)].mean(), per_sample[len(z):].mean()
     return subject_loss + prior_weight * prior_loss, {"subject": subject_loss.item(), "prior": prior_loss.item()}
 
@@ -225,11 +225,42 @@ def class_images(pipe: TextToImage, prompts: list[str], n: int, *, steps: int = 
     return latents, prompts
 
 
+class DreamBoothFit(CaptionedFineTune):
+    """([1], Eq. 2) in the one loop: each step draws batch_size subject images and (with a prior) as many class
+    images, with repeats, and logs both halves of the loss."""
+
+    def __init__(self, pipe: TextToImage, unet: nn.Module, params: list[nn.Parameter], subject: tuple,
+                 prior: tuple | None, cfg: DreamBoothConfig):
+        super().__init__(pipe, unet, params, *subject, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                         seed=cfg.seed)
+        self.prior, self.prior_weight, self.method = prior, cfg.prior_weight, cfg.method
+
+    def loss(self) -> tuple[torch.Tensor, dict]:
+        g = self.generator
+        i = torch.randint(0, len(self.z), (self.batch_size,), generator=g)          # subject images, with repeats
+        batch_prior = None
+        if self.prior is not None:
+            j = torch.randint(0, len(self.prior[0]), (self.batch_size,), generator=g)
+            batch_prior = tuple(x[j] for x in self.prior)
+        return dreambooth_loss(self.unet, self.pipe, (self.z[i], self.context[i], self.mask[i]), batch_prior,
+                               self.prior_weight, g)
+
+    def fixed_tensors(self) -> list[torch.Tensor]:
+        return [*super().fixed_tensors(), *(self.prior or ())]
+
+    def run_info(self) -> dict:
+        return {**super().run_info(), "dreambooth": self.method, "prior_weight": self.prior_weight,
+                "n_prior": len(self.prior[0]) if self.prior is not None else 0}
+
+
 def dreambooth(pipe: TextToImage, images: torch.Tensor, prompts: list[str], class_prompts: list[str] | None = None,
-               config: DreamBoothConfig | None = None, progress: bool = False) -> DreamBoothResult:
+               config: DreamBoothConfig | None = None, progress: bool = False, *,
+               checkpoint_path: str | Path | None = None, checkpoint_every: int = 100, resume: bool = True,
+               callback: Callable[[FineTune], None] | None = None) -> DreamBoothResult:
     """Personalise a copy of `pipe` on `images` (K, 3, H, W) in [-1, 1] captioned `prompts` (each containing
     config.identifier, e.g. "sks person: light skin tone"). class_prompts: the same prompts without the
-    identifier, for prior preservation (needed unless config.prior_weight == 0)."""
+    identifier, for prior preservation (needed unless config.prior_weight == 0). checkpoint_path, resume:
+    as in course_lib.lora.fine_tune (the class images are made again, from their seed, before resuming)."""
     cfg = config or DreamBoothConfig()
     if len(images) != len(prompts) or len(images) == 0:
         raise ValueError(f"need one prompt per image and at least one image; got {len(images)} and {len(prompts)}")
@@ -256,43 +287,19 @@ def dreambooth(pipe: TextToImage, images: torch.Tensor, prompts: list[str], clas
     else:
         unet.requires_grad_(True)
         params = list(unet.parameters())
-    trainable = sum(p.numel() for p in params)
     personal = personalised_pipeline(pipe, unet, tokenizer, clip)
     z = encode_latents(pipe.vae, images, pipe.scale_factor, device=device).to(device)
     c, m = personal.encode(prompts)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(cfg.seed)
-    unet.train()
-    losses, history = [], []
-    t0 = time.perf_counter()
-    steps = range(cfg.steps)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"DreamBooth ({cfg.method})")
-    done = 0
-    for step in steps:
-        i = torch.randint(0, len(z), (cfg.batch_size,), generator=g)          # subject images, with repeats
-        batch_prior = None
-        if prior is not None:
-            j = torch.randint(0, len(prior[0]), (cfg.batch_size,), generator=g)
-            batch_prior = (prior[0][j], prior[1][j], prior[2][j])
-        loss, parts = dreambooth_loss(unet, pipe, (z[i], c[i], m[i]), batch_prior, cfg.prior_weight, g)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"DreamBooth loss became {loss.item()} at step {step}; lower lr ({cfg.lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        history.append(parts)
-        done += 1
-        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
-            break
-    seconds = time.perf_counter() - t0
-    unet.eval().requires_grad_(False)
-    return DreamBoothResult(personal, losses, seconds, prior_seconds, trainable, done, cfg, history)
+    run = DreamBoothFit(pipe, unet, params, (z, c, m), prior, cfg)
+    run.run(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
+            max_seconds=cfg.max_seconds, progress=progress, callback=callback, desc=f"DreamBooth ({cfg.method})")
+    unet.requires_grad_(False)
+    h = run.history
+    history = [{"subject": s, "prior": p} for s, p in zip(h.get("subject", []), h.get("prior", []))]
+    return DreamBoothResult(personal, h["loss"], run.seconds, prior_seconds, sum(p.numel() for p in params),
+                            run.step, cfg, history)
 
 
 __all__ = ["IDENTIFIER", "TONES", "add_identifier", "personalised_pipeline", "Subject", "class_noun",
-           "emoji_subjects", "get_subject", "tone_accuracy", "diffusion_loss", "dreambooth_loss", "DreamBoothConfig",
-           "DreamBoothResult", "class_images", "dreambooth"]
+           "emoji_subjects", "get_subject", "tone_accuracy", "dreambooth_loss", "DreamBoothConfig",
+           "DreamBoothResult", "class_images", "DreamBoothFit", "dreambooth"]

@@ -2,15 +2,10 @@ r"""HyperDreamBooth (Ruiz et al. 2023, arXiv 2307.06949): personalise from one i
 
 Three pieces ([1], Section 4):
 
-1. Lightweight DreamBooth (LiDB). Rank-1 LoRA, with each factor split again through a frozen random
-   orthogonal basis (a = 100, b = 50 in [1]):
-
-        A = A_train A_aux      A_train: (r x a) trained,  A_aux: (a x in) frozen, orthonormal rows/columns
-        B = B_aux B_train      B_aux: (out x b) frozen,   B_train: (b x r) trained
-        W' = W + (alpha / r) B A
-
-   so a layer trains r (a + b) = 150 numbers whatever its size. On the tiny SD's 48 attention projections
-   that is 7,200 numbers per subject, against 34k for rank-4 LoRA and 3.4M for full fine-tuning.
+1. Lightweight DreamBooth (LiDB, course_lib.lidb). Rank-1 LoRA, with each factor split again through a
+   frozen random orthogonal basis, so a layer trains r (a + b) = 150 numbers whatever its size: 6,000 per
+   subject on the tiny SD, against 34k for rank-4 LoRA and 3.4M for full fine-tuning. `fit_lidb` here
+   optimises them for many subjects at once.
 
 2. A hypernetwork H that predicts the LiDB numbers from one image of the subject: an image encoder
    (here the mini CLIP's image tower, trained on) gives tokens; a small transformer decoder with one
@@ -24,6 +19,9 @@ Three pieces ([1], Section 4):
    LoRA of higher rank (its first component is the prediction, the rest start at zero) and fine-tune all
    of it for a few dozen steps on the one image.
 
+Every training run here (LiDBFit, HyperFit, and fast fine-tuning's CaptionedFineTune) goes through the
+course's one loop (course_lib.finetune, course_lib.loop), with its checkpoints and exact resume.
+
 [1] N. Ruiz et al., "HyperDreamBooth: HyperNetworks for Fast Personalization of Text-to-Image Models", 2023.
 """
 
@@ -31,193 +29,26 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import checkpoint as ckpt
 from . import lora as lora_lib
-from .dreambooth import IDENTIFIER, Subject, TONES, add_identifier, diffusion_loss, personalised_pipeline
+from .attention import TransformerBlock
+from .clip import ImageEncoder, ImageEncoderConfig
+from .dreambooth import IDENTIFIER, Subject, TONES, add_identifier, personalised_pipeline
+from .finetune import CaptionedFineTune, FineTune
+# LiDB itself is course_lib.lidb's; its names stay reachable here too (hd.LiDB in notebook 12 and the tests)
+from .lidb import LiDB, LiDBConfig, LiDBLayer, lidb_numbers, semi_orthogonal
+from .loop import FitConfig
 from .pipeline import TextToImage
-from .text import ImageEncoder, ImageEncoderConfig
-from .unet import TransformerBlock
 from .vae import encode_latents
 
 FORMAT = "course_lib.hypernetwork/1"
-
-
-# --- 1. LiDB ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LiDBConfig:
-    rank: int = 1
-    a: int = 100                  # A_aux's rows: the trained A_train lives in this many dimensions
-    b: int = 50                   # B_aux's columns
-    alpha: float = 1.0
-    targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
-
-    def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        for name in ("rank", "a", "b"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
-
-    @property
-    def numbers_per_layer(self) -> int:
-        """r a (A_train) + b r (B_train): the same for every layer, whatever its shape."""
-        return self.rank * (self.a + self.b)
-
-
-def semi_orthogonal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """A random (rows x cols) matrix with orthonormal rows (rows <= cols) or orthonormal columns (rows > cols),
-    from the QR decomposition of a Gaussian matrix (signs fixed so the distribution is uniform)."""
-    big, small = max(rows, cols), min(rows, cols)
-    q, r = torch.linalg.qr(torch.randn(big, small, generator=generator, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))             # (big, small), orthonormal columns
-    return (q if rows > cols else q.T).float().contiguous()
-
-
-class LiDBLayer(nn.Module):
-    """A frozen nn.Linear plus the LiDB update, with the trained numbers supplied per sample (`weights`)."""
-
-    def __init__(self, base: nn.Linear, config: LiDBConfig, generator: torch.Generator):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LiDB adapts nn.Linear layers; got {type(base).__name__}")
-        self.base = base.requires_grad_(False)
-        self.config = config
-        dev = base.weight.device
-        self.register_buffer("A_aux", semi_orthogonal(config.a, base.in_features, generator).to(dev))
-        self.register_buffer("B_aux", semi_orthogonal(base.out_features, config.b, generator).to(dev))
-        self.weights: torch.Tensor | None = None        # (N, r (a + b)), set by LiDB.set
-
-    def factors(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """weights (N, r (a + b)) -> A (N, r, in), B (N, out, r)."""
-        r, a, b = self.config.rank, self.config.a, self.config.b
-        A_train = weights[:, :r * a].reshape(-1, r, a)
-        B_train = weights[:, r * a:].reshape(-1, b, r)
-        return A_train @ self.A_aux, self.B_aux @ B_train
-
-    def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
-        """(N, out, in): (alpha / r) B A for each sample's numbers."""
-        A, B = self.factors(weights)
-        return (self.config.alpha / self.config.rank) * (B @ A)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        w = self.weights
-        if w is None:
-            return out
-        N = x.shape[0]
-        if w.shape[0] != N:
-            if N % w.shape[0]:
-                raise ValueError(f"LiDB weights are set for {w.shape[0]} samples; the batch has {N}. Set one "
-                                 f"row (shared), or one per sample")
-            w = w.repeat(N // w.shape[0], 1)   # one row shared, or a guided batch [cond; uncond] of 2 N
-        A, B = self.factors(w.to(x.dtype))
-        h = torch.einsum("n...i,nri->n...r", x, A)
-        return out + (self.config.alpha / self.config.rank) * torch.einsum("n...r,nor->n...o", h, B)
-
-
-class LiDB:
-    """LiDB layers in a U-Net. The numbers for all layers form one tensor (N, layers, numbers_per_layer).
-
-        lidb = LiDB(unet)                       # wraps the attention projections, freezes the U-Net
-        w = lidb.init_weights(n_subjects)       # A_train shared random, B_train zero: the base model
-        lidb.set(w[subject_of_each_sample])     # then unet(...) runs each sample with its own update
-    """
-
-    def __init__(self, unet: nn.Module, config: LiDBConfig | None = None, seed: int = 0):
-        self.config = cfg = config or LiDBConfig()
-        self.unet = unet
-        names = lora_lib.matching_layers(unet, cfg.targets)
-        unet.requires_grad_(False)
-        g = torch.Generator().manual_seed(seed)
-        self.layers: dict[str, LiDBLayer] = {}
-        for name in names:
-            layer = LiDBLayer(unet.get_submodule(name), cfg, g)
-            lora_lib._set_child(unet, name, layer)
-            self.layers[name] = layer
-        self.names = names
-        self._init_A = torch.randn(len(names), cfg.rank * cfg.a, generator=g) / math.sqrt(cfg.a)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(layers, numbers per layer)."""
-        return len(self.names), self.config.numbers_per_layer
-
-    @property
-    def numbers(self) -> int:
-        """Trained numbers per subject: layers x r (a + b)."""
-        return self.shape[0] * self.shape[1]
-
-    def init_weights(self, n: int = 1) -> torch.Tensor:
-        """(n, layers, numbers): A_train the same random start for every subject, B_train zero, so the
-        update is zero (the base model) and subjects differ only by what they learned."""
-        w = torch.zeros(n, *self.shape)
-        w[:, :, :self._init_A.shape[1]] = self._init_A
-        return w
-
-    def check(self, weights: torch.Tensor) -> torch.Tensor:
-        if weights.ndim == 2:
-            weights = weights[None]
-        if weights.ndim != 3 or tuple(weights.shape[1:]) != self.shape:
-            raise ValueError(f"LiDB weights must be (N, {self.shape[0]}, {self.shape[1]}) (subjects, layers, "
-                             f"r(a+b)); got {tuple(weights.shape)}")
-        return weights
-
-    def set(self, weights: torch.Tensor | None) -> None:
-        """Use these numbers from now on: (N, layers, numbers), N = 1 (shared) or one row per sample."""
-        if weights is None:
-            for layer in self.layers.values():
-                layer.weights = None
-            return
-        weights = self.check(weights)
-        for i, layer in enumerate(self.layers.values()):
-            layer.weights = weights[:, i]
-
-    def remove(self) -> nn.Module:
-        """Put the plain layers back; returns the U-Net."""
-        for name, layer in self.layers.items():
-            lora_lib._set_child(self.unet, name, layer.base)
-        return self.unet
-
-    def to_lora(self, weights: torch.Tensor, rank: int = 4, seed: int = 0) -> None:
-        """Rank relaxation ([1], Section 4.3): replace the LiDB layers by LoRA layers of `rank` whose first
-        component is exactly this LiDB update and whose other components start at zero (A random, B zero).
-        The U-Net's output is unchanged; afterwards all r (in + out) numbers per layer can train."""
-        weights = self.check(weights)
-        if weights.shape[0] != 1:
-            raise ValueError(f"to_lora takes one subject's weights (1, ...); got {weights.shape[0]}")
-        cfg = self.config
-        factors = {name: layer.factors(weights[:, i].to(layer.A_aux.device))
-                   for i, (name, layer) in enumerate(self.layers.items())}
-        self.remove()
-        # alpha = rank keeps (alpha / r) = 1 = LiDB's alpha / r for rank 1
-        lora_lib.inject_lora(self.unet, targets=tuple(self.names), rank=rank,
-                             alpha=float(rank) * cfg.alpha / cfg.rank, seed=seed)
-        with torch.no_grad():
-            for name, layer in lora_lib.lora_layers(self.unet).items():
-                A, B = factors[name]
-                layer.lora_A[:cfg.rank] = A[0]
-                layer.lora_B.zero_()
-                layer.lora_B[:, :cfg.rank] = B[0]
-        self.unet._lora_targets = cfg.targets
-
-
-def lidb_numbers(unet: nn.Module, config: LiDBConfig | None = None) -> dict[str, int]:
-    """Trained numbers per subject: LiDB, rank-r LoRA on the same layers, and full fine-tuning."""
-    cfg = config or LiDBConfig()
-    layers = [unet.get_submodule(n) for n in lora_lib.matching_layers(unet, cfg.targets)]
-    return {"lidb": len(layers) * cfg.numbers_per_layer,
-            "lora_rank1": sum(lora_lib.lora_numbers_formula(m, 1) for m in layers),
-            "lora_rank4": sum(lora_lib.lora_numbers_formula(m, 4) for m in layers),
-            "full": sum(p.numel() for p in unet.parameters())}
 
 
 # --- Subjects as training data ----------------------------------------------------------------------------
@@ -264,52 +95,73 @@ class FitResult:
     steps: int
 
 
+def _fixed(lidb: LiDB, data: SubjectData) -> list[torch.Tensor]:
+    """What LiDB training uses without training it: the subjects' data, the frozen bases and the U-Net."""
+    bases = [b for layer in lidb.layers.values() for b in (layer.A_aux, layer.B_aux)]
+    return [data.latents, data.context, data.mask, data.subject, data.images, *bases, *lidb.unet.parameters()]
+
+
+def _lidb_info(lidb: LiDB) -> dict:
+    return {**asdict(lidb.config), "targets": list(lidb.config.targets), "layers": lidb.names}
+
+
+class LiDBFit(FineTune):
+    """fit_lidb's run: the LiDB numbers of S subjects are the rows of a table, and each sample of a batch runs
+    with its own subject's row (LiDB.set), so S subjects cost one U-Net pass per batch, not S.
+
+    The table is an embedding with sparse gradients, trained by SparseAdam ("lazy" Adam): a step updates only the
+    subjects in its batch, where dense Adam would also move every absent subject along its old momentum. Over all
+    271 training subjects lr 3e-2 diverged (with dense Adam and with this); 1e-2 is stable. No clipping."""
+
+    def __init__(self, pipe: TextToImage, lidb: LiDB, data: SubjectData, start: torch.Tensor, *, steps: int,
+                 lr: float, batch_size: int, seed: int = 0):
+        S = start.shape[0]
+        self.table = nn.Embedding(S, lidb.numbers, sparse=True)
+        with torch.no_grad():
+            self.table.weight.copy_(start.reshape(S, -1))
+        super().__init__(FitConfig(steps=steps, lr=lr, grad_clip=None),
+                         torch.optim.SparseAdam(self.table.parameters(), lr=lr), pipe.device, seed)
+        self.pipe, self.lidb, self.data, self.start, self.batch_size = pipe, lidb, data, start, batch_size
+
+    def loss(self) -> torch.Tensor:
+        d, g = self.data, self.generator
+        i = torch.randint(0, len(d.latents), (self.batch_size,), generator=g)
+        self.lidb.set(self.table(d.subject[i]).view(len(i), *self.lidb.shape).to(self.pipe.device))
+        return self.pipe.denoising_loss(d.latents[i], d.context[i], d.mask[i], g, unet=self.lidb.unet)
+
+    def fixed_tensors(self) -> list[torch.Tensor]:
+        return [*_fixed(self.lidb, self.data), self.start]
+
+    def run_info(self) -> dict:
+        return {**super().run_info(), "batch_size": self.batch_size, "lidb": _lidb_info(self.lidb),
+                "subjects": self.start.shape[0]}
+
+    def finish(self) -> None:
+        super().finish()
+        self.lidb.set(None)
+
+
 def fit_lidb(pipe: TextToImage, lidb: LiDB, data: SubjectData, *, steps: int, batch_size: int = 32,
              lr: float = 1e-2, init: torch.Tensor | None = None, seed: int = 0, max_seconds: float | None = None,
-             progress: bool = False) -> FitResult:
-    """Optimise LiDB weights for every subject in `data` at once: each sample of a batch runs with its own
-    subject's numbers, so S subjects cost one U-Net pass per batch, not S. Returns weights (S, layers, numbers)."""
+             progress: bool = False, checkpoint_path: str | Path | None = None, checkpoint_every: int = 100,
+             resume: bool = True, callback: Callable[[FineTune], None] | None = None) -> FitResult:
+    """Optimise LiDB weights for every subject in `data` at once (a LiDBFit): each sample of a batch runs with its
+    own subject's numbers. Returns weights (S, layers, numbers). checkpoint_path, resume: as in lora.fine_tune."""
     S = int(data.subject.max()) + 1
     start = lidb.init_weights(S) if init is None else init.clone().float()
-    # One row per subject in an embedding table with sparse gradients, and SparseAdam ("lazy" Adam): a step
-    # updates only the subjects in its batch, where dense Adam would also move every absent subject along its old
-    # momentum. Over all 271 training subjects lr 3e-2 diverged (with dense Adam and with this); 1e-2 is stable.
-    table = nn.Embedding(S, lidb.numbers, sparse=True)
-    with torch.no_grad():
-        table.weight.copy_(start.reshape(S, -1))
-    opt = torch.optim.SparseAdam(table.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    t0 = time.perf_counter()
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"LiDB ({S} subject{'s' if S > 1 else ''})")
-    done = 0
-    try:
-        for _ in it:
-            i = torch.randint(0, len(data.latents), (batch_size,), generator=g)
-            lidb.set(table(data.subject[i]).view(len(i), *lidb.shape).to(pipe.device))
-            loss = diffusion_loss(lidb.unet, pipe, data.latents[i], data.context[i], data.mask[i], g)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"LiDB loss became {loss.item()} at step {done}; lower lr ({lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            done += 1
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                break
-    finally:
-        lidb.set(None)
-    return FitResult(table.weight.detach().view(S, *lidb.shape).clone(), losses, time.perf_counter() - t0, done)
+    run = LiDBFit(pipe, lidb, data, start, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    run.run(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
+            max_seconds=max_seconds, progress=progress, callback=callback,
+            desc=f"LiDB ({S} subject{'s' if S > 1 else ''})")
+    return FitResult(run.table.weight.detach().view(S, *lidb.shape).clone(), run.history["loss"], run.seconds,
+                     run.step)
 
 
 # --- 2. The hypernetwork ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class HyperConfig:
-    layers: int                                    # LiDB layers to predict (48 for the tiny SD)
+    layers: int                                    # LiDB layers to predict (40 for the tiny SD)
     numbers: int                                   # numbers per layer, r (a + b)
     width: int = 128
     depth: int = 2                                 # transformer decoder blocks
@@ -389,47 +241,55 @@ class HyperTrainResult:
     steps: int
 
 
+class HyperFit(FineTune):
+    """train_hypernetwork's run: L = the diffusion loss with the predicted weights on the input image + weight_loss
+    x the mean squared distance to the subject's pre-optimised weights ([1], Section 4.2). AdamW, weight decay
+    0.01, gradients clipped to norm 1; the hypernetwork is in train mode while it runs."""
+
+    def __init__(self, hyper: HyperNetwork, pipe: TextToImage, lidb: LiDB, data: SubjectData, targets: torch.Tensor,
+                 *, steps: int, lr: float, batch_size: int, weight_loss: float, seed: int = 0):
+        start = lidb.init_weights(1)[0].to(pipe.device)
+        optimizer = torch.optim.AdamW(hyper.parameters(), lr=lr, weight_decay=0.01)
+        super().__init__(FitConfig(steps=steps, lr=lr, grad_clip=1.0), optimizer, pipe.device, seed, module=hyper)
+        self.hyper, self.pipe, self.lidb, self.data, self.targets = hyper, pipe, lidb, data, targets
+        self.start, self.batch_size, self.weight_loss = start, batch_size, weight_loss
+
+    def loss(self) -> tuple[torch.Tensor, dict]:
+        d, g = self.data, self.generator
+        i = torch.randint(0, len(d.latents), (self.batch_size,), generator=g)
+        w = self.hyper(d.images[i].to(self.pipe.device), self.start)
+        self.lidb.set(w)
+        diffusion = self.pipe.denoising_loss(d.latents[i], d.context[i], d.mask[i], g, unet=self.lidb.unet)
+        weight = (w - self.targets[d.subject[i]].to(w.device)).pow(2).mean()
+        return diffusion + self.weight_loss * weight, {"diffusion": diffusion.item(), "weight": weight.item()}
+
+    def fixed_tensors(self) -> list[torch.Tensor]:
+        return [*_fixed(self.lidb, self.data), self.targets]
+
+    def run_info(self) -> dict:
+        return {**super().run_info(), "batch_size": self.batch_size, "weight_loss": self.weight_loss,
+                "hyper": json.loads(self.hyper.config.to_json()), "lidb": _lidb_info(self.lidb)}
+
+    def finish(self) -> None:
+        super().finish()
+        self.lidb.set(None)
+
+
 def train_hypernetwork(hyper: HyperNetwork, pipe: TextToImage, lidb: LiDB, data: SubjectData,
                        targets: torch.Tensor, *, steps: int, batch_size: int = 32, lr: float = 3e-4,
                        weight_loss: float = 1.0, seed: int = 0, max_seconds: float | None = None,
-                       progress: bool = False) -> HyperTrainResult:
+                       progress: bool = False, checkpoint_path: str | Path | None = None,
+                       checkpoint_every: int = 100, resume: bool = True,
+                       callback: Callable[[FineTune], None] | None = None) -> HyperTrainResult:
     """L = diffusion loss with the predicted weights on the input image + weight_loss * mean squared distance
-    to the subject's pre-optimised weights `targets` (S, layers, numbers) ([1], Section 4.2)."""
-    start = lidb.init_weights(1)[0].to(pipe.device)
-    opt = torch.optim.AdamW(hyper.parameters(), lr=lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    hyper.train()
-    losses, diff, wl = [], [], []
-    t0 = time.perf_counter()
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc="hypernetwork")
-    done = 0
-    try:
-        for _ in it:
-            i = torch.randint(0, len(data.latents), (batch_size,), generator=g)
-            w = hyper(data.images[i].to(pipe.device), start)
-            lidb.set(w)
-            d = diffusion_loss(lidb.unet, pipe, data.latents[i], data.context[i], data.mask[i], g)
-            r = (w - targets[data.subject[i]].to(w.device)).pow(2).mean()
-            loss = d + weight_loss * r
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"hypernetwork loss became {loss.item()} at step {done}; lower lr ({lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hyper.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            diff.append(d.item())
-            wl.append(r.item())
-            done += 1
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                break
-    finally:
-        lidb.set(None)
-        hyper.eval()
-    return HyperTrainResult(losses, diff, wl, time.perf_counter() - t0, done)
+    to the subject's pre-optimised weights `targets` (S, layers, numbers) ([1], Section 4.2), in a HyperFit.
+    checkpoint_path, resume: as in course_lib.lora.fine_tune."""
+    run = HyperFit(hyper, pipe, lidb, data, targets, steps=steps, lr=lr, batch_size=batch_size,
+                   weight_loss=weight_loss, seed=seed)
+    run.run(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
+            max_seconds=max_seconds, progress=progress, callback=callback, desc="hypernetwork")
+    h = run.history
+    return HyperTrainResult(h["loss"], h.get("diffusion", []), h.get("weight", []), run.seconds, run.step)
 
 
 def save_hypernetwork(path: str | Path, hyper: HyperNetwork, lidb_config: LiDBConfig, lidb_seed: int,
@@ -459,32 +319,25 @@ def load_hypernetwork(path: str | Path, device: torch.device | str | None = None
 
 def fast_finetune(pipe: TextToImage, lidb: LiDB, weights: torch.Tensor, images: torch.Tensor, prompts: list[str],
                   *, rank: int = 4, steps: int = 40, lr: float = 1e-3, batch_size: int = 4, seed: int = 0,
-                  ) -> FitResult:
+                  checkpoint_path: str | Path | None = None, checkpoint_every: int = 100, resume: bool = True,
+                  callback: Callable[[FineTune], None] | None = None) -> FitResult:
     """Relax the predicted rank-1 LiDB update to rank `rank` LoRA (lidb.to_lora) and fine-tune it for `steps`
-    on the subject's image(s). `pipe` must be the pipeline whose U-Net holds `lidb`; after this call that
-    U-Net carries LoRA layers instead (its LiDB layers are gone)."""
+    on the subject's image(s), without caption dropout (a CaptionedFineTune). `pipe` must be the pipeline whose
+    U-Net holds `lidb`; after this call that U-Net carries LoRA layers instead (its LiDB layers are gone).
+    checkpoint_path, resume: as in course_lib.lora.fine_tune."""
     lidb.to_lora(weights, rank=rank, seed=seed)
     unet = lidb.unet
     params = lora_lib.lora_parameters(unet)
     z = encode_latents(pipe.vae, images, pipe.scale_factor, device=pipe.device).to(pipe.device)
     c, m = pipe.encode(prompts)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    unet.train()
-    losses = []
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        i = torch.randint(0, len(z), (batch_size,), generator=g)
-        loss = diffusion_loss(unet, pipe, z[i], c[i], m[i], g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-    unet.eval().requires_grad_(False)
-    return FitResult(weights, losses, time.perf_counter() - t0, steps)
+    run = CaptionedFineTune(pipe, unet, params, z, c, m, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    run.run(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume, callback=callback,
+            desc="fast fine-tuning")
+    unet.requires_grad_(False)
+    return FitResult(weights, run.history["loss"], run.seconds, run.step)
 
 
 __all__ = ["LiDBConfig", "semi_orthogonal", "LiDBLayer", "LiDB", "lidb_numbers", "SubjectData", "subject_data",
-           "personal_pipeline", "FitResult", "fit_lidb", "HyperConfig", "HyperNetwork", "hyper_config_for",
-           "HyperTrainResult", "train_hypernetwork", "save_hypernetwork", "load_hypernetwork", "fast_finetune"]
+           "personal_pipeline", "FitResult", "LiDBFit", "fit_lidb", "HyperConfig", "HyperNetwork", "hyper_config_for",
+           "HyperTrainResult", "HyperFit", "train_hypernetwork", "save_hypernetwork", "load_hypernetwork",
+           "fast_finetune"]

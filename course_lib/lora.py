@@ -14,7 +14,16 @@ For a Conv2d with kernel k, A is a conv with the base layer's kernel, stride and
 channels, and B a 1x1 conv from r to out; their product is again a k x k kernel, so merging works too.
 
 Merging adds (alpha / r) scale B A to W in place, after which the layer costs nothing extra at
-inference; unmerging subtracts it again (exact up to float rounding).
+inference. W + D - D is not always W in floating point, so merging keeps a copy of W (in CPU memory,
+not on the GPU) and unmerging puts it back: bit for bit the base weights. A merged layer's scale is
+fixed (it is baked into W): changing it is refused until the layer is unmerged.
+
+A rank above min(in, out) (min(in k_h k_w, out) for a conv) adds numbers but no expressiveness, since
+B A cannot have a higher rank than that; it is refused.
+
+Fine-tuning (`fine_tune`, `fit_lora`) runs through the course's one loop (course_lib.finetune), so it
+gets the same clipping, NaN guard, EMA, time budget, checkpoints and exact resume as the base model's
+training.
 
     >>> names = inject_lora(unet, rank=4)              # the attention projections by default
     >>> count_parameters(unet, trainable_only=True)   # only the adapters train
@@ -30,10 +39,8 @@ import contextlib
 import fnmatch
 import json
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -41,7 +48,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from . import checkpoint as ckpt
-from .train import ema_decay_at
+from .finetune import CaptionedFineTune, FineTune, FineTuneLog, optimizer_state_bytes  # noqa: F401 (lora.*)
 from .vae import encode_latents
 
 if TYPE_CHECKING:
@@ -62,13 +69,17 @@ class LoRALayer(nn.Module):
             raise TypeError(f"LoRA adapts nn.Linear and nn.Conv2d layers; got {type(base).__name__}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer; got {rank!r}")
+        if rank > max_rank(base):
+            raise ValueError(f"rank {rank} is larger than this layer allows ({describe_layer(base)}): the largest "
+                             f"valid rank is {max_rank(base)}, min(in, out)")
         alpha = float(rank if alpha is None else alpha)
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0; got {alpha}")
         self.base = base.requires_grad_(False)
         self.rank, self.alpha = rank, alpha
-        self.scale = 1.0
         self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None    # W before merge (CPU), while merged
+        self.scale = 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base.weight
         if isinstance(base, nn.Linear):
@@ -82,6 +93,20 @@ class LoRALayer(nn.Module):
             self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, device=w.device, dtype=w.dtype))
         # A random, B zero ([1], Section 4.1); the same uniform init as nn.Linear's weight
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def scale(self) -> float:
+        """The update's multiplier at inference (0: the base layer, 1: adapted); fixed while merged."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"scale must be a finite number; got {value!r}")
+        if self.merged and float(value) != self._scale:
+            raise ValueError(f"this LoRA layer is merged into its base weight at scale {self._scale:g}; unmerge it "
+                             f"first (layer.unmerge() or unmerge_lora(model)), then change the scale to {value:g}")
+        self._scale = float(value)
 
     @property
     def scaling(self) -> float:
@@ -115,25 +140,49 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + (alpha / r) scale B A; the layer then runs at the base layer's cost."""
+        """W <- W + (alpha / r) scale B A, keeping a CPU copy of W; the layer then runs at the base layer's cost."""
         if not self.merged:
+            self._unmerged_weight = self.base.weight.detach().to("cpu", copy=True)
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - (alpha / r) scale B A (with the scale it was merged at)."""
+        """W <- the W saved by merge: the base weights exactly, bit for bit."""
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.copy_(self._unmerged_weight)
+            self._unmerged_weight = None
             self.merged = False
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+def max_rank(layer: nn.Linear | nn.Conv2d) -> int:
+    """The largest rank B A can have: min(in, out) for a Linear, min(in k_h k_w, out) for a Conv2d."""
+    if isinstance(layer, nn.Linear):
+        return min(layer.in_features, layer.out_features)
+    kh, kw = layer.kernel_size
+    return min(layer.in_channels * kh * kw, layer.out_channels)
+
+
+def describe_layer(layer: nn.Linear | nn.Conv2d) -> str:
+    """'Linear 64 -> 48', or 'Conv2d 4 -> 6, kernel 3x3, in*k*k = 36'."""
+    if isinstance(layer, nn.Linear):
+        return f"Linear {layer.in_features} -> {layer.out_features}"
+    kh, kw = layer.kernel_size
+    return (f"Conv2d {layer.in_channels} -> {layer.out_channels}, kernel {kh}x{kw}, "
+            f"in*k*k = {layer.in_channels * kh * kw}")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` in place of the submodule called `name` (as in model.named_modules(), e.g. "down.0.attn.to_q")
+    and return the module it replaces. How LoRA and LiDB (course_lib.lidb) wrap a layer and put the plain
+    layer back."""
+    old = model.get_submodule(name)                   # names the missing part if there is no such module
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return old
 
 
 def adaptable_layers(model: nn.Module) -> list[str]:
@@ -165,13 +214,20 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...] | list[str] | str = D
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers; call remove_lora(model) (or merge them) first")
     names = matching_layers(model, targets)
+    too_small = [n for n in names if isinstance(rank, int) and rank > max_rank(model.get_submodule(n))]
+    if too_small:                                     # checked before anything changes
+        first = model.get_submodule(too_small[0])
+        raise ValueError(f"rank {rank} is too large for layer {too_small[0]!r} ({describe_layer(first)}): the "
+                         f"largest valid rank there is {max_rank(first)}, min(in, out); {len(too_small)} of the "
+                         f"{len(names)} matched layers are too small, and the largest rank valid for all is "
+                         f"{min(max_rank(model.get_submodule(n)) for n in names)}")
     model.requires_grad_(False)
     rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
         for name in names:
-            _set_child(model, name, LoRALayer(model.get_submodule(name), rank, alpha, dropout))
+            replace_module(model, name, LoRALayer(model.get_submodule(name), rank, alpha, dropout))
     model._lora_targets = tuple([targets] if isinstance(targets, str) else targets)
     return names
 
@@ -197,22 +253,36 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
     """Set the update's multiplier on every layer: 0 = base model, 1 = adapted, between = a blend."""
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number; got {scale!r}")
-    for layer in _layers(model).values():
-        if layer.merged:
-            raise ValueError("unmerge_lora(model) before changing the scale of merged layers")
+    layers = _layers(model)
+    merged = [n for n, layer in layers.items() if layer.merged and layer.scale != scale]
+    if merged:                                        # checked before any layer changes
+        raise ValueError(f"{len(merged)} LoRA layers (e.g. {merged[0]!r}) are merged into the base weights at "
+                         f"another scale; unmerge_lora(model) first, then change the scale")
+    for layer in layers.values():
         layer.scale = float(scale)
 
 
 @contextlib.contextmanager
 def lora_scale(model: nn.Module, scale: float):
-    """Temporarily run at another scale: `with lora_scale(unet, 0.5): images = pipe(...)`."""
-    before = {n: layer.scale for n, layer in _layers(model).items()}
+    """Temporarily run at another scale: `with lora_scale(unet, 0.5): images = pipe(...)`. Layers merged
+    inside the block must be unmerged before it ends (their scale is baked into the weights), unless they
+    were removed (`remove_lora(unet, merge=True)` bakes the LoRA in at 0.5)."""
+    layers = _layers(model)
+    before = {n: layer.scale for n, layer in layers.items()}
     set_lora_scale(model, scale)
     try:
         yield model
     finally:
-        for n, layer in _layers(model).items():
-            layer.scale = before[n]
+        present, stuck = {id(layer) for layer in lora_layers(model).values()}, []
+        for n, layer in layers.items():
+            if id(layer) in present and layer.merged and layer.scale != before[n]:
+                stuck.append(n)
+            elif not layer.merged:
+                layer.scale = before[n]
+        if stuck:
+            raise ValueError(f"{len(stuck)} LoRA layers (e.g. {stuck[0]!r}) were merged inside `with lora_scale("
+                             f"model, {scale:g})`, so their scale cannot go back to {before[stuck[0]]:g}; they stay "
+                             f"merged at {scale:g}. Call unmerge_lora(model) before the block ends")
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -232,7 +302,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
             layer.merge()
         else:
             layer.unmerge()
-        _set_child(model, name, layer.base)
+        replace_module(model, name, layer.base)
     if hasattr(model, "_lora_targets"):
         del model._lora_targets
     return model
@@ -262,91 +332,43 @@ def lora_numbers_formula(layer: nn.Linear | nn.Conv2d, rank: int) -> int:
     return rank * (layer.in_channels * kh * kw + layer.out_channels)
 
 
-# --- Fine-tuning -----------------------------------------------------------------------------------------
-
-@dataclass
-class FineTuneLog:
-    losses: list[float]
-    seconds: float
-    steps: int
-    trainable: int               # numbers the optimiser updates
-    state_bytes: int             # what training keeps per trained number: gradients + AdamW's two moments
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the gradients and optimiser state (AdamW: exp_avg, exp_avg_sq) actually held now."""
-    total = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                total += p.grad.numel() * p.grad.element_size()
-            for v in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(v) and v.ndim > 0:
-                    total += v.numel() * v.element_size()
-    return total
-
+# --- Fine-tuning (the loop and its FineTune are course_lib.finetune's) ---------------------------------------
 
 def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], params: list[nn.Parameter], *,
               unet: nn.Module | None = None, steps: int = 1000, batch_size: int = 32, lr: float = 1e-3,
               caption_dropout: float = 0.1, seed: int = 0, max_seconds: float | None = None,
-              ema: float | None = None, progress: bool = False) -> FineTuneLog:
+              ema: float | None = None, progress: bool = False, checkpoint_path: str | Path | None = None,
+              checkpoint_every: int = 100, resume: bool = True,
+              callback: Callable[[FineTune], None] | None = None) -> FineTuneLog:
     """Train `params` (a LoRA's, or all of a U-Net's) with the denoising loss on images (N, 3, H, W) in [-1, 1]
     with their captions; a fraction caption_dropout of captions becomes "" so guidance keeps working.
-    Stops after `steps` or `max_seconds`, whichever comes first.
+    Stops after `steps` or `max_seconds`, whichever comes first (course_lib.finetune.CaptionedFineTune).
 
-    ema: keep an exponential moving average of `params` (decay ramped up as in course_lib.train) and put it
-    into `params` at the end, as the base model's own training did; None keeps the last step's values."""
+    ema: keep an exponential moving average of `params` (decay ramped up: course_lib.loop.ema_decay_at) and put
+    it into `params` at the end, as the base model's own training did; None keeps the last step's values.
+    checkpoint_path: written every checkpoint_every steps and at the end; with resume, a run finds it and
+    continues exactly where it stopped (a checkpoint of another run, other lr, data or seed, is refused).
+    However the run stops, the U-Net is left in eval mode with the EMA in `params`."""
     unet = pipe.unet if unet is None else unet
     if len(images) != len(captions) or len(images) == 0:
         raise ValueError(f"need one caption per image and at least one image; got {len(images)} and {len(captions)}")
     z = encode_latents(pipe.vae, images, pipe.scale_factor, device=pipe.device).to(pipe.device)
     c, m = pipe.encode(list(captions))
-    c0, m0 = pipe.encode([""])
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    averaged = [p.detach().clone() for p in params] if ema is not None else None
-    g = torch.Generator().manual_seed(seed)
-    unet.train()
-    losses, state_bytes = [], 0
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc="fine-tuning")
-    t0 = time.perf_counter()
-    for step in it:
-        i = torch.randint(0, len(z), (batch_size,), generator=g)
-        drop = (torch.rand(batch_size, generator=g) < caption_dropout).to(pipe.device)
-        ci = torch.where(drop[:, None, None], c0, c[i])
-        mi = torch.where(drop[:, None], m0, m[i])
-        loss = pipe.denoising_loss(z[i], ci, mi, g, unet=unet)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower lr ({lr})")
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if averaged is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - ema_decay_at(step, ema))
-        losses.append(loss.item())
-        if step == 0:
-            state_bytes = optimizer_state_bytes(optimizer)
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            break
-    seconds = time.perf_counter() - t0
-    unet.eval()
-    with torch.no_grad():
-        for p, avg in zip(params, averaged or []):
-            p.copy_(avg)
-    for p in params:
-        p.grad = None
-    return FineTuneLog(losses, seconds, len(losses), sum(p.numel() for p in params), state_bytes)
+    adapters = sorted({(layer.rank, layer.alpha, layer.scale) for layer in lora_layers(unet).values()})
+    run = CaptionedFineTune(pipe, unet, params, z, c, m, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                            ema=ema, caption_dropout=caption_dropout, null=pipe.encode([""]),
+                            info={"lora": adapters})
+    run.run(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
+            max_seconds=max_seconds, progress=progress, callback=callback)
+    return FineTuneLog(run.history["loss"], run.seconds, run.step, sum(p.numel() for p in params), run.state_bytes)
 
 
 def fit_lora(pipe: "TextToImage", images: torch.Tensor, captions: list[str], *, rank: int = 4,
              alpha: float | None = None, targets: tuple[str, ...] = DEFAULT_TARGETS, seed: int = 0,
              **options) -> FineTuneLog:
     """Inject LoRA into pipe.unet (in place; the base weights stay frozen) and train only the adapters;
-    options go to `fine_tune` (steps, batch_size, lr, caption_dropout, max_seconds, progress)."""
+    options go to `fine_tune` (steps, batch_size, lr, caption_dropout, max_seconds, ema, progress,
+    checkpoint_path, checkpoint_every, resume, callback)."""
     inject_lora(pipe.unet, targets=targets, rank=rank, alpha=alpha, seed=seed)
     log = fine_tune(pipe, images, captions, lora_parameters(pipe.unet), seed=seed, **options)
     pipe.unet.requires_grad_(False)
@@ -398,6 +420,8 @@ def load_lora(path: str | Path, model: nn.Module) -> dict:
         inject_lora(model, targets=tuple(meta["layers"]), rank=meta["rank"], alpha=meta["alpha"])
         model._lora_targets = tuple(meta["targets"])
     layers = _layers(model)
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError(f"the model's LoRA layers are merged; unmerge_lora(model) before loading {path} into them")
     expected = {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
@@ -415,7 +439,7 @@ def load_lora(path: str | Path, model: nn.Module) -> dict:
     return meta
 
 
-__all__ = ["DEFAULT_TARGETS", "LoRALayer", "adaptable_layers", "matching_layers", "inject_lora", "lora_layers",
-           "lora_parameters", "set_lora_scale", "lora_scale", "merge_lora", "unmerge_lora", "remove_lora",
-           "lora_state_dict", "adapter_numbers", "lora_numbers_formula", "FineTuneLog",
-           "optimizer_state_bytes", "fine_tune", "fit_lora", "save_lora", "read_lora", "load_lora"]
+__all__ = ["DEFAULT_TARGETS", "LoRALayer", "max_rank", "describe_layer", "replace_module", "adaptable_layers",
+           "matching_layers", "inject_lora", "lora_layers", "lora_parameters", "set_lora_scale", "lora_scale",
+           "merge_lora", "unmerge_lora", "remove_lora", "lora_state_dict", "adapter_numbers", "lora_numbers_formula",
+           "fine_tune", "fit_lora", "save_lora", "read_lora", "load_lora"]

@@ -47,8 +47,8 @@ def test_prior_preservation_loss_is_the_sum_it_claims(tiny_pipe):
     cp, mp = pipe.encode(["grinning face"] * 3)
     total, parts = db.dreambooth_loss(pipe.unet, pipe, (z, c, m), (zp, cp, mp), 0.7, torch.Generator().manual_seed(5))
     # recompute with the same draws of t and noise: one call on the concatenated batch
-    per = db.diffusion_loss(pipe.unet, pipe, torch.cat([z, zp]), torch.cat([c, cp]), torch.cat([m, mp]),
-                            torch.Generator().manual_seed(5), reduce=False)
+    per = pipe.denoising_loss(torch.cat([z, zp]), torch.cat([c, cp]), torch.cat([m, mp]),
+                              torch.Generator().manual_seed(5), unet=pipe.unet, reduce=False)
     assert parts["subject"] == pytest.approx(per[:3].mean().item(), rel=1e-6)
     assert parts["prior"] == pytest.approx(per[3:].mean().item(), rel=1e-6)
     assert total.item() == pytest.approx(parts["subject"] + 0.7 * parts["prior"], rel=1e-6)
@@ -109,7 +109,7 @@ def test_dreambooth_errors(tiny_pipe):
 def test_tone_accuracy_counts_the_asked_tone_winning(tiny_pipe):
     s = db.get_subject("woman mage", size=tiny_pipe.vae.config.image_size)
     clip, tok = tiny_pipe.clip, tiny_pipe.tokenizer
-    from course_lib.text import similarity
+    from course_lib.clip import similarity
     sims = similarity(clip, tok, s.images, [s.prompt(t, None) for t in db.TONES])
     best = [db.TONES[i] for i in sims.argmax(1).tolist()]
     assert db.tone_accuracy(clip, tok, s.images, s, best) == 1.0          # asked = what the judge picks
@@ -117,3 +117,27 @@ def test_tone_accuracy_counts_the_asked_tone_winning(tiny_pipe):
     assert db.tone_accuracy(clip, tok, s.images, s, wrong) == 0.0
     with pytest.raises(ValueError, match="one asked tone per image"):
         db.tone_accuracy(clip, tok, s.images, s, best[:2])
+
+
+def test_dreambooth_checkpoints_and_resumes_exactly(tiny_pipe, tmp_path):
+    s = db.get_subject("woman mage", size=tiny_pipe.vae.config.image_size)
+    args = (tiny_pipe, s.images[:2], [s.prompt(t) for t in db.TONES[:2]], [s.prompt(t, None) for t in db.TONES[:2]])
+    cfg = db.DreamBoothConfig(method="lora", steps=5, prior_images=2, prior_steps=2, batch_size=2, lr=1e-2)
+    whole = db.dreambooth(*args, cfg)
+    path = tmp_path / "db.safetensors"
+
+    def stop(run):
+        if run.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        db.dreambooth(*args, cfg, checkpoint_path=path, checkpoint_every=2, callback=stop)
+    resumed = db.dreambooth(*args, cfg, checkpoint_path=path, checkpoint_every=2)
+    assert resumed.losses == whole.losses and resumed.history == whole.history and resumed.steps == 5
+    for a, b in zip(lora.lora_parameters(resumed.pipe.unet), lora.lora_parameters(whole.pipe.unet)):
+        assert torch.equal(a, b)
+    assert not resumed.pipe.unet.training
+    other = db.DreamBoothConfig(method="lora", steps=5, prior_images=2, prior_steps=2, batch_size=2, lr=1e-2,
+                                prior_weight=0.5)
+    with pytest.raises(ValueError, match="prior_weight: checkpoint 1.0, now 0.5"):
+        db.dreambooth(*args, other, checkpoint_path=path)

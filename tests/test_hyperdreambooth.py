@@ -178,7 +178,7 @@ def test_fast_finetune_relaxes_then_trains(tiny_pipe):
 
 
 def test_compare_personalisation_runs_every_method(tiny_pipe):
-    from course_lib.metrics import PERSONALISATION_METHODS, compare_personalisation, summarise
+    from course_lib.benchmark import PERSONALISATION_METHODS, compare_personalisation, summarise
     cfg = hd.LiDBConfig(a=16, b=8)
     probe = hd.LiDB(copy.deepcopy(tiny_pipe.unet), cfg, seed=1)
     hyper = hd.HyperNetwork(hd.hyper_config_for(probe, width=32, depth=1, iterations=1))
@@ -193,3 +193,71 @@ def test_compare_personalisation_runs_every_method(tiny_pipe):
         row = summary[m]
         assert row["seconds"] >= 0 and -1 <= row["subject"] <= 1 and 0 <= row["tone"] <= 1
         assert examples[subjects[0].name][m].shape[0] == 5          # the five asked tones
+
+
+def _stop_at(step):
+    def callback(run):
+        if run.step == step:
+            raise KeyboardInterrupt
+    return callback
+
+
+def test_fit_lidb_resumes_exactly(tiny_pipe, tmp_path):
+    def setup():
+        pipe = hd.personal_pipeline(tiny_pipe)
+        lidb = hd.LiDB(pipe.unet, hd.LiDBConfig(a=16, b=8))
+        subjects = db.emoji_subjects("train", size=pipe.vae.config.image_size)[:2]
+        return pipe, lidb, hd.subject_data(pipe, subjects, tones=("", "dark"))
+
+    whole = hd.fit_lidb(*setup(), steps=6, batch_size=4, lr=5e-2)
+    path = tmp_path / "lidb.safetensors"
+    pipe, lidb, data = setup()
+    with pytest.raises(KeyboardInterrupt):
+        hd.fit_lidb(pipe, lidb, data, steps=6, batch_size=4, lr=5e-2, checkpoint_path=path, checkpoint_every=2,
+                    callback=_stop_at(3))
+    assert all(layer.weights is None for layer in lidb.layers.values())           # left clean after the stop
+    again = hd.fit_lidb(*setup(), steps=6, batch_size=4, lr=5e-2, checkpoint_path=path, checkpoint_every=2)
+    assert again.losses == whole.losses and torch.equal(again.weights, whole.weights)   # SparseAdam's step too
+    with pytest.raises(ValueError, match="batch_size: checkpoint 4, now 2"):
+        hd.fit_lidb(*setup(), steps=6, batch_size=2, lr=5e-2, checkpoint_path=path)
+
+
+def test_train_hypernetwork_and_fast_finetune_resume_exactly(tiny_pipe, tmp_path):
+    cfg = hd.LiDBConfig(a=16, b=8)
+
+    def setup():
+        pipe = hd.personal_pipeline(tiny_pipe)
+        lidb = hd.LiDB(pipe.unet, cfg, seed=3)
+        subjects = db.emoji_subjects("train", size=pipe.vae.config.image_size)[:2]
+        torch.manual_seed(0)
+        hyper = hd.HyperNetwork(hd.hyper_config_for(lidb, width=32, depth=1, iterations=2))
+        return hyper, pipe, lidb, hd.subject_data(pipe, subjects, tones=("", "light"))
+
+    targets = 0.1 * torch.randn(2, *setup()[2].shape, generator=torch.Generator().manual_seed(0))
+    hyper, *rest = setup()
+    whole = hd.train_hypernetwork(hyper, *rest, targets, steps=5, batch_size=4, lr=3e-3)
+    path = tmp_path / "hyper.safetensors"
+    stopped, *rest = setup()
+    with pytest.raises(KeyboardInterrupt):
+        hd.train_hypernetwork(stopped, *rest, targets, steps=5, batch_size=4, lr=3e-3, checkpoint_path=path,
+                              checkpoint_every=2, callback=_stop_at(3))
+    assert not stopped.training and all(layer.weights is None for layer in rest[1].layers.values())
+    resumed, *rest = setup()
+    again = hd.train_hypernetwork(resumed, *rest, targets, steps=5, batch_size=4, lr=3e-3, checkpoint_path=path)
+    assert (again.losses, again.diffusion, again.weight) == (whole.losses, whole.diffusion, whole.weight)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), hyper.parameters()))
+
+    s = db.get_subject("woman mage", size=tiny_pipe.vae.config.image_size)
+
+    def fast(**options):
+        pipe = hd.personal_pipeline(tiny_pipe)
+        lidb = hd.LiDB(pipe.unet, cfg)
+        res = hd.fast_finetune(pipe, lidb, lidb.init_weights(1), s.images[:1], [s.prompt()], rank=2, steps=5,
+                               lr=1e-2, **options)
+        return res, lora.lora_parameters(pipe.unet)
+
+    (res, params) = fast()
+    with pytest.raises(KeyboardInterrupt):
+        fast(checkpoint_path=tmp_path / "fast.safetensors", checkpoint_every=2, callback=_stop_at(3))
+    res2, params2 = fast(checkpoint_path=tmp_path / "fast.safetensors")
+    assert res2.losses == res.losses and all(torch.equal(a, b) for a, b in zip(params, params2))

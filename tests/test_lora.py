@@ -224,3 +224,179 @@ def test_fine_tune_with_ema_keeps_the_average(tiny_pipe):
     # decay 0: the "average" is the last step's weights; decay 0.9: it lags behind them
     torch.testing.assert_close(finals[1], finals[0], rtol=0, atol=0)
     assert not torch.allclose(finals[2], finals[0])
+
+
+# --- merged layers: exact unmerge, a fixed scale ------------------------------------------------------------
+
+def test_unmerge_restores_the_base_weights_bit_for_bit(unet):
+    base_weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    lora.inject_lora(unet, targets=("*.proj_in", "*.conv1", "*.to_q"), rank=3, alpha=6.0)
+    _randomise_B(unet)
+    lora.merge_lora(unet)
+    lora.unmerge_lora(unet)
+    lora.remove_lora(unet)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, base_weights[k]), k         # W + D - D would be off in the last bits
+
+
+def test_merging_inside_a_temporary_scale_is_refused_and_unmerge_stays_exact(unet):
+    x, t, ctx = _inputs(unet)
+    lora.inject_lora(unet, rank=4)
+    _randomise_B(unet)
+    adapted = unet(x, t, ctx)
+    base = {n: layer.base.weight.clone() for n, layer in lora.lora_layers(unet).items()}
+    with pytest.raises(ValueError, match=r"merged inside `with lora_scale\(model, 0.5\)`.*unmerge_lora\(model\)"):
+        with lora.lora_scale(unet, 0.5):
+            lora.merge_lora(unet)
+    assert all(layer.merged and layer.scale == 0.5 for layer in lora.lora_layers(unet).values())
+    lora.unmerge_lora(unet)                                  # the base weights exactly, whatever the scale
+    for n, layer in lora.lora_layers(unet).items():
+        assert torch.equal(layer.base.weight, base[n]), n
+    lora.set_lora_scale(unet, 1.0)
+    assert torch.equal(unet(x, t, ctx), adapted)
+    # merged and unmerged again inside the block: allowed, and the scale goes back
+    with lora.lora_scale(unet, 0.5):
+        lora.merge_lora(unet)
+        lora.unmerge_lora(unet)
+    assert torch.equal(unet(x, t, ctx), adapted)
+
+
+def test_the_scale_of_a_merged_layer_cannot_change_on_any_path(unet):
+    lora.inject_lora(unet, rank=2)
+    lora.merge_lora(unet)
+    layer = next(iter(lora.lora_layers(unet).values()))
+    with pytest.raises(ValueError, match="merged into its base weight at scale 1; unmerge it first"):
+        layer.scale = 0.5
+    with pytest.raises(ValueError, match="merged into the base weights at another scale; unmerge_lora"):
+        lora.set_lora_scale(unet, 0.5)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        with lora.lora_scale(unet, 0.0):
+            pass
+    assert all(layer.scale == 1.0 for layer in lora.lora_layers(unet).values())   # nothing changed
+    lora.set_lora_scale(unet, 1.0)                           # the scale it has: no change, allowed
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        layer.scale = float("nan")
+    lora.unmerge_lora(unet)
+    layer.scale = 0.5
+    assert layer.scale == 0.5
+
+
+def test_loading_an_adapter_into_merged_layers_is_refused(unet, tmp_path):
+    lora.inject_lora(unet, rank=2)
+    path = lora.save_lora(tmp_path / "a.safetensors", unet)
+    lora.merge_lora(unet)
+    with pytest.raises(ValueError, match="merged; unmerge_lora"):
+        lora.load_lora(path, unet)
+
+
+# --- ranks, replacing modules ----------------------------------------------------------------------------
+
+def test_a_rank_larger_than_the_layer_is_refused():
+    with pytest.raises(ValueError, match=r"Linear 12 -> 10\): the largest valid rank is 10"):
+        lora.LoRALayer(nn.Linear(12, 10), rank=11)
+    assert lora.LoRALayer(nn.Linear(12, 10), rank=10).rank == 10          # full rank is allowed
+    # a conv's update is an out x (in k k) matrix: Conv2d(3, 5, 3) allows 5, Conv2d(2, 40, 3) allows 2*9 = 18
+    with pytest.raises(ValueError, match=r"Conv2d 3 -> 5, kernel 3x3, in\*k\*k = 27\): the largest valid rank is 5"):
+        lora.LoRALayer(nn.Conv2d(3, 5, 3), rank=6)
+    with pytest.raises(ValueError, match="largest valid rank is 18"):
+        lora.LoRALayer(nn.Conv2d(2, 40, 3), rank=19)
+    assert lora.max_rank(nn.Conv2d(2, 40, 3)) == 18 and lora.max_rank(nn.Linear(4, 9)) == 4
+    model = _Tiny()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"rank 6 is too large for layer 'conv' \(Conv2d 3 -> 5.*largest valid "
+                                         r"rank there is 5.*1 of the 2 matched layers.*valid for all is 5"):
+        lora.inject_lora(model, targets=("to_q", "conv"), rank=6)
+    assert not lora.lora_layers(model)                                      # refused before anything changed
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_replace_module_swaps_a_named_submodule(unet):
+    name = lora.matching_layers(unet)[0]
+    old = unet.get_submodule(name)
+    new = nn.Linear(old.in_features, old.out_features)
+    assert lora.replace_module(unet, name, new) is old and unet.get_submodule(name) is new
+    assert lora.replace_module(unet, name, old) is new and unet.get_submodule(name) is old
+    with pytest.raises(AttributeError, match="no attribute"):
+        lora.replace_module(unet, name + "_missing", new)
+
+
+# --- fine-tuning through the one loop: checkpoints, exact resume, a clean stop ----------------------------
+
+def _fresh(tiny_pipe):
+    import copy as _copy
+    pipe = _copy.copy(tiny_pipe)
+    pipe.unet = _copy.deepcopy(tiny_pipe.unet)
+    return pipe
+
+
+def _stop_at(step, error=KeyboardInterrupt):
+    def callback(run):
+        if run.step == step:
+            raise error(f"stopped at step {step}")
+    return callback
+
+
+@pytest.fixture(scope="module")
+def eight(tiny_pipe):
+    from course_lib.data import load_emoji
+    return load_emoji(size=tiny_pipe.vae.config.image_size, split="train", style="twemoji", limit=8)
+
+
+def test_an_interrupted_fine_tune_resumes_bit_identically(tiny_pipe, eight, tmp_path):
+    options = dict(rank=2, steps=6, batch_size=4, lr=1e-2, ema=0.9)
+    whole = _fresh(tiny_pipe)
+    log = lora.fit_lora(whole, eight.images, eight.captions, **options)
+    path = tmp_path / "ft.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, checkpoint_path=path, checkpoint_every=2,
+                      callback=_stop_at(3), **options)
+    resumed = _fresh(tiny_pipe)                 # a new session: the same call finds the step-2 checkpoint
+    again = lora.fit_lora(resumed, eight.images, eight.captions, checkpoint_path=path, checkpoint_every=2, **options)
+    assert again.losses == log.losses and again.steps == 6
+    for a, b in zip(lora.lora_parameters(resumed.unet), lora.lora_parameters(whole.unet)):
+        assert torch.equal(a, b)
+    # resume=False starts afresh (and overwrites the file); the numbers are the same again
+    fresh = lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, checkpoint_path=path, resume=False,
+                          **options)
+    assert fresh.losses == log.losses
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_fine_tune_leaves_eval_mode_and_the_ema(tiny_pipe, eight, error):
+    three = _fresh(tiny_pipe)
+    lora.fit_lora(three, eight.images, eight.captions, rank=2, steps=3, batch_size=4, lr=1e-2, ema=0.9)
+    stopped = _fresh(tiny_pipe)
+    with pytest.raises(error, match="stopped at step 3"):
+        lora.fit_lora(stopped, eight.images, eight.captions, rank=2, steps=6, batch_size=4, lr=1e-2, ema=0.9,
+                      callback=_stop_at(3, error))
+    assert not any(m.training for m in stopped.unet.modules())
+    for a, b in zip(lora.lora_parameters(stopped.unet), lora.lora_parameters(three.unet)):
+        assert torch.equal(a, b) and a.grad is None          # the EMA after 3 steps, as a 3-step run leaves it
+
+
+def test_resuming_another_run_is_refused_naming_what_differs(tiny_pipe, eight, tmp_path):
+    path = tmp_path / "ft.safetensors"
+    options = dict(rank=2, steps=2, batch_size=4, checkpoint_path=path)
+    lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, lr=1e-2, **options)
+    with pytest.raises(ValueError, match=r"different run.*lr: checkpoint 0.01, now 0.02"):
+        lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, lr=2e-2, **options)
+    with pytest.raises(ValueError, match=r"different run.*trained on 8 images, now 4"):
+        lora.fit_lora(_fresh(tiny_pipe), eight.images[:4], eight.captions[:4], lr=1e-2, **options)
+    with pytest.raises(ValueError, match=r"different run.*seed: checkpoint 0, now 1"):
+        lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, lr=1e-2, seed=1, **options)
+    with pytest.raises(ValueError, match=r"lora: checkpoint \[\[2, 2.0, 1.0\]\], now \[\[2, 4.0, 1.0\]\]"):
+        lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, lr=1e-2, alpha=4.0, **options)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):
+        lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, lr=1e-2, checkpoint_every=0,
+                      **{**options, "checkpoint_path": tmp_path / "other.safetensors"})
+
+
+def test_removing_with_merge_inside_a_temporary_scale_bakes_that_scale_in(unet):
+    x, t, ctx = _inputs(unet)
+    lora.inject_lora(unet, rank=4)
+    _randomise_B(unet)
+    with lora.lora_scale(unet, 0.5):
+        half = unet(x, t, ctx)
+        lora.remove_lora(unet, merge=True)                  # the layers leave the model: nothing to restore
+    assert not lora.lora_layers(unet)
+    torch.testing.assert_close(unet(x, t, ctx), half, rtol=1e-5, atol=1e-5)
