@@ -12,6 +12,11 @@ This module checks the promise by running the work once and reading PyTorch's al
                     this, the larger figure, with the budget. Neither counts the CUDA context itself
                     (a few hundred MB per process, depending on the driver and card).
 
+What runs is the course's own code, not a copy of it: `training_step_memory` measures one `train_step` of
+a course_lib.train.Trainer (the one loop, course_lib.loop.Fit, around the one objective,
+course_lib.forward.diffusion_loss) on random data of the given shape; `sampling_memory` runs
+course_lib.sampling.sample, with classifier-free guidance (course_lib.guidance) for a text-conditioned U-Net.
+
 On a machine without a CUDA GPU there is nothing to measure: the work still runs (so the code
 path is exercised), and the report says "no CUDA GPU here: peak GPU memory not measured".
 
@@ -35,17 +40,19 @@ import contextlib
 import dataclasses
 import gc
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .forward import check_prediction, prediction_target, q_sample
+from .forward import check_prediction
+from .guidance import GuidedModel
+from .loop import autocast, resolve_precision  # one definition, shared with training
+from .sampling import sample
 from .schedules import NoiseSchedule, make_schedule
-from .sampling import GuidedModel, sample
 from .settings import default_device
-from .train import PRECISIONS, autocast, resolve_precision  # one definition, shared with training
+from .train import Conditioning, TrainConfig, Trainer
 
 BUDGET_GIB = 8.0
 GIB = 2 ** 30
@@ -136,7 +143,8 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
             model.gradient_checkpointing = old
     else:
         raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch: expected "
-                         f"model.config.gradient_checkpointing (as course_lib.unet.UNet) or model.gradient_checkpointing")
+                         f"model.config.gradient_checkpointing (as course_lib.unet.UNet) or "
+                         f"model.gradient_checkpointing")
 
 
 def _check_shape(batch_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -148,48 +156,58 @@ def _check_shape(batch_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # --- A training step and a sampling run ------------------------------------------------------------------
 
+class _Configured(nn.Module):
+    """Any denoiser model(x_t, t, *cond) given the two config fields the Trainer reads (in_channels,
+    context_dim): a course_lib UNet has them already and is not wrapped."""
+
+    def __init__(self, model: nn.Module, in_channels: int, context_dim: int | None):
+        super().__init__()
+        self.model = model
+        self.config = SimpleNamespace(in_channels=in_channels, context_dim=context_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond) -> torch.Tensor:
+        return self.model(x, t, *cond)
+
+
 def training_step_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], *, prediction: str = "epsilon",
                          precision: str = "auto", gradient_checkpointing: bool = False,
                          schedule: NoiseSchedule | None = None, lr: float = 1e-4,
                          context: tuple[torch.Tensor, torch.Tensor] | None = None) -> MemoryReport:
-    """Peak memory of one forward + backward + AdamW step of the simple diffusion loss (Ho et al. 2020,
-    Algorithm 1) on random images of batch_shape, on the model's device.
+    """Peak memory of one step of the course's training loop on random data of batch_shape, on the model's
+    device: a course_lib.train.Trainer (the loop of course_lib.loop.Fit around the objective
+    course_lib.forward.diffusion_loss) built on batch_shape[0] random images and measured over one `train_step`.
 
-    The loss is written out: t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps),
-    loss = MSE(model(x_t, t), target), target per `prediction`. AdamW's two moment buffers are
-    created inside the measured run, as on a real first step. The model's weights, gradients and
-    train/eval mode are restored afterwards (their copy waits on the CPU, outside the measurement).
-    A text-conditioned U-Net also gets `context` = (text states (B, L, D), mask (B, L)) on its device."""
+    What the step holds is what training holds: the weights, their EMA copy, gradients, AdamW's two moment
+    buffers (created inside the measured step, as on a real first step), the activations of the forward and
+    backward pass, and the GradScaler's work with precision "fp16". Parameters with requires_grad=False (a
+    frozen base under LoRA) get no gradients and no moments. The model's weights, gradients and train/eval mode
+    are restored afterwards (their copy waits on the CPU, outside the measurement). A text-conditioned U-Net
+    also gets `context` = (text states (B, L, D), mask (B, L)), as the Trainer's Conditioning."""
     check_prediction(prediction)
     B, C, H, W = _check_shape(batch_shape)  # batch, channels, height, width
-    extra = () if context is None else tuple(context)
     device = _device_of(model)
-    precision = resolve_precision(precision, device)
     schedule = schedule or make_schedule("linear", 1000)
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     was_training = model.training
-
-    def step() -> None:
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        x0 = torch.rand(B, C, H, W, device=device) * 2 - 1
-        t = torch.randint(0, schedule.T, (B,), device=device)
-        noise = torch.randn_like(x0)
-        x_t = q_sample(schedule, x0, t, noise)
-        target = prediction_target(prediction, x0, noise, schedule.extract(schedule.alphas_cumprod, t, x0))
-        with autocast(precision, device):
-            output = model(x_t, t, *extra)
-        loss = F.mse_loss(output.float(), target)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+    conditioning = None
+    if context is not None:
+        states, mask = (z.detach().cpu() for z in context)
+        conditioning = Conditioning(states, mask.bool(), torch.zeros(states.shape[1:]),
+                                    torch.ones(states.shape[1], dtype=torch.bool))
+    config = getattr(model, "config", None)
+    net = model if hasattr(config, "in_channels") else \
+        _Configured(model, C, None if context is None else context[0].shape[-1])
+    images = torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     try:
         with _checkpointing(model, gradient_checkpointing):
-            what = f"training step, batch {(B, C, H, W)}" + (", gradient checkpointing" if gradient_checkpointing else "")
-            return measure_peak(step, device, what, precision)
+            trainer = Trainer(net, images, TrainConfig(steps=1, batch_size=B, lr=lr, warmup=0, prediction=prediction,
+                                                       T=schedule.T, precision=precision, latents=True),
+                              device=device, conditioning=conditioning)
+            trainer.fixed_schedule = schedule                       # the schedule given (its T is the config's)
+            what = f"training step, batch {(B, C, H, W)}" + (", gradient checkpointing" if gradient_checkpointing
+                                                               else "")
+            return measure_peak(trainer.train_step, device, what, trainer.precision)
     finally:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)

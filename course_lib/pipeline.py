@@ -1,4 +1,4 @@
-r"""The text-to-image pipeline: a tiny Stable Diffusion put together from the course's parts.
+r"""The text-to-image pipeline: a tiny Stable Diffusion put together from the course's parts (notebook 09).
 
     prompt --Tokenizer--> ids --TextEncoder (mini CLIP)--> text states (B, L, D) ---------+
                                                                                           | cross-attention
@@ -6,41 +6,145 @@ r"""The text-to-image pipeline: a tiny Stable Diffusion put together from the co
                                                         ^
                           classifier-free guidance: eps = eps("") + s (eps(prompt) - eps(""))
 
-Each part is a course_lib module that a notebook builds: the tokenizer and text encoder
-(course_lib.text, notebook 08), the U-Net with cross-attention (course_lib.unet, 09), the samplers
-and guidance (course_lib.sampling, 05 and 09) and the VAE (course_lib.vae, 06). The diffusion runs on
-the VAE's latents multiplied by `scale_factor`, so that they have unit variance (Stable Diffusion's
-0.18215 is the same number for its VAE); the decoder gets them divided by it again.
+Each part is a course_lib module that a notebook builds: the tokenizer (course_lib.tokenizer) and the
+mini CLIP's text encoder (course_lib.clip, notebook 08), the U-Net with cross-attention (course_lib.unet,
+09), the samplers (course_lib.sampling, 05), guidance (course_lib.guidance, 09) and the VAE
+(course_lib.vae, 06). The diffusion runs on the VAE's latents multiplied by `scale_factor`, so that they
+have unit variance (course_lib.sd.SD_LATENT_SCALE is the same number for SD 1.x's VAE); the decoder gets
+them divided by it again.
+
+`text_to_image` is the one generation path of the course: the tiny SD here and SD 1.5
+(course_lib.sd.StableDiffusion) both call it, with their own text encoder, denoiser, decoder and sampler
+settings (course_lib.sampling.SamplerSettings: TINY_SD_SAMPLER here, course_lib.sd.SD15_SAMPLER there).
 
 A negative prompt replaces the empty prompt in the guidance formula, so the sampler steers away from it.
 
 Seeds: image k of a call (counting over prompts, then images per prompt) starts from the noise of
-seed + k, so an image does not change when other prompts are added to the batch.
+seed + k, drawn on the CPU, so an image does not change when other prompts are added to the batch, nor
+from one device to another. `generate` splits a long prompt list into batches with the same seeds.
 """
 
 from __future__ import annotations
 
 import numbers
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import checkpoint as ckpt
-from .forward import prediction_target
-from .sampling import SAMPLERS, GuidedModel, sample
+from .clip import MiniCLIP, encode_prompts, load_clip
+from .forward import diffusion_loss
+from .guidance import GuidedModel
+from .sampling import TINY_SD_SAMPLER, SamplerSettings, sample
 from .schedules import NoiseSchedule
-from .text import MiniCLIP, Tokenizer, encode_prompts, load_clip
+from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import VAE, decode_latents, load_vae
 
 SHIPPED = {"unet": "tiny_sd_emoji", "clip": "clip_emoji", "vae": "vae_emoji32"}   # names in checkpoints/
+
+Encode = Callable[[list[str]], tuple[torch.Tensor, "torch.Tensor | None"]]   # prompts -> (states, mask or None)
+
+
+def prompt_list(prompts: str | list[str], what: str = "prompts") -> list[str]:
+    """A list of prompts from one string or a non-empty list of strings; anything else is refused."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"{what} must be a string or a non-empty list of strings; got {prompts!r}")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"every prompt must be a string; got {type(p).__name__} ({p!r})")
+    return list(prompts)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer; got {seed!r}")
+    return int(seed)
+
+
+@torch.no_grad()
+def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: Encode,
+                  decode: Callable[[torch.Tensor], torch.Tensor], prompts: str | list[str],
+                  settings: SamplerSettings, *, latent_shape: tuple[int, int, int],
+                  negative_prompt: str | list[str] = "", seed: int = 0, images_per_prompt: int = 1,
+                  prediction: str = "epsilon", latents: torch.Tensor | None = None, return_latents: bool = False,
+                  progress: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Prompts -> images (B, 3, H, W) in [-1, 1] on the CPU, B = len(prompts) * images_per_prompt: the one
+    generation path of the tiny SD (TextToImage) and SD 1.5 (course_lib.sd.StableDiffusion).
+
+    denoiser   a text-conditioned U-Net, denoiser(z_t, t, states, mask)
+    encode     prompts -> (text states (B, L, D), mask (B, L) or None)
+    decode     scaled latents -> images (e.g. the VAE's decoder after dividing by the scale factor)
+    settings   sampler, steps, guidance scale and timesteps (course_lib.sampling.SamplerSettings)
+    latents    the starting noise (B, *latent_shape); default: image k from torch.randn with seed + k
+
+    1. check the prompts, the negative prompts (one, or one per prompt) and the steps against the schedule
+    2. text states of every image's prompt and of its negative prompt (the empty prompt by default)
+    3. classifier-free guidance at settings.guidance_scale (course_lib.guidance.GuidedModel)
+    4. sample from the starting noise (fresh noise of a stochastic sampler from `seed`), then decode
+    """
+    prompts = prompt_list(prompts)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
+        prompt_list(negative_prompt, "negative_prompt")
+    if len(negatives) != len(prompts):
+        raise ValueError(f"give one negative prompt, or one per prompt ({len(prompts)}); got {len(negatives)}")
+    if settings.steps > schedule.T:
+        raise ValueError(f"steps must be an integer from 1 to {schedule.T} (the schedule's length); "
+                         f"got {settings.steps!r}")
+    images_per_prompt = _positive_int(images_per_prompt, "images_per_prompt")
+    seed = _check_seed(seed)
+    prompts = [p for p in prompts for _ in range(images_per_prompt)]
+    negatives = [n for n in negatives for _ in range(images_per_prompt)]
+    shape = (len(prompts), *latent_shape)                  # (B, C, h, w): batch, latent channels, height, width
+    if latents is None:
+        latents = torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed + k))
+                             for k in range(len(prompts))])
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} for {len(prompts)} image(s); got {tuple(latents.shape)}")
+
+    context, mask = encode(prompts)
+    null, null_mask = encode(negatives)
+    model = GuidedModel(denoiser, context, mask, null, null_mask, float(settings.guidance_scale))
+    generator = torch.Generator().manual_seed(seed)       # fresh noise of stochastic samplers (DDPM, DDIM eta > 0)
+    z = sample(model, schedule, shape, **settings.options(), prediction=prediction, generator=generator,
+               device=device, x_T=latents.float().to(device), clip_x0=False, progress=progress)
+    return z.float().cpu() if return_latents else decode(z)
+
+
+def generate(pipe: Callable[..., torch.Tensor], prompts: str | list[str], *, batch_size: int = 256, seed: int = 0,
+             images_per_prompt: int = 1, negative_prompt: str | list[str] = "", **options) -> torch.Tensor:
+    """All images of a long prompt list, `batch_size` prompts per call of `pipe` (a TextToImage or a
+    StableDiffusion): the same images as one call with every prompt (image k from seed + k), in less memory.
+    options go to the pipeline's call (steps, guidance_scale, sampler, settings, return_latents, ...)."""
+    prompts = prompt_list(prompts)
+    batch_size = _positive_int(batch_size, "batch_size")
+    seed = _check_seed(seed)
+    per = _positive_int(images_per_prompt, "images_per_prompt")
+    negatives = negative_prompt
+    if not isinstance(negative_prompt, str):
+        negatives = prompt_list(negative_prompt, "negative_prompt")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"give one negative prompt, or one per prompt ({len(prompts)}); got {len(negatives)}")
+    return torch.cat([pipe(prompts[i:i + batch_size], seed=seed + i * per, images_per_prompt=per,
+                           negative_prompt=negatives if isinstance(negatives, str) else negatives[i:i + batch_size],
+                           **options) for i in range(0, len(prompts), batch_size)])
 
 
 class TextToImage:
     """prompts -> images. `pipe = TextToImage.from_shipped(); images = pipe(["red heart"], seed=0)`."""
 
     def __init__(self, unet: UNet, schedule: NoiseSchedule, clip: MiniCLIP, tokenizer: Tokenizer, vae: VAE,
-                 scale_factor: float, prediction: str = "epsilon", device: torch.device | str | None = None):
+                 scale_factor: float, prediction: str = "epsilon", device: torch.device | str | None = None,
+                 sampler_settings: SamplerSettings = TINY_SD_SAMPLER):
         if unet.config.context_dim is None:
             raise ValueError("the U-Net is unconditional (context_dim=None); a text-to-image pipeline needs one "
                              "built with context_dim set to the text encoder's width")
@@ -59,6 +163,7 @@ class TextToImage:
         self.schedule = schedule
         self.scale_factor = float(scale_factor)
         self.prediction = prediction
+        self.sampler_settings = sampler_settings           # what a call samples with, unless told otherwise
 
     @classmethod
     def from_files(cls, unet_path: str | Path, clip_path: str | Path, vae_path: str | Path,
@@ -79,82 +184,51 @@ class TextToImage:
     def latent_shape(self) -> tuple[int, int, int]:
         return self.vae.config.latent_shape
 
-    @staticmethod
-    def _prompt_list(prompts: str | list[str], what: str = "prompts") -> list[str]:
-        if isinstance(prompts, str):
-            return [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"{what} must be a string or a non-empty list of strings; got {prompts!r}")
-        for p in prompts:
-            if not isinstance(p, str):
-                raise TypeError(f"every prompt must be a string; got {type(p).__name__} ({p!r})")
-        return list(prompts)
-
     def encode(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(text states (B, L, D), mask (B, L)) for the prompts, on the pipeline's device."""
-        return encode_prompts(self.clip, self.tokenizer, self._prompt_list(prompts), device=self.device)
+        return encode_prompts(self.clip, self.tokenizer, prompt_list(prompts), device=self.device)
 
     def denoising_loss(self, z0: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
                        generator: torch.Generator, unet: torch.nn.Module | None = None,
                        reduce: bool = True) -> torch.Tensor:
-        """The training loss on scaled latents z0 with text states (context, mask): t uniform over the schedule,
-        fresh noise, the pipeline's prediction target (eps, x0 or v). `unet` defaults to the pipeline's (pass a
-        copy being fine-tuned). reduce=False: one value per sample (B,). Used by every fine-tuning method."""
+        """The training loss (course_lib.forward.diffusion_loss) on scaled latents z0 with text states (context,
+        mask): t uniform over the schedule, then fresh noise, both from `generator`; the pipeline's prediction
+        target (eps, x0 or v). `unet` defaults to the pipeline's (pass a copy being fine-tuned). reduce=False:
+        one value per sample (B,). Used by every fine-tuning method."""
         unet = self.unet if unet is None else unet
-        B = z0.shape[0]
-        t = torch.randint(0, self.schedule.T, (B,), generator=generator).to(z0.device)
-        noise = torch.randn(z0.shape, generator=generator).to(z0.device)
-        abar = self.schedule.extract(self.schedule.alphas_cumprod, t, z0)
-        zt = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
-        out = unet(zt, t, context, mask).float()
-        per_sample = (out - prediction_target(self.prediction, z0, noise, abar)).pow(2).flatten(1).mean(1)
-        return per_sample.mean() if reduce else per_sample
+        terms = diffusion_loss(unet, self.schedule, z0, prediction=self.prediction, generator=generator,
+                               cond=(context, mask))
+        return terms.loss if reduce else terms.per_sample
 
     @torch.no_grad()
-    def __call__(self, prompts: str | list[str], *, seed: int = 0, steps: int = 20, guidance_scale: float = 4.0,
-                 negative_prompt: str | list[str] = "", sampler: str = "ddim", images_per_prompt: int = 1,
-                 return_latents: bool = False, progress: bool = False) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] on the CPU, B = len(prompts) * images_per_prompt.
+    def __call__(self, prompts: str | list[str], *, seed: int = 0, steps: int | None = None,
+                 guidance_scale: float | None = None, negative_prompt: str | list[str] = "",
+                 sampler: str | None = None, images_per_prompt: int = 1, return_latents: bool = False,
+                 progress: bool = False, settings: SamplerSettings | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] on the CPU, B = len(prompts) * images_per_prompt (see `text_to_image`).
 
+        settings         the sampler settings (default self.sampler_settings: DDIM, 20 steps, guidance 4);
+                         sampler, steps and guidance_scale, when given, replace its fields
         steps            sampler steps (model calls, twice the batch each with guidance), 1..T
         guidance_scale   0: ignore the prompt; 1: plain conditional model; > 1: follow the prompt harder
         negative_prompt  what to steer away from: one string, or one per prompt ("" = nothing)
         return_latents   the final latents (scaled) instead of decoded images
         """
-        prompts = self._prompt_list(prompts)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
-            self._prompt_list(negative_prompt, "negative_prompt")
-        if len(negatives) != len(prompts):
-            raise ValueError(f"give one negative prompt, or one per prompt ({len(prompts)}); got {len(negatives)}")
-        T = self.schedule.T
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
-            raise ValueError(f"steps must be an integer from 1 to {T} (the schedule's length); got {steps!r}")
-        if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, numbers.Integral) \
-                or images_per_prompt < 1:
-            raise ValueError(f"images_per_prompt must be a positive integer; got {images_per_prompt!r}")
-        if not isinstance(guidance_scale, numbers.Real) or not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance); got {guidance_scale!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid are {', '.join(SAMPLERS)}")
-        if not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an integer; got {seed!r}")
+        settings = (settings or self.sampler_settings).replace(sampler=sampler, steps=steps,
+                                                              guidance_scale=guidance_scale)
+        return text_to_image(self.unet, self.schedule, self.encode, self.decode, prompts, settings,
+                             latent_shape=self.latent_shape, negative_prompt=negative_prompt, seed=seed,
+                             images_per_prompt=images_per_prompt, prediction=self.prediction,
+                             return_latents=return_latents, progress=progress, device=self.device)
 
-        prompts = [p for p in prompts for _ in range(images_per_prompt)]
-        negatives = [n for n in negatives for _ in range(images_per_prompt)]
-        context, mask = self.encode(prompts)
-        null, null_mask = self.encode(negatives)
-        model = GuidedModel(self.unet, context, mask, null, null_mask, float(guidance_scale))
-
-        shape = (len(prompts), *self.latent_shape)
-        x_T = torch.cat([torch.randn((1, *self.latent_shape), generator=torch.Generator().manual_seed(int(seed) + k))
-                         for k in range(len(prompts))])
-        generator = torch.Generator().manual_seed(int(seed))   # fresh noise of stochastic samplers (DDPM)
-        latents = sample(model, self.schedule, shape, sampler=sampler, steps=int(steps), prediction=self.prediction,
-                         generator=generator, device=self.device, x_T=x_T.to(self.device), clip_x0=False,
-                         progress=progress)
-        if return_latents:
-            return latents.float().cpu()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] on the CPU (course_lib.vae.decode_latents)."""
         return decode_latents(self.vae, latents, self.scale_factor, device=self.device)
 
+    def generate(self, prompts: str | list[str], *, batch_size: int = 256, seed: int = 0, **options) -> torch.Tensor:
+        """Images for a long prompt list, `batch_size` prompts per call, seeds as one call would give them
+        (image k from seed + k); options as for a call (steps, guidance_scale, images_per_prompt, ...)."""
+        return generate(self, prompts, batch_size=batch_size, seed=seed, **options)
 
-__all__ = ["SHIPPED", "TextToImage"]
+
+__all__ = ["SHIPPED", "prompt_list", "text_to_image", "generate", "TextToImage"]

@@ -53,19 +53,10 @@ The loop, written out (what `sample` does for DDIM, less the bookkeeping):
         x = ddim_step(schedule, x, t, t_next, x0_hat, eps_hat)
 `reverse_process` runs the same loop and yields every intermediate state, for plots.
 
-Classifier-free guidance [6]. A text-conditioned model trained with its prompt sometimes replaced by the
-empty prompt knows both eps(x_t, c) and eps(x_t, null). Guidance extrapolates from the second towards,
-and past, the first (Eq. 6 of [6], with scale = 1 + w):
-    eps_guided = eps(x_t, null) + scale (eps(x_t, c) - eps(x_t, null))
-scale = 0 is the unconditional model, 1 the plain conditional one, and scale > 1 trades variety for
-images that match the prompt more closely (Stable Diffusion's default is 7.5). A negative prompt is
-simply used as the null context: guidance then pushes away from it. The same combination of the raw
-outputs serves epsilon, x0 and v predictions alike: each is an affine function of the others given x_t,
-and the weights (1 - scale) + scale sum to 1. `GuidedModel` wraps a conditional U-Net as a plain
-model(x_t, t), running the conditional and unconditional passes as one doubled batch, so every sampler
-above works with it unchanged:
-    guided = GuidedModel(unet, context, context_mask, null_context, null_mask, scale=5.0)
-    x0 = sample(guided, schedule, (4, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+Classifier-free guidance (course_lib.guidance.GuidedModel) wraps a text-conditioned U-Net as a plain
+model(x_t, t), so every sampler here serves text-to-image unchanged. `SamplerSettings` gathers what a
+text-to-image pipeline samples with (sampler, steps, guidance scale, timesteps); SD 1.5's published
+scheduler is one of its presets (course_lib.sd.SD15_SAMPLER).
 
 References:
   [1] Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. 2020. https://arxiv.org/abs/2006.11239
@@ -75,11 +66,11 @@ References:
   [4] Nichol, Dhariwal. Improved Denoising Diffusion Probabilistic Models. 2021. https://arxiv.org/abs/2102.09672
   [5] Lin, Liu, Li, Yang. Common Diffusion Noise Schedules and Sample Steps are Flawed (Table 2:
       timestep spacings). 2024. https://arxiv.org/abs/2305.08891
-  [6] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. https://arxiv.org/abs/2207.12598
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -89,6 +80,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .forward import check_images, check_prediction, predicted_x0_eps
+from .guidance import GuidedModel, classifier_free_guidance, conditional  # noqa: F401  (also importable from here)
 from .schedules import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
@@ -225,132 +217,6 @@ def dpm_solver_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: 
     return (s_next / s_t) * x_t - a_next * math.expm1(-h) * D
 
 
-# --- classifier-free guidance ----------------------------------------------------------------
-
-def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """uncond + scale (cond - uncond): Eq. 6 of Ho & Salimans 2022 with scale = 1 + w."""
-    return uncond + scale * (cond - uncond)
-
-
-def _check_context(context: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
-    if not isinstance(context, torch.Tensor) or context.ndim != 3 or not context.is_floating_point():
-        raise ValueError(f"{what} must be a float tensor of text states (B, L, D) or (1, L, D); got "
-                         f"{tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"{what}'s mask must be a bool tensor (B, L), True at real tokens; got "
-                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
-        B, L = context.shape[:2]
-        if mask.ndim != 2 or mask.shape[1] != L or mask.shape[0] not in (1, B):
-            valid = f"(1, {L})" if B == 1 else f"({B}, {L}) or (1, {L})"
-            raise ValueError(f"{what}'s mask must have shape {valid} to match {what} {tuple(context.shape)}; "
-                             f"got {tuple(mask.shape)}")
-
-
-def _batched(context: torch.Tensor, mask: torch.Tensor | None, B: int, device: torch.device,
-             what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """context (B or 1, L, D) and mask (B or 1, L) as batch B, on device."""
-    if context.shape[0] not in (1, B):
-        raise ValueError(f"{what} has batch {context.shape[0]}; expected 1 (the same for every image) or the "
-                         f"image batch {B}")
-    context = context.to(device).expand(B, -1, -1)
-    if mask is not None:
-        mask = mask.to(device).expand(B, -1)
-    return context, mask
-
-
-def _same_length(c1: torch.Tensor, m1: torch.Tensor | None, c2: torch.Tensor, m2: torch.Tensor | None):
-    """Pad the shorter of two contexts with masked-out zero tokens, so the two can share one batch. Masked
-    tokens get no attention weight, so the padding changes nothing."""
-    L1, L2 = c1.shape[1], c2.shape[1]
-    if L1 == L2 and (m1 is None) == (m2 is None):
-        return c1, m1, c2, m2
-    L = max(L1, L2)
-    out = []
-    for c, m in ((c1, m1), (c2, m2)):
-        m = torch.ones(c.shape[:2], dtype=torch.bool, device=c.device) if m is None else m
-        out += [torch.nn.functional.pad(c, (0, 0, 0, L - c.shape[1])),
-                torch.nn.functional.pad(m, (0, L - c.shape[1]), value=False)]
-    return tuple(out)
-
-
-class GuidedModel(torch.nn.Module):
-    """A conditional U-Net with its prompt fixed, called as a plain model(x_t, t): classifier-free guidance
-    (Ho & Salimans 2022) at `scale`.
-
-    unet          a text-conditioned U-Net, unet(x, t, context, context_mask)
-    context       the prompt's text states (B, L, D), or (1, L, D) for one prompt shared by the batch
-    context_mask  None or bool (B or 1, L), True at real tokens
-    null_context  the empty prompt's states (or a negative prompt's), same rules; needed unless scale == 1.
-                  Its length may differ from context's: the shorter is padded with masked tokens.
-    scale         0: unconditional, 1: conditional (no guidance), > 1: guided. Settable between samples
-                  (guided.scale = 3.0). At 0 and 1 one plain pass runs (the exact unguided prediction);
-                  otherwise the conditional and unconditional passes run as one batch of 2B.
-
-    It is an nn.Module holding the U-Net, so `.to(device)` moves both and samplers find its device."""
-
-    def __init__(self, unet: torch.nn.Module, context: torch.Tensor, context_mask: torch.Tensor | None = None,
-                 null_context: torch.Tensor | None = None, null_mask: torch.Tensor | None = None,
-                 scale: float = 7.5):
-        super().__init__()
-        _check_context(context, context_mask, "context")
-        if null_context is not None:
-            _check_context(null_context, null_mask, "null_context")
-            if null_context.shape[2] != context.shape[2]:
-                raise ValueError(f"null_context's width {null_context.shape[2]} differs from context's "
-                                 f"{context.shape[2]}; encode both with the same text encoder")
-        elif null_mask is not None:
-            raise ValueError("null_mask was given without null_context")
-        self.unet = unet
-        self.register_buffer("context", context.detach(), persistent=False)
-        self.register_buffer("context_mask", context_mask, persistent=False)
-        self.register_buffer("null_context", None if null_context is None else null_context.detach(),
-                             persistent=False)
-        self.register_buffer("null_mask", null_mask, persistent=False)
-        self.scale = scale
-
-    @property
-    def scale(self) -> float:
-        return self._scale
-
-    @scale.setter
-    def scale(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
-            raise ValueError(f"the guidance scale must be a finite number >= 0 (0: unconditional, 1: conditional, "
-                             f"> 1: guided); got {value!r}")
-        if value != 1 and self.null_context is None:
-            raise ValueError(f"guidance scale {value} needs null_context, the empty prompt's (or a negative "
-                             f"prompt's) text states; only scale 1 runs without one")
-        self._scale = float(value)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t
-        if self.scale == 1 or self.scale == 0:                     # one plain pass
-            which = ((self.context, self.context_mask, "context") if self.scale == 1
-                     else (self.null_context, self.null_mask, "null_context"))
-            c, m = _batched(*which[:2], B, x.device, which[2])
-            return self.unet(x, t, c, m)
-        c, m = _batched(self.context, self.context_mask, B, x.device, "context")
-        n, nm = _batched(self.null_context, self.null_mask, B, x.device, "null_context")
-        c, m, n, nm = _same_length(c, m, n, nm)
-        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, n]),
-                        None if m is None else torch.cat([m, nm]))
-        cond, uncond = out.chunk(2)
-        return classifier_free_guidance(cond, uncond, self.scale)
-
-    def extra_repr(self) -> str:
-        null = None if self.null_context is None else tuple(self.null_context.shape)
-        return f"scale={self.scale:g}, context={tuple(self.context.shape)}, null_context={null}"
-
-
-def conditional(unet: torch.nn.Module, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None) -> GuidedModel:
-    """The conditional U-Net with its prompt fixed, as a plain model(x_t, t) for unguided sampling (scale 1)."""
-    return GuidedModel(unet, context, context_mask, scale=1.0)
-
-
 # --- the loop -------------------------------------------------------------------------------
 
 @dataclass
@@ -402,7 +268,24 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
                     spacing: str = "trailing", offset: int = 0, final_t: int = -1,
                     progress: bool = False) -> Iterator[ReverseStep]:
     """Run a sampler, yielding a ReverseStep at every timestep and then the result (cf. guided-diffusion's
-    p_sample_loop_progressive). Arguments as in `sample`."""
+    p_sample_loop_progressive); `sample` keeps only the result.
+
+    model        model(x_t, t) with t a (B,) long tensor; its output means `prediction` (epsilon, x0 or v).
+                 Called under torch.no_grad(); put it in eval mode (and use its EMA weights) first.
+    shape        (B, C, H, W) = (batch, channels, height, width) of the result
+    sampler      one of SAMPLERS
+    steps        how many model calls; timesteps from `timesteps(schedule, steps, spacing, offset)`
+    eta          DDIM only: 0 deterministic, 1 as much noise as DDPM
+    generator    seeds x_T and every fresh noise draw, so a seed reproduces a run exactly (noise is drawn
+                 on the generator's device, so a CPU generator gives the same numbers on a GPU)
+    device       default: x_T's device, else the model's, else the CPU
+    x_T          the starting noise (cast to dtype and device); drawn from N(0, I) if None
+    clip_x0      clamp each x0 estimate to [-1, 1] (turn off for latents or exact tests)
+    spacing, offset   which timesteps (see `timesteps`)
+    final_t      where the last step lands: -1 is the clean end (abar = 1); 0 stops at abar_0, as SD 1.5's
+                 DDIM does (set_alpha_to_one=False), a difference of 1 - abar_0 = 0.00085 in the noise variance
+    progress     show a tqdm progress bar
+    """
     _check_sampler(sampler, eta)
     check_prediction(prediction)
     shape = _check_shape(shape)
@@ -437,31 +320,11 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
     yield ReverseStep(len(ts), int(final_t), x, x)
 
 
-def sample(model: Model, schedule: NoiseSchedule, shape: Sequence[int], *, sampler: str = "ddim",
-           steps: int = 50, eta: float = 0.0, prediction: str = "epsilon",
-           generator: torch.Generator | None = None, device: torch.device | str | None = None,
-           dtype: torch.dtype = torch.float32, x_T: torch.Tensor | None = None, clip_x0: bool = True,
-           spacing: str = "trailing", offset: int = 0, final_t: int = -1, progress: bool = False) -> torch.Tensor:
-    """Generate a batch x_0 of `shape` (B, C, H, W) with one of SAMPLERS.
-
-    model        model(x_t, t) with t a (B,) long tensor; its output means `prediction` (epsilon, x0 or v).
-                 Called under torch.no_grad(); put it in eval mode (and use its EMA weights) first.
-    steps        how many model calls; timesteps from `timesteps(schedule, steps, spacing)`
-    eta          DDIM only: 0 deterministic, 1 as much noise as DDPM
-    generator    seeds x_T and every fresh noise draw, so a seed reproduces a run exactly (noise is drawn
-                 on the generator's device, so a CPU generator gives the same numbers on a GPU)
-    device       default: x_T's device, else the model's, else the CPU
-    x_T          the starting noise (cast to dtype and device); drawn from N(0, I) if None
-    clip_x0      clamp each x0 estimate to [-1, 1] (turn off for latents or exact tests)
-    spacing, offset   which timesteps (see `timesteps`)
-    final_t      where the last step lands: -1 is the clean end (abar = 1); 0 stops at abar_0, as SD 1.5's
-                 DDIM does (set_alpha_to_one=False), a difference of 1 - abar_0 = 0.00085 in the noise variance
-    progress     show a tqdm progress bar
-    """
-    for step in reverse_process(model, schedule, shape, sampler=sampler, steps=steps, eta=eta,
-                                prediction=prediction, generator=generator, device=device, dtype=dtype,
-                                x_T=x_T, clip_x0=clip_x0, spacing=spacing, offset=offset, final_t=final_t,
-                                progress=progress):
+def sample(model: Model, schedule: NoiseSchedule, shape: Sequence[int], **options) -> torch.Tensor:
+    """Generate a batch x_0 of `shape` (B, C, H, W) with one of SAMPLERS: the last state of `reverse_process`,
+    whose keywords (sampler, steps, eta, prediction, generator, device, dtype, x_T, clip_x0, spacing, offset,
+    final_t, progress) it takes and documents."""
+    for step in reverse_process(model, schedule, shape, **options):
         pass
     return step.x_t
 
@@ -504,3 +367,48 @@ def ddim_invert(model: Model, schedule: NoiseSchedule, x0: torch.Tensor, *, step
         x = math.sqrt(ab_up) * x0_hat + math.sqrt(1 - ab_up) * eps
         t = t_up
     return x
+
+
+# --- what a text-to-image pipeline samples with ---------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """A pipeline's sampler, as one value: course_lib.pipeline.TextToImage and course_lib.sd.StableDiffusion
+    keep one (the tiny SD's: TINY_SD_SAMPLER; SD 1.5's scheduler: course_lib.sd.SD15_SAMPLER), and a call's
+    keywords replace fields of it: `settings.replace(steps=50)`."""
+    sampler: str = "ddim"           # one of SAMPLERS
+    steps: int = 20                 # model calls (twice the batch each with guidance), 1..T
+    guidance_scale: float = 4.0     # 0: ignore the prompt; 1: plain conditional model; > 1: follow it harder
+    eta: float = 0.0                # DDIM's fresh noise: 0 deterministic, 1 as much as DDPM
+    spacing: str = "trailing"       # which timesteps (see `timesteps`): one of SPACINGS
+    offset: int = 0                 # added to every timestep (SD 1.5: 1)
+    final_t: int = -1               # where the last step lands: -1 the clean end, 0 abar_0 (SD 1.5)
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid are {', '.join(SAMPLERS)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
+            raise ValueError(f"steps must be an integer from 1 to the schedule's length T; got {self.steps!r}")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 <= g < math.inf:
+            raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance); got {g!r}")
+        _check_sampler(self.sampler, self.eta)
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {self.spacing!r}; valid are {', '.join(SPACINGS)}")
+        for name, low in (("offset", 0), ("final_t", -1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+    def replace(self, **changes) -> "SamplerSettings":
+        """A copy with the fields given changed (and checked again); a field given as None keeps its value, so a
+        pipeline's call can pass its keywords straight through."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def options(self) -> dict:
+        """The keywords of `sample` / `reverse_process` these settings give (all but guidance_scale)."""
+        return {"sampler": self.sampler, "steps": int(self.steps), "eta": self.eta, "spacing": self.spacing,
+                "offset": int(self.offset), "final_t": int(self.final_t)}
+
+
+TINY_SD_SAMPLER = SamplerSettings()     # the course's tiny SD (notebook 09): DDIM, 20 trailing steps, guidance 4

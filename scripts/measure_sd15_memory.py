@@ -12,9 +12,10 @@ statistics first, so every row is "the resident weights + that job":
     generation                  one prompt at --size, --steps DDIM steps, guidance 7.5 (the U-Net sees a batch
                                 of 2 each step: the prompt and the empty prompt), the VAE decoding with slicing
     decode 2, sliced / at once  the VAE decoder on 2 latents, one at a time and both at once: what slicing saves
-    LoRA step, checkpointing    the image encoded by the VAE and the prompt by the text encoder (no gradients),
-                                add_lora(rank=4), AdamW over the adapters, lora_loss().backward(), step: twice,
-                                so AdamW's two moment buffers exist on the second step
+    LoRA step, checkpointing    course_lib.sd.LoRAFineTune, as fine_tune_lora runs it: the image encoded by the
+                                VAE and the prompt by the text encoder (no gradients), add_lora(rank=4), then two
+                                steps of the course's one loop (lora_loss, backward with the GradScaler, AdamW over
+                                the adapters), so AdamW's two moment buffers exist on the second step
     LoRA step, no checkpointing the same with gradient checkpointing off: what checkpointing saves
 
 `peak` is torch.cuda.max_memory_allocated, `reserved` the caching allocator's high-water mark (closer to what
@@ -56,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_lib import memory  # noqa: E402
-from course_lib.sd import PRESETS, StableDiffusion, get_preset  # noqa: E402
+from course_lib.sd import PRESETS, LoRAFineTune, StableDiffusion, sd_preset  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 
 DEFAULT_SIZE = {"sd15": 512, "tiny": 64}        # SD 1.5's native resolution; the tiny VAE's
@@ -118,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1:
         parser.error(f"--steps must be at least 1; got {args.steps}")
 
-    cfg = get_preset(args.preset)
+    cfg = sd_preset(args.preset)
     multiple = cfg.vae.factor * 2 ** (cfg.unet.levels - 1)     # the VAE's factor times the U-Net's downsampling
     args.size = DEFAULT_SIZE[args.preset] if args.size is None else args.size
     if args.size < multiple or args.size % multiple:
@@ -158,21 +159,14 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
     attempt("VAE decode, batch 2, sliced (one at a time)", lambda: sd.decode(two_latents, slicing=True))
     attempt("VAE decode, batch 2, at once (no slicing)", lambda: sd.decode(two_latents, slicing=False))
 
-    params = sd.add_lora(rank=LORA_RANK, gradient_checkpointing=True)
+    sd.add_lora(rank=LORA_RANK, gradient_checkpointing=True)
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def lora_steps(checkpointing: bool):
-        def run() -> None:
+        def run() -> None:        # what fine_tune_lora runs: encode once, then LORA_STEPS steps of the one loop
             sd.unet.config = sd.unet.config.replace(gradient_checkpointing=checkpointing)
-            optimizer = torch.optim.AdamW(params, lr=1e-4)
-            generator = torch.Generator().manual_seed(0)
-            for _ in range(LORA_STEPS):
-                latents = sd.encode_images(image)       # no gradients: the VAE and text encoder are frozen
-                context = sd.encode(PROMPT)
-                loss = sd.lora_loss(latents, context, generator)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            LoRAFineTune(sd, image, [PROMPT], steps=LORA_STEPS, rank=LORA_RANK,
+                         gradient_checkpointing=checkpointing).run(progress=False)
         return run
 
     for checkpointing in (True, False):

@@ -4,10 +4,10 @@
 
 diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel are built with small random configs
 in SD 1.x's layout (three U-Net levels: attention, attention, none), their state dicts converted into course_lib's
-modules (course_lib.sd), and the same inputs run through both. The last row runs diffusers' StableDiffusionPipeline
-and course_lib's StableDiffusion with the same components, SD 1.5's DDIM settings, guidance 7.5 and the same starting
-latents, and compares the final latents. tests/test_sd.py asserts every row is at most 1e-4 and builds its models
-with the functions below.
+modules (course_lib.sd_convert), and the same inputs run through both. The last row runs diffusers'
+StableDiffusionPipeline and course_lib's StableDiffusion with the same components, SD 1.5's DDIM settings
+(course_lib.sd.SD15_SAMPLER), guidance 7.5 and the same starting latents, and compares the final latents.
+tests/test_sd.py asserts every row is at most 1e-4 and builds its models with the functions below.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib import sd  # noqa: E402
+from course_lib import sd, sd_convert  # noqa: E402
 from course_lib.clip_tokenizer import CLIPTokenizer, bytes_to_unicode  # noqa: E402
 from course_lib.text import TextEncoder  # noqa: E402
 from course_lib.unet import UNet  # noqa: E402
@@ -96,7 +96,7 @@ def diffusers_pipeline(folder: Path):
 
 def convert(kind, theirs, config):
     ours = kind(config).eval()
-    sd.load_weights(ours, theirs.state_dict(), "diffusers")
+    sd_convert.load_weights(ours, theirs.state_dict(), "diffusers")
     return ours
 
 
@@ -110,13 +110,13 @@ def measure() -> list[tuple[str, float, float]]:
     rows = []
     g = torch.Generator().manual_seed(0)
     unet = small_unet()
-    ours = convert(UNet, unet, sd.unet_config_from_diffusers(dict(unet.config)))
+    ours = convert(UNet, unet, sd_convert.unet_config_from_diffusers(dict(unet.config)))
     x, t, c = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 77, 32, generator=g)
     ref = unet(x, t, encoder_hidden_states=c).sample
     rows.append(("U-Net (UNet2DConditionModel)", max_diff(ours(x, t, c), ref), ref.abs().max().item()))
 
     vae = small_vae()
-    ours = convert(VAE, vae, sd.vae_config_from_diffusers(dict(vae.config)))
+    ours = convert(VAE, vae, sd_convert.vae_config_from_diffusers(dict(vae.config)))
     images, z = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.randn(2, 4, 8, 8, generator=g)
     post, mine = vae.encode(images).latent_dist, ours.encode(images)
     rows.append(("VAE encoder, posterior mean", max_diff(mine.mean, post.mean), post.mean.abs().max().item()))
@@ -126,7 +126,7 @@ def measure() -> list[tuple[str, float, float]]:
     rows.append(("VAE decoder (AutoencoderKL)", max_diff(ours.decode(z), ref), ref.abs().max().item()))
 
     text = small_text_encoder()
-    ours = convert(TextEncoder, text, sd.text_config_from_transformers(text.config.to_dict()))
+    ours = convert(TextEncoder, text, sd_convert.text_config_from_transformers(text.config.to_dict()))
     ids = torch.randint(0, 998, (2, 77), generator=g)
     ref = text(ids).last_hidden_state
     rows.append(("text encoder (CLIPTextModel), all 77 states", max_diff(ours(ids, None), ref), ref.abs().max().item()))

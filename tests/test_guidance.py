@@ -1,14 +1,15 @@
-"""Classifier-free guidance (course_lib.sampling.GuidedModel): the formula, the one-pass shortcuts at scales
+"""Classifier-free guidance (course_lib.guidance.GuidedModel): the formula, the one-pass shortcuts at scales
 0 and 1, the doubled batch against two separate passes, broadcasting and padding of contexts, and sampling
 with a guided model."""
 
 import pytest
 import torch
 
-from course_lib import sampling
-from course_lib.sampling import GuidedModel, classifier_free_guidance, conditional
+from course_lib import guidance, sampling
+from course_lib.guidance import GuidedModel, classifier_free_guidance, conditional
 from course_lib.schedules import make_schedule
-from course_lib.unet import SpatialTransformer, UNet, get_preset
+from course_lib.attention import SpatialTransformer
+from course_lib.unet import UNet, get_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,3 +174,10 @@ def test_sampling_with_a_guided_model_is_deterministic_for_a_seed(unet):
     states = list(sampling.reverse_process(guided, schedule, (2, 4, 8, 8), sampler="dpm++2m", steps=3,
                                            clip_x0=False, generator=torch.Generator().manual_seed(0)))
     assert len(states) == 4 and torch.equal(states[-1].x_t, run(2.0, sampler="dpm++2m", steps=3))
+
+
+def test_sampling_still_offers_the_guidance_names():
+    """Notebook 09 and course_lib.train import GuidedModel from course_lib.sampling: the same objects."""
+    assert sampling.GuidedModel is guidance.GuidedModel
+    assert sampling.classifier_free_guidance is guidance.classifier_free_guidance
+    assert sampling.conditional is guidance.conditional

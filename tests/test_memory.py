@@ -96,3 +96,30 @@ def test_cuda_measures_a_real_peak():
     for precision in ("fp32", "fp16"):  # the GradScaler path too
         assert training_step_memory(model, (8, 3, 32, 32), precision=precision).measured
     assert sampling_memory(model, (8, 3, 32, 32), steps=3).measured
+
+
+def test_training_step_is_one_step_of_the_trainer(monkeypatch):
+    """The measured work is course_lib.train.Trainer.train_step (the one loop around the one objective),
+    not a copy of it: for a plain denoiser and for a text-conditioned U-Net with LoRA, as notebooks 10-12 use it."""
+    from course_lib import lora
+    from course_lib.train import Trainer
+    from course_lib.unet import UNet, get_preset
+    steps = []
+    original = Trainer.train_step
+
+    def spy(self):
+        steps.append((type(self).__name__, self.images.shape, self.conditioning is not None))
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    training_step_memory(TinyDenoiser(), (2, 3, 8, 8), precision="fp32")
+    torch.manual_seed(0)
+    unet = UNet(get_preset("sd_tiny", image_size=8, in_channels=4, out_channels=4, context_dim=16)).eval()
+    lora.inject_lora(unet, rank=2)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    context = (torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool))
+    report = training_step_memory(unet, (3, 4, 8, 8), context=context, schedule=memory.make_schedule("cosine", 100))
+    assert steps == [("Trainer", (2, 3, 8, 8), False), ("Trainer", (3, 4, 8, 8), True)]
+    assert report.precision == "fp32" and "not measured" in str(report)
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    assert all(p.grad is None for p in unet.parameters()) and not unet.training

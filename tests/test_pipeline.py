@@ -87,3 +87,86 @@ def test_the_shipped_pipeline_makes_images():
     shipped = TextToImage.from_shipped()
     out = shipped(["red heart", "grinning face"], seed=0, steps=3)
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+# --- one generation path, a batched helper, the one objective ----------------------------------------------
+
+def test_generate_in_batches_equals_one_call(pipe):
+    prompts = ["red heart", "grinning face", "cat", "rocket", "sun"]
+    whole = pipe(prompts, seed=7, steps=3, images_per_prompt=2, return_latents=True)
+    for batch_size in (1, 2, 5, 8):
+        batched = pipe.generate(prompts, batch_size=batch_size, seed=7, steps=3, images_per_prompt=2,
+                                return_latents=True)
+        torch.testing.assert_close(batched, whole, atol=1e-4, rtol=0)       # image k from seed + k throughout
+    negatives = ["cat", "", "red heart", "", "rocket"]
+    torch.testing.assert_close(pipe.generate(prompts, batch_size=2, seed=1, steps=3, negative_prompt=negatives,
+                                             return_latents=True),
+                               pipe(prompts, seed=1, steps=3, negative_prompt=negatives, return_latents=True),
+                               atol=1e-4, rtol=0)
+    assert pipe.generate("red heart", steps=2).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"batch_size": 0}, ValueError, "batch_size must be a positive integer; got 0"),
+    ({"batch_size": 2.5}, ValueError, "batch_size must be a positive integer"),
+    ({"seed": "0"}, TypeError, "seed must be an integer"),
+    ({"images_per_prompt": 0}, ValueError, "images_per_prompt must be a positive integer"),
+    ({"negative_prompt": ["a"]}, ValueError, r"one negative prompt, or one per prompt \(2\); got 1"),
+])
+def test_generate_names_bad_arguments(pipe, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        pipe.generate(["red heart", "cat"], steps=2, **kwargs)
+
+
+def test_sampler_settings_of_the_pipeline_and_of_a_call(pipe):
+    from course_lib.sampling import TINY_SD_SAMPLER, SamplerSettings
+    assert pipe.sampler_settings == TINY_SD_SAMPLER
+    settings = SamplerSettings(sampler="dpm++2m", steps=3, guidance_scale=2.0)
+    a = pipe("red heart", seed=0, settings=settings, return_latents=True)
+    b = pipe("red heart", seed=0, sampler="dpm++2m", steps=3, guidance_scale=2.0, return_latents=True)
+    assert torch.equal(a, b)                                    # keywords and settings say the same
+    c = pipe("red heart", seed=0, settings=settings, steps=4, return_latents=True)   # a keyword overrides a field
+    assert not torch.allclose(a, c)
+
+
+def test_seed_and_prompt_errors_of_the_one_path(pipe):
+    with pytest.raises(TypeError, match="seed must be an integer; got 1.5"):
+        pipe("red heart", seed=1.5, steps=2)
+    with pytest.raises(ValueError, match=r"negative_prompt must be a string or a non-empty list"):
+        pipe("red heart", negative_prompt=[], steps=2)
+
+
+def test_both_pipelines_generate_through_text_to_image(pipe, monkeypatch):
+    from course_lib import pipeline, sd
+    calls = []
+    original = pipeline.text_to_image
+
+    def spy(*args, **kwargs):
+        calls.append(args[5])                                   # the SamplerSettings of the call
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "text_to_image", spy)
+    monkeypatch.setattr(sd, "text_to_image", spy)
+    pipe("red heart", steps=2)
+    sd.StableDiffusion.random("tiny")("a red fox", steps=2)
+    assert [c.steps for c in calls] == [2, 2]
+    assert calls[1] == sd.SD15_SAMPLER.replace(steps=2)         # SD 1.5's scheduler, 2 steps
+
+
+def test_denoising_loss_is_the_one_objective_drawing_t_then_noise(pipe):
+    """pipe.denoising_loss = course_lib.forward.diffusion_loss on the pipeline's U-Net and prediction, t drawn
+    before the noise from the generator (the order every fine-tuning run's numbers depend on)."""
+    from course_lib.forward import prediction_target
+    z0 = torch.randn(3, *pipe.latent_shape, generator=torch.Generator().manual_seed(5))
+    context, mask = pipe.encode(["red heart", "cat", ""])
+    loss = pipe.denoising_loss(z0, context, mask, torch.Generator().manual_seed(9))
+    per_sample = pipe.denoising_loss(z0, context, mask, torch.Generator().manual_seed(9), reduce=False)
+    g = torch.Generator().manual_seed(9)
+    t = torch.randint(0, pipe.schedule.T, (3,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    abar = pipe.schedule.alphas_cumprod[t].float()[:, None, None, None]
+    with torch.no_grad():
+        out = pipe.unet(abar.sqrt() * z0 + (1 - abar).sqrt() * noise, t, context, mask)
+    expected = (out - prediction_target(pipe.prediction, z0, noise, abar)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(per_sample.detach(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss.detach(), expected.mean(), atol=1e-6, rtol=1e-5)

@@ -1,6 +1,7 @@
 """Samplers against diffusers' schedulers, step by step, and against first principles: for Gaussian data
 the optimal denoiser and the probability-flow ODE's solution are known in closed form."""
 
+import dataclasses
 import math
 
 import pytest
@@ -453,6 +454,57 @@ def test_bad_shapes_and_models_raise_clear_errors():
         sampling.sample(lambda x, t: {"sample": x}, S100, SHAPE, steps=2)
     with pytest.raises(ValueError, match=r"x0 must have shape \(B, C, H, W\)"):
         sampling.ddim_invert(fake_model, S100, torch.zeros(3, 4, 4))
+
+
+# --- SamplerSettings: a pipeline's sampler as one value -------------------------------------------------
+
+def test_sampler_settings_give_sample_its_keywords():
+    settings = sampling.SamplerSettings(sampler="ddim", steps=6, spacing="leading", offset=1, final_t=0)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    expected = sampling.sample(fake_model, S100, SHAPE, sampler="ddim", steps=6, spacing="leading", offset=1,
+                               final_t=0, x_T=x_T)
+    assert torch.equal(sampling.sample(fake_model, S100, SHAPE, **settings.options(), x_T=x_T), expected)
+    assert "guidance_scale" not in settings.options()
+    assert sampling.TINY_SD_SAMPLER == sampling.SamplerSettings(sampler="ddim", steps=20, guidance_scale=4.0)
+
+
+def test_sampler_settings_replace_keeps_fields_given_as_none():
+    base = sampling.SamplerSettings(steps=20, guidance_scale=4.0)
+    changed = base.replace(steps=5, guidance_scale=None, sampler=None)
+    assert (changed.steps, changed.guidance_scale, changed.sampler) == (5, 4.0, "ddim")
+    assert base.steps == 20                                   # frozen: the preset itself never changes
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        base.steps = 3
+    with pytest.raises(ValueError, match="steps must be an integer from 1"):
+        base.replace(steps=0)                                 # a replaced field is checked again
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sampler="euler"), r"unknown sampler 'euler'; valid are ddpm, ddim, dpm\+\+2m"),
+    (dict(steps=0), r"steps must be an integer from 1 to the schedule's length T; got 0"),
+    (dict(steps=2.5), r"steps must be an integer from 1"),
+    (dict(steps=True), r"steps must be an integer from 1"),
+    (dict(guidance_scale=-1.0), r"guidance_scale must be a number >= 0 \(1 = no guidance\); got -1.0"),
+    (dict(guidance_scale=float("inf")), r"guidance_scale must be a number >= 0"),
+    (dict(guidance_scale="7.5"), r"guidance_scale must be a number >= 0"),
+    (dict(eta=2.0), r"eta must be a number in \[0, 1\]"),
+    (dict(sampler="dpm++2m", eta=0.5), r"eta applies to the 'ddim' sampler only"),
+    (dict(spacing="uniform"), r"unknown timestep spacing 'uniform'; valid are trailing, leading, linspace"),
+    (dict(offset=-1), r"offset must be an integer >= 0; got -1"),
+    (dict(final_t=-2), r"final_t must be an integer >= -1; got -2"),
+])
+def test_bad_sampler_settings_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sampling.SamplerSettings(**kwargs)
+
+
+def test_sample_forwards_every_keyword_to_reverse_process():
+    """sample has no keyword list of its own: reverse_process's are the only ones (documented there)."""
+    import inspect
+    params = inspect.signature(sampling.sample).parameters
+    assert list(params) == ["model", "schedule", "shape", "options"]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
+        sampling.sample(fake_model, S100, SHAPE, stepz=3)
 
 
 # --- GPU: the same numbers from the same CPU seed ---------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from course_lib import sd
+from course_lib import sd, sd_convert
 from course_lib.clip_tokenizer import CLIPTokenizer
 from course_lib.text import TextEncoder
 from course_lib.unet import UNet
@@ -93,14 +93,14 @@ def original_checkpoint(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's weights under the original release's names, from diffusers' components through
     course_lib's key map (its correctness against diffusers' own converter is the next test)."""
     out = {}
-    parts = [("model.diffusion_model.", pipe.unet, UNet, sd.unet_config_from_diffusers(dict(pipe.unet.config))),
-             ("first_stage_model.", pipe.vae, VAE, sd.vae_config_from_diffusers(dict(pipe.vae.config))),
+    parts = [("model.diffusion_model.", pipe.unet, UNet, sd_convert.unet_config_from_diffusers(dict(pipe.unet.config))),
+             ("first_stage_model.", pipe.vae, VAE, sd_convert.vae_config_from_diffusers(dict(pipe.vae.config))),
              ("cond_stage_model.transformer.", pipe.text_encoder, TextEncoder,
-              sd.text_config_from_transformers(pipe.text_encoder.config.to_dict()))]
+              sd_convert.text_config_from_transformers(pipe.text_encoder.config.to_dict()))]
     for prefix, theirs, kind, cfg in parts:
         ours = convert(kind, theirs, cfg)
         state = ours.state_dict()
-        for key, names in sd.key_map(ours, "original").items():
+        for key, names in sd_convert.key_map(ours, "original").items():
             chunks = state[key].chunk(len(names)) if len(names) > 1 else [state[key]]
             for name, chunk in zip(names, chunks):
                 out[prefix + name] = chunk.contiguous().clone()
@@ -130,9 +130,9 @@ def test_from_pretrained_reads_an_original_single_file(tmp_path):
     pipe, folder = diffusers_pipeline(tmp_path)
     file = tmp_path / "v1-5-tiny.safetensors"
     save_file(original_checkpoint(pipe), str(file))
-    config = sd.SDConfig(unet=sd.unet_config_from_diffusers(dict(pipe.unet.config)),
-                         vae=sd.vae_config_from_diffusers(dict(pipe.vae.config)),
-                         text=sd.text_config_from_transformers(pipe.text_encoder.config.to_dict()))
+    config = sd.SDConfig(unet=sd_convert.unet_config_from_diffusers(dict(pipe.unet.config)),
+                         vae=sd_convert.vae_config_from_diffusers(dict(pipe.vae.config)),
+                         text=sd_convert.text_config_from_transformers(pipe.text_encoder.config.to_dict()))
     with pytest.raises(ValueError, match="holds no tokenizer"):
         sd.StableDiffusion.from_pretrained(file, config=config)
     ours = sd.StableDiffusion.from_pretrained(file, tokenizer=folder, config=config)
@@ -145,7 +145,7 @@ def test_from_pretrained_reads_an_original_single_file(tmp_path):
     # a .ckpt goes through torch.load(weights_only=True)
     ckpt = tmp_path / "v1-5-tiny.ckpt"
     torch.save({"state_dict": original_checkpoint(pipe)}, ckpt)
-    assert sd.read_state_dict(ckpt).keys() == original_checkpoint(pipe).keys()
+    assert sd_convert.read_state_dict(ckpt).keys() == original_checkpoint(pipe).keys()
 
 
 # --- what goes wrong -------------------------------------------------------------------------------------
@@ -154,16 +154,17 @@ def test_a_missing_key_is_named():
     theirs = small_unet()
     state = dict(theirs.state_dict())
     del state["down_blocks.0.resnets.1.time_emb_proj.weight"]
-    with pytest.raises(sd.CheckpointMismatch, match=r"missing keys.*down_blocks\.0\.resnets\.1\.time_emb_proj\.weight"):
-        sd.load_weights(UNet(sd.unet_config_from_diffusers(dict(theirs.config))), state, "diffusers")
+    with pytest.raises(sd_convert.CheckpointMismatch,
+                       match=r"missing keys.*down_blocks\.0\.resnets\.1\.time_emb_proj\.weight"):
+        sd_convert.load_weights(UNet(sd_convert.unet_config_from_diffusers(dict(theirs.config))), state, "diffusers")
 
 
 def test_a_renamed_key_is_named_twice():
     theirs = small_vae()
     state = dict(theirs.state_dict())
     state["encoder.mid_block.attentions.0.query.weight"] = state.pop("encoder.mid_block.attentions.0.to_q.weight")
-    with pytest.raises(sd.CheckpointMismatch) as err:
-        sd.load_weights(VAE(sd.vae_config_from_diffusers(dict(theirs.config))), state, "diffusers")
+    with pytest.raises(sd_convert.CheckpointMismatch) as err:
+        sd_convert.load_weights(VAE(sd_convert.vae_config_from_diffusers(dict(theirs.config))), state, "diffusers")
     assert err.value.missing == ["encoder.mid_block.attentions.0.to_q.weight"]
     assert err.value.unexpected == ["encoder.mid_block.attentions.0.query.weight"]
     assert "unexpected keys" in str(err.value)
@@ -171,15 +172,15 @@ def test_a_renamed_key_is_named_twice():
 
 def test_a_wrong_shape_and_a_wrong_source_are_named():
     theirs = small_text_encoder()
-    cfg = sd.text_config_from_transformers(theirs.config.to_dict())
+    cfg = sd_convert.text_config_from_transformers(theirs.config.to_dict())
     state = dict(theirs.state_dict())
     state["text_model.final_layer_norm.weight"] = torch.ones(7)
-    with pytest.raises(sd.CheckpointMismatch, match="wrong shapes: text_model.final_layer_norm.weight"):
-        sd.load_weights(TextEncoder(cfg), state, "diffusers")
+    with pytest.raises(sd_convert.CheckpointMismatch, match="wrong shapes: text_model.final_layer_norm.weight"):
+        sd_convert.load_weights(TextEncoder(cfg), state, "diffusers")
     with pytest.raises(ValueError, match="valid are diffusers, original"):
-        sd.load_weights(TextEncoder(cfg), state, "hub")
-    with pytest.raises(sd.CheckpointMismatch, match="missing keys"):
-        sd.load_weights(UNet(sd.TINY.unet), small_unet().state_dict(), "original")
+        sd_convert.load_weights(TextEncoder(cfg), state, "hub")
+    with pytest.raises(sd_convert.CheckpointMismatch, match="missing keys"):
+        sd_convert.load_weights(UNet(sd.TINY.unet), small_unet().state_dict(), "original")
 
 
 def test_missing_files_say_what_is_expected(tmp_path):
@@ -191,7 +192,7 @@ def test_missing_files_say_what_is_expected(tmp_path):
     with pytest.raises(ValueError, match=".safetensors, .ckpt"):
         bad = tmp_path / "weights.txt"
         bad.write_text("x")
-        sd.read_state_dict(bad)
+        sd_convert.read_state_dict(bad)
 
 
 # --- SD 1.5's sizes and the tiny stand-in -------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_sd15_sizes_match_diffusers_and_transformers():
     for name in ours:
         count = lambda m: sum(p.numel() for p in m.parameters())          # noqa: E731
         assert count(ours[name]) == count(theirs[name]), name
-        key_map = sd.key_map(ours[name], "diffusers", set(theirs[name].state_dict()))
+        key_map = sd_convert.key_map(ours[name], "diffusers", set(theirs[name].state_dict()))
         used = {k for names in key_map.values() for k in names}
         assert used == {k for k in theirs[name].state_dict() if not k.endswith("position_ids")}, name
     assert 859e6 < sum(p.numel() for p in ours["unet"].parameters()) < 860e6
@@ -272,16 +273,99 @@ def test_training_only_keys_of_an_original_file_are_ignored():
     """Some original files carry the autoencoder's training losses (first_stage_model.loss.*) and position ids;
     nothing uses them, so they are neither loaded nor reported as unexpected."""
     theirs = small_vae()
-    ours = VAE(sd.vae_config_from_diffusers(dict(theirs.config))).eval()
-    converted = sd.convert_state_dict(theirs.state_dict(), ours, "diffusers")
+    ours = VAE(sd_convert.vae_config_from_diffusers(dict(theirs.config))).eval()
+    converted = sd_convert.convert_state_dict(theirs.state_dict(), ours, "diffusers")
     state = {"first_stage_model." + k: v for k, v in converted.items()}
     original = {}
-    for key, names in sd.key_map(ours, "original").items():
+    for key, names in sd_convert.key_map(ours, "original").items():
         tensor = state["first_stage_model." + key]
         chunks = tensor.chunk(len(names)) if len(names) > 1 else [tensor]
         original.update({"first_stage_model." + n: c for n, c in zip(names, chunks)})
     original["first_stage_model.loss.discriminator.main.0.weight"] = torch.zeros(3)
-    sd.load_weights(ours, original, "original", prefix="first_stage_model.")
+    sd_convert.load_weights(ours, original, "original", prefix="first_stage_model.")
     original["first_stage_model.encoder.extra.weight"] = torch.zeros(3)
-    with pytest.raises(sd.CheckpointMismatch, match="unexpected keys.*first_stage_model.encoder.extra.weight"):
-        sd.load_weights(ours, original, "original", prefix="first_stage_model.")
+    with pytest.raises(sd_convert.CheckpointMismatch, match="unexpected keys.*first_stage_model.encoder.extra.weight"):
+        sd_convert.load_weights(ours, original, "original", prefix="first_stage_model.")
+
+
+# --- presets, the one generation path, the one objective, the one loop --------------------------------------
+
+def test_presets_and_the_latent_scale():
+    assert sd.sd_preset("sd15") is sd.SD15 and sd.sd_preset("tiny") is sd.TINY
+    with pytest.raises(ValueError, match="unknown Stable Diffusion preset 'xl'; valid are sd15, tiny"):
+        sd.sd_preset("xl")
+    assert not hasattr(sd, "get_preset")                   # one name per thing: unet's and vae's presets differ
+    assert sd.SD15.scale_factor == sd.SD_LATENT_SCALE == 0.18215
+    assert sd.StableDiffusion.random("tiny").scale_factor == sd.SD_LATENT_SCALE
+    assert sd.SD15_SAMPLER.options() == dict(sampler="ddim", steps=50, eta=0.0, spacing="leading", offset=1,
+                                             final_t=0)
+    assert sd.SD15_SAMPLER.guidance_scale == 7.5
+
+
+def test_sd_generation_shares_the_tiny_pipelines_checks_and_batching():
+    model = sd.StableDiffusion.random("tiny")
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        model([], steps=2)
+    with pytest.raises(TypeError, match="every prompt must be a string"):
+        model(["a fox", 3], steps=2)
+    with pytest.raises(ValueError, match="steps must be an integer from 1 to 1000"):
+        model("a fox", steps=1001)
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 8, 8\)"):
+        model(["a", "b"], steps=2, latents=torch.zeros(1, 4, 8, 8))
+    two = model("a red fox", steps=3, seed=4, images_per_prompt=2, return_latents=True)
+    alone = model("a red fox", steps=3, seed=5, return_latents=True)
+    torch.testing.assert_close(two[1:], alone, atol=1e-4, rtol=0)     # image k from seed + k
+    prompts = ["a red fox", "cat", "a blue fox"]
+    torch.testing.assert_close(model.generate(prompts, batch_size=2, steps=3, seed=1, return_latents=True),
+                               model(prompts, steps=3, seed=1, return_latents=True), atol=1e-4, rtol=0)
+
+
+def test_lora_loss_is_the_one_objective_drawing_t_then_noise():
+    model = sd.StableDiffusion.random("tiny")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    context = model.encode(["a red fox", "cat"])
+    loss = model.lora_loss(latents, context, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, model.schedule.T, (2,), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    abar = model.schedule.alphas_cumprod[t].float()[:, None, None, None]
+    with torch.no_grad():
+        out = model.unet(abar.sqrt() * latents + (1 - abar).sqrt() * noise, t, context)
+    torch.testing.assert_close(loss.detach(), torch.nn.functional.mse_loss(out, noise), atol=1e-6, rtol=1e-5)
+
+
+def test_fine_tune_lora_checkpoints_and_resumes_exactly(tmp_path):
+    from course_lib.data import load_emoji
+    from course_lib.lora import lora_parameters
+    emoji = load_emoji(size=64, limit=3)
+    captions = ["an emoji"] * 3
+    options = dict(rank=2, lr=3e-3, batch_size=2, progress=False)
+    straight = sd.StableDiffusion.random("tiny")
+    whole = sd.fine_tune_lora(straight, emoji.images, captions, steps=4, **options)
+    path = tmp_path / "sd_lora.safetensors"
+    first = sd.StableDiffusion.random("tiny")
+    sd.fine_tune_lora(first, emoji.images, captions, steps=2, checkpoint_path=path, **options)
+    assert path.is_file()
+    resumed_model = sd.StableDiffusion.random("tiny")             # a fresh process, as after an interruption
+    resumed = sd.fine_tune_lora(resumed_model, emoji.images, captions, steps=4, checkpoint_path=path, **options)
+    assert resumed.losses == whole.losses                            # the same steps, bit for bit
+    for a, b in zip(lora_parameters(resumed_model.unet), lora_parameters(straight.unet)):
+        assert torch.equal(a, b)
+    assert not resumed_model.unet.training and all(p.grad is None for p in lora_parameters(resumed_model.unet))
+    other = sd.StableDiffusion.random("tiny")
+    with pytest.raises(ValueError, match="different run"):
+        sd.fine_tune_lora(other, emoji.images, captions, steps=4, checkpoint_path=path, **{**options, "batch_size": 3})
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        sd.fine_tune_lora(other, emoji.images, captions, steps=1, batch_size=0)
+
+
+def test_a_corrupt_weights_file_is_named_with_what_to_do(tmp_path):
+    bad = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match=r"v1-5-pruned-emaonly\.safetensors could not be read.*Download it again"):
+        sd_convert.read_state_dict(bad)
+    truncated = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(100)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"model\.ckpt could not be read.*truncated, corrupt"):
+        sd_convert.read_state_dict(truncated)

@@ -1,0 +1,157 @@
+r"""Classifier-free guidance: one prompt-following model out of a conditional and an unconditional pass (notebook 09).
+
+A text-conditioned model trained with its prompt sometimes replaced by the empty prompt knows both
+eps(x_t, c) and eps(x_t, null). Guidance extrapolates from the second towards, and past, the first
+(Eq. 6 of [1], with scale = 1 + w):
+    eps_guided = eps(x_t, null) + scale (eps(x_t, c) - eps(x_t, null))
+scale = 0 is the unconditional model, 1 the plain conditional one, and scale > 1 trades variety for
+images that match the prompt more closely (Stable Diffusion's default is 7.5). A negative prompt is
+simply used as the null context: guidance then pushes away from it. The same combination of the raw
+outputs serves epsilon, x0 and v predictions alike: each is an affine function of the others given x_t,
+and the weights (1 - scale) + scale sum to 1.
+
+`GuidedModel` wraps a conditional U-Net as a plain model(x_t, t), running the conditional and
+unconditional passes as one doubled batch, so every sampler of course_lib.sampling works with it unchanged:
+    guided = GuidedModel(unet, context, context_mask, null_context, null_mask, scale=5.0)
+    x0 = sample(guided, schedule, (4, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+
+Shapes: context (B, L, D) text states (batch, tokens, width), or (1, L, D) shared by the batch;
+context_mask None or bool (B or 1, L), True at real tokens.
+
+References:
+  [1] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. https://arxiv.org/abs/2207.12598
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + scale (cond - uncond): Eq. 6 of Ho & Salimans 2022 with scale = 1 + w."""
+    return uncond + scale * (cond - uncond)
+
+
+def _check_context(context: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
+    if not isinstance(context, torch.Tensor) or context.ndim != 3 or not context.is_floating_point():
+        raise ValueError(f"{what} must be a float tensor of text states (B, L, D) or (1, L, D); got "
+                         f"{tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{what}'s mask must be a bool tensor (B, L), True at real tokens; got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        B, L = context.shape[:2]
+        if mask.ndim != 2 or mask.shape[1] != L or mask.shape[0] not in (1, B):
+            valid = f"(1, {L})" if B == 1 else f"({B}, {L}) or (1, {L})"
+            raise ValueError(f"{what}'s mask must have shape {valid} to match {what} {tuple(context.shape)}; "
+                             f"got {tuple(mask.shape)}")
+
+
+def _batched(context: torch.Tensor, mask: torch.Tensor | None, B: int, device: torch.device,
+             what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """context (B or 1, L, D) and mask (B or 1, L) as batch B, on device."""
+    if context.shape[0] not in (1, B):
+        raise ValueError(f"{what} has batch {context.shape[0]}; expected 1 (the same for every image) or the "
+                         f"image batch {B}")
+    context = context.to(device).expand(B, -1, -1)
+    if mask is not None:
+        mask = mask.to(device).expand(B, -1)
+    return context, mask
+
+
+def _same_length(c1: torch.Tensor, m1: torch.Tensor | None, c2: torch.Tensor, m2: torch.Tensor | None):
+    """Pad the shorter of two contexts with masked-out zero tokens, so the two can share one batch. Masked
+    tokens get no attention weight, so the padding changes nothing."""
+    L1, L2 = c1.shape[1], c2.shape[1]
+    if L1 == L2 and (m1 is None) == (m2 is None):
+        return c1, m1, c2, m2
+    L = max(L1, L2)
+    out = []
+    for c, m in ((c1, m1), (c2, m2)):
+        m = torch.ones(c.shape[:2], dtype=torch.bool, device=c.device) if m is None else m
+        out += [torch.nn.functional.pad(c, (0, 0, 0, L - c.shape[1])),
+                torch.nn.functional.pad(m, (0, L - c.shape[1]), value=False)]
+    return tuple(out)
+
+
+class GuidedModel(torch.nn.Module):
+    """A conditional U-Net with its prompt fixed, called as a plain model(x_t, t): classifier-free guidance
+    (Ho & Salimans 2022) at `scale`.
+
+    unet          a text-conditioned U-Net, unet(x, t, context, context_mask)
+    context       the prompt's text states (B, L, D), or (1, L, D) for one prompt shared by the batch
+    context_mask  None or bool (B or 1, L), True at real tokens
+    null_context  the empty prompt's states (or a negative prompt's), same rules; needed unless scale == 1.
+                  Its length may differ from context's: the shorter is padded with masked tokens.
+    scale         0: unconditional, 1: conditional (no guidance), > 1: guided. Settable between samples
+                  (guided.scale = 3.0). At 0 and 1 one plain pass runs (the exact unguided prediction);
+                  otherwise the conditional and unconditional passes run as one batch of 2B.
+
+    It is an nn.Module holding the U-Net, so `.to(device)` moves both and samplers find its device."""
+
+    def __init__(self, unet: torch.nn.Module, context: torch.Tensor, context_mask: torch.Tensor | None = None,
+                 null_context: torch.Tensor | None = None, null_mask: torch.Tensor | None = None,
+                 scale: float = 7.5):
+        super().__init__()
+        _check_context(context, context_mask, "context")
+        if null_context is not None:
+            _check_context(null_context, null_mask, "null_context")
+            if null_context.shape[2] != context.shape[2]:
+                raise ValueError(f"null_context's width {null_context.shape[2]} differs from context's "
+                                 f"{context.shape[2]}; encode both with the same text encoder")
+        elif null_mask is not None:
+            raise ValueError("null_mask was given without null_context")
+        self.unet = unet
+        self.register_buffer("context", context.detach(), persistent=False)
+        self.register_buffer("context_mask", context_mask, persistent=False)
+        self.register_buffer("null_context", None if null_context is None else null_context.detach(),
+                             persistent=False)
+        self.register_buffer("null_mask", null_mask, persistent=False)
+        self.scale = scale
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+            raise ValueError(f"the guidance scale must be a finite number >= 0 (0: unconditional, 1: conditional, "
+                             f"> 1: guided); got {value!r}")
+        if value != 1 and self.null_context is None:
+            raise ValueError(f"guidance scale {value} needs null_context, the empty prompt's (or a negative "
+                             f"prompt's) text states; only scale 1 runs without one")
+        self._scale = float(value)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(B) if t.ndim == 0 else t
+        if self.scale == 1 or self.scale == 0:                     # one plain pass
+            which = ((self.context, self.context_mask, "context") if self.scale == 1
+                     else (self.null_context, self.null_mask, "null_context"))
+            c, m = _batched(*which[:2], B, x.device, which[2])
+            return self.unet(x, t, c, m)
+        c, m = _batched(self.context, self.context_mask, B, x.device, "context")
+        n, nm = _batched(self.null_context, self.null_mask, B, x.device, "null_context")
+        c, m, n, nm = _same_length(c, m, n, nm)
+        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, n]),
+                        None if m is None else torch.cat([m, nm]))
+        cond, uncond = out.chunk(2)
+        return classifier_free_guidance(cond, uncond, self.scale)
+
+    def extra_repr(self) -> str:
+        null = None if self.null_context is None else tuple(self.null_context.shape)
+        return f"scale={self.scale:g}, context={tuple(self.context.shape)}, null_context={null}"
+
+
+def conditional(unet: torch.nn.Module, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> GuidedModel:
+    """The conditional U-Net with its prompt fixed, as a plain model(x_t, t) for unguided sampling (scale 1)."""
+    return GuidedModel(unet, context, context_mask, scale=1.0)
+
+
+__all__ = ["classifier_free_guidance", "GuidedModel", "conditional"]
