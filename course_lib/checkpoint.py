@@ -75,8 +75,9 @@ def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None =
     return h.hexdigest()
 
 
-def _remove_stale_temporaries(path: Path) -> None:
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
     """Delete the hidden temporary files an interrupted save to `path` left behind (.<name>.<random>.tmp)."""
+    path = Path(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         try:
             stale.unlink()
@@ -97,7 +98,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = dict(metadata or {})
     metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
-    _remove_stale_temporaries(path)
+    remove_stale_temporaries(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -190,5 +191,5 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     return model, schedule, info
 
 
-__all__ = ["checkpoints_dir", "shipped", "CorruptCheckpoint", "checksum", "atomic_save", "read", "compact_state", "read_format", "save_model",
+__all__ = ["checkpoints_dir", "shipped", "CorruptCheckpoint", "checksum", "remove_stale_temporaries", "atomic_save", "read", "compact_state", "read_format", "save_model",
            "load_model"]

@@ -227,7 +227,9 @@ class Fit:
         for name, value in (("checkpoint_every", checkpoint_every), ("callback_every", callback_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer (steps between calls); got {value!r}")
-        start, begun = self.step, time.perf_counter()
+        if checkpoint_path is not None and distributed.rank() == 0:
+            ckpt.remove_stale_temporaries(checkpoint_path)      # what a save killed mid-write left behind
+        begun, saved = time.perf_counter(), self.step
         bar = tqdm(total=target, initial=self.step, disable=not (progress and distributed.rank() == 0),
                    desc=desc, unit="step")
         try:
@@ -267,6 +269,7 @@ class Fit:
                     bar.set_postfix(loss=f"{sum(self.history['loss'][-10:]) / len(self.history['loss'][-10:]):.4f}")
                 if checkpoint_path is not None and self.step % checkpoint_every == 0:
                     self.save(checkpoint_path)
+                    saved = self.step
                 if callback is not None and (self.step % callback_every == 0 or self.step == target):
                     callback(self)
                 if max_seconds is not None:                    # every process stops at the same step
@@ -275,7 +278,7 @@ class Fit:
                         break
         finally:
             bar.close()
-        if checkpoint_path is not None and self.step != start:
+        if checkpoint_path is not None and self.step != saved:
             self.save(checkpoint_path)
         return self
 
@@ -312,7 +315,7 @@ class Fit:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"param.{i}": p for i, p in enumerate(self.params)}
         tensors.update({f"ema.{i}": e for i, e in enumerate(self.ema_tensors or [])})
-        for i, state in self.optimizer.state_dict()["state"].items():
+        for i, state in self.optimizer.state_dict()["state"].items():     # python numbers too (SparseAdam's step)
             tensors.update({f"optim.{i}.{name}": torch.as_tensor(value) for name, value in state.items()})
         tensors.update({"rng.loop": self.generator.get_state(), "rng.torch": torch.get_rng_state()})
         if self.device.type == "cuda":
@@ -324,7 +327,10 @@ class Fit:
 
     def metadata(self) -> dict[str, str]:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
+        numbers = [f"{i}.{name}" for i, state in self.optimizer.state_dict()["state"].items()
+                   for name, value in state.items() if not torch.is_tensor(value)]
         return {"format": FORMAT, "run": json.dumps(self.run_info(), sort_keys=True), "step": str(self.step),
+                "optim_numbers": json.dumps(numbers),
                 "seconds": repr(self.seconds), "param_groups": json.dumps(groups),
                 "data_position": str(self.batches.position if self.batches is not None else 0),
                 "scaler": json.dumps(self.scaler.state_dict() if self.scaler is not None else None)}
@@ -361,10 +367,11 @@ class Fit:
             for i, e in enumerate(self.ema_tensors or []):
                 e.copy_(tensors[f"ema.{i}"])
         state: dict[int, dict] = {}
+        numbers = set(json.loads(meta.get("optim_numbers", "[]")))     # saved from python numbers: give them back
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
+                state.setdefault(int(index), {})[name] = value.item() if f"{index}.{name}" in numbers else value
         groups = self.optimizer.state_dict()["param_groups"]
         for group, saved_group in zip(groups, json.loads(meta["param_groups"])):
             group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved_group.items()})
