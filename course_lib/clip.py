@@ -29,7 +29,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import JSONConfig
 from . import checkpoint as ckpt
 from .loop import Batches, Fit, FitConfig, autocast, fingerprint
 from .text import TextEncoder, TextEncoderConfig
@@ -66,7 +66,7 @@ class ImageEncoderConfig:
 
 
 @dataclass(frozen=True)
-class CLIPConfig:
+class CLIPConfig(JSONConfig):
     text: TextEncoderConfig
     image: ImageEncoderConfig = ImageEncoderConfig()
     embed_dim: int = 128                           # the shared space both encoders project into
@@ -79,12 +79,7 @@ class CLIPConfig:
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be at least 1; got {self.embed_dim}")
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
 
-    @classmethod
-    def from_json(cls, text: str) -> "CLIPConfig":
-        return cls(**json.loads(text))
 
 
 PRESETS: dict[str, dict] = {
@@ -324,12 +319,7 @@ def fit_clip(clip: MiniCLIP, tokenizer: Tokenizer, images: torch.Tensor, caption
                   weight_decay=weight_decay, warmup=min(200, steps // 10) if warmup is None else warmup,
                   augment_shift=augment_shift, device=device, precision=precision, seed=seed)
     try:
-        if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
-            try:
-                run.load(checkpoint_path)
-            except ValueError as error:
-                raise ValueError(f"{error} To train another model or dataset, pass resume=False (the file is then "
-                                 f"overwritten) or another checkpoint_path.") from error
+        run.resume_from(checkpoint_path, resume)
         run.fit(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
                 progress=progress, callback=None if callback is None else lambda fit: callback(fit.report()),
                 callback_every=callback_every, desc="CLIP")

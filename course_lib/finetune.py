@@ -86,8 +86,7 @@ class FineTune(Fit):
             callback: Callable[["FineTune"], None] | None = None, desc: str = "fine-tuning") -> "FineTune":
         """Train to config.steps (or max_seconds); with checkpoint_path, checkpoint every checkpoint_every steps
         and at the end, and (resume) first continue from the file if it exists. callback(self) after each step."""
-        if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
-            self.load(checkpoint_path)
+        self.resume_from(checkpoint_path, resume)
         if self.module is not None:
             self.module.train()
         try:

@@ -345,6 +345,18 @@ class Fit:
         self.last_good, self._rms = (Path(path), self.step), self._weights_rms()
         return Path(path)
 
+    def resume_from(self, path: str | Path | None, resume: bool = True) -> bool:
+        """`load(path)` when there is such a file and `resume`; True if it did. A checkpoint of another run is
+        refused, saying how to start afresh instead."""
+        if path is None or not resume or not Path(path).is_file():
+            return False
+        try:
+            self.load(path)
+        except ValueError as error:
+            raise ValueError(f"{error} To train another model or dataset, pass resume=False (the file is then "
+                             f"overwritten) or another checkpoint_path.") from error
+        return True
+
     def load(self, path: str | Path) -> "Fit":
         """Restore the state `save` wrote, after checking it comes from the same run (run_info)."""
         tensors, meta = ckpt.read(path)

@@ -37,8 +37,6 @@ https://arxiv.org/abs/2010.02502 (DDIM); Ho & Salimans 2022, https://arxiv.org/a
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import JSONConfig
 from .clip_tokenizer import CLIPTokenizer, bytes_to_unicode
 from .finetune import FineTune
 from .forward import diffusion_loss
@@ -70,7 +69,7 @@ SD15_SAMPLER = SamplerSettings(sampler="ddim", steps=50, guidance_scale=7.5, spa
 # --- Configs -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SDConfig:
+class SDConfig(JSONConfig):
     """The three networks of a Stable Diffusion and the number its latents are multiplied by."""
     unet: UNetConfig
     vae: VAEConfig
@@ -85,8 +84,6 @@ class SDConfig:
             raise ValueError(f"the U-Net takes {self.unet.in_channels} channels; the VAE's latents have "
                              f"{self.vae.latent_channels}")
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
 
 
 SD15 = SDConfig(

@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .config import JSONConfig
 from . import checkpoint as ckpt
 from . import distributed
 from .forward import (check_images, check_prediction, denoising_loss, diffusion_loss, predicted_x0_eps,
@@ -66,7 +67,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JSONConfig):
     """How to train. Every field is saved in checkpoints, so a resumed run trains the same way."""
     steps: int = 10_000
     batch_size: int = 64
@@ -110,12 +111,7 @@ class TrainConfig:
                 raise ValueError("min_snr_gamma weights a fixed schedule's timesteps; the learned schedule "
                                  "weights its own (set min_snr_gamma=None)")
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
 
-    @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        return cls(**json.loads(text))
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -41,7 +41,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 
@@ -50,13 +49,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import JSONConfig
 from .attention import SelfAttention, SpatialTransformer, check_context
 
 TIME_CONDITIONING = ("scale_shift", "add")
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(JSONConfig):
     """Everything that defines a U-Net. Levels run from full resolution down; the U halves the
     resolution between levels, so `image_size` must be divisible by 2 ** (levels - 1)."""
     image_size: int = 32
@@ -146,17 +146,8 @@ class UNetConfig:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in skip)
         return f"UNetConfig({fields})"
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
 
-    @classmethod
-    def from_json(cls, text: str) -> "UNetConfig":
-        """The inverse of to_json. Fields added since a file was written take their defaults, so older
-        files (written before context_dim existed) load as the unconditional U-Nets they are."""
-        return cls(**json.loads(text))
 
-    def replace(self, **changes) -> "UNetConfig":
-        return dataclasses.replace(self, **changes)
 
 
 PRESETS: dict[str, UNetConfig] = {

@@ -21,9 +21,9 @@ Training maximises the evidence lower bound, log p(x) >= E_q[log p(x|z)] - KL(q(
        autoencoder's code and the KL only keeps its scale in check.
 
 Scaling in `vae_loss` (our choice): both terms are means per element, recon = mean over pixel values of
-(x_hat - x)^2 (so PSNR = 10 log10(4 / recon) in [-1, 1]) and kl = the KL above in nats per latent value.
-A weight w on sums per image (Stable Diffusion's convention) is w / compression on these means. Stable
-Diffusion's autoencoder also has perceptual (LPIPS) and adversarial losses; squared error alone gives
+(x_hat - x)^2 (so PSNR = 10 log10(4 / recon) in [-1, 1]: course_lib.metrics.psnr) and kl = the KL above in nats
+per latent value. A weight w on sums per image (Stable Diffusion's convention) is w / compression on these means.
+Stable Diffusion's autoencoder also has perceptual (LPIPS) and adversarial losses; squared error alone gives
 slightly softer reconstructions. The diffusion model wants latents of unit variance, so the latents are
 multiplied by `latent_scale_factor` = 1 / std(z) (SD 1.x's 0.18215; [2] appendix D.1).
 
@@ -40,7 +40,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import JSONConfig
 from . import checkpoint as ckpt
 from .attention import SelfAttention
 from .loop import Batches, Fit, FitConfig, autocast, fingerprint
@@ -67,7 +67,7 @@ DEFAULT_KL_WEIGHT = 1e-4
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JSONConfig):
     """Everything that defines a VAE. The encoder halves the resolution between levels, so the latent is
     (latent_channels, image_size / factor, image_size / factor) with factor = 2 ** (levels - 1)."""
     image_size: int = 32
@@ -117,16 +117,6 @@ class VAEConfig:
             raise ValueError(f"{what} must be a multiple of {self.factor} (this VAE halves the resolution "
                              f"{len(self.channels) - 1} times); got {size}")
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "VAEConfig":
-        return cls(**json.loads(text))
-
-    def replace(self, **changes) -> "VAEConfig":
-        return dataclasses.replace(self, **changes)
-
 
 PRESETS: dict[str, VAEConfig] = {
     # quick mode and tests, seconds on a CPU: 32 px -> 16x16x4                            # 0.17M params
@@ -147,7 +137,7 @@ def vae_preset(name: str, **changes) -> VAEConfig:
     return PRESETS[name].replace(**changes) if changes else PRESETS[name]
 
 
-# --- The posterior and its KL term --------------------------------------------------------------------
+# --- The posterior, its KL term and the loss ------------------------------------------------------------
 
 def _check_moments(mean: torch.Tensor, logvar: torch.Tensor) -> None:
     """Refuse a posterior whose mean and logvar differ in shape or have no batch axis."""
@@ -171,8 +161,7 @@ class DiagonalGaussian:
         _check_moments(mean, logvar)
         self.mean = mean
         self.logvar = logvar.clamp(-30.0, 20.0)   # keeps exp() finite in float16/bfloat16 and float32
-        self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
+        self.std, self.var = torch.exp(0.5 * self.logvar), torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mean + std * eps (the reparameterisation trick, [1] sec. 2.4); eps is drawn on the
@@ -187,6 +176,18 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q(z|x) || N(0, I)) per image, shape (B,)."""
         return kl_divergence(self.mean, self.logvar)
+
+
+def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior: DiagonalGaussian,
+             kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """recon_mse + kl_weight * kl, both means per element (see the module docstring).
+
+    recon: mean over all pixel values of (x_hat - x)^2; kl: posterior.kl() / latent values per image,
+    averaged over the batch (nats per latent value). Returns (loss tensor, {"recon", "kl", "loss"} floats)."""
+    rec = F.mse_loss(recon.float(), x.float())
+    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    loss = rec + kl_weight * kl
+    return loss, {"recon": rec.item(), "kl": kl.item(), "loss": loss.item()}
 
 
 # --- The networks ----------------------------------------------------------------------------------------
@@ -282,9 +283,7 @@ class VAE(nn.Module):
 
     def __init__(self, config: VAEConfig | None = None, **changes):
         super().__init__()
-        cfg = config or VAEConfig()
-        cfg = cfg.replace(**changes) if changes else cfg
-        self.config = cfg
+        self.config = cfg = (config or VAEConfig()).replace(**changes)
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
@@ -319,27 +318,6 @@ class VAE(nn.Module):
         return f"{n / 1e6:.2f}M parameters, latent {self.config.latent_shape}, compression {self.config.compression:g}x"
 
 
-# --- Loss and quality -------------------------------------------------------------------------------------
-
-def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior: DiagonalGaussian,
-             kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """recon_mse + kl_weight * kl, both means per element (see the module docstring).
-
-    recon: mean over all pixel values of (x_hat - x)^2; kl: posterior.kl() / latent values per image,
-    averaged over the batch (nats per latent value). Returns (loss tensor, {"recon", "kl", "loss"} floats)."""
-    rec = F.mse_loss(recon.float(), x.float())
-    kl = posterior.kl().mean() / posterior.mean[0].numel()
-    loss = rec + kl_weight * kl
-    return loss, {"recon": rec.item(), "kl": kl.item(), "loss": loss.item()}
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image in dB, for images in [-1, 1] (data range 2):
-    10 log10(2^2 / MSE). Identical images give inf."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(4.0 / mse)
-
-
 # --- Using a trained VAE ----------------------------------------------------------------------------------
 
 def _device_of(vae: VAE, device: torch.device | str | None) -> torch.device:
@@ -360,9 +338,8 @@ def latent_scale_factor(vae: VAE, images: torch.Tensor, batch_size: int = 256,
 
 
 @torch.no_grad()
-def encode_latents(vae: VAE, images: torch.Tensor, scale_factor: float, batch_size: int = 256,
-                   sample: bool = False, generator: torch.Generator | None = None,
-                   device: torch.device | str | None = None) -> torch.Tensor:
+def encode_latents(vae: VAE, images: torch.Tensor, scale_factor: float, batch_size: int = 256, sample: bool = False,
+                   generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Images in [-1, 1] -> scale_factor * z on the CPU; z is the posterior mean, or a sample if `sample`."""
     device = _device_of(vae, device)
     out = []
@@ -386,9 +363,8 @@ def decode_latents(vae: VAE, latents: torch.Tensor, scale_factor: float, batch_s
 # --- Training ---------------------------------------------------------------------------------------------
 
 class VAEFit(Fit):
-    """What the VAE gives the one loop (course_lib.loop.Fit): its batches (without replacement, filled across
-    passes), its loss (vae_loss on a posterior sample), its parameters and what a resumed run must share.
-    The loop does the rest: the AdamW step (no clipping, a constant rate), NaN guard, budget, checkpoints."""
+    """The VAE's part of the one loop: batches (without replacement), vae_loss on a posterior sample, its
+    parameters and what a resumed run must share. The loop does the rest (AdamW, no clipping, constant rate)."""
 
     def __init__(self, vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int, lr: float,
                  kl_weight: float, device: torch.device, precision: str, seed: int):
@@ -418,41 +394,30 @@ class VAEFit(Fit):
 
 
 def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64, lr: float = 2e-4,
-            kl_weight: float = DEFAULT_KL_WEIGHT, device: torch.device | str | None = None,
-            precision: str = "fp32", seed: int = 0, checkpoint_path: str | Path | None = None,
-            checkpoint_every: int = 500, resume: bool = True, progress: bool = True,
-            max_seconds: float | None = None, callback: Callable[[dict], None] | None = None,
+            kl_weight: float = DEFAULT_KL_WEIGHT, device: torch.device | str | None = None, precision: str = "fp32",
+            seed: int = 0, checkpoint_path: str | Path | None = None, checkpoint_every: int = 500, resume: bool = True,
+            progress: bool = True, max_seconds: float | None = None, callback: Callable[[dict], None] | None = None,
             callback_every: int = 50) -> dict:
-    """Train `vae` in place on `images` (N, C, H, W) in [-1, 1] until `steps` steps in total.
+    """Train `vae` in place on `images` (N, C, H, W) in [-1, 1] until `steps` steps in total, with the one loop.
 
-    AdamW on `vae_loss`, no gradient clipping; batches drawn without replacement (a new order each pass) and
-    posterior noise, both from one CPU generator seeded by `seed`. With `checkpoint_path`, the weights,
-    optimizer moments, generator state, data order and history are written atomically every
-    `checkpoint_every` steps and at the end; if the file exists and `resume`, training continues from it
-    exactly (a run with other settings or data is refused, naming what differs). `callback(history)` is
-    called every `callback_every` steps. Returns the history: {"loss", "recon", "kl": per-step lists,
-    "seconds", "steps"}."""
+    AdamW on `vae_loss`, no clipping; data order and posterior noise from one generator seeded by `seed`.
+    checkpoint_path: written every `checkpoint_every` steps and at the end; if it exists and `resume`,
+    training continues from it exactly (another run's file is refused, naming what differs).
+    Returns (and passes to `callback` every `callback_every` steps) the history VAEFit.report gives."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
-    if steps < 0 or batch_size < 1 or lr <= 0 or kl_weight < 0:
-        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0 and kl_weight >= 0; "
-                         f"got {steps}, {batch_size}, {lr}, {kl_weight}")
-    cfg = vae.config
-    if images.ndim != 4 or len(images) == 0 or images.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
-        raise ValueError(f"images must have shape (N >= 1, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}); "
-                         f"got {tuple(images.shape)}")
+    if not kl_weight >= 0:
+        raise ValueError(f"kl_weight must be >= 0 (0: a plain autoencoder); got {kl_weight!r}")
+    shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
+    if images.ndim != 4 or len(images) == 0 or images.shape[1:] != shape:
+        raise ValueError(f"images must have shape (N >= 1, {', '.join(map(str, shape))}); got {tuple(images.shape)}")
     device = _device_of(vae, device)
+    run = VAEFit(vae, images, steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, device=device,
+                 precision=precision, seed=seed)   # before train(): a refused setting leaves the mode as it was
     was_training = vae.training
     vae.train()
-    run = VAEFit(vae, images, steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, device=device,
-                 precision=precision, seed=seed)
     try:
-        if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
-            try:
-                run.load(checkpoint_path)
-            except ValueError as error:
-                raise ValueError(f"{error} To train another model or dataset, pass resume=False (the file is then "
-                                 f"overwritten) or another checkpoint_path.") from error
+        run.resume_from(checkpoint_path, resume)
         run.fit(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
                 progress=progress, callback=None if callback is None else lambda fit: callback(fit.report()),
                 callback_every=callback_every, desc="training VAE")
@@ -476,12 +441,10 @@ def load_vae(path: str | Path, device: torch.device | str | None = None) -> tupl
     tensors, metadata = ckpt.read_format(path, "course_lib.vae/1", "VAE")
     vae = VAE(VAEConfig.from_json(metadata["vae_config"]))
     vae.load_state_dict({k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")})
-    vae.eval().requires_grad_(False)
-    if device is not None:
-        vae.to(device)
+    vae.eval().requires_grad_(False).to(device)   # device None: stays on the CPU
     return vae, float(metadata["scale_factor"]), json.loads(metadata.get("info", "{}"))
 
 
 __all__ = ["VAEConfig", "PRESETS", "vae_preset", "kl_divergence", "DiagonalGaussian", "ResnetBlock", "mid_block",
-           "Encoder", "Decoder", "VAE", "vae_loss", "psnr", "latent_scale_factor", "encode_latents",
+           "Encoder", "Decoder", "VAE", "vae_loss", "latent_scale_factor", "encode_latents",
            "decode_latents", "VAEFit", "fit_vae", "save_vae", "load_vae"]

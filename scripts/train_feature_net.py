@@ -1,4 +1,4 @@
-"""Train the feature network behind course_lib.metrics (FID, KID, memorisation) and write its card.
+"""Train course_lib.feature_net, the network behind course_lib.metrics (FID, KID, memorisation); write its card.
 
     python scripts/train_feature_net.py                     # the shipped checkpoint (minutes on 2 CPU cores)
     python scripts/train_feature_net.py --epochs 1 --out /tmp/fn/feature_net.safetensors   # a smoke test
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from course_lib import metrics  # noqa: E402
+from course_lib import feature_net, metrics  # noqa: E402
 from course_lib.checkpoint import atomic_save  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
-from course_lib.metrics import FeatureNet, FeatureNetConfig  # noqa: E402
+from course_lib.feature_net import FeatureNet, FeatureNetConfig  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -156,7 +156,7 @@ def threshold_rule(d_heldout: torch.Tensor) -> float:
 
 def measure(out: Path, seed: int) -> dict:
     """Floors, noise sensitivity and memorisation distances with the checkpoint just written."""
-    metrics.FEATURE_NET_PATH = out
+    feature_net.FEATURE_NET_PATH = out   # metrics loads the network (and keys its feature cache) from here
     train, held = load_emoji(32, "train"), load_emoji(32, "heldout")
     train_images, held_images = train.images, held.images
     floors = {}
@@ -271,7 +271,7 @@ def main() -> None:
     ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (the result depends on it)")
-    ap.add_argument("--out", type=Path, default=metrics.FEATURE_NET_PATH,
+    ap.add_argument("--out", type=Path, default=feature_net.FEATURE_NET_PATH,
                     help="checkpoint path; the card is written beside it as <name>.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

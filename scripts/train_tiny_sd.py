@@ -36,10 +36,11 @@ from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.clip import (MiniCLIP, clip_config, encode_prompts, fit_clip, load_clip,  # noqa: E402
                              retrieval_accuracy, save_clip, similarity)
 from course_lib.tokenizer import Tokenizer  # noqa: E402
+from course_lib.metrics import psnr  # noqa: E402
 from course_lib.train import Conditioning, TrainConfig, Trainer, resolve_precision  # noqa: E402
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 from course_lib.vae import (DEFAULT_KL_WEIGHT, VAE, encode_latents, fit_vae, latent_scale_factor,  # noqa: E402
-                            load_vae, psnr, save_vae)
+                            load_vae, save_vae)
 from course_lib.vae import vae_preset  # noqa: E402
 
 NAMES = {"vae": "vae_emoji32", "clip": "clip_emoji", "t2i": "tiny_sd_emoji"}

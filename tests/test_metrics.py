@@ -1,6 +1,7 @@
 """course_lib.metrics: FID and KID against first principles and closed forms, the shipped feature
 space's behaviour on real emoji, the floor, and the memorisation check; metrics only measures (it imports
-no personalisation method: notebook 12's benchmark is course_lib.benchmark)."""
+no personalisation method: notebook 12's benchmark is course_lib.benchmark); the shipped feature network
+(course_lib.feature_net); PSNR."""
 
 import math
 import re
@@ -10,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from course_lib import metrics
+from course_lib import feature_net, metrics
 from course_lib.data import load_emoji
-from course_lib.metrics import Quality, fid, frechet_distance, kid, memorisation, nearest_neighbours
+from course_lib.metrics import Quality, fid, frechet_distance, kid, memorisation, nearest_neighbours, psnr
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def test_evaluate_reports_the_floor_at_the_same_n(emoji):
 
 def test_features_resize_any_size_like_the_data_loader(emoji):
     f64 = metrics.features(load_emoji(64, "heldout").images)
-    assert f64.shape == emoji["f_held"].shape == (398, metrics.load_feature_net("cpu").dim)
+    assert f64.shape == emoji["f_held"].shape == (398, feature_net.load_feature_net("cpu").dim)
     assert torch.allclose(f64, emoji["f_held"], atol=1e-4)
     assert metrics.features(emoji["held"][:4, :, :16, :20]).shape == (4, 128)
     with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
@@ -151,9 +152,9 @@ def test_features_resize_any_size_like_the_data_loader(emoji):
 # --- The shipped network ---------------------------------------------------------------------------------
 
 def test_feature_net_is_frozen_and_classifies_held_out_emoji(emoji):
-    net = metrics.load_feature_net("cpu")
+    net = feature_net.load_feature_net("cpu")
     assert not net.training and all(not p.requires_grad and p.dtype == torch.float32 for p in net.parameters())
-    assert metrics.load_feature_net("cpu") is net  # cached
+    assert feature_net.load_feature_net("cpu") is net  # cached
     held = load_emoji(32, "heldout")
     labels = torch.tensor([net.classes.index(c) for c in held.subcategories])
     with torch.no_grad():
@@ -162,17 +163,19 @@ def test_feature_net_is_frozen_and_classifies_held_out_emoji(emoji):
 
 
 def test_missing_checkpoint_names_the_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(metrics, "FEATURE_NET_PATH", tmp_path / "feature_net.safetensors")
+    monkeypatch.setattr(feature_net, "FEATURE_NET_PATH", tmp_path / "feature_net.safetensors")
     with pytest.raises(FileNotFoundError, match="python scripts/train_feature_net.py"):
-        metrics.load_feature_net("cpu")
+        feature_net.load_feature_net("cpu")
+    with pytest.raises(FileNotFoundError, match="python scripts/train_feature_net.py"):
+        metrics.emoji_features("heldout")   # metrics' feature cache is keyed on the path as now set: not reused
 
 
 def test_a_damaged_feature_net_file_is_named(monkeypatch, tmp_path):
     path = tmp_path / "feature_net.safetensors"
-    path.write_bytes(metrics.FEATURE_NET_PATH.read_bytes()[:1000])          # truncated
-    monkeypatch.setattr(metrics, "FEATURE_NET_PATH", path)
+    path.write_bytes(feature_net.FEATURE_NET_PATH.read_bytes()[:1000])      # truncated
+    monkeypatch.setattr(feature_net, "FEATURE_NET_PATH", path)
     with pytest.raises(ValueError, match=re.escape(str(path)) + " is not a readable safetensors file .* truncated"):
-        metrics.load_feature_net("cpu")
+        feature_net.load_feature_net("cpu")
 
 
 def test_metrics_imports_no_personalisation_method():
@@ -233,3 +236,13 @@ def test_subject_similarity_and_self_similarity():
     with pytest.raises(ValueError, match="at least 2"):
         self_similarity(a[:1])
 
+
+# --- PSNR ---------------------------------------------------------------------------------------------
+
+def test_psnr_known_values():
+    a = torch.rand(3, 3, 8, 8) * 2 - 1
+    assert torch.isinf(psnr(a, a)).all()
+    b = a + torch.tensor([0.1, 0.2, 0.02]).view(3, 1, 1, 1)               # MSE 0.01, 0.04, 0.0004
+    expected = torch.tensor([10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04), 10 * math.log10(4 / 0.0004)])
+    torch.testing.assert_close(psnr(b, a), expected, rtol=1e-4, atol=1e-3)
+    assert psnr(b, a)[1].item() == pytest.approx(20.0, abs=1e-3)

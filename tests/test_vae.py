@@ -1,6 +1,6 @@
 """The VAE: the KL term against torch.distributions (and its shape checks), reparameterised samples, shapes per
 preset, clear errors, model files, training through the one loop (loss falls, exact resume after an interruption,
-a different run refused naming what differs, NaN guard), PSNR and the latent scale factor."""
+a different run refused naming what differs, NaN guard) and the latent scale factor. PSNR: tests/test_metrics.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.distributions import Normal
 from course_lib import checkpoint as ckpt
 from course_lib.data import load_emoji
 from course_lib.vae import (PRESETS, VAE, DiagonalGaussian, ResnetBlock, VAEConfig, VAEFit, decode_latents,
-                            encode_latents, fit_vae, kl_divergence, latent_scale_factor, load_vae, psnr, save_vae,
+                            encode_latents, fit_vae, kl_divergence, latent_scale_factor, load_vae, save_vae,
                             vae_loss, vae_preset)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,15 +167,6 @@ def test_vae_loss_is_mean_mse_plus_weighted_kl_per_latent_value():
     assert loss.item() == pytest.approx(parts["recon"] + 0.1 * kl) == pytest.approx(parts["loss"])
 
 
-def test_psnr_known_values():
-    a = torch.rand(3, 3, 8, 8) * 2 - 1
-    assert torch.isinf(psnr(a, a)).all()
-    b = a + torch.tensor([0.1, 0.2, 0.02]).view(3, 1, 1, 1)               # MSE 0.01, 0.04, 0.0004
-    expected = torch.tensor([10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04), 10 * math.log10(4 / 0.0004)])
-    torch.testing.assert_close(psnr(b, a), expected, rtol=1e-4, atol=1e-3)
-    assert psnr(b, a)[1].item() == pytest.approx(20.0, abs=1e-3)
-
-
 # --- Latents for diffusion --------------------------------------------------------------------------------
 
 def test_latent_scale_factor_makes_scaled_latents_unit_std(images):
@@ -253,6 +244,15 @@ def test_training_errors(images):
         fit_vae(tiny_vae(), images, steps=1, precision="fp16", progress=False)
     with pytest.raises(ValueError, match=r"\(N >= 1, 3, 32, 32\)"):
         fit_vae(tiny_vae(), images[:, :, :16, :16], steps=1, progress=False)
+    # the loop's own checks (FitConfig, Batches) name the bad setting; a refused run leaves the mode as it was
+    vae = tiny_vae().eval()
+    for bad, match in [({"steps": -1}, r"steps must be an integer >= 0; got -1"),
+                       ({"lr": 0.0}, r"need lr > 0.*got lr=0.0"),
+                       ({"batch_size": 0}, r"batch_size >= 1; got n=24, batch_size=0"),
+                       ({"kl_weight": -1e-3}, r"kl_weight must be >= 0 .*got -0.001")]:
+        with pytest.raises(ValueError, match=match):
+            fit_vae(vae, images, **({"steps": 1, "progress": False} | bad))
+        assert not vae.training
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(images, tmp_path):
