@@ -1,27 +1,38 @@
 """course_lib: the finished pieces of "Stable Diffusion from scratch, in 8 GB".
 
 One module per course concept, in the order the notebooks introduce them:
-    settings    run modes (COURSE_QUICK) and the default device
+    settings    run modes (COURSE_QUICK), the default device, timing
     data        emoji and photos, loaded offline as tensors in [-1, 1]
-    schedules   noise schedules (linear, scaled-linear, cosine, sigmoid) and their tables
-    forward     the forward process: one Markov step, the closed form, the posterior
-    unet        the U-Net: time embedding, ResBlock, self-attention, down/up sampling, presets
+    config      the JSON round trip every config dataclass shares
+    schedules   noise schedules (linear, scaled-linear, cosine, sigmoid), their tables, zero terminal SNR
+    forward     the forward process (one Markov step, the closed form, the posterior) and the one objective
+    attention   self-attention, cross-attention to text, SD's transformer block
+    unet        the U-Net: time embedding, ResBlock, down/up sampling, presets
+    checkpoint  safetensors files written atomically and verified; compact float16 model files
+    loop        the one fitting loop: optimizer step, precision, guards, EMA, budget, checkpoints, resume
     learned_schedule  a noise schedule learned with the denoiser (Variational Diffusion Models)
-    checkpoint  safetensors files written atomically; compact float16 model files
-    train       the training loop: objectives, AdamW warm-up, EMA, mixed precision, exact resume
+    train       the diffusion Trainer: its data, objective settings and sampling grids, on the loop
+    guidance    classifier-free guidance around any conditional U-Net
     sampling    DDPM, DDIM and DPM-Solver++ 2M samplers, the reverse process step by step, inversion
+    feature_net the frozen emoji classifier whose features FID, KID and memorisation use
+    metrics     FID/KID in that feature space, the real-vs-real floor, PSNR, memorisation, subject fidelity
     vae         a small KL autoencoder: the latent space, the KL term, the latent scale factor
-    text        a BPE tokenizer, a transformer text encoder (causal, as CLIP's, if asked) and a mini CLIP
-    pipeline    the tiny Stable Diffusion: prompts in, images out
-    lora        LoRA layers: inject, merge, scale, save; the fine-tuning loop of notebooks 10-12
+    tokenizer   the course's BPE tokenizer
+    text        a transformer text encoder (causal, as CLIP's, if asked)
+    clip        a mini CLIP: image and text encoders trained contrastively, retrieval, scores
+    pipeline    the tiny Stable Diffusion, and the one generation path SD 1.5 shares
+    finetune    what every fine-tuning method shares on top of the loop
+    lora        LoRA layers: inject, merge, scale, save
     dreambooth  a new identifier token, the held-out subjects, the prior-preservation loss
-    hyperdreambooth  LiDB, the hypernetwork, rank-relaxed fast fine-tuning
+    lidb        Lightweight DreamBooth: rank-1 LoRA through frozen random bases
+    hyperdreambooth  LiDB pre-optimisation, the hypernetwork, rank-relaxed fast fine-tuning
+    benchmark   notebook 12's comparison of the personalisation methods
     clip_tokenizer   CLIP's byte-level BPE tokenizer, read from the learner's vocab and merges files
-    sd          Stable Diffusion 1.5 in these modules: configs, weight conversion, generation, LoRA in 8 GB
-    distributed data parallelism for the Trainer under torchrun
-    metrics     FID/KID in the course's feature space, the real-vs-real floor, memorisation check
+    sd_convert  SD 1.5's weight names to these modules, every key checked
+    sd          Stable Diffusion 1.5 in these modules: configs, generation, LoRA in 8 GB
+    distributed data parallelism for the loop under torchrun
     memory      peak GPU memory of a training step and of sampling, measured
-    plotting    image grids, noising strips, schedule curves, loss curves (matplotlib)
+    plotting    image grids and rows, noising strips, schedule curves, loss curves (matplotlib)
     widgets     the logic behind the notebooks' sliders (matplotlib; ipywidgets only in `live`)
 
 Only plotting and widgets import matplotlib; only widgets imports ipywidgets.

@@ -1,0 +1,71 @@
+"""The library's layout keeps its promises: one concept per short file, the one loop, imports that flow one way
+in the order the course teaches, and a README and package docstring that list every module."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import course_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+LIB = ROOT / "course_lib"
+MODULES = sorted(p.stem for p in LIB.glob("*.py") if p.stem != "__init__")
+MAX_LINES = 450
+DISPLAY = {"plotting", "widgets"}                 # may import anything; nothing imports them
+MEASURING = {"metrics", "memory", "benchmark"}    # read models; no model imports them
+
+
+def imports(module: str) -> set[str]:
+    """The course_lib modules `module` imports (relative imports, anywhere in the file)."""
+    found = set()
+    for node in ast.walk(ast.parse((LIB / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return found & set(MODULES)
+
+
+def test_every_module_is_short():
+    long = {m: n for m in MODULES if (n := len((LIB / f"{m}.py").read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_backward_only_in_the_loop():
+    calling = [m for m in MODULES if re.search(r"\.backward\(", (LIB / f"{m}.py").read_text())]
+    assert calling == ["loop"], calling
+
+
+def test_imports_form_no_cycle_and_nothing_imports_display_or_measuring():
+    graph = {m: imports(m) for m in MODULES}
+    for m, deps in graph.items():
+        assert not deps & DISPLAY or m in DISPLAY, f"{m} imports {deps & DISPLAY}"
+        if m not in MEASURING | DISPLAY:
+            assert not deps & MEASURING, f"{m} imports the measuring module(s) {deps & MEASURING}"
+    done, visiting = set(), []
+
+    def visit(m):
+        assert m not in visiting, f"import cycle: {' -> '.join(visiting + [m])}"
+        if m in done:
+            return
+        visiting.append(m)
+        for d in graph[m]:
+            visit(d)
+        visiting.pop()
+        done.add(m)
+    for m in MODULES:
+        visit(m)
+
+
+def test_the_core_never_imports_matplotlib_or_ipywidgets():
+    for m in set(MODULES) - DISPLAY:
+        text = (LIB / f"{m}.py").read_text()
+        assert not re.search(r"^\s*(import|from)\s+(matplotlib|ipywidgets)", text, re.M), m
+
+
+def test_readme_and_docstring_list_every_module():
+    readme = (ROOT / "README.md").read_text()
+    table = set(re.findall(r"^\| `(\w+)\.py` \|", readme, re.M))
+    assert table == set(MODULES), f"README table: missing {set(MODULES) - table}, extra {table - set(MODULES)}"
+    listed = set(re.findall(r"^    (\w+)\s", course_lib.__doc__, re.M))
+    assert set(MODULES) <= listed, f"course_lib's docstring misses {set(MODULES) - listed}"
