@@ -174,3 +174,17 @@ def plot_loss_curve(losses: list[float], window: int = 50, title: str | None = N
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def save_grid_png(images: torch.Tensor, path, columns: int = 16) -> None:
+    """Images (N, 3, H, W) in [-1, 1] as a PNG grid of `columns` per row (N a multiple of it), in a 256-colour
+    palette (a third of the size of full colour for emoji, and the repository stays small): model cards' pictures."""
+    from PIL import Image
+
+    if len(images) == 0 or len(images) % columns:
+        raise ValueError(f"need a positive multiple of columns={columns} images; got {len(images)}")
+    grid = to_uint8(images)                                                   # (N, H, W, 3) uint8
+    rows = [np.concatenate(list(grid[r * columns:(r + 1) * columns]), axis=1) for r in range(len(grid) // columns)]
+    picture = Image.fromarray(np.concatenate(rows, axis=0))
+    picture.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+

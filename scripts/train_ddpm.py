@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ from course_lib.settings import describe_machine as machine  # noqa: E402
 from course_lib.train import TrainConfig, Trainer  # noqa: E402
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 
-NAME = "ddpm_emoji32"
+NAME = "ddpm_emoji32"          # the file name; --name picks another (e.g. ddpm_emoji32_v for the v / zero-SNR model)
 
 
 def measure(model_path: Path, n: int, steps: int, sampler: str, seed: int) -> dict:
@@ -59,13 +58,13 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
     q, f, m = result["quality"], result["floor"], result["memorisation"]
     tc = info["train_config"]
     lines = [
-        f"# Model card: {NAME}",
+        f"# Model card: {args.name}",
         "",
         "A pixel-space DDPM U-Net that generates 32x32 emoji in the Noto style, unconditionally.",
         "",
         "| | |",
         "|---|---|",
-        f"| file | `checkpoints/{NAME}.safetensors` (EMA weights, float16) |",
+        f"| file | `checkpoints/{args.name}.safetensors` (EMA weights, float16) |",
         f"| architecture | course_lib.unet preset `{args.preset}`, {params:,} parameters |",
         f"| data | Noto emoji, training split ({info['n_images']} images), 32 px |",
         f"| objective | {tc['prediction']} prediction, {tc['schedule']} schedule"
@@ -79,7 +78,8 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
         "",
         "## Measured quality",
         "",
-        f"Measured by this script (`python scripts/train_ddpm.py --card-only` repeats it) on {machine()}, "
+        f"Measured by this script (`python scripts/train_ddpm.py{'' if args.name == NAME else ' --name ' + args.name} --card-only` "
+        f"repeats it) on {machine()}, "
         f"torch {torch.__version__}:",
         f"{result['n']} samples, {result['sampler']} with {result['steps']} steps, seed {args.seed}, "
         f"{result['sample_seconds']:.1f} s to sample.",
@@ -92,7 +92,7 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
         f"| samples vs held-out | {q.fid:.2f} | {q.kid_mean:.3f} ± {q.kid_std:.3f} |",
         f"| floor: real train vs held-out | {f.fid:.2f} | {f.kid_mean:.3f} ± {f.kid_std:.3f} |",
         "",
-        f"![{result['n']} samples, the first 64](ddpm_emoji32_samples.png)",
+        f"![{result['n']} samples, the first 64]({args.name}_samples.png)",
         "",
         f"Memorisation: {100 * m.share:.1f}% of samples have a training image closer than the threshold "
         f"({m.threshold:.3g}, {m.space} space).",
@@ -105,6 +105,7 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default=NAME, help="file name of the checkpoint, card and sample grid")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -126,9 +127,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    out = Path(args.out_dir) / f"{NAME}.safetensors"
-    card = Path(args.out_dir) / f"{NAME}.md"
-    state = Path(args.run_dir) / f"{NAME}.train.safetensors"
+    out = Path(args.out_dir) / f"{args.name}.safetensors"
+    card = Path(args.out_dir) / f"{args.name}.md"
+    state = Path(args.run_dir) / f"{args.name}.train.safetensors"
     if not args.card_only:
         images = load_emoji(size=32, split="train").images
         if state.exists():
@@ -153,12 +154,8 @@ def main() -> None:
     model, _, info = load_model(out)
     result = measure(out, args.eval_samples, args.eval_steps, args.eval_sampler, args.seed)
     print(f"FID {result['quality']}, floor {result['floor']}, memorisation {result['memorisation'].share:.3f}")
-    from PIL import Image
-
-    from course_lib.data import to_uint8
-    grid = to_uint8(result["samples"][:64])                       # (64, 32, 32, 3) uint8
-    rows = [np.concatenate(list(grid[r * 16:(r + 1) * 16]), axis=1) for r in range(4)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(Path(args.out_dir) / f"{NAME}_samples.png", optimize=True)
+    from course_lib.plotting import save_grid_png
+    save_grid_png(result["samples"][:64], Path(args.out_dir) / f"{args.name}_samples.png")
     write_card(card, args, info, result, count_parameters(model))
     print(f"wrote {card}")
 

@@ -31,12 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_lib import checkpoint as ckpt  # noqa: E402
-from course_lib.data import load_emoji, to_uint8  # noqa: E402
+from course_lib.data import load_emoji  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.clip import (MiniCLIP, clip_config, encode_prompts, fit_clip, load_clip,  # noqa: E402
                              retrieval_accuracy, save_clip, similarity)
 from course_lib.tokenizer import Tokenizer  # noqa: E402
 from course_lib.metrics import psnr  # noqa: E402
+from course_lib.plotting import save_grid_png  # noqa: E402
 from course_lib.train import Conditioning, TrainConfig, Trainer, resolve_precision  # noqa: E402
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 from course_lib.vae import (DEFAULT_KL_WEIGHT, VAE, encode_latents, fit_vae, latent_scale_factor,  # noqa: E402
@@ -246,14 +247,6 @@ def generate(pipe, prompts: list[str], *, guidance: float, steps: int, seed: int
     return torch.cat(chunks)
 
 
-def save_grid(images: torch.Tensor, path: Path, columns: int = 16) -> None:
-    from PIL import Image
-
-    grid = to_uint8(images)
-    rows = [np.concatenate(list(grid[r * columns:(r + 1) * columns]), axis=1) for r in range(len(grid) // columns)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path, optimize=True)
-
-
 def stage_cards(args, device: torch.device) -> None:
     from course_lib import metrics
     from course_lib.pipeline import TextToImage
@@ -297,7 +290,7 @@ def stage_cards(args, device: torch.device) -> None:
     t2i_result["memorisation"] = {"guidance": best["guidance"], "share": memo.share, "threshold": memo.threshold,
                                   "space": memo.space, "n": int(show.shape[0])}
     update_results(args, "t2i_eval", t2i_result)
-    save_grid(torch.stack([x for pair in zip(real[:32], show[:32]) for x in pair]),
+    save_grid_png(torch.stack([x for pair in zip(real[:32], show[:32]) for x in pair]),
               out_dir / f"{NAMES['t2i']}_samples.png", columns=16)
     write_cards(args, out_dir, t2i_result)
 

@@ -83,3 +83,16 @@ def test_bad_rows_are_named(rows, match):
 def test_size_must_be_positive():
     with pytest.raises(ValueError, match="must be positive; got 0"):
         show_rows([images(2)], ["a"], size=0)
+
+
+def test_save_grid_png_writes_a_small_palette_grid(tmp_path):
+    from PIL import Image
+
+    from course_lib.plotting import save_grid_png
+
+    images = torch.rand(32, 3, 8, 8) * 2 - 1
+    save_grid_png(images, tmp_path / "g.png", columns=16)
+    picture = Image.open(tmp_path / "g.png")
+    assert picture.size == (16 * 8, 2 * 8) and picture.mode == "P"
+    with pytest.raises(ValueError, match="multiple of columns=16"):
+        save_grid_png(images[:20], tmp_path / "h.png", columns=16)
