@@ -91,7 +91,8 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # --- timesteps -----------------------------------------------------------------------------
 
-def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", offset: int = 0) -> torch.Tensor:
+def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", offset: int = 0,
+              start: int | None = None) -> torch.Tensor:
     """The descending timesteps a `steps`-step sampler visits (the spacings of [5], as in diffusers' DDIM).
 
     trailing   round(T - i T/steps) - 1: starts at T-1, the noisiest step   (default)
@@ -100,10 +101,17 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", of
 
     offset is added to every timestep (SD 1.5's scheduler config: "leading" with steps_offset=1, so 50 steps
     visit 981, 961, ..., 1); the largest must stay below T.
+    start: the noisiest timestep (default T-1): the grid is laid over 0..start instead of 0..T-1, so sampling
+    can begin from a partly noised image (SDEdit's strength, image editing) or stop inverting there.
     """
     T = schedule.T
+    if start is not None:
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start < T:
+            raise ValueError(f"start, the first timestep, must be an int from 0 to T-1={T - 1}; got {start!r}")
+        T = int(start) + 1                       # the grid over 0..start
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an int from 1 to T={T} (the schedule's length); got {steps!r}")
+        raise ValueError(f"steps must be an int from 1 to {T} (the schedule's length T, or start + 1); "
+                         f"got {steps!r}")
     steps = int(steps)
     i = torch.arange(steps, dtype=torch.float64)
     if spacing == "trailing":
@@ -119,9 +127,10 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", of
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {list(SPACINGS)}")
     ts = ts.long()
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0 or ts.max() + offset >= T:
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0 \
+            or ts.max() + offset >= schedule.T:
         raise ValueError(f"offset must be an int >= 0 that keeps the largest timestep ({ts.max().item()}) below "
-                         f"T={T}; got {offset!r}")
+                         f"T={schedule.T}; got {offset!r}")
     return ts + int(offset)
 
 
@@ -156,6 +165,10 @@ def denoise(model: Model, schedule: NoiseSchedule, x_t: torch.Tensor, t: int, *,
         raise ValueError(f"the model's output has shape {tuple(out.shape)}; expected x_t's {tuple(x_t.shape)}")
     out = out.to(x_t.dtype)
     abar = torch.tensor(_alpha_bar(schedule, t), dtype=x_t.dtype, device=x_t.device)
+    if prediction == "epsilon" and abar == 0:
+        raise ValueError(f"an epsilon model cannot be asked at t={t}: abar_t = 0 there (zero terminal SNR), and its "
+                         f"x0 estimate (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by 0. Use a v (or x0) model, "
+                         f"as Lin et al. 2024 do, or start below t={t} (start_t).")
     x0, eps = predicted_x0_eps(prediction, out, x_t, abar)
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
@@ -265,7 +278,7 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
                     steps: int = 50, eta: float = 0.0, prediction: str = "epsilon",
                     generator: torch.Generator | None = None, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32, x_T: torch.Tensor | None = None, clip_x0: bool = True,
-                    spacing: str = "trailing", offset: int = 0, final_t: int = -1,
+                    spacing: str = "trailing", offset: int = 0, final_t: int = -1, start_t: int | None = None,
                     progress: bool = False) -> Iterator[ReverseStep]:
     """Run a sampler, yielding a ReverseStep at every timestep and then the result (cf. guided-diffusion's
     p_sample_loop_progressive); `sample` keeps only the result.
@@ -284,12 +297,14 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
     spacing, offset   which timesteps (see `timesteps`)
     final_t      where the last step lands: -1 is the clean end (abar = 1); 0 stops at abar_0, as SD 1.5's
                  DDIM does (set_alpha_to_one=False), a difference of 1 - abar_0 = 0.00085 in the noise variance
+    start_t      the first timestep (default T-1); x_T is then the image at that noise level, e.g.
+                 q_sample(schedule, x0, start_t) for SDEdit, or ddim_invert(..., start_t=start_t)
     progress     show a tqdm progress bar
     """
     _check_sampler(sampler, eta)
     check_prediction(prediction)
     shape = _check_shape(shape)
-    ts = timesteps(schedule, steps, spacing, offset).tolist()
+    ts = timesteps(schedule, steps, spacing, offset, start=start_t).tolist()
     if isinstance(final_t, bool) or not isinstance(final_t, numbers.Integral) or not -1 <= final_t < ts[-1]:
         raise ValueError(f"final_t, where the last step lands, must be -1 (clean, abar = 1) or a timestep below "
                          f"the last one visited ({ts[-1]}); got {final_t!r}")
@@ -323,7 +338,7 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
 def sample(model: Model, schedule: NoiseSchedule, shape: Sequence[int], **options) -> torch.Tensor:
     """Generate a batch x_0 of `shape` (B, C, H, W) with one of SAMPLERS: the last state of `reverse_process`,
     whose keywords (sampler, steps, eta, prediction, generator, device, dtype, x_T, clip_x0, spacing, offset,
-    final_t, progress) it takes and documents."""
+    final_t, start_t, progress) it takes and documents."""
     for step in reverse_process(model, schedule, shape, **options):
         pass
     return step.x_t
@@ -345,7 +360,7 @@ def dpm_solver_sample(model: Model, schedule: NoiseSchedule, shape: Sequence[int
 
 
 def ddim_invert(model: Model, schedule: NoiseSchedule, x0: torch.Tensor, *, steps: int = 50,
-                prediction: str = "epsilon", spacing: str = "trailing") -> torch.Tensor:
+                prediction: str = "epsilon", spacing: str = "trailing", start_t: int | None = None) -> torch.Tensor:
     """DDIM inversion: the eta=0 update run from x_0 up to the first sampling timestep, giving the x_T that
     `ddim_sample(..., eta=0, x_T=x_T, clip_x0=False)` maps back to (about) x0.
 
@@ -356,11 +371,12 @@ def ddim_invert(model: Model, schedule: NoiseSchedule, x0: torch.Tensor, *, step
     Caveat: the first sampling step divides by sqrt(abar) at the top timestep. Where that is almost zero
     (the cosine schedule's abar at t = T-1 is about 2e-9), any error in the model's noise estimate is
     amplified by about 1 / sqrt(abar) and a trained model's round trip does not reconstruct (the exact
-    denoiser of the tests has no error, so it does). Notebook 05 inverts to a lower top timestep by hand."""
+    denoiser of the tests has no error, so it does). start_t inverts only up to that timestep (the grid of
+    `timesteps(..., start=start_t)`); sample back with the same start_t."""
     check_images(x0, "x0", data_range=False)
     check_prediction(prediction)
     x, t = x0.detach(), -1
-    for t_up in timesteps(schedule, steps, spacing).flip(0).tolist():
+    for t_up in timesteps(schedule, steps, spacing, start=start_t).flip(0).tolist():
         _, eps = denoise(model, schedule, x, t_up, prediction=prediction, clip_x0=False)
         ab_t, ab_up = _alpha_bar(schedule, t), _alpha_bar(schedule, t_up)
         x0_hat = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
@@ -383,6 +399,7 @@ class SamplerSettings:
     spacing: str = "trailing"       # which timesteps (see `timesteps`): one of SPACINGS
     offset: int = 0                 # added to every timestep (SD 1.5: 1)
     final_t: int = -1               # where the last step lands: -1 the clean end, 0 abar_0 (SD 1.5)
+    start_t: int | None = None      # the first timestep (None: T-1); below it to edit a partly noised image
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -408,7 +425,7 @@ class SamplerSettings:
     def options(self) -> dict:
         """The keywords of `sample` / `reverse_process` these settings give (all but guidance_scale)."""
         return {"sampler": self.sampler, "steps": int(self.steps), "eta": self.eta, "spacing": self.spacing,
-                "offset": int(self.offset), "final_t": int(self.final_t)}
+                "offset": int(self.offset), "final_t": int(self.final_t), "start_t": self.start_t}
 
 
 TINY_SD_SAMPLER = SamplerSettings()     # the course's tiny SD (notebook 09): DDIM, 20 trailing steps, guidance 4
