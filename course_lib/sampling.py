@@ -110,8 +110,8 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", of
             raise ValueError(f"start, the first timestep, must be an int from 0 to T-1={T - 1}; got {start!r}")
         T = int(start) + 1                       # the grid over 0..start
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an int from 1 to {T} (the schedule's length T, or start + 1); "
-                         f"got {steps!r}")
+        limit = f"T={T} (the schedule's length)" if start is None else f"start + 1 = {T}"
+        raise ValueError(f"steps must be an int from 1 to {limit}; got {steps!r}")
     steps = int(steps)
     i = torch.arange(steps, dtype=torch.float64)
     if spacing == "trailing":
