@@ -78,3 +78,25 @@ def test_sampler_settings_carry_the_start():
     out = sample(exact_eps(SCHEDULE), SCHEDULE, TARGET.shape, x_T=q_sample(SCHEDULE, TARGET, 300),
                  prediction="epsilon", clip_x0=False, **settings.options())
     assert torch.allclose(out, TARGET, atol=1e-4)
+
+
+def test_the_shipped_v_model_inverts_a_held_out_emoji():
+    """DDIM inversion then sampling reconstructs held-out emoji with the trained zero-terminal-SNR v model, even from
+    the very top; the epsilon model's round trip from there explodes (1 / sqrt(abar_999) ~ 20,000)."""
+    from course_lib.checkpoint import load_model, shipped
+    from course_lib.data import load_emoji
+
+    x0 = load_emoji(size=32, split="heldout").images[:4]
+
+    def round_trip(name, start):
+        model, schedule, info = load_model(shipped(name))
+        x = ddim_invert(model, schedule, x0, steps=25, prediction=info["prediction"], start_t=start)
+        back = sample(model, schedule, x0.shape, sampler="ddim", steps=25, x_T=x, start_t=start, clip_x0=False,
+                      prediction=info["prediction"])
+        return (back - x0).pow(2).mean().sqrt().item()
+    errors = {(name, start): round_trip(name, start) for name, start in
+              [("ddpm_emoji32_v", 900), ("ddpm_emoji32_v", 999), ("ddpm_emoji32", 999)]}
+    print(errors)
+    assert errors["ddpm_emoji32_v", 900] < 0.12        # RMS in [-1, 1]; here 0.075, and 50 steps on 16 images: 0.035
+    assert errors["ddpm_emoji32_v", 999] < 0.4         # 50 steps on 16 images: 0.20
+    assert errors["ddpm_emoji32", 999] > 10            # 50 steps on 16 images: 1265, the flaw
