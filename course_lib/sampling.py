@@ -424,8 +424,9 @@ class SamplerSettings:
 
     def options(self) -> dict:
         """The keywords of `sample` / `reverse_process` these settings give (all but guidance_scale)."""
-        return {"sampler": self.sampler, "steps": int(self.steps), "eta": self.eta, "spacing": self.spacing,
-                "offset": int(self.offset), "final_t": int(self.final_t), "start_t": self.start_t}
+        options = {"sampler": self.sampler, "steps": int(self.steps), "eta": self.eta, "spacing": self.spacing,
+                   "offset": int(self.offset), "final_t": int(self.final_t)}
+        return options if self.start_t is None else {**options, "start_t": int(self.start_t)}
 
 
 TINY_SD_SAMPLER = SamplerSettings()     # the course's tiny SD (notebook 09): DDIM, 20 trailing steps, guidance 4
