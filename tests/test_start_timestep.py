@@ -39,7 +39,7 @@ def test_start_lays_the_grid_over_zero_to_start():
         assert ts.max() <= 299 and len(ts) == 5
     with pytest.raises(ValueError, match="start, the first timestep, must be an int from 0 to T-1=999"):
         timesteps(SCHEDULE, 10, start=1000)
-    with pytest.raises(ValueError, match="steps must be an int from 1 to start \+ 1 = 50"):
+    with pytest.raises(ValueError, match=r"steps must be an int from 1 to start \+ 1 = 50"):
         timesteps(SCHEDULE, 51, start=49)
 
 
