@@ -6,7 +6,9 @@
     OMP_NUM_THREADS=1 python scripts/run_notebooks.py --quick --record results/notebook_times.json
 
 Committed notebooks carry the outputs of a full-mode run made by this script. It drops the
-widget state (large, and useless without a kernel) and prints each notebook's run time and size.
+widget state (large, and useless without a kernel), re-encodes the PNG outputs losslessly at PNG's best
+compression (the pixels are unchanged; `--recompress` does only that to committed notebooks), and prints each
+notebook's run time and size.
 
 A notebook's time is that of its cells: from the first cell's start to the last cell's reply, as
 nbclient stamps them in each cell's metadata (the kernel's start-up is not counted). A committed
@@ -59,6 +61,28 @@ def record(file: Path, name: str, mode: str, seconds: float, wall_seconds: float
     file.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
 
 
+def recompress_images(nb) -> int:
+    """Re-encode every image/png output with PNG's optimiser (lossless: the same pixels); returns bytes saved."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    saved = 0
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" not in data:
+                continue
+            raw = base64.b64decode(data["image/png"])
+            buffer = io.BytesIO()
+            Image.open(io.BytesIO(raw)).save(buffer, format="PNG", optimize=True)
+            if len(buffer.getvalue()) < len(raw):
+                saved += len(raw) - len(buffer.getvalue())
+                data["image/png"] = base64.b64encode(buffer.getvalue()).decode()
+    return saved
+
+
 def run(path: Path, quick: bool, save: bool, timeout: int, record_to: Path | None = None) -> None:
     nb = nbformat.read(path, as_version=4)
     mode = "quick" if quick else "full"
@@ -68,6 +92,7 @@ def run(path: Path, quick: bool, save: bool, timeout: int, record_to: Path | Non
     wall_seconds = time.perf_counter() - start
     seconds = cells_seconds(nb)
     nb.metadata.pop("widgets", None)
+    recompress_images(nb)
     if save:
         nbformat.write(nb, path)
     if record_to is not None:
@@ -86,8 +111,17 @@ def main() -> None:
     ap.add_argument("--record", type=Path, metavar="FILE",
                     help="store each notebook's time, date, machine and threads in this JSON file "
                          "(e.g. results/notebook_times.json), keeping its other entries")
+    ap.add_argument("--recompress", action="store_true",
+                    help="only re-encode the stored PNG outputs losslessly (nothing is run)")
     args = ap.parse_args()
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.recompress:
+        for path in paths:
+            nb = nbformat.read(path, as_version=4)
+            saved = recompress_images(nb)
+            nbformat.write(nb, path)
+            print(f"{path.name}: {saved / 1e3:.1f} kB of PNG saved, pixels unchanged")
+        return
     for path in paths:
         run(path, quick=args.quick, save=not (args.check or args.quick), timeout=args.timeout, record_to=args.record)
 
