@@ -61,9 +61,8 @@ from .schedules import KINDS, NoiseSchedule, make_schedule
 from .unet import UNet, UNetConfig
 
 SCHEDULES = KINDS + ("learned",)
-
-SCHEDULES = KINDS + ("learned",)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# TrainingDiverged, ema_decay_at, ema_update and PRECISIONS are the loop's, re-exported: notebook 04 and the tests
+# import them from here.
 
 
 @dataclass
