@@ -10,6 +10,14 @@ simply used as the null context: guidance then pushes away from it. The same com
 outputs serves epsilon, x0 and v predictions alike: each is an affine function of the others given x_t,
 and the weights (1 - scale) + scale sum to 1.
 
+Rescaled guidance (Lin et al. 2024, Sec. 3.4 [2]): a large scale inflates the guided output's standard
+deviation well beyond what the conditional model would give, which shows as over-exposed, saturated images.
+Rescaling brings it back, per image, and mixes with the plain guided output by phi in [0, 1]:
+    guided    = uncond + scale (cond - uncond)
+    rescaled  = guided * std(cond) / std(guided)          (std over all of an image's values)
+    output    = phi * rescaled + (1 - phi) * guided       (phi = 0: plain guidance; Lin et al. use 0.7)
+Like diffusers' `guidance_rescale`, it is applied to the model's raw output (epsilon, x0 or v).
+
 `GuidedModel` wraps a conditional U-Net as a plain model(x_t, t), running the conditional and
 unconditional passes as one doubled batch, so every sampler of course_lib.sampling works with it unchanged:
     guided = GuidedModel(unet, context, context_mask, null_context, null_mask, scale=5.0)
@@ -20,6 +28,8 @@ context_mask None or bool (B or 1, L), True at real tokens.
 
 References:
   [1] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. https://arxiv.org/abs/2207.12598
+  [2] Lin, Liu, Li, Yang. Common Diffusion Noise Schedules and Sample Steps are Flawed. 2024.
+      https://arxiv.org/abs/2305.08891
 """
 
 from __future__ import annotations
@@ -30,9 +40,27 @@ import numbers
 import torch
 
 
-def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """uncond + scale (cond - uncond): Eq. 6 of Ho & Salimans 2022 with scale = 1 + w."""
-    return uncond + scale * (cond - uncond)
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float,
+                             rescale: float = 0.0) -> torch.Tensor:
+    """uncond + scale (cond - uncond): Eq. 6 of Ho & Salimans 2022 with scale = 1 + w; with rescale = phi > 0,
+    Lin et al.'s rescaled guidance: each image's guided output scaled to the conditional output's standard
+    deviation, mixed with the plain one by phi (see the module's docstring)."""
+    check_rescale(rescale)
+    guided = uncond + scale * (cond - uncond)
+    if rescale == 0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    std_cond = cond.float().std(dim=dims, keepdim=True)
+    std_guided = guided.float().std(dim=dims, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    rescaled = guided * (std_cond / std_guided).to(guided.dtype)
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def check_rescale(rescale: float) -> None:
+    """Raise a clear error unless phi (the guidance rescale) is a number in [0, 1]."""
+    if isinstance(rescale, bool) or not isinstance(rescale, numbers.Real) or not 0 <= rescale <= 1:
+        raise ValueError(f"the guidance rescale phi must be a number in [0, 1] (0: plain guidance; Lin et al. "
+                         f"use 0.7); got {rescale!r}")
 
 
 def _check_context(context: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
@@ -89,12 +117,14 @@ class GuidedModel(torch.nn.Module):
     scale         0: unconditional, 1: conditional (no guidance), > 1: guided. Settable between samples
                   (guided.scale = 3.0). At 0 and 1 one plain pass runs (the exact unguided prediction);
                   otherwise the conditional and unconditional passes run as one batch of 2B.
+    rescale       phi of Lin et al.'s rescaled guidance, in [0, 1] (0: plain guidance); used when the two
+                  passes run. Settable like scale.
 
     It is an nn.Module holding the U-Net, so `.to(device)` moves both and samplers find its device."""
 
     def __init__(self, unet: torch.nn.Module, context: torch.Tensor, context_mask: torch.Tensor | None = None,
                  null_context: torch.Tensor | None = None, null_mask: torch.Tensor | None = None,
-                 scale: float = 7.5):
+                 scale: float = 7.5, rescale: float = 0.0):
         super().__init__()
         _check_context(context, context_mask, "context")
         if null_context is not None:
@@ -111,6 +141,16 @@ class GuidedModel(torch.nn.Module):
                              persistent=False)
         self.register_buffer("null_mask", null_mask, persistent=False)
         self.scale = scale
+        self.rescale = rescale
+
+    @property
+    def rescale(self) -> float:
+        return self._rescale
+
+    @rescale.setter
+    def rescale(self, value: float) -> None:
+        check_rescale(value)
+        self._rescale = float(value)
 
     @property
     def scale(self) -> float:
@@ -141,11 +181,11 @@ class GuidedModel(torch.nn.Module):
         out = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, n]),
                         None if m is None else torch.cat([m, nm]))
         cond, uncond = out.chunk(2)
-        return classifier_free_guidance(cond, uncond, self.scale)
+        return classifier_free_guidance(cond, uncond, self.scale, self.rescale)
 
     def extra_repr(self) -> str:
         null = None if self.null_context is None else tuple(self.null_context.shape)
-        return f"scale={self.scale:g}, context={tuple(self.context.shape)}, null_context={null}"
+        return f"scale={self.scale:g}, rescale={self.rescale:g}, context={tuple(self.context.shape)}, null_context={null}"
 
 
 def conditional(unet: torch.nn.Module, context: torch.Tensor,
@@ -154,4 +194,4 @@ def conditional(unet: torch.nn.Module, context: torch.Tensor,
     return GuidedModel(unet, context, context_mask, scale=1.0)
 
 
-__all__ = ["classifier_free_guidance", "GuidedModel", "conditional"]
+__all__ = ["classifier_free_guidance", "check_rescale", "GuidedModel", "conditional"]

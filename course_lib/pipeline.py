@@ -89,7 +89,8 @@ def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: En
 
     1. check the prompts, the negative prompts (one, or one per prompt) and the steps against the schedule
     2. text states of every image's prompt and of its negative prompt (the empty prompt by default)
-    3. classifier-free guidance at settings.guidance_scale (course_lib.guidance.GuidedModel)
+    3. classifier-free guidance at settings.guidance_scale, rescaled by settings.guidance_rescale
+       (course_lib.guidance.GuidedModel)
     4. sample from the starting noise (fresh noise of a stochastic sampler from `seed`), then decode
     """
     prompts = prompt_list(prompts)
@@ -113,7 +114,8 @@ def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: En
 
     context, mask = encode(prompts)
     null, null_mask = encode(negatives)
-    model = GuidedModel(denoiser, context, mask, null, null_mask, float(settings.guidance_scale))
+    model = GuidedModel(denoiser, context, mask, null, null_mask, float(settings.guidance_scale),
+                        float(settings.guidance_rescale))
     generator = torch.Generator().manual_seed(seed)       # fresh noise of stochastic samplers (DDPM, DDIM eta > 0)
     z = sample(model, schedule, shape, **settings.options(), prediction=prediction, generator=generator,
                device=device, x_T=latents.float().to(device), clip_x0=False, progress=progress)
@@ -204,18 +206,21 @@ class TextToImage:
     def __call__(self, prompts: str | list[str], *, seed: int = 0, steps: int | None = None,
                  guidance_scale: float | None = None, negative_prompt: str | list[str] = "",
                  sampler: str | None = None, images_per_prompt: int = 1, return_latents: bool = False,
-                 progress: bool = False, settings: SamplerSettings | None = None) -> torch.Tensor:
+                 progress: bool = False, settings: SamplerSettings | None = None,
+                 guidance_rescale: float | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] on the CPU, B = len(prompts) * images_per_prompt (see `text_to_image`).
 
         settings         the sampler settings (default self.sampler_settings: DDIM, 20 steps, guidance 4);
                          sampler, steps and guidance_scale, when given, replace its fields
         steps            sampler steps (model calls, twice the batch each with guidance), 1..T
         guidance_scale   0: ignore the prompt; 1: plain conditional model; > 1: follow the prompt harder
+        guidance_rescale phi of rescaled guidance (Lin et al. 2024) in [0, 1]; 0: plain guidance
         negative_prompt  what to steer away from: one string, or one per prompt ("" = nothing)
         return_latents   the final latents (scaled) instead of decoded images
         """
         settings = (settings or self.sampler_settings).replace(sampler=sampler, steps=steps,
-                                                              guidance_scale=guidance_scale)
+                                                              guidance_scale=guidance_scale,
+                                                              guidance_rescale=guidance_rescale)
         return text_to_image(self.unet, self.schedule, self.encode, self.decode, prompts, settings,
                              latent_shape=self.latent_shape, negative_prompt=negative_prompt, seed=seed,
                              images_per_prompt=images_per_prompt, prediction=self.prediction,

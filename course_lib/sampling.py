@@ -395,6 +395,7 @@ class SamplerSettings:
     sampler: str = "ddim"           # one of SAMPLERS
     steps: int = 20                 # model calls (twice the batch each with guidance), 1..T
     guidance_scale: float = 4.0     # 0: ignore the prompt; 1: plain conditional model; > 1: follow it harder
+    guidance_rescale: float = 0.0   # phi of rescaled guidance (Lin et al. 2024), in [0, 1]; 0: plain guidance
     eta: float = 0.0                # DDIM's fresh noise: 0 deterministic, 1 as much as DDPM
     spacing: str = "trailing"       # which timesteps (see `timesteps`): one of SPACINGS
     offset: int = 0                 # added to every timestep (SD 1.5: 1)
@@ -409,6 +410,10 @@ class SamplerSettings:
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 <= g < math.inf:
             raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance); got {g!r}")
+        phi = self.guidance_rescale
+        if isinstance(phi, bool) or not isinstance(phi, numbers.Real) or not 0 <= phi <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0: plain guidance; Lin et al. use 0.7); "
+                             f"got {phi!r}")
         _check_sampler(self.sampler, self.eta)
         if self.spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {self.spacing!r}; valid are {', '.join(SPACINGS)}")
@@ -423,7 +428,7 @@ class SamplerSettings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def options(self) -> dict:
-        """The keywords of `sample` / `reverse_process` these settings give (all but guidance_scale)."""
+        """The keywords of `sample` / `reverse_process` these settings give (all but the guidance fields)."""
         options = {"sampler": self.sampler, "steps": int(self.steps), "eta": self.eta, "spacing": self.spacing,
                    "offset": int(self.offset), "final_t": int(self.final_t)}
         return options if self.start_t is None else {**options, "start_t": int(self.start_t)}

@@ -61,6 +61,51 @@ def test_the_formula():
     torch.testing.assert_close(classifier_free_guidance(cond, uncond, 1 + w), (1 + w) * cond - w * uncond)
 
 
+def test_rescaled_guidance_against_its_formula():
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    scale, phi = 7.5, 0.7
+    guided = uncond + scale * (cond - uncond)
+    out = classifier_free_guidance(cond, uncond, scale, rescale=phi)
+    for i in range(3):                  # written per image, with the sample std over all of its values
+        factor = cond[i].flatten().std() / guided[i].flatten().std()
+        torch.testing.assert_close(out[i], phi * factor * guided[i] + (1 - phi) * guided[i])
+    # phi = 1: each image has exactly the conditional output's std; phi = 0: plain guidance
+    full = classifier_free_guidance(cond, uncond, scale, rescale=1.0)
+    torch.testing.assert_close(full.flatten(1).std(1), cond.flatten(1).std(1))
+    assert torch.equal(classifier_free_guidance(cond, uncond, scale, rescale=0.0), guided)
+    assert (guided.flatten(1).std(1) > 2 * cond.flatten(1).std(1)).all()    # so the rescale changed something
+    for bad in (-0.1, 1.5, True, "0.7"):
+        with pytest.raises(ValueError, match=r"rescale phi must be a number in \[0, 1\]"):
+            classifier_free_guidance(cond, uncond, scale, rescale=bad)
+
+
+def test_rescaled_guidance_matches_diffusers():
+    pipeline_sd = pytest.importorskip("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+    gen = torch.Generator().manual_seed(1)
+    cond, uncond = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    for scale, phi in [(3.0, 0.7), (7.5, 0.5), (5.0, 1.0)]:
+        guided = uncond + scale * (cond - uncond)
+        expected = pipeline_sd.rescale_noise_cfg(guided, cond, guidance_rescale=phi)
+        torch.testing.assert_close(classifier_free_guidance(cond, uncond, scale, rescale=phi), expected,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_a_guided_model_applies_its_rescale(unet):
+    x, t = _inputs()
+    context, mask = _text(2, 6, seed=1)
+    null, null_mask = _text(2, 6, seed=2)
+    guided = GuidedModel(unet, context, mask, null, null_mask, scale=5.0, rescale=0.7)
+    with torch.no_grad():
+        cond, uncond = unet(x, t, context, mask), unet(x, t, null, null_mask)
+        torch.testing.assert_close(guided(x, t), classifier_free_guidance(cond, uncond, 5.0, 0.7), atol=1e-5, rtol=1e-5)
+        guided.rescale = 0.0
+        torch.testing.assert_close(guided(x, t), classifier_free_guidance(cond, uncond, 5.0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        guided.rescale = 2.0
+    assert "rescale=0" in repr(guided)
+
+
 def test_scale_one_is_the_conditional_prediction_and_scale_zero_the_unconditional_in_one_pass(unet):
     x, t = _inputs()
     context, mask = _text(2, 6, seed=1)

@@ -47,6 +47,15 @@ def test_images_per_prompt_and_prompt_effect(pipe):
     torch.testing.assert_close(u1, u2)                     # scale 0: the prompt is ignored
 
 
+def test_guidance_rescale_reaches_the_guided_model(pipe):
+    plain = pipe("red heart", seed=0, steps=3, guidance_scale=6.0, return_latents=True)
+    zero = pipe("red heart", seed=0, steps=3, guidance_scale=6.0, guidance_rescale=0.0, return_latents=True)
+    rescaled = pipe("red heart", seed=0, steps=3, guidance_scale=6.0, guidance_rescale=0.7, return_latents=True)
+    assert torch.equal(plain, zero) and not torch.allclose(plain, rescaled)
+    with pytest.raises(ValueError, match=r"guidance_rescale must be a number in \[0, 1\]"):
+        pipe("red heart", seed=0, steps=3, guidance_rescale=-0.5)
+
+
 def test_negative_prompt_changes_the_result(pipe):
     a = pipe("red heart", seed=0, steps=3, guidance_scale=4.0, return_latents=True)
     b = pipe("red heart", seed=0, steps=3, guidance_scale=4.0, negative_prompt="grinning face", return_latents=True)

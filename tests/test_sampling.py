@@ -464,7 +464,7 @@ def test_sampler_settings_give_sample_its_keywords():
     expected = sampling.sample(fake_model, S100, SHAPE, sampler="ddim", steps=6, spacing="leading", offset=1,
                                final_t=0, x_T=x_T)
     assert torch.equal(sampling.sample(fake_model, S100, SHAPE, **settings.options(), x_T=x_T), expected)
-    assert "guidance_scale" not in settings.options()
+    assert "guidance_scale" not in settings.options() and "guidance_rescale" not in settings.options()
     assert sampling.TINY_SD_SAMPLER == sampling.SamplerSettings(sampler="ddim", steps=20, guidance_scale=4.0)
 
 
@@ -487,6 +487,8 @@ def test_sampler_settings_replace_keeps_fields_given_as_none():
     (dict(guidance_scale=-1.0), r"guidance_scale must be a number >= 0 \(1 = no guidance\); got -1.0"),
     (dict(guidance_scale=float("inf")), r"guidance_scale must be a number >= 0"),
     (dict(guidance_scale="7.5"), r"guidance_scale must be a number >= 0"),
+    (dict(guidance_rescale=1.5), r"guidance_rescale must be a number in \[0, 1\] \(0: plain guidance"),
+    (dict(guidance_rescale=True), r"guidance_rescale must be a number in \[0, 1\]"),
     (dict(eta=2.0), r"eta must be a number in \[0, 1\]"),
     (dict(sampler="dpm++2m", eta=0.5), r"eta applies to the 'ddim' sampler only"),
     (dict(spacing="uniform"), r"unknown timestep spacing 'uniform'; valid are trailing, leading, linspace"),
