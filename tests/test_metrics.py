@@ -246,3 +246,44 @@ def test_psnr_known_values():
     expected = torch.tensor([10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04), 10 * math.log10(4 / 0.0004)])
     torch.testing.assert_close(psnr(b, a), expected, rtol=1e-4, atol=1e-3)
     assert psnr(b, a)[1].item() == pytest.approx(20.0, abs=1e-3)
+
+
+# --- Colour ---------------------------------------------------------------------------------------------
+
+def test_colour_known_values():
+    from course_lib.metrics import colour
+    grey = torch.zeros(2, 3, 4, 4)                              # mid-grey: no chroma, nothing at an end
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4)   # a pure primary: chroma 1
+    c_grey, c_red = colour(grey), colour(red)
+    assert (c_grey.chroma, c_grey.at_ends, c_grey.n) == (0.0, 0.0, 2)
+    assert c_red.chroma == pytest.approx(1.0) and c_red.at_ends == pytest.approx(1.0)
+    half = torch.cat([grey[:1], red[:1]])                         # one of each: the means of the two
+    assert colour(half).chroma == pytest.approx(0.5) and colour(half).at_ends == pytest.approx(0.5)
+    # orange (R=1, G=0.5, B=0 in [0, 1]): chroma 1, two of three values at an end
+    orange = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    assert colour(orange).chroma == pytest.approx(1.0) and colour(orange).at_ends == pytest.approx(2 / 3)
+    # values beyond the range are clipped first, as saving would; tol decides what counts as an end
+    assert colour(red * 5).chroma == pytest.approx(1.0)
+    near = torch.full((1, 3, 2, 2), 0.99)
+    assert colour(near).at_ends == 1.0 and colour(near, tol=0.005).at_ends == 0.0
+
+
+def test_colour_tells_real_emoji_from_saturated_and_washed_images():
+    from course_lib.metrics import colour
+    real = load_emoji(size=16, split="heldout").images
+    c = colour(real)
+    assert 0.1 < c.chroma < 0.3 and 0.3 < c.at_ends < 0.7          # white backgrounds: many values at an end
+    saturated = (real * 4).clamp(-1, 1)                             # over-driven colours
+    washed = real * 0.5                                             # greyed towards the middle
+    assert colour(saturated).chroma > 1.3 * c.chroma and colour(washed).at_ends < 0.05
+    assert "chroma" in str(c) and "n=398" in str(c)
+
+
+def test_colour_rejects_bad_input():
+    from course_lib.metrics import colour
+    with pytest.raises(ValueError, match="RGB images"):
+        colour(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"tol must be in \[0, 1\)"):
+        colour(torch.zeros(1, 3, 8, 8), tol=1.5)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        colour(torch.full((1, 3, 2, 2), float("nan")))
