@@ -56,11 +56,11 @@ def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: fl
     return rescale * rescaled + (1 - rescale) * guided
 
 
-def check_rescale(rescale: float) -> None:
+def check_rescale(rescale: float, name: str = "the guidance rescale phi") -> None:
     """Raise a clear error unless phi (the guidance rescale) is a number in [0, 1]."""
     if isinstance(rescale, bool) or not isinstance(rescale, numbers.Real) or not 0 <= rescale <= 1:
-        raise ValueError(f"the guidance rescale phi must be a number in [0, 1] (0: plain guidance; Lin et al. "
-                         f"use 0.7); got {rescale!r}")
+        raise ValueError(f"{name} must be a number in [0, 1] (0: plain guidance; Lin et al. use 0.7); "
+                         f"got {rescale!r}")
 
 
 def _check_context(context: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:

@@ -80,7 +80,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .forward import check_images, check_prediction, predicted_x0_eps
-from .guidance import GuidedModel, classifier_free_guidance, conditional  # noqa: F401  (also importable from here)
+from .guidance import GuidedModel, check_rescale, classifier_free_guidance, conditional  # noqa: F401  (also importable from here)
 from .schedules import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
@@ -410,10 +410,7 @@ class SamplerSettings:
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 <= g < math.inf:
             raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance); got {g!r}")
-        phi = self.guidance_rescale
-        if isinstance(phi, bool) or not isinstance(phi, numbers.Real) or not 0 <= phi <= 1:
-            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0: plain guidance; Lin et al. use 0.7); "
-                             f"got {phi!r}")
+        check_rescale(self.guidance_rescale, "guidance_rescale")
         _check_sampler(self.sampler, self.eta)
         if self.spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {self.spacing!r}; valid are {', '.join(SPACINGS)}")
