@@ -229,9 +229,9 @@ def retrieval_figure(clip, tokenizer, images: torch.Tensor, captions: Sequence[s
 # --- notebook 09: the prompt box -----------------------------------------------------------
 
 def text_to_image_figure(pipe, prompt: str, guidance_scale: float, seed: int, n: int = 4, steps: int = 20,
-                         sampler: str = "ddim", negative_prompt: str = "") -> Figure:
+                         sampler: str = "ddim", negative_prompt: str = "", guidance_rescale: float = 0.0) -> Figure:
     """n images for `prompt` from a course_lib.pipeline.TextToImage, side by side, titled with the prompt,
-    the guidance scale and the seed (image k starts from the noise of seed + k, as in the pipeline, so
+    the guidance scale (and its rescale phi, when not 0) and the seed (image k starts from the noise of seed + k, as in the pipeline, so
     the same seed always gives the same images). Every image axis is labelled "image 0", "image 1", ...
     and shows a uint8 (H, W, 3) array, so tests can read the pictures back."""
     if not isinstance(prompt, str):
@@ -241,7 +241,7 @@ def text_to_image_figure(pipe, prompt: str, guidance_scale: float, seed: int, n:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= 16:
         raise ValueError(f"n must be an int from 1 to 16 (the images drawn side by side); got {n!r}")
     images = pipe(prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                  negative_prompt=negative_prompt, images_per_prompt=int(n))
+                  negative_prompt=negative_prompt, images_per_prompt=int(n), guidance_rescale=guidance_rescale)
     pictures = to_uint8(images)
     fig, axes = plt.subplots(1, n, figsize=(1.3 * n + 0.2, 1.85), dpi=DPI, squeeze=False)
     for k, ax in enumerate(axes[0]):
@@ -251,7 +251,8 @@ def text_to_image_figure(pipe, prompt: str, guidance_scale: float, seed: int, n:
         ax.set_xlabel(f"seed {int(seed) + k}", fontsize=7)
     shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     negative = f", not {negative_prompt!r}" if negative_prompt else ""
-    fig.suptitle(f"{shown!r}{negative}\nguidance scale {guidance_scale:g}, seed {int(seed)}, {steps} {sampler} steps",
+    rescale = f" rescaled by phi {guidance_rescale:g}" if guidance_rescale else ""
+    fig.suptitle(f"{shown!r}{negative}\nguidance scale {guidance_scale:g}{rescale}, seed {int(seed)}, {steps} {sampler} steps",
                  fontsize=9)
     fig.tight_layout(w_pad=0.3)
     return fig

@@ -320,6 +320,23 @@ def test_text_to_image_figure_shows_the_pipelines_images(tiny_pipe):
     assert len(widgets.text_to_image_figure(tiny_pipe, "", 0.0, seed=0, n=1, steps=2).axes) == 1
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_text_to_image_figure_passes_the_guidance_rescale(tiny_pipe):
+    from course_lib.data import to_uint8
+
+    fig = widgets.text_to_image_figure(tiny_pipe, "red heart", 6.0, seed=2, n=2, steps=3, guidance_rescale=0.7)
+    expected = to_uint8(tiny_pipe("red heart", seed=2, steps=3, guidance_scale=6.0, guidance_rescale=0.7,
+                                  images_per_prompt=2))
+    for k in range(2):
+        np.testing.assert_array_equal(shown(fig, f"image {k}"), expected[k])
+    assert "rescaled by phi 0.7" in fig._suptitle.get_text()
+    plain = widgets.text_to_image_figure(tiny_pipe, "red heart", 6.0, seed=2, n=2, steps=3)
+    assert "rescaled" not in plain._suptitle.get_text()
+    assert not np.array_equal(shown(plain, "image 0"), shown(fig, "image 0"))
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        widgets.text_to_image_figure(tiny_pipe, "red heart", 6.0, seed=2, n=1, steps=2, guidance_rescale=1.5)
+
+
 @pytest.mark.parametrize("n", [0, -1, 17, 2.5, "4", True, None])
 def test_text_to_image_figure_rejects_bad_n(tiny_pipe, n):
     with pytest.raises(ValueError, match="n must be an int from 1 to 16"):
