@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from course_lib import metrics  # noqa: E402
 from course_lib.checkpoint import load_model  # noqa: E402
+from course_lib.data import load_emoji  # noqa: E402
 from course_lib.sampling import SAMPLERS, sample  # noqa: E402
 from course_lib.settings import cpu_name, default_device  # noqa: E402
 
@@ -169,21 +170,28 @@ def main() -> None:
     x_T = torch.randn((args.n, C, S, S), generator=torch.Generator().manual_seed(args.seed))
     sample(model, schedule, (2, C, S, S), sampler="ddim", steps=2, prediction=prediction, device=device)  # warm-up
     floor = metrics.floor(args.n, size=S, reference=args.reference, device=device)
+    real_colour = metrics.colour(load_emoji(size=S, split=args.reference).images)
 
     rows = []
     for sampler, steps in runs:
         images, seconds = generate(model, schedule, prediction, x_T, sampler, steps, args.seed + 1, batch_size, device)
         q = metrics.evaluate(images, reference=args.reference, with_floor=False, device=device)
-        rows.append((sampler, steps, seconds, q))
-        print(f"  {sampler:8s} {steps:5d} steps: {seconds:7.1f} s, {q}", file=sys.stderr, flush=True)
+        colour = metrics.colour(images)
+        rows.append((sampler, steps, seconds, q, colour))
+        print(f"  {sampler:8s} {steps:5d} steps: {seconds:7.1f} s, {q}, chroma {colour.chroma:.3f}", file=sys.stderr,
+              flush=True)
 
     print(f"\nSamplers on {machine(device)}.\nModel: {model_line}; n = {args.n} samples each (batch {batch_size}), "
-          f"seed {args.seed}, against the {args.reference} emoji in the course's feature space.\n")
-    print("| sampler | steps | seconds | samples/s | FID | KID ± std | floor FID | floor KID |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for sampler, steps, seconds, q in rows:
+          f"seed {args.seed}, against the {args.reference} emoji in the course's feature space. Colour "
+          f"(course_lib.metrics.colour): mean chroma against the {args.reference} emoji's ({real_colour.chroma:.3f}), "
+          f"and the share of values at the ends of [-1, 1] (theirs: {real_colour.at_ends:.1%}).\n")
+    print("| sampler | steps | seconds | samples/s | FID | KID ± std | floor FID | floor KID | chroma / real's | "
+          "at the ends |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for sampler, steps, seconds, q, colour in rows:
         print(f"| {sampler} | {steps} | {seconds:.1f} | {args.n / seconds:.1f} | {q.fid:.2f} | "
-              f"{q.kid_mean:.4f} ± {q.kid_std:.4f} | {floor.fid:.2f} | {floor.kid_mean:.4f} |")
+              f"{q.kid_mean:.4f} ± {q.kid_std:.4f} | {floor.fid:.2f} | {floor.kid_mean:.4f} | "
+              f"{colour.chroma / real_colour.chroma:.2f}x | {colour.at_ends:.1%} |")
 
     compare = [s for s in ("ddim", "dpm++2m") if s in args.samplers] if args.compare_steps > 0 else []
     if compare and diffusers_loop("ddim", schedule, args.compare_steps) is None:
