@@ -191,5 +191,36 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     return model, schedule, info
 
 
+
+# --- Model cards: blocks that other scripts write into them ----------------------------------------------
+
+def _markers(name: str) -> tuple[str, str]:
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"a card section's name must be letters, digits and underscores; got {name!r}")
+    return f"<!-- {name} -->", f"<!-- /{name} -->"
+
+
+def card_section(card: str, name: str) -> str | None:
+    """The block of a model card between <!-- name --> and <!-- /name --> (markers included), or None."""
+    start, end = _markers(name)
+    i = card.find(start)
+    j = card.find(end, i + len(start)) if i >= 0 else -1
+    return card[i:j + len(end)] if i >= 0 and j >= 0 else None
+
+
+def replace_card_section(card: str, name: str, body: str) -> str:
+    """The card with its <!-- name --> block replaced by `body` between the markers; a card without one gets it
+    before its "Licence" line (or at the end). So a benchmark can keep its table in a card that a training
+    script rewrites (the training script carries the block over with card_section)."""
+    start, end = _markers(name)
+    block = f"{start}\n{body.strip()}\n{end}"
+    old = card_section(card, name)
+    if old is not None:
+        return card.replace(old, block, 1)
+    k = card.find("\nLicence")
+    if k < 0:
+        return card.rstrip("\n") + "\n\n" + block + "\n"
+    return card[:k].rstrip("\n") + "\n\n" + block + "\n" + card[k:]
+
 __all__ = ["checkpoints_dir", "shipped", "CorruptCheckpoint", "checksum", "remove_stale_temporaries", "atomic_save", "read", "compact_state", "read_format", "save_model",
-           "load_model"]
+           "load_model", "card_section", "replace_card_section"]

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from course_lib import metrics  # noqa: E402
-from course_lib.checkpoint import load_model  # noqa: E402
+from course_lib.checkpoint import load_model, replace_card_section  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.sampling import SAMPLERS, sample  # noqa: E402
 from course_lib.settings import cpu_name, default_device  # noqa: E402
@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: 500 on a GPU, 64 on the CPU")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--reference", default="heldout", choices=metrics.REFERENCES)
+    ap.add_argument("--card", type=Path, default=None,
+                    help="also write the table into this model card (a marked block; other text is kept)")
     ap.add_argument("--compare-steps", type=int, default=20,
                     help="step count for the comparison with diffusers' schedulers (0: skip it)")
     args = ap.parse_args()
@@ -185,13 +187,22 @@ def main() -> None:
           f"seed {args.seed}, against the {args.reference} emoji in the course's feature space. Colour "
           f"(course_lib.metrics.colour): mean chroma against the {args.reference} emoji's ({real_colour.chroma:.3f}), "
           f"and the share of values at the ends of [-1, 1] (theirs: {real_colour.at_ends:.1%}).\n")
-    print("| sampler | steps | seconds | samples/s | FID | KID ± std | floor FID | floor KID | chroma / real's | "
-          "at the ends |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    table = ["| sampler | steps | seconds | samples/s | FID | KID ± std | floor FID | floor KID | chroma / real's | "
+             "at the ends |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for sampler, steps, seconds, q, colour in rows:
-        print(f"| {sampler} | {steps} | {seconds:.1f} | {args.n / seconds:.1f} | {q.fid:.2f} | "
-              f"{q.kid_mean:.4f} ± {q.kid_std:.4f} | {floor.fid:.2f} | {floor.kid_mean:.4f} | "
-              f"{colour.chroma / real_colour.chroma:.2f}x | {colour.at_ends:.1%} |")
+        table.append(f"| {sampler} | {steps} | {seconds:.1f} | {args.n / seconds:.1f} | {q.fid:.2f} | "
+                     f"{q.kid_mean:.4f} ± {q.kid_std:.4f} | {floor.fid:.2f} | {floor.kid_mean:.4f} | "
+                     f"{colour.chroma / real_colour.chroma:.2f}x | {colour.at_ends:.1%} |")
+    print("\n".join(table))
+    if args.card is not None:
+        command = shlex.join(["python", "scripts/bench_samplers.py"] + sys.argv[1:])
+        body = (f"## Samplers\n\nMeasured by `{command}` on {machine(device)}: n = {args.n} samples per row from the "
+                f"same starting noise, seed {args.seed}, against the {args.reference} emoji in the course's feature "
+                f"space, the floor at the same n beside; colour is the mean chroma against the real emoji's "
+                f"({real_colour.chroma:.3f}) and the share of values at the ends of [-1, 1] (theirs: "
+                f"{real_colour.at_ends:.1%}). Seconds are wall time on the machine named.\n\n" + "\n".join(table))
+        args.card.write_text(replace_card_section(args.card.read_text(), "bench_samplers", body))
+        print(f"(written into {args.card})", file=sys.stderr)
 
     compare = [s for s in ("ddim", "dpm++2m") if s in args.samplers] if args.compare_steps > 0 else []
     if compare and diffusers_loop("ddim", schedule, args.compare_steps) is None:
