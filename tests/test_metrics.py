@@ -287,3 +287,51 @@ def test_colour_rejects_bad_input():
         colour(torch.zeros(1, 3, 8, 8), tol=1.5)
     with pytest.raises(ValueError, match="NaN or infinite"):
         colour(torch.full((1, 3, 2, 2), float("nan")))
+
+
+# --- precision and recall (Kynkaenniemi et al. 2019) ---------------------------------------------------------
+
+def _pr_by_definition(real, fake, k):
+    """The definition written out with loops: a point is inside a set's manifold when it lies within some
+    member's distance to that member's k-th nearest other member."""
+    def radii(x):
+        return [sorted(torch.dist(x[i], x[j]).item() for j in range(len(x)) if j != i)[k - 1] for i in range(len(x))]
+    r_real, r_fake = radii(real), radii(fake)
+    inside = lambda p, pts, rad: any(torch.dist(p, q).item() <= r for q, r in zip(pts, rad))  # noqa: E731
+    precision = sum(inside(f, real, r_real) for f in fake) / len(fake)
+    recall = sum(inside(r, fake, r_fake) for r in real) / len(real)
+    return precision, recall
+
+
+def test_precision_recall_match_their_definition_on_toy_data():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    fake = 0.6 * torch.randn(30, 3, generator=g, dtype=torch.float64) + torch.tensor([0.8, 0.0, 0.0], dtype=torch.float64)
+    for k in (1, 3, 5):
+        got = metrics.precision_recall(real, fake, k=k)
+        want = _pr_by_definition(real, fake, k)
+        assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_precision_recall_tell_junk_from_mode_collapse():
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(200, 8, generator=g)
+    assert metrics.precision_recall(real, real.clone()) == (1.0, 1.0)             # the same set
+    far = torch.randn(200, 8, generator=g) + 50.0
+    assert metrics.precision_recall(real, far) == (0.0, 0.0)                       # nowhere near
+    collapsed = real[:3].repeat(60, 1) + 1e-3 * torch.randn(180, 8, generator=g)   # three images, repeated
+    p, r = metrics.precision_recall(real, collapsed)
+    assert p == 1.0 and r < 0.1                                                    # realistic, no coverage
+    fresh = torch.randn(200, 8, generator=g)                                       # the same distribution
+    p, r = metrics.precision_recall(real, fresh)
+    assert p > 0.6 and r > 0.6
+
+
+def test_precision_recall_refuse_bad_input():
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="k must be an int from 1 to"):
+        metrics.precision_recall(x, x, k=10)
+    with pytest.raises(ValueError, match="same dimension"):
+        metrics.precision_recall(x, torch.randn(10, 5))
+    with pytest.raises(ValueError, match=r"\(N, D\) tensor"):
+        metrics.precision_recall(x, torch.randn(10))
