@@ -87,6 +87,9 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(text=dict(width=32, layers=1, heads=2, mlp_ratio=2), image=dict(channels=(8, 16)), embed_dim=32),
     # shipped: 1.39M parameters at vocab 512 (text 0.86M, image 0.50M); ~0.8 s a step of 256 on one CPU thread
     "small": dict(text=dict(width=128, layers=4, heads=4), image=dict(channels=(32, 64, 128)), embed_dim=128),
+    # the independent judge (scripts/train_clip_judge.py): 0.48M parameters at vocab 512, a third of the shipped
+    # CLIP's, so its file stays small; its card measures what it can tell against clip_emoji
+    "judge": dict(text=dict(width=64, layers=3, heads=4), image=dict(channels=(24, 48, 96)), embed_dim=64),
 }
 
 

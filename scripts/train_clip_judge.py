@@ -6,8 +6,9 @@
 
 The tiny Stable Diffusion reads the text states of `clip_emoji`, so scoring its images with `clip_emoji` asks the
 conditioning whether it was obeyed: generated images can then beat real ones (the tiny SD's card: top-1 0.636
-generated against 0.304 real). `clip_judge` is the same recipe trained separately, with its own seed (so its own
-initial weights, data order and augmentations) and never used to condition anything. Its tokenizer is trained on
+generated against 0.304 real). `clip_judge` is the same recipe trained separately, at a third of the size (preset "judge",
+so the repository stays small), with its own seed (so its own initial weights, data order and augmentations), and
+never used to condition anything. Its tokenizer is trained on
 the same captions by the same deterministic procedure, so the two CLIPs read the same tokens.
 
 The card states what the judge can tell: held-out retrieval (image -> its own caption among the 398 held-out
@@ -70,8 +71,8 @@ def write_card(path: Path, result: dict, params: int, command: str) -> None:
                   if above["judge"] else "the judge, which has no such link, does not rate them above the real ones."))
     lines = [
         f"# Model card: {NAME}", "",
-        "The course's independent text judge: a mini CLIP trained like `clip_emoji` (same data, preset and steps) but "
-        "separately, with its own seed, and never used to condition a model. Text fidelity of generated images is "
+        "The course's independent text judge: a mini CLIP trained like `clip_emoji` (same data, recipe and steps) but "
+        "separately, smaller, with its own seed, and never used to condition a model. Text fidelity of generated images is "
         "scored by it, beside real held-out images scored the same way.", "",
         "| | |", "|---|---|",
         f"| file | `checkpoints/{NAME}.safetensors` (float16, tokenizer inside) |",
@@ -107,7 +108,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--preset", default="judge", help="course_lib.clip preset (judge: a third of clip_emoji's size)")
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "checkpoints")
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs")
