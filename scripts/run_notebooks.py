@@ -8,7 +8,8 @@
 Committed notebooks carry the outputs of a full-mode run made by this script. It drops the
 widget state (large, and useless without a kernel), re-encodes the PNG outputs losslessly at PNG's best
 compression (the pixels are unchanged; `--recompress` does only that to committed notebooks), and prints each
-notebook's run time and size.
+notebook's run time and size. `--palette` re-encodes a committed notebook's images in 256-colour palettes where
+that saves a quarter or more (lossy, invisible for these figures), to keep the repository under its size limit.
 
 A notebook's time is that of its cells: from the first cell's start to the last cell's reply, as
 nbclient stamps them in each cell's metadata (the kernel's start-up is not counted). A committed
@@ -83,6 +84,34 @@ def recompress_images(nb) -> int:
     return saved
 
 
+def palette_images(nb, min_saving: float = 0.25) -> int:
+    """Re-encode image/png outputs in an adaptive 256-colour palette where that makes them at least `min_saving`
+    smaller (lossy, like the model cards' sample grids; a figure of emoji tiles and text changes invisibly);
+    returns bytes saved."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    saved = 0
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" not in data:
+                continue
+            raw = base64.b64decode(data["image/png"])
+            image = Image.open(io.BytesIO(raw))
+            if image.mode == "P":
+                continue
+            buffer = io.BytesIO()
+            image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG",
+                                                                                     optimize=True)
+            if len(buffer.getvalue()) <= (1 - min_saving) * len(raw):
+                saved += len(raw) - len(buffer.getvalue())
+                data["image/png"] = base64.b64encode(buffer.getvalue()).decode()
+    return saved
+
+
 def run(path: Path, quick: bool, save: bool, timeout: int, record_to: Path | None = None) -> None:
     nb = nbformat.read(path, as_version=4)
     mode = "quick" if quick else "full"
@@ -113,8 +142,18 @@ def main() -> None:
                          "(e.g. results/notebook_times.json), keeping its other entries")
     ap.add_argument("--recompress", action="store_true",
                     help="only re-encode the stored PNG outputs losslessly (nothing is run)")
+    ap.add_argument("--palette", action="store_true",
+                    help="only re-encode the stored PNG outputs in a 256-colour palette where that saves a quarter "
+                         "or more (lossy; nothing is run): keeps the repository small")
     args = ap.parse_args()
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.palette:
+        for path in paths:
+            nb = nbformat.read(path, as_version=4)
+            saved = palette_images(nb)
+            nbformat.write(nb, path)
+            print(f"{path.name}: {saved / 1e3:.1f} kB saved by 256-colour palettes")
+        return
     if args.recompress:
         for path in paths:
             nb = nbformat.read(path, as_version=4)
