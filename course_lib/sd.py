@@ -19,8 +19,8 @@ Weights. SD 1.5's published files name their tensors after the code that trained
 renames them into these modules (from the diffusers folder layout or the original single file), accounting for
 every tensor. This module holds the presets, the model with its pipeline, and LoRA fine-tuning.
 
-Sampling. SD 1.5's published scheduler is the preset SD15_SAMPLER (course_lib.sampling.SamplerSettings), and a
-StableDiffusion generates through the same function as the course's tiny SD (course_lib.pipeline.text_to_image):
+Sampling. SD 1.5's scheduler settings, with DDIM in the place of the PNDM its config names, are the preset
+SD15_SAMPLER (course_lib.sampling.SamplerSettings), and a StableDiffusion generates through the same function as the course's tiny SD (course_lib.pipeline.text_to_image):
 prompt checks, seeds (image k from seed + k), guidance and decoding are written once. Its latents are scaled by
 SD_LATENT_SCALE, 1 / std of SD's VAE's latents (the course's VAE has its own, measured in notebook 06).
 
@@ -61,8 +61,9 @@ from .vae import VAE, VAEConfig
 
 SD_LATENT_SCALE = 0.18215      # SD 1.x's VAE: 1 / std of its latents ([Rombach et al.] appendix D.1)
 
-# SD 1.5's published scheduler (scheduler/scheduler_config.json): DDIM, "leading" timesteps with steps_offset 1,
-# set_alpha_to_one False (the last step lands on abar_0), and the pipeline's default 50 steps at guidance 7.5.
+# SD 1.5's scheduler config (scheduler/scheduler_config.json) names PNDM; we keep its settings and sample with DDIM:
+# "leading" timesteps with steps_offset 1, set_alpha_to_one False (the last step lands on abar_0), and the
+# pipeline's default 50 steps at guidance 7.5.
 SD15_SAMPLER = SamplerSettings(sampler="ddim", steps=50, guidance_scale=7.5, spacing="leading", offset=1, final_t=0)
 
 
