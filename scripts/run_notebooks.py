@@ -26,14 +26,42 @@ import json
 import os
 import sys
 import time
+from queue import Empty
 from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from nbclient.util import ensure_async
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+
+class Client(NotebookClient):
+    """nbclient's client, waiting for each cell's reply in one-second slices.
+
+    A cell that shows ipywidgets sometimes never gets its reply: the kernel has finished and is idle, and the
+    client waits on the shell channel forever (jupyter/nbclient#312, seen here in notebook 06's widget cell).
+    Asking the channel again every second, until the cell's own timeout, picks the reply up."""
+
+    async def async_start_new_kernel_client(self):
+        client = await super().async_start_new_kernel_client()
+        channel = client.shell_channel
+        wait_for = channel.get_msg
+
+        async def get_msg(timeout=None, **kwargs):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+                try:
+                    return await ensure_async(wait_for(timeout=left, **kwargs))
+                except Empty:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+
+        channel.get_msg = get_msg
+        return client
 
 def cells_seconds(nb) -> float:
     """Seconds from the first code cell's start to the last one's reply, as nbclient stamps them in the cells."""
@@ -112,12 +140,20 @@ def palette_images(nb, min_saving: float = 0.25) -> int:
     return saved
 
 
-def run(path: Path, quick: bool, save: bool, timeout: int, record_to: Path | None = None) -> None:
+def run(path: Path, quick: bool, save: bool, timeout: int, record_to: Path | None = None,
+        verbose: bool = False) -> None:
     nb = nbformat.read(path, as_version=4)
     mode = "quick" if quick else "full"
     os.environ["COURSE_QUICK"] = "1" if quick else "0"
     start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    hooks = {}
+    if verbose:   # one line per cell as it starts and ends, to see where a long run is (or where it hangs)
+        hooks = dict(on_cell_start=lambda cell, cell_index: print(f"  cell {cell_index} started", file=sys.stderr,
+                                                                     flush=True),
+                     on_cell_executed=lambda cell, cell_index, execute_reply: print(
+                         f"  cell {cell_index} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True))
+    Client(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
+                   **hooks).execute()
     wall_seconds = time.perf_counter() - start
     seconds = cells_seconds(nb)
     nb.metadata.pop("widgets", None)
@@ -142,6 +178,7 @@ def main() -> None:
                          "(e.g. results/notebook_times.json), keeping its other entries")
     ap.add_argument("--recompress", action="store_true",
                     help="only re-encode the stored PNG outputs losslessly (nothing is run)")
+    ap.add_argument("--verbose", action="store_true", help="print each cell's start and end on stderr")
     ap.add_argument("--palette", action="store_true",
                     help="only re-encode the stored PNG outputs in a 256-colour palette where that saves a quarter "
                          "or more (lossy; nothing is run): keeps the repository small")
@@ -162,7 +199,8 @@ def main() -> None:
             print(f"{path.name}: {saved / 1e3:.1f} kB of PNG saved, pixels unchanged")
         return
     for path in paths:
-        run(path, quick=args.quick, save=not (args.check or args.quick), timeout=args.timeout, record_to=args.record)
+        run(path, quick=args.quick, save=not (args.check or args.quick), timeout=args.timeout, record_to=args.record,
+            verbose=args.verbose)
 
 
 if __name__ == "__main__":
