@@ -73,7 +73,7 @@ def vp_mix(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: float | torch.Tenso
 
 
 def linear_mix(x0: torch.Tensor, noise: torch.Tensor, level: float | torch.Tensor) -> torch.Tensor:
-    """The seed's mix x0 (1 - level) + noise level: NOT variance preserving (kept to show why)."""
+    """The linear mix x0 (1 - level) + noise level: NOT variance preserving (kept to show why)."""
     level = torch.as_tensor(level, dtype=x0.dtype, device=x0.device)
     return x0 * (1 - level) + noise * level
 

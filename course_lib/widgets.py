@@ -26,7 +26,7 @@ BETA_KINDS = ("linear", "scaled_linear")  # the kinds a beta range applies to
 # --- notebook 01: a slider over the noise level -------------------------------------------
 
 def noise_level_figure(images: list[torch.Tensor], level: float, seed: int = 0) -> Figure:
-    """Each image mixed with noise at `level` in [0, 1], by the seed's linear mix and by the
+    """Each image mixed with noise at `level` in [0, 1], by the linear mix and by the
     variance-preserving mix (alpha-bar = 1 - level), with the measured std of each result."""
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"level must be in [0, 1]; got {level}")
