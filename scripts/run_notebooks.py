@@ -90,8 +90,8 @@ def record(file: Path, name: str, mode: str, seconds: float, wall_seconds: float
     file.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
 
 
-def recompress_images(nb) -> int:
-    """Re-encode every image/png output with PNG's optimiser (lossless: the same pixels); returns bytes saved."""
+def reencode_images(nb, encode, keep) -> int:
+    """Replace each image/png output by encode(PIL image) (PNG bytes) when keep(new size, old size); bytes saved."""
     import base64
     import io
 
@@ -104,40 +104,38 @@ def recompress_images(nb) -> int:
             if "image/png" not in data:
                 continue
             raw = base64.b64decode(data["image/png"])
-            buffer = io.BytesIO()
-            Image.open(io.BytesIO(raw)).save(buffer, format="PNG", optimize=True)
-            if len(buffer.getvalue()) < len(raw):
-                saved += len(raw) - len(buffer.getvalue())
-                data["image/png"] = base64.b64encode(buffer.getvalue()).decode()
+            new = encode(Image.open(io.BytesIO(raw)))
+            if new is not None and keep(len(new), len(raw)):
+                saved += len(raw) - len(new)
+                data["image/png"] = base64.b64encode(new).decode()
     return saved
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def recompress_images(nb) -> int:
+    """Re-encode every image/png output with PNG's optimiser (lossless: the same pixels); returns bytes saved."""
+    return reencode_images(nb, _png, lambda new, old: new < old)
 
 
 def palette_images(nb, min_saving: float = 0.25) -> int:
     """Re-encode image/png outputs in an adaptive 256-colour palette where that makes them at least `min_saving`
     smaller (lossy, like the model cards' sample grids; a figure of emoji tiles and text changes invisibly);
     returns bytes saved."""
-    import base64
-    import io
-
     from PIL import Image
 
-    saved = 0
-    for cell in nb.cells:
-        for output in cell.get("outputs", []):
-            data = output.get("data", {})
-            if "image/png" not in data:
-                continue
-            raw = base64.b64decode(data["image/png"])
-            image = Image.open(io.BytesIO(raw))
-            if image.mode == "P":
-                continue
-            buffer = io.BytesIO()
-            image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG",
-                                                                                     optimize=True)
-            if len(buffer.getvalue()) <= (1 - min_saving) * len(raw):
-                saved += len(raw) - len(buffer.getvalue())
-                data["image/png"] = base64.b64encode(buffer.getvalue()).decode()
-    return saved
+    def encode(image):
+        if image.mode == "P":
+            return None
+        return _png(image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT))
+
+    return reencode_images(nb, encode, lambda new, old: new <= (1 - min_saving) * old)
 
 
 def run(path: Path, quick: bool, save: bool, timeout: int, record_to: Path | None = None,
