@@ -191,7 +191,6 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     return model, schedule, info
 
 
-
 # --- Model cards: blocks that other scripts write into them ----------------------------------------------
 
 def _markers(name: str) -> tuple[str, str]:
@@ -221,6 +220,7 @@ def replace_card_section(card: str, name: str, body: str) -> str:
     if k < 0:
         return card.rstrip("\n") + "\n\n" + block + "\n"
     return card[:k].rstrip("\n") + "\n\n" + block + "\n" + card[k:]
+
 
 __all__ = ["checkpoints_dir", "shipped", "CorruptCheckpoint", "checksum", "remove_stale_temporaries", "atomic_save", "read", "compact_state", "read_format", "save_model",
            "load_model", "card_section", "replace_card_section"]

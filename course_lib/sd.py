@@ -20,9 +20,10 @@ renames them into these modules (from the diffusers folder layout or the origina
 every tensor. This module holds the presets, the model with its pipeline, and LoRA fine-tuning.
 
 Sampling. SD 1.5's scheduler settings, with DDIM in the place of the PNDM its config names, are the preset
-SD15_SAMPLER (course_lib.sampling.SamplerSettings), and a StableDiffusion generates through the same function as the course's tiny SD (course_lib.pipeline.text_to_image):
-prompt checks, seeds (image k from seed + k), guidance and decoding are written once. Its latents are scaled by
-SD_LATENT_SCALE, 1 / std of SD's VAE's latents (the course's VAE has its own, measured in notebook 06).
+SD15_SAMPLER (course_lib.sampling.SamplerSettings), and a StableDiffusion generates through the same function as
+the course's tiny SD (course_lib.pipeline.text_to_image): prompt checks, seeds (image k from seed + k), guidance
+and decoding are written once. Its latents are scaled by SD_LATENT_SCALE, 1 / std of SD's VAE's latents (the
+course's VAE has its own, measured in notebook 06).
 
 8 GB. A 512 x 512 image is a 64 x 64 latent, 4,096 tokens in the first attention layers. What keeps SD 1.5 in
 8 GB: float16 weights (1.7 GB for the U-Net instead of 3.4), attention through scaled_dot_product_attention
