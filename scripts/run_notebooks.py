@@ -182,19 +182,14 @@ def main() -> None:
                          "or more (lossy; nothing is run): keeps the repository small")
     args = ap.parse_args()
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    if args.palette:
+    if args.palette or args.recompress:   # re-encode the stored images only; nothing is run
+        reencode, what = ((palette_images, "saved by 256-colour palettes") if args.palette else
+                          (recompress_images, "of PNG saved, pixels unchanged"))
         for path in paths:
             nb = nbformat.read(path, as_version=4)
-            saved = palette_images(nb)
+            saved = reencode(nb)
             nbformat.write(nb, path)
-            print(f"{path.name}: {saved / 1e3:.1f} kB saved by 256-colour palettes")
-        return
-    if args.recompress:
-        for path in paths:
-            nb = nbformat.read(path, as_version=4)
-            saved = recompress_images(nb)
-            nbformat.write(nb, path)
-            print(f"{path.name}: {saved / 1e3:.1f} kB of PNG saved, pixels unchanged")
+            print(f"{path.name}: {saved / 1e3:.1f} kB {what}")
         return
     for path in paths:
         run(path, quick=args.quick, save=not (args.check or args.quick), timeout=args.timeout, record_to=args.record,
