@@ -10,9 +10,11 @@ one image, the default tone captioned "sks <class>", and asked for the five othe
     hypernetwork + fast fine-tuning   that prediction, then rank-relaxed fast fine-tuning [3]
 
 Each is scored on what it costs (seconds, numbers trained) and what it gives: subject fidelity (feature-space
-similarity to the subject's real images, course_lib.metrics.subject_similarity), prompt fidelity (the mini
-CLIP's score of the class prompt, course_lib.clip.clip_score) and tone accuracy (course_lib.dreambooth). Two
-reference rows bracket the scores: the base model given the class prompt, and the real images themselves.
+similarity to the subject's real images, course_lib.metrics.subject_similarity) and prompt fidelity, by two
+judges that condition nothing: the independent mini CLIP's score of the class prompt (checkpoints/clip_judge,
+course_lib.clip.clip_score) and the skin-tone judge's tone accuracy (course_lib.judges, via
+course_lib.dreambooth.tone_accuracy). Two reference rows bracket the scores: the base model given the class
+prompt, and the real images themselves.
 
 This module sits above the methods it compares (it imports dreambooth, hyperdreambooth and lora), so that
 course_lib.metrics only measures and imports none of them. scripts/bench_personalisation.py runs it over
@@ -28,15 +30,22 @@ References:
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from . import dreambooth as db
 from . import hyperdreambooth as hd
-from .clip import clip_score
+from .checkpoint import shipped
+from .clip import clip_score, load_clip
 from .lora import adapter_numbers
 from .metrics import self_similarity, subject_similarity
+
+__all__ = ["PERSONALISATION_METHODS", "compare_personalisation", "paper_claim", "recorded_comparison", "summarise", "RECORD_PATH"]
+
+RECORD_PATH = Path(__file__).resolve().parent.parent / "results" / "personalisation.json"   # the README's run
 
 PERSONALISATION_METHODS = ("DreamBooth", "LoRA-DreamBooth", "LiDB", "hypernetwork only",
                            "hypernetwork + fast fine-tuning")
@@ -55,16 +64,17 @@ def compare_personalisation(base, hyper, lidb_config, lidb_seed: int, subjects: 
       hypernetwork only                 one forward pass of `hyper`
       hypernetwork + fast fine-tuning   rank relaxation to rank fast_rank, fast_steps steps
 
-    Returns (records: method -> one dict per subject with seconds, subject (fidelity), prompt (CLIP score),
-    tone (accuracy); plus the rows "base model, class prompt" and "real images"; numbers: method -> numbers
+    Returns (records: method -> one dict per subject with seconds, subject (fidelity), prompt (the independent
+    CLIP judge's score), tone (the tone judge's accuracy); plus the rows "base model, class prompt" and "real images"; numbers: method -> numbers
     trained; examples: subject name -> method -> the first seed's images of the five tones)."""
     asked = db.TONES[1:]
+    judge, judge_tokenizer, _ = load_clip(shipped("clip_judge"), device=base.device)
 
     def scores(images, s, tones, real=False):
         class_prompts = [s.prompt(t, None) for t in tones]
         return dict(subject=self_similarity(images) if real else subject_similarity(images, s.images[1:]),
-                    prompt=clip_score(base.clip, base.tokenizer, images, class_prompts).mean().item(),
-                    tone=db.tone_accuracy(base.clip, base.tokenizer, images, s, tones))
+                    prompt=clip_score(judge, judge_tokenizer, images, class_prompts).mean().item(),
+                    tone=db.tone_accuracy(images, tones))
 
     tones = [t for t in asked for _ in range(seeds)]
     records = {m: [] for m in PERSONALISATION_METHODS + ("base model, class prompt", "real images")}
@@ -107,6 +117,29 @@ def compare_personalisation(base, hyper, lidb_config, lidb_seed: int, subjects: 
         records["real images"].append(dict(seconds=0.0, **scores(s.images[1:], s, list(asked), real=True)))
         report(f"{s.name}: done")
     return records, numbers, examples
+
+
+def paper_claim(summary: dict) -> dict:
+    """HyperDreamBooth's claim ([3]: DreamBooth's subject fidelity, many times faster) checked on a `summarise`d
+    comparison: speedup (DreamBooth's seconds over hypernetwork + fast fine-tuning's), gap (their subject-fidelity
+    difference), span (DreamBooth's gain over the base model's class images), share (gap's complement as a share of
+    span: 1 = all of DreamBooth's gain) and matches (the gap is within a quarter of the span)."""
+    dbm, hyp = summary["DreamBooth"], summary["hypernetwork + fast fine-tuning"]
+    span = dbm["subject"] - summary["base model, class prompt"]["subject"]
+    gap = hyp["subject"] - dbm["subject"]
+    return dict(speedup=dbm["seconds"] / hyp["seconds"], gap=gap, span=span,
+                share=(hyp["subject"] - summary["base model, class prompt"]["subject"]) / span if span else float("nan"),
+                matches=gap >= -0.25 * abs(span))
+
+
+def recorded_comparison(path: str | Path = RECORD_PATH) -> dict:
+    """The README's larger comparison as scripts/bench_personalisation.py wrote it (command, machine, subjects,
+    numbers, summary, records, table)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no recorded comparison at {path}; make it with "
+                                f"`python scripts/bench_personalisation.py --subjects 12`")
+    return json.loads(path.read_text())
 
 
 def summarise(records: dict) -> dict:

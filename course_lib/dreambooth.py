@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from . import lora as lora_lib
-from .clip import MiniCLIP, similarity
+from . import judges
+from .clip import MiniCLIP
 from .data import load_emoji
 from .finetune import CaptionedFineTune, FineTune
 from .pipeline import TextToImage
@@ -45,7 +46,7 @@ from .tokenizer import Tokenizer
 from .vae import encode_latents
 
 IDENTIFIER = "sks"
-TONES = ("", "light", "medium-light", "medium", "medium-dark", "dark")   # "" = the default yellow
+TONES = judges.TONES   # ("", "light", "medium-light", "medium", "medium-dark", "dark"); "" = the default yellow
 CLASS_NOUNS = {"hand": "hand", "hands": "hand", "body-parts": "body part", "person": "person",
                "family": "person"}
 
@@ -141,18 +142,13 @@ def get_subject(name: str, split: str = "heldout", size: int = 32) -> Subject:
     return subjects[name]
 
 
-def tone_accuracy(clip: MiniCLIP, tokenizer: Tokenizer, images: torch.Tensor, subject: Subject,
-                  tones: list[str] | tuple[str, ...]) -> float:
-    """Prompt fidelity for the tone contexts: the fraction of images (image k asked for tones[k]) whose best match,
-    among the six class prompts "person: <tone> skin tone" of the subject's class, is the asked tone. The mini
-    CLIP (which never saw the subject) judges; chance is 1/6. Real tone images of held-out subjects score about
-    two in three (notebook 11 measures it)."""
+def tone_accuracy(images: torch.Tensor, tones: list[str] | tuple[str, ...]) -> float:
+    """Prompt fidelity for the tone contexts: the fraction of images (image k asked for tones[k]) that the skin-tone
+    judge (course_lib.judges, a classifier trained on real emoji only; chance is 1/6) finds drawn in the asked
+    tone. Its held-out accuracy on real images is on its card, checkpoints/judges.md."""
     if len(images) != len(tones):
         raise ValueError(f"need one asked tone per image; got {len(images)} images and {len(tones)} tones")
-    prompts = [subject.prompt(t, None) for t in TONES]
-    sims = similarity(clip, tokenizer, images, prompts)            # (N, 6)
-    target = torch.tensor([TONES.index(t) for t in tones])
-    return float((sims.argmax(1).cpu() == target).float().mean())
+    return judges.accuracy("tone", images, list(tones))
 
 
 # --- The loss -------------------------------------------------------------------------------------------

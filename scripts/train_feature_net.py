@@ -66,6 +66,15 @@ def augment(x: torch.Tensor, g: torch.Generator, shift: int = 2) -> torch.Tensor
     return out
 
 
+def step_once(opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> float:
+    """Backpropagate `loss`, take one optimiser and one schedule step; return the loss's value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 @torch.no_grad()
 def accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor) -> float:
     net.eval()
@@ -97,12 +106,8 @@ def train(args) -> tuple[FeatureNet, dict]:
         for batch in order.split(args.batch_size):
             logits = net(augment(x_train[batch], g))
             loss = F.cross_entropy(logits, y_train[batch], label_smoothing=args.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            total += step_once(opt, sched, loss) * len(batch)
             step += 1
-            total += loss.item() * len(batch)
         print(f"epoch {epoch + 1:2d}/{args.epochs}  loss {total / len(x_train):.3f}  "
               f"held-out accuracy {accuracy(net, heldout.images, y_held):.3f}", flush=True)
 

@@ -178,7 +178,8 @@ def test_fast_finetune_relaxes_then_trains(tiny_pipe):
 
 
 def test_compare_personalisation_runs_every_method(tiny_pipe):
-    from course_lib.benchmark import PERSONALISATION_METHODS, compare_personalisation, summarise
+    from course_lib.benchmark import PERSONALISATION_METHODS, compare_personalisation, paper_claim, summarise
+    from course_lib.metrics import self_similarity, subject_similarity
     cfg = hd.LiDBConfig(a=16, b=8)
     probe = hd.LiDB(copy.deepcopy(tiny_pipe.unet), cfg, seed=1)
     hyper = hd.HyperNetwork(hd.hyper_config_for(probe, width=32, depth=1, iterations=1))
@@ -189,10 +190,21 @@ def test_compare_personalisation_runs_every_method(tiny_pipe):
     assert set(PERSONALISATION_METHODS) <= set(summary)
     assert numbers["LiDB"] == probe.numbers and numbers["hypernetwork only"] == 0
     assert numbers["DreamBooth"] == sum(p.numel() for p in tiny_pipe.unet.parameters())
+    s = subjects[0]
     for m in PERSONALISATION_METHODS:
         row = summary[m]
-        assert row["seconds"] >= 0 and -1 <= row["subject"] <= 1 and 0 <= row["tone"] <= 1
-        assert examples[subjects[0].name][m].shape[0] == 5          # the five asked tones
+        assert examples[s.name][m].shape[0] == 5                     # the five asked tones
+        assert row["tone"] * 5 == pytest.approx(round(row["tone"] * 5))   # a share of 5 images (one seed)
+        # the scores are the ones named: recomputed from the method's own images
+        assert row["subject"] == pytest.approx(subject_similarity(examples[s.name][m], s.images[1:]), abs=1e-6)
+        assert row["tone"] == db.tone_accuracy(examples[s.name][m], db.TONES[1:])
+    assert summary["hypernetwork only"]["seconds"] < summary["DreamBooth"]["seconds"]   # one pass against a fine-tuning
+    real = summary["real images"]
+    assert real["subject"] == pytest.approx(self_similarity(s.images[1:]), abs=1e-6)
+    assert real["tone"] == db.tone_accuracy(s.images[1:], db.TONES[1:])
+    claim = paper_claim(summary)
+    assert claim["speedup"] == pytest.approx(summary["DreamBooth"]["seconds"] / summary[PERSONALISATION_METHODS[-1]]["seconds"])
+    assert claim["matches"] == (claim["gap"] >= -0.25 * abs(claim["span"]))
 
 
 def _stop_at(step):
