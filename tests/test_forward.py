@@ -211,7 +211,7 @@ def test_0_255_image_raises_with_expected_range():
 def test_uint8_image_raises_type_error():
     with pytest.raises(TypeError, match="float"):
         forward.q_sample(S, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 5)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="x_prev must be a float tensor.*to_model_range"):
         forward.q_step(S, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 5)
 
 

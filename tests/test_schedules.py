@@ -176,7 +176,7 @@ def test_unknown_kind_lists_every_valid_kind():
 @pytest.mark.parametrize("T", [0, -5, 2.5])
 @pytest.mark.parametrize("kind", KINDS)
 def test_bad_T_raises(kind, T):
-    with pytest.raises(ValueError, match="T"):
+    with pytest.raises(ValueError, match=rf"T \(number of steps\) must be a positive int; got {T}$"):
         make_schedule(kind, T)
 
 
@@ -208,9 +208,9 @@ def test_out_of_range_timestep_names_valid_range(T, t):
 def test_float_timesteps_raise_type_error():
     s = make_schedule("linear", 1000)
     x = torch.zeros(2, 3, 4, 4)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"timesteps must be integers 0\.\.999; got dtype torch\.float32"):
         s.check_timesteps(5.0)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"timesteps must be integers 0\.\.999; got dtype torch\.float32"):
         s.extract(s.betas, torch.tensor([1.0, 2.0]), x)
 
 

@@ -38,7 +38,7 @@ def test_unknown_value_raises_listing_valid_values(monkeypatch):
     assert "maybe" in message
     for valid in ("1", "true", "0", "false"):
         assert repr(valid) in message
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="maybe"):
         settings.choose(full=1, quick=2)
 
 

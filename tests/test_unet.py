@@ -9,6 +9,8 @@ tests/test_attention.py.
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from course_lib.attention import SelfAttention, SpatialTransformer
 from course_lib.checkpoint import load_model, shipped
@@ -232,7 +234,7 @@ def test_time_changes_the_output():
 
 
 @pytest.mark.parametrize("time_conditioning", TIME_CONDITIONING)
-def test_both_time_conditionings_run_and_differ(time_conditioning):
+def test_both_time_conditionings_run_and_train(time_conditioning):
     model = _model(time_conditioning=time_conditioning)
     res = model.down[0][0].res
     assert res.time_conditioning == time_conditioning
@@ -242,6 +244,32 @@ def test_both_time_conditionings_run_and_differ(time_conditioning):
     assert out.shape == x.shape and torch.isfinite(out).all()
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_two_time_conditionings_compute_their_formulas_and_differ():
+    """One ResBlock per mode with the same convs, norms and the same (shift or add) projection: each matches its
+    formula written out here, and the two give different outputs for the same input and time embedding."""
+    torch.manual_seed(0)
+    blocks = {mode: ResBlock(8, 16, 32, time_conditioning=mode) for mode in ("scale_shift", "add")}
+    ss, add = blocks["scale_shift"], blocks["add"]
+    for name in ("norm1", "conv1", "norm2", "conv2", "skip"):
+        getattr(add, name).load_state_dict(getattr(ss, name).state_dict())
+    for p in (ss.norm2.weight, ss.norm2.bias):                  # non-trivial affine norms, so order matters
+        nn.init.normal_(p)
+    add.norm2.load_state_dict(ss.norm2.state_dict())
+    x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 32)
+    with torch.no_grad():
+        h = ss.conv1(F.silu(ss.norm1(x)))
+        scale, shift = ss.time_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        want_ss = ss.skip(x) + ss.conv2(F.silu(ss.norm2(h) * (1 + scale) + shift))
+        want_add = add.skip(x) + add.conv2(F.silu(add.norm2(h + add.time_proj(F.silu(emb))[:, :, None, None])))
+        got_ss, got_add = ss(x, emb), add(x, emb)
+    torch.testing.assert_close(got_ss, want_ss)
+    torch.testing.assert_close(got_add, want_add)
+    assert (got_ss - got_add).abs().max() > 1e-2
+    # and each really uses the time embedding
+    with torch.no_grad():
+        assert (ss(x, emb) - ss(x, -emb)).abs().max() > 1e-3 and (add(x, emb) - add(x, -emb)).abs().max() > 1e-3
 
 
 # --- the blocks ------------------------------------------------------------------------------------------
