@@ -81,7 +81,9 @@ def test_the_course_shape(path):
 ROOT = Path(__file__).resolve().parent.parent
 TIMES = ROOT / "results" / "notebook_times.json"
 MEMORY = ROOT / "results" / "memory_full_mode_h100.json"
-SLACK = 2.0   # a measured time may lie this factor outside the stated range: machines and their load vary
+# A measured time may lie this factor outside the stated range: the spread between runs on these shared 2-core
+# machines (the CPU model and the other core's load vary). The record is read, not re-timed, so this cannot flake.
+SLACK = 1.3
 _NUMBER = r"\d+(?:\.\d+)?"
 # "full mode about 10 s", "quick mode 13-25 s", "full mode about 7-10 min", "full mode 23 min"
 _TIME = rf"(?:about )?(?P<low>{_NUMBER})(?:-(?P<high>{_NUMBER}))? (?P<unit>s|min)\b"
