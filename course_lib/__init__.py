@@ -15,7 +15,9 @@ One module per course concept, in the order the notebooks introduce them:
     guidance    classifier-free guidance around any conditional U-Net
     sampling    DDPM, DDIM and DPM-Solver++ 2M samplers, the reverse process step by step, inversion
     feature_net the frozen emoji classifier whose features FID, KID and memorisation use
-    metrics     FID/KID in that feature space, the real-vs-real floor, PSNR, memorisation, subject fidelity
+    metrics     FID/KID and precision/recall in that feature space, the real-vs-real floor, PSNR, memorisation,
+                subject fidelity
+    judges      classifiers trained on real emoji only that judge style (Noto or Twemoji) and skin tone
     vae         a small KL autoencoder: the latent space, the KL term, the latent scale factor
     tokenizer   the course's BPE tokenizer
     text        a transformer text encoder (causal, as CLIP's, if asked)
@@ -30,6 +32,7 @@ One module per course concept, in the order the notebooks introduce them:
     clip_tokenizer   CLIP's byte-level BPE tokenizer, read from the learner's vocab and merges files
     sd_convert  SD 1.5's weight names to these modules, every key checked
     sd          Stable Diffusion 1.5 in these modules: configs, generation, LoRA in 8 GB
+    flow        rectified flow (SD 3's objective): the straight path, its loss, logit-normal times, ODE solvers, reflow
     distributed data parallelism for the loop under torchrun
     memory      peak GPU memory of a training step and of sampling, measured
     plotting    image grids and rows, noising strips, schedule curves, loss curves (matplotlib)

@@ -1,0 +1,143 @@
+"""course_lib.flow, from first principles: the path and its target, the relation to the VP path, logit-normal
+timesteps, the closed-form Gaussian velocity integrated back to the data, the solvers' orders, reflow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from course_lib import flow
+from course_lib.forward import vp_mix
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MEAN, VAR = torch.tensor([2.0, -1.0]), torch.tensor([0.25, 4.0])
+
+
+def test_path_ends_and_target_is_its_derivative():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+    assert torch.equal(flow.flow_path(x0, eps, 0.0), x0) and torch.equal(flow.flow_path(x0, eps, 1.0), eps)
+    t = torch.tensor([0.1, 0.4, 0.5, 0.9])
+    h = 1e-3                                                   # a central difference along the path
+    numeric = (flow.flow_path(x0, eps, t + h) - flow.flow_path(x0, eps, t - h)) / (2 * h)
+    torch.testing.assert_close(numeric, flow.velocity_target(x0, eps), rtol=1e-3, atol=1e-3)
+
+
+def test_a_vp_point_is_a_scaled_point_of_the_straight_path():
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    ab = torch.tensor([0.99, 0.5, 0.01])
+    x_flow, t = flow.vp_to_flow(vp_mix(x0, eps, ab.view(3, 1)), ab)
+    torch.testing.assert_close(x_flow, flow.flow_path(x0, eps, t))
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    torch.testing.assert_close(t, s / (a + s))
+    assert (t.diff() > 0).all()                                 # more noise, later on the path
+
+
+def test_flow_loss_is_its_definition():
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(6, 3, 4, 4, generator=g)
+    seen = {}
+
+    def model(x, t_in):
+        seen["x"], seen["t"] = x, t_in
+        return 0.5 * x
+    terms = flow.flow_loss(model, x0, generator=torch.Generator().manual_seed(3))
+    g2 = torch.Generator().manual_seed(3)                       # the same draws: t first, then noise
+    t = torch.rand(6, generator=g2)
+    eps = torch.randn(x0.shape, generator=g2)
+    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    torch.testing.assert_close(seen["x"], xt)
+    torch.testing.assert_close(seen["t"], t * flow.TIME_SCALE)
+    want = (0.5 * xt - (eps - x0)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(terms.per_sample, want)
+    torch.testing.assert_close(terms.loss, want.mean())
+
+
+def test_logit_normal_timesteps_have_the_stated_moments():
+    t = flow.sample_timesteps(200_000, "logit_normal", mean=0.5, std=0.8, generator=torch.Generator().manual_seed(4))
+    assert 0 < t.min() and t.max() < 1
+    z = torch.logit(t.double())
+    assert z.mean().item() == pytest.approx(0.5, abs=0.01) and z.std().item() == pytest.approx(0.8, abs=0.01)
+    u = flow.sample_timesteps(200_000, "uniform", generator=torch.Generator().manual_seed(4))
+    # logit-normal (0, 1) puts more of the training in the middle of the path than uniform does
+    mid = lambda x: ((x > 0.25) & (x < 0.75)).double().mean().item()
+    std_ln = flow.sample_timesteps(200_000, "logit_normal", generator=torch.Generator().manual_seed(5))
+    assert mid(std_ln) > mid(u) + 0.1 and mid(u) == pytest.approx(0.5, abs=0.01)
+
+
+def test_integrating_the_gaussian_velocity_recovers_the_data_distribution():
+    v = flow.gaussian_velocity(MEAN, VAR)
+    noise = torch.randn(40_000, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x = flow.sample_flow(v, noise, steps=200, solver="heun")
+    torch.testing.assert_close(x.mean(0), MEAN.double(), atol=0.03, rtol=0)
+    torch.testing.assert_close(x.var(0), VAR.double(), atol=0.0, rtol=0.03)
+
+
+def test_the_gaussian_velocity_is_the_conditional_mean_of_the_target():
+    """Monte Carlo: pairs whose x_t falls in a narrow bin around a point have mean target close to v*."""
+    g = torch.Generator().manual_seed(7)
+    n, t = 2_000_000, 0.4
+    x0 = MEAN[0] + VAR[0].sqrt() * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    eps = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    xt = flow.flow_path(x0, eps, t)
+    v = flow.gaussian_velocity(MEAN[:1], VAR[:1])
+    for point in (0.5, 1.2, 2.0):
+        near = (xt - point).abs().flatten() < 0.01
+        mc = (eps - x0)[near].mean().item()
+        exact = v(torch.tensor([[point]], dtype=torch.float64), torch.tensor([t])).item()
+        assert mc == pytest.approx(exact, abs=0.03)
+
+
+def test_heun_is_second_order_and_euler_first():
+    v = flow.gaussian_velocity(MEAN, VAR)
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    exact = flow.sample_flow(v, noise, steps=2000, solver="heun")
+    err = {(s, n): (flow.sample_flow(v, noise, n, s) - exact).abs().max().item() for s in flow.SOLVERS for n in (10, 20)}
+    assert 1.6 < err["euler", 10] / err["euler", 20] < 2.6            # halving the step halves the error
+    assert 3.0 < err["heun", 10] / err["heun", 20] < 5.5              # and quarters Heun's
+    assert err["heun", 10] < err["euler", 10] / 5
+
+
+def test_reflow_pairs_come_from_the_flows_own_ode_and_straighten_it():
+    v1 = flow.gaussian_velocity(MEAN, VAR)
+    noise = torch.randn(2_000, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    x0, eps = flow.reflow_pairs(v1, noise, steps=100)
+    assert eps is noise
+    torch.testing.assert_close(x0, flow.sample_flow(v1, noise, 100, "heun"))
+    # For Gaussians the reflowed coupling is the linear map x0 = mean + sd * eps (the first flow's ODE map), so its
+    # optimal velocity is exact: each x_t lies on one pair's line. Its paths are straight; the first flow's are not.
+    torch.testing.assert_close(x0, MEAN.double() + VAR.double().sqrt() * noise, atol=1e-3, rtol=0)
+    sd, m = VAR.double().sqrt(), MEAN.double()
+
+    def v2(x, t):
+        tt = t.double().view(-1, 1)
+        e = (x - (1 - tt) * m) / ((1 - tt) * sd + tt)           # the noise whose line passes through x at t
+        return e - (m + sd * e)
+    s1, s2 = flow.straightness(v1, noise[:500], 50), flow.straightness(v2, noise[:500], 50)
+    assert s1 > 0.05 and s2 < 1e-12
+    exact = m + sd * noise
+    one_step = {name: (flow.sample_flow(v, noise, 1) - exact).pow(2).mean().item() for name, v in (("1", v1), ("2", v2))}
+    assert one_step["2"] < 1e-12 < one_step["1"]                 # one Euler step is exact after reflow
+
+
+def test_bad_arguments_are_refused():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"unknown timestep sampling 'beta'; choose from \['uniform', 'logit_normal'\]"):
+        flow.sample_timesteps(4, "beta")
+    with pytest.raises(ValueError, match=r"unknown solver 'rk4'; choose from \['euler', 'heun'\]"):
+        flow.sample_flow(lambda x, t: x, x, 4, "rk4")
+    with pytest.raises(ValueError, match="steps must be a positive int; got 0"):
+        flow.sample_flow(lambda x, t: x, x, 0)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        flow.flow_path(x, x, 1.5)
+    with pytest.raises(ValueError, match=r"one value per sample, shape \(2,\); got \(3,\)"):
+        flow.flow_path(x, x, torch.ones(3))
+    with pytest.raises(ValueError, match="std must be > 0; got 0"):
+        flow.sample_timesteps(4, "logit_normal", std=0)
+    with pytest.raises(ValueError, match="var must be positive"):
+        flow.gaussian_velocity(torch.zeros(2), torch.tensor([1.0, 0.0]))
+    assert math.isfinite(flow.straightness(lambda x, t: -x, torch.ones(2, 3), 4))
