@@ -176,9 +176,14 @@ def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int 
 
     Each set's manifold is the union of balls around its points, each ball reaching the point's k-th nearest
     neighbour in the same set. Precision: the share of generated points inside the real manifold (realism; low
-    for junk). Recall: the share of real points inside the generated manifold (coverage; low for a model that
-    repeats a few images). A blurry but varied model scores low precision and fair recall; a sharp but
-    repetitive one the reverse. Both depend on n and k, so compare them at equal n, beside real against real."""
+    for junk far from every real image). Recall: the share of real points inside the generated manifold
+    (coverage; low for a model that repeats a few images). Both depend on n and k, so compare them at equal n,
+    beside real against real.
+
+    In the course's feature space (course_lib.feature_net) blurred or noisy images land in the dense middle of
+    the real manifold: they keep about the precision of real images and lose recall (tests/test_metrics.py
+    measures it: 4x blur keeps precision within 0.15 of clean images' and cuts recall by more than 4x). So here
+    low recall flags both a repetitive model and a soft one; precision flags images unlike any emoji."""
     real, fake = _check_feats(real_feats, "real_feats"), _check_feats(fake_feats, "fake_feats")
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sets must have the same dimension; got {real.shape[1]} and {fake.shape[1]}")
@@ -193,21 +198,30 @@ def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int 
 
 # --- Quality against the emoji, with the real-versus-real floor ---------------------------------------
 
+PR_K = 3   # the k of precision and recall in Quality (Kynkaenniemi et al.'s default)
+
+
 @dataclass
 class Quality:
-    """FID and KID of n images against a reference set, optionally with the floor at the same n."""
+    """FID, KID, precision and recall (k = PR_K) of n images against a reference set, optionally with the floor
+    (real images against the same reference, at the same n)."""
     fid: float
     kid_mean: float
     kid_std: float
     n: int
     reference: str = ""
     floor: Quality | None = field(default=None, repr=False)
+    precision: float = float("nan")
+    recall: float = float("nan")
 
     def __str__(self) -> str:
         ref = f" against {self.reference}" if self.reference else ""
-        text = f"FID {self.fid:.2f}, KID {self.kid_mean:.4f} ± {self.kid_std:.4f} (n={self.n}{ref})"
+        text = (f"FID {self.fid:.2f}, KID {self.kid_mean:.4f} ± {self.kid_std:.4f}, precision {self.precision:.2f}, "
+                f"recall {self.recall:.2f} (n={self.n}{ref})")
         if self.floor is not None:
-            text += f"; real-vs-real floor at n={self.floor.n}: FID {self.floor.fid:.2f}, KID {self.floor.kid_mean:.4f}"
+            f = self.floor
+            text += (f"; real-vs-real floor at n={f.n}: FID {f.fid:.2f}, KID {f.kid_mean:.4f}, precision "
+                     f"{f.precision:.2f}, recall {f.recall:.2f}")
         return text
 
 
@@ -225,7 +239,9 @@ def emoji_features(split: str, size: int = 32, device: torch.device | str | None
 
 def _compare(feats: torch.Tensor, ref: torch.Tensor, reference: str, seed: int, kid_subsets: int) -> Quality:
     k_mean, k_std = kid(feats, ref, subsets=kid_subsets, seed=seed)
-    return Quality(fid(feats, ref), k_mean, k_std, len(feats), reference)
+    precision, recall = (precision_recall(ref, feats, PR_K) if min(len(feats), len(ref)) > PR_K
+                         else (float("nan"), float("nan")))
+    return Quality(fid(feats, ref), k_mean, k_std, len(feats), reference, precision=precision, recall=recall)
 
 
 def floor(n: int | None = None, size: int = 32, seed: int = 0, reference: str = "heldout",

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from course_lib import feature_net, metrics
 from course_lib.data import load_emoji
@@ -135,7 +136,26 @@ def test_evaluate_reports_the_floor_at_the_same_n(emoji):
     assert quality.n == 100 and quality.floor.n == 100 and quality.reference == "heldout"
     text = str(quality)
     assert "FID" in text and "KID" in text and "n=100" in text and "floor" in text
-    assert str(Quality(1.0, 0.01, 0.001, 10)) == "FID 1.00, KID 0.0100 ± 0.0010 (n=10)"
+    # precision and recall beside them, computed as their definition in the same feature space
+    feats = metrics.features(emoji["train"][:100])
+    p, r = metrics.precision_recall(emoji["f_held"], feats, k=metrics.PR_K)
+    assert (quality.precision, quality.recall) == (p, r) and 0 < p <= 1 and 0 < r <= 1
+    assert "precision" in text and "recall" in text
+
+
+def test_precision_and_recall_in_the_feature_space_react_to_blur_and_repetition(emoji):
+    """In FeatureNet's space degraded images fall where the real manifold is dense (its middle), so they keep
+    about the real images' precision and lose recall; a set repeating 10 images has recall near 0. The
+    metrics.precision_recall docstring states this."""
+    x = emoji["train"][torch.randperm(len(emoji["train"]), generator=torch.Generator().manual_seed(1))[:398]]
+    clean = metrics.evaluate(x, with_floor=False)
+    soft = metrics.evaluate(F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="bilinear"), with_floor=False)
+    repeated = metrics.evaluate(x[:10].repeat(40, 1, 1, 1)[:398], with_floor=False)
+    assert clean.recall > 0.7 and soft.recall < 0.25 * clean.recall and repeated.recall < 0.05
+    assert abs(soft.precision - clean.precision) < 0.15            # blur does not show in precision here
+    assert soft.fid > 5 * clean.fid
+    assert str(Quality(1.0, 0.01, 0.001, 10, precision=0.5, recall=0.25)) == (
+        "FID 1.00, KID 0.0100 ± 0.0010, precision 0.50, recall 0.25 (n=10)")
 
 
 def test_features_resize_any_size_like_the_data_loader(emoji):
