@@ -26,6 +26,7 @@ One module per course concept, in the order the notebooks introduce them:
     finetune    what every fine-tuning method shares on top of the loop
     lora        LoRA layers: inject, merge, scale, save
     dreambooth  a new identifier token, the held-out subjects, the prior-preservation loss
+    textual_inversion  a subject as one new word: only its embedding row trains
     lidb        Lightweight DreamBooth: rank-1 LoRA through frozen random bases
     hyperdreambooth  LiDB pre-optimisation, the hypernetwork, rank-relaxed fast fine-tuning
     benchmark   notebook 12's comparison of the personalisation methods
