@@ -106,12 +106,14 @@ def test_generate_in_batches_equals_one_call(pipe):
     for batch_size in (1, 2, 5, 8):
         batched = pipe.generate(prompts, batch_size=batch_size, seed=7, steps=3, images_per_prompt=2,
                                 return_latents=True)
-        torch.testing.assert_close(batched, whole, atol=1e-4, rtol=0)       # image k from seed + k throughout
+        # image k from seed + k throughout: a wrong seed differs by O(1); batch-size-dependent float32 rounding
+        # through three U-Net steps reached 1.1e-4 on an AMD EPYC
+        torch.testing.assert_close(batched, whole, atol=5e-4, rtol=0)
     negatives = ["cat", "", "red heart", "", "rocket"]
     torch.testing.assert_close(pipe.generate(prompts, batch_size=2, seed=1, steps=3, negative_prompt=negatives,
                                              return_latents=True),
                                pipe(prompts, seed=1, steps=3, negative_prompt=negatives, return_latents=True),
-                               atol=1e-4, rtol=0)
+                               atol=5e-4, rtol=0)
     assert pipe.generate("red heart", steps=2).shape == (1, 3, 32, 32)
 
 
