@@ -132,10 +132,14 @@ def textual_inversion(pipe: TextToImage, images: torch.Tensor, prompts: list[str
     run = TextualInversionFit(personal, embedding, z, ids.to(pipe.device), mask.to(pipe.device), steps=steps, lr=lr,
                               batch_size=batch_size, seed=seed)
     t0 = time.perf_counter()
-    was_training = clip.training
     clip.eval()                                                   # dropout off: the encoder is frozen
-    run.run(max_seconds=max_seconds, progress=progress, desc="textual inversion")
-    clip.train(was_training)
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
+    pipe.unet.requires_grad_(False)                               # no gradients kept for the shared U-Net
+    try:
+        run.run(max_seconds=max_seconds, progress=progress, desc="textual inversion")
+    finally:
+        for p, flag in zip(pipe.unet.parameters(), flags):
+            p.requires_grad_(flag)
     seconds = time.perf_counter() - t0
     clip.text.token_embedding = embedding.to_embedding()
     learned = clip.text.token_embedding.weight[-1].detach().clone()

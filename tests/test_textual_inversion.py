@@ -19,8 +19,9 @@ def test_only_the_new_embedding_trains_and_the_loss_falls(tiny_pipe):
     before = _state(tiny_pipe)
     prompts = [s.prompt(t) for t in db.TONES[:3]]
     res = ti.textual_inversion(tiny_pipe, s.images[:3], prompts, init_word="person", steps=40, lr=5e-2, batch_size=3)
-    # the base pipeline is untouched, bit for bit
+    # the base pipeline is untouched, bit for bit, and holds no gradients
     assert all(torch.equal(v, _state(tiny_pipe)[k]) for k, v in before.items())
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())
     # the personalised pipeline shares the frozen U-Net and VAE; its text encoder differs only in the new row
     assert res.pipe.unet is tiny_pipe.unet and res.pipe.vae is tiny_pipe.vae
     after = res.pipe.clip.state_dict()
