@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from course_lib import dreambooth as db  # noqa: E402
 from course_lib import hyperdreambooth as hd  # noqa: E402
-from course_lib.benchmark import PERSONALISATION_METHODS, compare_personalisation, summarise  # noqa: E402
+from course_lib.benchmark import (PERSONALISATION_METHODS, RECORD_PATH, compare_personalisation,  # noqa: E402
+                                  summarise)
 from course_lib.checkpoint import shipped  # noqa: E402
 from course_lib.pipeline import TextToImage  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(ROOT / "results" / "personalisation.json"))
+    ap.add_argument("--out", default=str(RECORD_PATH))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
