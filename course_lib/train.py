@@ -25,6 +25,11 @@ Latent diffusion (`latents=True`): the data are a VAE's scaled latents (course_l
 bounded to [-1, 1]; the range check and the x0 clamp while sampling are then off. Nothing else changes:
 the trainer does not know whether it denoises pixels or latents.
 
+Rectified flow (`objective="flow"`, course_lib.flow; Stable Diffusion 3's objective): the same data, network,
+loop and random stream, with the straight path x_t = (1 - t) x0 + t eps, t in (0, 1) drawn "uniform" or
+"logit_normal" (`timestep_sampling`), and the velocity eps - x0 as the target; the network sees t * 1000.
+`sample` then integrates the flow's ODE (Euler or Heun) instead of running a diffusion sampler.
+
 All randomness of the training loop (data order, timesteps, noise, caption dropout) comes from one
 seeded CPU torch.Generator whose state is saved with the checkpoint.
 
@@ -50,6 +55,8 @@ import torch
 from torch import nn
 
 from .config import JSONConfig
+from .data import check_choice
+from .flow import SOLVERS, TIMESTEP_SAMPLING, flow_loss, model_velocity, sample_flow, sample_timesteps
 from . import checkpoint as ckpt
 from . import distributed
 from .forward import (check_images, check_prediction, denoising_loss, diffusion_loss, predicted_x0_eps,
@@ -61,6 +68,7 @@ from .schedules import KINDS, NoiseSchedule, make_schedule
 from .unet import UNet, UNetConfig
 
 SCHEDULES = KINDS + ("learned",)
+OBJECTIVES = ("diffusion", "flow")   # DDPM's (with config.prediction) or rectified flow's velocity (course_lib.flow)
 # TrainingDiverged, ema_decay_at, ema_update and PRECISIONS are the loop's, re-exported: notebook 04 and the tests
 # import them from here.
 
@@ -85,6 +93,8 @@ class TrainConfig(JSONConfig):
     caption_dropout: float = 0.1      # with text conditioning: share of captions replaced by the empty prompt
     latents: bool = False             # the data are VAE latents: no [-1, 1] check, no x0 clamp when sampling
     min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); None: off
+    objective: str = "diffusion"      # one of OBJECTIVES: "flow" trains rectified flow (course_lib.flow)
+    timestep_sampling: str = "uniform"  # with objective "flow": "uniform" or "logit_normal" (SD 3)
     seed: int = 0
 
     def __post_init__(self):
@@ -104,6 +114,15 @@ class TrainConfig(JSONConfig):
                              f"prediction {self.prediction!r}")
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"caption_dropout is a probability in [0, 1]; got {self.caption_dropout}")
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("timestep sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        if self.objective == "flow":
+            if self.schedule == "learned" or self.zero_terminal_snr or self.min_snr_gamma is not None:
+                raise ValueError("objective 'flow' has no noise schedule: it needs a fixed schedule (unused), "
+                                 "zero_terminal_snr=False and min_snr_gamma=None")
+        elif self.timestep_sampling != "uniform":
+            raise ValueError("timestep_sampling applies to objective 'flow'; the diffusion objective draws "
+                             "t uniformly from 0..T-1")
         if self.min_snr_gamma is not None:
             snr_weight(self.prediction, torch.ones(1), self.min_snr_gamma)     # checks gamma > 0
             if self.schedule == "learned":
@@ -263,6 +282,9 @@ class Trainer(Fit):
         noise = torch.randn((B, *x0.shape[1:]), generator=self.generator)[mine].to(self.device)
         cond = () if cond is None else cond
         with autocast(self.precision, self.device):
+            if cfg.objective == "flow":             # t in (0, 1), drawn after the noise, as for diffusion
+                t = sample_timesteps(B, cfg.timestep_sampling, generator=self.generator)[mine].to(self.device)
+                return flow_loss(self.net, x0, t=t, noise=noise, cond=cond).loss, {}
             if self.learned is None:
                 t = torch.randint(0, cfg.T, (B,), generator=self.generator)[mine].to(self.device)
                 terms = diffusion_loss(self.net, self.fixed_schedule, x0, prediction=cfg.prediction, t=t,
@@ -335,11 +357,12 @@ class Trainer(Fit):
             self._sampling = None
 
     @torch.no_grad()
-    def sample(self, n: int = 16, *, steps: int = 50, sampler: str = "ddim", seed: int = 0,
+    def sample(self, n: int = 16, *, steps: int = 50, sampler: str | None = None, seed: int = 0,
                use_ema: bool = True, guidance_scale: float = 3.0) -> torch.Tensor:
         """n images (or latents) from the EMA (or raw) weights, with a fixed seed so grids are comparable
         over training. A conditional model is given the captions of the first n training images, with
-        classifier-free guidance at `guidance_scale`."""
+        classifier-free guidance at `guidance_scale`. sampler: one of course_lib.sampling.SAMPLERS for the
+        diffusion objective (default "ddim"), of course_lib.flow.SOLVERS for the flow (default "euler")."""
         from .sampling import GuidedModel, sample  # imported here: sampling does not depend on training
 
         net = self.ema_model if use_ema else self.model
@@ -356,6 +379,15 @@ class Trainer(Fit):
         shape = (n, cfg.in_channels, self.images.shape[2], self.images.shape[3])
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x_T = torch.randn(shape, generator=gen).to(self.device)
+        if self.config.objective == "flow":
+            solver = sampler or "euler"
+            check_choice("flow solver", solver, SOLVERS)
+            out = sample_flow(model_velocity(model), x_T, steps, solver)
+            if not self.config.latents:
+                out = out.clamp(-1, 1)
+            net.train(was_training)
+            return out.float().cpu()
+        sampler = sampler or "ddim"
         out = sample(model, self.schedule, shape, sampler=sampler, steps=steps, prediction=self.config.prediction,
                      x_T=x_T, generator=gen, device=self.device, clip_x0=not self.config.latents)
         net.train(was_training)
@@ -389,8 +421,9 @@ class Trainer(Fit):
                    "train_config": dataclasses.asdict(self.config), "n_images": self.images.shape[0]}
         details.update(info or {})
         if self.is_main:                                    # under DDP: rank 0 writes, the others wait
+            prediction = "flow" if self.config.objective == "flow" else self.config.prediction
             ckpt.save_model(path, self.ema_model if use_ema else self.model, schedule=self.schedule,
-                            prediction=self.config.prediction, info=details)
+                            prediction=prediction, info=details)
         distributed.barrier()
         return Path(path)
 

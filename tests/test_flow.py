@@ -141,3 +141,68 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="var must be positive"):
         flow.gaussian_velocity(torch.zeros(2), torch.tensor([1.0, 0.0]))
     assert math.isfinite(flow.straightness(lambda x, t: -x, torch.ones(2, 3), 4))
+
+
+# --- the flow objective inside the course's one Trainer ------------------------------------------------
+
+def _latent_trainer(**changes):
+    from course_lib.train import Trainer, TrainConfig
+    from course_lib.unet import UNet, get_preset
+    g = torch.Generator().manual_seed(123)         # not the trainer's seed: its noise would equal the data
+    centres = 1.5 * torch.randn(4, 4, 8, 8, generator=g)
+    latents = centres.repeat(8, 1, 1, 1) + 0.1 * torch.randn(32, 4, 8, 8, generator=g)
+    config = TrainConfig(batch_size=8, latents=True, precision="fp32", objective="flow", warmup=0, lr=1e-3,
+                         **changes)
+    return Trainer(UNet(get_preset("tiny", image_size=8, in_channels=4, out_channels=4)), latents, config,
+                   device="cpu")
+
+
+@pytest.mark.parametrize("sampling", flow.TIMESTEP_SAMPLING)
+def test_the_trainers_flow_loss_is_flow_loss_on_its_own_draws(sampling):
+    trainer = _latent_trainer(timestep_sampling=sampling)
+    x0 = trainer.images[:8]
+    draws = torch.Generator()
+    draws.set_state(trainer.generator.get_state())
+    noise = torch.randn(x0.shape, generator=draws)                     # the order loss_on draws them in
+    t = flow.sample_timesteps(8, sampling, generator=draws)
+    mine, _ = trainer.loss_on(x0)
+    by_hand = (trainer.net(flow.flow_path(x0, noise, t), t * flow.TIME_SCALE) - (noise - x0)).pow(2).mean()
+    torch.testing.assert_close(mine, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_trains_a_flow_and_samples_it_with_the_flows_solvers():
+    trainer = _latent_trainer()
+    first = sum(trainer.loss_on(trainer.images)[0].item() for _ in range(4))
+    trainer.train(80, progress=False)
+    assert sum(trainer.loss_on(trainer.images)[0].item() for _ in range(4)) < 0.8 * first
+    euler = trainer.sample(4, steps=3, seed=1)
+    model = flow.model_velocity(trainer.ema_model)
+    x_T = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(euler, flow.sample_flow(model, x_T, 3, "euler"))
+    torch.testing.assert_close(trainer.sample(4, steps=3, seed=1, sampler="heun"),
+                               flow.sample_flow(model, x_T, 3, "heun"))
+    with pytest.raises(ValueError, match=r"unknown flow solver 'ddim'; choose from \['euler', 'heun'\]"):
+        trainer.sample(2, steps=2, sampler="ddim")
+
+
+def test_flow_settings_that_mean_nothing_are_refused():
+    from course_lib.train import TrainConfig
+    with pytest.raises(ValueError, match=r"unknown objective 'score'; choose from \['diffusion', 'flow'\]"):
+        TrainConfig(objective="score")
+    with pytest.raises(ValueError, match="objective 'flow' has no noise schedule"):
+        TrainConfig(objective="flow", min_snr_gamma=5.0)
+    with pytest.raises(ValueError, match="timestep_sampling applies to objective 'flow'"):
+        TrainConfig(timestep_sampling="logit_normal")
+    with pytest.raises(ValueError, match=r"unknown timestep sampling 'beta'"):
+        TrainConfig(objective="flow", timestep_sampling="beta")
+
+
+def test_a_flow_run_resumes_exactly(tmp_path):
+    from course_lib.train import Trainer
+    a = _latent_trainer(timestep_sampling="logit_normal")
+    a.train(6, progress=False, checkpoint_path=tmp_path / "run.safetensors", checkpoint_every=3)
+    a.train(10, progress=False)
+    b = Trainer.resume(tmp_path / "run.safetensors", a.images, steps=10)
+    assert b.config.objective == "flow" and b.step == 6
+    b.train(10, progress=False)
+    assert b.losses == a.losses
