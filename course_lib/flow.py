@@ -136,8 +136,9 @@ def sample_flow(velocity: Velocity, noise: torch.Tensor, steps: int, solver: str
     """Integrate dx/dt = velocity(x, t) from t = 1 (x = noise) to t = 0 in `steps` equal steps.
 
     "euler": x <- x - dt v(x, t), one velocity evaluation a step. "heun": Euler's step, then the mean of the
-    velocities at both ends (a second-order method; two evaluations a step, one on the last step, where the end
-    velocity is at t = 0). return_path: also the list of states, noise first."""
+    velocities at both ends (a second-order method; two evaluations every step, the last one included: the
+    velocity is defined at t = 0, unlike a diffusion model's noise estimate at sigma = 0).
+    return_path: also the list of states, noise first."""
     check_choice("solver", solver, SOLVERS)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int; got {steps!r}")

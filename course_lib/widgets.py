@@ -290,3 +290,36 @@ def lora_scale_figure(pipe, prompts: Sequence[str], lora_scale: float, seed: int
     fig.suptitle(f"LoRA scale {float(lora_scale):g}  (0 = base model, 1 = adapted)", fontsize=9)
     fig.tight_layout(w_pad=0.3)
     return fig
+
+
+# --- notebook 14: few-step sampling of 2-D flows -----------------------------------------------------
+
+def flow_steps_figure(fields: dict, noise: torch.Tensor, real: torch.Tensor, steps: int,
+                      show_paths: int = 40) -> Figure:
+    """One panel per velocity field (name -> v(x, t), t from 1 = noise to 0 = data): the end points of
+    `steps` Euler steps from 2-D `noise` over the `real` points, and the first `show_paths` paths drawn.
+    Panels are labelled with the field's name and keep the same limits at every step count."""
+    from .flow import sample_flow
+
+    if not fields:
+        raise ValueError("give at least one velocity field")
+    if noise.ndim != 2 or noise.shape[1] != 2 or real.ndim != 2 or real.shape[1] != 2:
+        raise ValueError(f"noise and real must be (N, 2) points; got {tuple(noise.shape)} and {tuple(real.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be an integer from 1 to 1000; got {steps!r}")
+    lim = 1.15 * max(real.abs().max().item(), 3.0)
+    fig, axes = plt.subplots(1, len(fields), figsize=(3.0 * len(fields), 3.1), dpi=DPI, squeeze=False)
+    for ax, (name, velocity) in zip(axes[0], fields.items()):
+        end, path = sample_flow(velocity, noise, int(steps), "euler", return_path=True)
+        ax.set_label(name)
+        ax.scatter(real[:, 0], real[:, 1], s=2, c="#bbbbbb", label="data")
+        lines = torch.stack(path)[:, :show_paths]                     # (steps + 1, paths, 2)
+        ax.plot(lines[..., 0], lines[..., 1], lw=0.6, alpha=0.6, color="tab:blue")
+        ax.scatter(end[:, 0], end[:, 1], s=2, c="tab:red", label=f"{steps} Euler step(s)")
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(name, fontsize=9)
+    axes[0, 0].legend(fontsize=6, loc="lower left", markerscale=3)
+    fig.suptitle(f"{steps} Euler step(s) from the same noise (blue: paths; red: where they end)", fontsize=9)
+    fig.tight_layout()
+    return fig

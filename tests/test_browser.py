@@ -40,6 +40,7 @@ CASES = [
     ("08_text_encoder.ipynb", "k", 1),
     ("09_text_to_image.ipynb", "guidance", 2),
     ("10_lora.ipynb", "LoRA scale", 1),
+    ("14_rectified_flow.ipynb", "steps", 2),
 ]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

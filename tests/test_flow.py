@@ -206,3 +206,11 @@ def test_a_flow_run_resumes_exactly(tmp_path):
     assert b.config.objective == "flow" and b.step == 6
     b.train(10, progress=False)
     assert b.losses == a.losses
+
+
+@pytest.mark.parametrize("solver,per_step", [("euler", 1), ("heun", 2)])
+def test_network_evaluations_per_step(solver, per_step):
+    calls = []
+    flow.sample_flow(lambda x, t: calls.append(t) or torch.zeros_like(x), torch.zeros(3, 2), 5, solver)
+    assert len(calls) == per_step * 5
+    assert calls[-1].tolist() == pytest.approx([0.0] * 3 if solver == "heun" else [0.2] * 3)

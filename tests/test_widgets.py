@@ -378,3 +378,36 @@ def test_lora_scale_figure_blends_base_and_adapted(tiny_pipe):
     assert all(layer.scale == 1.0 for layer in lora.lora_layers(pipe.unet).values())   # restored
     with pytest.raises(ValueError, match="lora_scale must be a number"):
         widgets.lora_scale_figure(pipe, prompts, 9.0, steps=2)
+
+
+# --- notebook 14: few-step sampling of 2-D flows ---------------------------------------------------
+
+def _two_flows():
+    from course_lib import flow
+    exact = flow.gaussian_velocity(torch.tensor([2.0, 0.0]), torch.tensor([0.05, 0.05]))
+    return {"exact": exact, "zero": lambda x, t: torch.zeros_like(x)}
+
+
+def test_flow_steps_figure_draws_each_fields_euler_ends():
+    g = torch.Generator().manual_seed(0)
+    noise, real = torch.randn(50, 2, generator=g), torch.randn(80, 2, generator=g) * 0.2 + torch.tensor([2.0, 0.0])
+    fig = widgets.flow_steps_figure(_two_flows(), noise, real, steps=4)
+    axes = {ax.get_label(): ax for ax in fig.axes if ax.get_label() in ("exact", "zero")}
+    assert set(axes) == {"exact", "zero"}
+    ends = axes["zero"].collections[-1].get_offsets()                  # the zero field leaves noise where it is
+    np.testing.assert_allclose(np.asarray(ends), noise.numpy(), atol=1e-6)
+    exact_ends = np.asarray(axes["exact"].collections[-1].get_offsets())
+    assert abs(exact_ends[:, 0].mean() - 2.0) < 0.2                     # the exact field carries it to the data
+    one, many = (widgets.flow_steps_figure(_two_flows(), noise, real, steps=s) for s in (1, 8))
+    assert axes["exact"].get_xlim() == one.axes[0].get_xlim() == many.axes[0].get_xlim()
+    plt.close("all")
+
+
+def test_flow_steps_figure_rejects_bad_input():
+    noise = torch.randn(5, 2)
+    with pytest.raises(ValueError, match="steps must be an integer from 1 to 1000; got 0"):
+        widgets.flow_steps_figure(_two_flows(), noise, noise, steps=0)
+    with pytest.raises(ValueError, match=r"noise and real must be \(N, 2\) points"):
+        widgets.flow_steps_figure(_two_flows(), torch.randn(5, 3), noise, steps=2)
+    with pytest.raises(ValueError, match="at least one velocity field"):
+        widgets.flow_steps_figure({}, noise, noise, steps=2)
