@@ -34,6 +34,7 @@ One module per course concept, in the order the notebooks introduce them:
     sd_convert  SD 1.5's weight names to these modules, every key checked
     sd          Stable Diffusion 1.5 in these modules: configs, generation, LoRA in 8 GB
     flow        rectified flow (SD 3's objective): the straight path, its loss, logit-normal times, ODE solvers, reflow
+    editing     img2img (SDEdit), inpainting (replace + RePaint resampling), DDIM-inversion edits with the tiny SD
     distributed data parallelism for the loop under torchrun
     memory      peak GPU memory of a training step and of sampling, measured
     plotting    image grids and rows, noising strips, schedule curves, loss curves (matplotlib)

@@ -323,3 +323,49 @@ def flow_steps_figure(fields: dict, noise: torch.Tensor, real: torch.Tensor, ste
     fig.suptitle(f"{steps} Euler step(s) from the same noise (blue: paths; red: where they end)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# --- notebook 15: img2img strength and inpainting masks ----------------------------------------------
+
+def img2img_figure(pipe, images: torch.Tensor, prompt: str, strength: float, seed: int = 0,
+                   steps: int = 20) -> Figure:
+    """The input images (top) and SDEdit's result at `strength` with `prompt` (bottom; course_lib.editing.img2img).
+    Axes are labelled "input k" and "edit k" and show uint8 (H, W, 3) arrays."""
+    from .editing import img2img
+
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string; got {type(prompt).__name__}")
+    edited = img2img(pipe, images, prompt, strength=strength, seed=seed, steps=steps)
+    words = prompt if len(prompt) <= 40 else prompt[:38] + "..."
+    return _two_rows([("input", images), ("edit", edited)],
+                     f"strength {float(strength):.2f} (0 = the input, 1 = from pure noise): {words!r}")
+
+
+def _two_rows(rows: list[tuple[str, torch.Tensor]], title: str) -> Figure:
+    """Rows of images, axes labelled "<row name> k", under one title."""
+    n = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n + 0.2, 1.5 * len(rows)), dpi=DPI, squeeze=False)
+    for row, (name, images) in enumerate(rows):
+        pics = to_uint8(images)
+        for k in range(n):
+            ax = axes[row, k]
+            ax.set_label(f"{name} {k}")
+            ax.imshow(pics[k], interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout(w_pad=0.3)
+    return fig
+
+
+def inpaint_figure(pipe, images: torch.Tensor, masks: dict, mask_name: str, prompt: str, seed: int = 0,
+                   steps: int = 20, resample: int = 1) -> Figure:
+    """The input with the chosen mask's hole greyed out (top) and the inpainted result (bottom;
+    course_lib.editing.inpaint). masks: name -> (1, 1, H, W) pixel mask, 1 = repaint."""
+    from .editing import inpaint
+
+    if mask_name not in masks:
+        raise ValueError(f"unknown mask {mask_name!r}; choose from {list(masks)}")
+    mask = masks[mask_name]
+    filled = inpaint(pipe, images, mask, prompt, seed=seed, steps=steps, resample=resample)
+    holed = images * (1 - mask)                                   # the hole shown grey (0 in [-1, 1])
+    return _two_rows([("masked", holed), ("inpainted", filled)], f"mask {mask_name!r}, prompt {prompt!r}")

@@ -41,6 +41,7 @@ CASES = [
     ("09_text_to_image.ipynb", "guidance", 2),
     ("10_lora.ipynb", "LoRA scale", 1),
     ("14_rectified_flow.ipynb", "steps", 2),
+    ("15_editing.ipynb", "strength", 2),
 ]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -411,3 +411,42 @@ def test_flow_steps_figure_rejects_bad_input():
         widgets.flow_steps_figure(_two_flows(), torch.randn(5, 3), noise, steps=2)
     with pytest.raises(ValueError, match="at least one velocity field"):
         widgets.flow_steps_figure({}, noise, noise, steps=2)
+
+
+# --- notebook 15: editing --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shipped_pipe():
+    from course_lib.pipeline import TextToImage
+    return TextToImage.from_shipped()
+
+
+def test_img2img_figure_shows_the_input_and_the_edit(shipped_pipe):
+    from course_lib.data import load_emoji, to_uint8
+    from course_lib.editing import img2img
+    images = load_emoji(size=32, split="heldout", limit=2).images
+    fig = widgets.img2img_figure(shipped_pipe, images, "red heart", 0.5, seed=1, steps=4)
+    expected = to_uint8(img2img(shipped_pipe, images, "red heart", strength=0.5, seed=1, steps=4))
+    for k in range(2):
+        np.testing.assert_array_equal(shown(fig, f"input {k}"), to_uint8(images)[k])
+        np.testing.assert_array_equal(shown(fig, f"edit {k}"), expected[k])
+    other = widgets.img2img_figure(shipped_pipe, images, "red heart", 1.0, seed=1, steps=4)
+    assert not np.array_equal(shown(other, "edit 0"), expected[0])
+    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
+        widgets.img2img_figure(shipped_pipe, images, "red heart", 1.5)
+    plt.close("all")
+
+
+def test_inpaint_figure_uses_the_chosen_mask(shipped_pipe):
+    from course_lib.data import load_emoji, to_uint8
+    from course_lib.editing import inpaint
+    images = load_emoji(size=32, split="heldout", limit=2).images
+    centre = torch.zeros(1, 1, 32, 32)
+    centre[..., 8:24, 8:24] = 1
+    masks = {"centre": centre, "left": torch.zeros(1, 1, 32, 32).index_fill_(3, torch.arange(16), 1.0)}
+    fig = widgets.inpaint_figure(shipped_pipe, images, masks, "left", "cat face", seed=2, steps=4)
+    expected = to_uint8(inpaint(shipped_pipe, images, masks["left"], "cat face", seed=2, steps=4))
+    np.testing.assert_array_equal(shown(fig, "inpainted 1"), expected[1])
+    with pytest.raises(ValueError, match=r"unknown mask 'top'; choose from \['centre', 'left'\]"):
+        widgets.inpaint_figure(shipped_pipe, images, masks, "top", "cat face")
+    plt.close("all")
