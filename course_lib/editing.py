@@ -65,8 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from .forward import check_images, vp_mix
-from .guidance import GuidedModel
-from .pipeline import TextToImage, _check_seed, prompt_list, text_to_image
+from .pipeline import TextToImage, _check_seed, guided, prompt_list, start_latents, text_to_image
 from .sampling import SamplerSettings, _alpha_bar, ddim_invert, ddim_step, denoise, timesteps
 from .vae import encode_latents
 
@@ -104,20 +103,6 @@ def _settings(pipe: TextToImage, steps: int | None, guidance_scale: float | None
 def _latents(pipe: TextToImage, images: torch.Tensor) -> torch.Tensor:
     """Scaled latents z0 of the images (the posterior mean), on the pipeline's device."""
     return encode_latents(pipe.vae, images, pipe.scale_factor, device=pipe.device).to(pipe.device)
-
-
-def _guided(pipe: TextToImage, prompts: list[str], negatives: list[str], settings: SamplerSettings) -> GuidedModel:
-    """The pipeline's U-Net with classifier-free guidance as text_to_image builds it."""
-    context, mask = pipe.encode(prompts)
-    null, null_mask = pipe.encode(negatives)
-    return GuidedModel(pipe.unet, context, mask, null, null_mask, float(settings.guidance_scale),
-                       float(settings.guidance_rescale))
-
-
-def _start_noise(pipe: TextToImage, B: int, seed: int) -> torch.Tensor:
-    """text_to_image's starting noise: image j from torch.randn on the CPU with seed + j."""
-    return torch.cat([torch.randn((1, *pipe.latent_shape), generator=torch.Generator().manual_seed(seed + j))
-                      for j in range(B)])
 
 
 # --- img2img (SDEdit) ---------------------------------------------------------------------------------------
@@ -172,7 +157,7 @@ def img2img(pipe: TextToImage, images: torch.Tensor, prompts: str | list[str], *
     if k < n:
         ts = img2img_timesteps(pipe, strength, n)
         settings = settings.replace(steps=k, start_t=int(ts[0]) - settings.offset)
-        noise = _start_noise(pipe, B, seed).to(pipe.device)
+        noise = start_latents(pipe.latent_shape, B, seed).to(pipe.device)
         latents = vp_mix(z0, noise, _alpha_bar(pipe.schedule, int(ts[0])))
     return text_to_image(pipe.unet, pipe.schedule, pipe.encode, pipe.decode, prompts, settings,
                          latent_shape=pipe.latent_shape, negative_prompt=negatives, seed=seed,
@@ -227,7 +212,7 @@ def inpaint(pipe: TextToImage, images: torch.Tensor, mask: torch.Tensor, prompts
     m = latent_mask(pipe, mask, images).to(pipe.device)
     settings = _settings(pipe, steps, guidance_scale)
     ts = timesteps(pipe.schedule, settings.steps, settings.spacing, settings.offset, start=settings.start_t).tolist()
-    model = _guided(pipe, prompts, negatives, settings)
+    model = guided(pipe.unet, pipe.encode, prompts, negatives, settings)
     generator = torch.Generator().manual_seed(seed)
 
     def fresh() -> torch.Tensor:
@@ -238,7 +223,7 @@ def inpaint(pipe: TextToImage, images: torch.Tensor, mask: torch.Tensor, prompts
         return m * z + (1 - m) * known
 
     z0 = _latents(pipe, images)
-    noise = _start_noise(pipe, B, seed).to(pipe.device)
+    noise = start_latents(pipe.latent_shape, B, seed).to(pipe.device)
     z = merge(noise, ts[0], noise)                          # the known region at t_0 from the same noise
     for t, t_next in zip(ts, ts[1:] + [-1]):
         for u in range(resample if t_next >= 0 else 1):
@@ -267,7 +252,7 @@ def invert(pipe: TextToImage, images: torch.Tensor, prompts: str | list[str], *,
     images = _check_images(pipe, images)
     B = images.shape[0]
     settings = _settings(pipe, steps, guidance_scale, start_t=start_t, guidance_rescale=0.0, offset=0)
-    model = _guided(pipe, _per_image(prompts, B), [""] * B, settings)
+    model = guided(pipe.unet, pipe.encode, _per_image(prompts, B), [""] * B, settings)
     z = ddim_invert(model, pipe.schedule, _latents(pipe, images), steps=settings.steps, prediction=pipe.prediction,
                     spacing=settings.spacing, start_t=settings.start_t)
     return z.float().cpu()

@@ -72,6 +72,23 @@ def _check_seed(seed) -> int:
 
 
 @torch.no_grad()
+def start_latents(latent_shape: tuple[int, int, int], n: int, seed: int) -> torch.Tensor:
+    """The starting noise of n images (n, *latent_shape): image k from torch.randn on the CPU with seed + k, so
+    an image's noise does not depend on the batch it is drawn in."""
+    return torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed + k))
+                      for k in range(n)])
+
+
+def guided(denoiser: torch.nn.Module, encode: Encode, prompts: list[str], negatives: list[str],
+           settings: SamplerSettings) -> GuidedModel:
+    """The denoiser with each prompt fixed and classifier-free guidance at settings.guidance_scale (rescaled by
+    settings.guidance_rescale), each image's negative prompt in the place of the empty prompt."""
+    context, mask = encode(prompts)
+    null, null_mask = encode(negatives)
+    return GuidedModel(denoiser, context, mask, null, null_mask, float(settings.guidance_scale),
+                       float(settings.guidance_rescale))
+
+
 def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: Encode,
                   decode: Callable[[torch.Tensor], torch.Tensor], prompts: str | list[str],
                   settings: SamplerSettings, *, latent_shape: tuple[int, int, int],
@@ -107,15 +124,11 @@ def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: En
     negatives = [n for n in negatives for _ in range(images_per_prompt)]
     shape = (len(prompts), *latent_shape)                  # (B, C, h, w): batch, latent channels, height, width
     if latents is None:
-        latents = torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed + k))
-                             for k in range(len(prompts))])
+        latents = start_latents(latent_shape, len(prompts), seed)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape} for {len(prompts)} image(s); got {tuple(latents.shape)}")
 
-    context, mask = encode(prompts)
-    null, null_mask = encode(negatives)
-    model = GuidedModel(denoiser, context, mask, null, null_mask, float(settings.guidance_scale),
-                        float(settings.guidance_rescale))
+    model = guided(denoiser, encode, prompts, negatives, settings)
     generator = torch.Generator().manual_seed(seed)       # fresh noise of stochastic samplers (DDPM, DDIM eta > 0)
     z = sample(model, schedule, shape, **settings.options(), prediction=prediction, generator=generator,
                device=device, x_T=latents.float().to(device), clip_x0=False, progress=progress)
@@ -236,4 +249,4 @@ class TextToImage:
         return generate(self, prompts, batch_size=batch_size, seed=seed, **options)
 
 
-__all__ = ["SHIPPED", "prompt_list", "text_to_image", "generate", "TextToImage"]
+__all__ = ["SHIPPED", "prompt_list", "start_latents", "guided", "text_to_image", "generate", "TextToImage"]
