@@ -17,6 +17,10 @@ them divided by it again.
 (course_lib.sd.StableDiffusion) both call it, with their own text encoder, denoiser, decoder and sampler
 settings (course_lib.sampling.SamplerSettings: TINY_SD_SAMPLER here, course_lib.sd.SD15_SAMPLER there).
 
+A U-Net trained with rectified flow (TrainConfig(objective="flow"), notebook 14; prediction "flow" in its file)
+makes the same pipeline a tiny SD 3: its guided velocity is integrated from t = 1 to 0 by Euler or Heun steps
+(course_lib.flow.sample_flow), and the pipeline's default sampler becomes "euler".
+
 A negative prompt replaces the empty prompt in the guidance formula, so the sampler steers away from it.
 
 Seeds: image k of a call (counting over prompts, then images per prompt) starts from the noise of
@@ -36,13 +40,17 @@ from . import checkpoint as ckpt
 from .clip import MiniCLIP, encode_prompts, load_clip
 from .forward import diffusion_loss
 from .guidance import GuidedModel
-from .sampling import TINY_SD_SAMPLER, SamplerSettings, sample
+from .flow import SOLVERS as FLOW_SOLVERS
+from .flow import model_velocity, sample_flow
+from .sampling import SAMPLERS, TINY_SD_SAMPLER, SamplerSettings, sample
 from .schedules import NoiseSchedule
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import VAE, decode_latents, load_vae
 
 SHIPPED = {"unet": "tiny_sd_emoji", "clip": "clip_emoji", "vae": "vae_emoji32"}   # names in checkpoints/
+
+FLOW = "flow"            # the prediction of a model trained with TrainConfig(objective="flow") (course_lib.flow)
 
 Encode = Callable[[list[str]], tuple[torch.Tensor, "torch.Tensor | None"]]   # prompts -> (states, mask or None)
 
@@ -129,6 +137,16 @@ def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: En
         raise ValueError(f"latents must have shape {shape} for {len(prompts)} image(s); got {tuple(latents.shape)}")
 
     model = guided(denoiser, encode, prompts, negatives, settings)
+    if prediction == FLOW:
+        # a rectified-flow denoiser (a tiny SD 3): its ODE from t = 1 (the noise) to t = 0, Euler or Heun
+        if settings.sampler not in FLOW_SOLVERS or settings.start_t is not None:
+            raise ValueError(f"a rectified-flow model samples from pure noise with one of {', '.join(FLOW_SOLVERS)}; "
+                             f"got sampler {settings.sampler!r}, start_t {settings.start_t!r}")
+        z = sample_flow(model_velocity(model), latents.float().to(device), int(settings.steps), settings.sampler)
+        return z.float().cpu() if return_latents else decode(z)
+    if settings.sampler in FLOW_SOLVERS:
+        raise ValueError(f"sampler {settings.sampler!r} integrates a rectified-flow model; this model predicts "
+                         f"{prediction!r}: use one of {', '.join(SAMPLERS)}")
     generator = torch.Generator().manual_seed(seed)       # fresh noise of stochastic samplers (DDPM, DDIM eta > 0)
     z = sample(model, schedule, shape, **settings.options(), prediction=prediction, generator=generator,
                device=device, x_T=latents.float().to(device), clip_x0=False, progress=progress)
@@ -178,6 +196,8 @@ class TextToImage:
         self.schedule = schedule
         self.scale_factor = float(scale_factor)
         self.prediction = prediction
+        if prediction == FLOW and sampler_settings.sampler not in FLOW_SOLVERS:
+            sampler_settings = sampler_settings.replace(sampler="euler")
         self.sampler_settings = sampler_settings           # what a call samples with, unless told otherwise
 
     @classmethod
@@ -211,6 +231,9 @@ class TextToImage:
         target (eps, x0 or v). `unet` defaults to the pipeline's (pass a copy being fine-tuned). reduce=False:
         one value per sample (B,). Used by every fine-tuning method."""
         unet = self.unet if unet is None else unet
+        if self.prediction == FLOW:
+            raise ValueError("the fine-tuning losses here are the diffusion objective's; this pipeline's U-Net was "
+                             "trained with rectified flow (prediction 'flow'), which the course does not fine-tune")
         terms = diffusion_loss(unet, self.schedule, z0, prediction=self.prediction, generator=generator,
                                cond=(context, mask))
         return terms.loss if reduce else terms.per_sample
@@ -249,4 +272,4 @@ class TextToImage:
         return generate(self, prompts, batch_size=batch_size, seed=seed, **options)
 
 
-__all__ = ["SHIPPED", "prompt_list", "start_latents", "guided", "text_to_image", "generate", "TextToImage"]
+__all__ = ["SHIPPED", "FLOW", "prompt_list", "start_latents", "guided", "text_to_image", "generate", "TextToImage"]

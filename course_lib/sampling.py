@@ -79,6 +79,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .flow import SOLVERS as FLOW_SOLVERS
 from .forward import check_images, check_prediction, predicted_x0_eps
 from .guidance import GuidedModel, check_rescale, classifier_free_guidance, conditional  # noqa: F401  (also importable from here)
 from .schedules import NoiseSchedule
@@ -392,7 +393,7 @@ class SamplerSettings:
     """A pipeline's sampler, as one value: course_lib.pipeline.TextToImage and course_lib.sd.StableDiffusion
     keep one (the tiny SD's: TINY_SD_SAMPLER; SD 1.5's scheduler: course_lib.sd.SD15_SAMPLER), and a call's
     keywords replace fields of it: `settings.replace(steps=50)`."""
-    sampler: str = "ddim"           # one of SAMPLERS
+    sampler: str = "ddim"           # one of SAMPLERS; for a rectified-flow model one of course_lib.flow.SOLVERS
     steps: int = 20                 # model calls (twice the batch each with guidance), 1..T
     guidance_scale: float = 4.0     # 0: ignore the prompt; 1: plain conditional model; > 1: follow it harder
     guidance_rescale: float = 0.0   # phi of rescaled guidance (Lin et al. 2024), in [0, 1]; 0: plain guidance
@@ -403,15 +404,17 @@ class SamplerSettings:
     start_t: int | None = None      # the first timestep (None: T-1); below it to edit a partly noised image
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid are {', '.join(SAMPLERS)}")
+        if self.sampler not in SAMPLERS + FLOW_SOLVERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid are {', '.join(SAMPLERS)} (a diffusion "
+                             f"model's) and {', '.join(FLOW_SOLVERS)} (a rectified-flow model's)")
         if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
             raise ValueError(f"steps must be an integer from 1 to the schedule's length T; got {self.steps!r}")
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 <= g < math.inf:
             raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance); got {g!r}")
         check_rescale(self.guidance_rescale, "guidance_rescale")
-        _check_sampler(self.sampler, self.eta)
+        if self.sampler in SAMPLERS:
+            _check_sampler(self.sampler, self.eta)
         if self.spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {self.spacing!r}; valid are {', '.join(SPACINGS)}")
         for name, low in (("offset", 0), ("final_t", -1)):

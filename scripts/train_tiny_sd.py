@@ -221,7 +221,8 @@ def stage_t2i(args, device: torch.device) -> None:
             print(f"U-Net initialised from {args.init_from} ({before.get('steps')} steps on {before.get('machine')})")
         config = TrainConfig(steps=args.t2i_steps, batch_size=args.t2i_batch, lr=args.t2i_lr, warmup=200,
                              schedule=args.schedule, prediction=args.prediction, latents=True,
-                             caption_dropout=0.1, ema_decay=args.ema, seed=args.seed)
+                             caption_dropout=0.1, ema_decay=args.ema, seed=args.seed,
+                             objective=args.objective, timestep_sampling=args.timestep_sampling)
         trainer = Trainer(unet, latents, config, device=device, conditioning=cond)
     reset_peak(device)
     trainer.train(checkpoint_path=state, checkpoint_every=1000, progress=not args.no_progress,
@@ -444,6 +445,10 @@ def main() -> None:
     p.add_argument("--t2i-lr", type=float, default=3e-4)
     p.add_argument("--schedule", default="scaled_linear")
     p.add_argument("--prediction", default="epsilon")
+    p.add_argument("--objective", default="diffusion", choices=("diffusion", "flow"),
+                   help="flow: rectified flow's velocity (a tiny SD 3; --schedule and --prediction unused)")
+    p.add_argument("--timestep-sampling", default="uniform", choices=("uniform", "logit_normal"),
+                   help="with --objective flow: SD 3's logit-normal t, or uniform")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--guidance", default="1,2,4,7")
     p.add_argument("--eval-steps", type=int, default=30)

@@ -214,3 +214,30 @@ def test_network_evaluations_per_step(solver, per_step):
     flow.sample_flow(lambda x, t: calls.append(t) or torch.zeros_like(x), torch.zeros(3, 2), 5, solver)
     assert len(calls) == per_step * 5
     assert calls[-1].tolist() == pytest.approx([0.0] * 3 if solver == "heun" else [0.2] * 3)
+
+
+def test_a_flow_text_to_image_pipeline_integrates_the_guided_velocity(tiny_pipe):
+    """A U-Net with prediction "flow" makes TextToImage a tiny SD 3: the same guided model, integrated by
+    sample_flow from the same starting noise (image k from seed + k), and decoded."""
+    from course_lib.guidance import GuidedModel
+    from course_lib.pipeline import TextToImage, start_latents
+
+    p = tiny_pipe
+    pipe = TextToImage(p.unet, p.schedule, p.clip, p.tokenizer, p.vae, p.scale_factor, prediction="flow")
+    assert pipe.sampler_settings.sampler == "euler"                     # the flow's default, not DDIM
+    prompts = ["red heart", "pizza"]
+    for solver, steps in (("euler", 3), ("heun", 2)):
+        z = pipe(prompts, seed=5, steps=steps, guidance_scale=2.5, sampler=solver, return_latents=True)
+        c, m = pipe.encode(prompts)
+        null, null_mask = pipe.encode(["", ""])
+        model = GuidedModel(pipe.unet, c, m, null, null_mask, 2.5)
+        expected = flow.sample_flow(flow.model_velocity(model), start_latents(pipe.latent_shape, 2, 5), steps, solver)
+        torch.testing.assert_close(z, expected)
+    images = pipe(prompts, seed=5, steps=2)
+    assert images.shape == (2, 3, *[p.vae.config.image_size] * 2) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="rectified-flow model samples from pure noise with one of euler, heun"):
+        pipe(prompts, sampler="ddim")
+    with pytest.raises(ValueError, match="integrates a rectified-flow model; this model predicts 'epsilon'"):
+        tiny_pipe(prompts, sampler="euler", steps=2)
+    with pytest.raises(ValueError, match="does not fine-tune"):
+        pipe.denoising_loss(torch.zeros(1, *pipe.latent_shape), c[:1], m[:1], torch.Generator())

@@ -68,7 +68,8 @@ def test_negative_prompt_changes_the_result(pipe):
     ({"steps": 5000}, "steps must be an integer from 1 to 1000"),
     ({"guidance_scale": -2.0}, "guidance_scale must be a number >= 0"),
     ({"images_per_prompt": 0}, "images_per_prompt must be a positive integer"),
-    ({"sampler": "euler"}, "unknown sampler 'euler'; valid are ddpm, ddim, dpm\\+\\+2m"),
+    ({"sampler": "lms"}, "unknown sampler 'lms'; valid are ddpm, ddim, dpm\\+\\+2m"),
+    ({"sampler": "euler"}, "sampler 'euler' integrates a rectified-flow model; this model predicts 'epsilon'"),
     ({"negative_prompt": ["a", "b"]}, "one negative prompt, or one per prompt"),
 ])
 def test_bad_arguments_get_clear_errors(pipe, kwargs, message):

@@ -480,7 +480,8 @@ def test_sampler_settings_replace_keeps_fields_given_as_none():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sampler="euler"), r"unknown sampler 'euler'; valid are ddpm, ddim, dpm\+\+2m"),
+    (dict(sampler="lms"), r"unknown sampler 'lms'; valid are ddpm, ddim, dpm\+\+2m \(a diffusion model's\) "
+                          r"and euler, heun \(a rectified-flow model's\)"),
     (dict(steps=0), r"steps must be an integer from 1 to the schedule's length T; got 0"),
     (dict(steps=2.5), r"steps must be an integer from 1"),
     (dict(steps=True), r"steps must be an integer from 1"),
