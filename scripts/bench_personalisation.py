@@ -3,8 +3,9 @@
     python scripts/bench_personalisation.py                  # all 29 held-out subjects (minutes per subject on a CPU)
     python scripts/bench_personalisation.py --subjects 4     # the first 4, as notebook 12 on a CPU
 
-Every method gets one image per subject (the default tone) and is asked for the five other tones; see
-course_lib.benchmark.compare_personalisation. Prints the table and writes it to results/personalisation.json.
+Every method (DreamBooth, LoRA-DreamBooth, LiDB, the hypernetwork alone and with fast fine-tuning, textual
+inversion) gets one image per subject (the default tone) and is asked for the five other tones; see
+course_lib.benchmark.compare_personalisation. File: what a method adds to the base model, as float16 safetensors. Prints the table and writes it to results/personalisation.json.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ from course_lib.settings import describe_machine  # noqa: E402
 
 
 def table(summary: dict, numbers: dict) -> str:
-    lines = [f"{'method':>32} {'numbers trained':>16} {'time (s)':>9} {'subject fidelity':>17} {'CLIP score':>11} "
-             f"{'tone accuracy':>14}"]
+    lines = [f"{'method':>32} {'numbers trained':>16} {'file (KB)':>10} {'time (s)':>9} {'subject fidelity':>17} "
+             f"{'CLIP score':>11} {'tone accuracy':>14}"]
     for m in PERSONALISATION_METHODS:
         r = summary[m]
-        lines.append(f"{m:>32} {numbers[m]:>16,} {r['seconds']:>9.2f} {r['subject']:>17.3f} {r['prompt']:>11.3f} "
-                     f"{r['tone']:>14.2f}")
+        lines.append(f"{m:>32} {numbers[m]:>16,} {r['bytes'] / 1000:>10,.1f} {r['seconds']:>9.2f} "
+                     f"{r['subject']:>17.3f} {r['prompt']:>11.3f} {r['tone']:>14.2f}")
     for m in ("base model, class prompt", "real images"):
         r = summary[m]
-        lines.append(f"{m:>32} {'':>16} {'':>9} {r['subject']:>17.3f} {r['prompt']:>11.3f} {r['tone']:>14.2f}")
+        lines.append(f"{m:>32} {'':>16} {'':>10} {'':>9} {r['subject']:>17.3f} {r['prompt']:>11.3f} "
+                     f"{r['tone']:>14.2f}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,15 @@ def test_summarise_averages_each_measure_over_subjects_and_skips_empty_methods()
     assert summary["LiDB"] == pytest.approx(dict(seconds=2.0, subject=0.6, tone=0.5))
 
 
-def test_the_five_methods_in_the_order_of_notebook_12():
+def test_the_six_methods_in_the_order_of_notebook_12():
     assert benchmark.PERSONALISATION_METHODS == ("DreamBooth", "LoRA-DreamBooth", "LiDB", "hypernetwork only",
-                                                 "hypernetwork + fast fine-tuning")
+                                                 "hypernetwork + fast fine-tuning", "textual inversion")
+
+
+def test_file_bytes_is_the_float16_safetensors_file_two_bytes_a_number_plus_a_small_header():
+    import torch
+    from safetensors.torch import save
+    x = torch.randn(3, 256, dtype=torch.float64)
+    size = benchmark.file_bytes({"x": x})
+    assert size == len(save({"x": x.half()}))
+    assert 0 < size - 2 * x.numel() < 256

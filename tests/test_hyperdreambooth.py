@@ -203,7 +203,17 @@ def test_compare_personalisation_runs_every_method(tiny_pipe):
     assert real["subject"] == pytest.approx(self_similarity(s.images[1:]), abs=1e-6)
     assert real["tone"] == db.tone_accuracy(s.images[1:], db.TONES[1:])
     claim = paper_claim(summary)
-    assert claim["speedup"] == pytest.approx(summary["DreamBooth"]["seconds"] / summary[PERSONALISATION_METHODS[-1]]["seconds"])
+    assert claim["speedup"] == pytest.approx(summary["DreamBooth"]["seconds"] /
+                                             summary["hypernetwork + fast fine-tuning"]["seconds"])
+    # textual inversion trains the one embedding row; every file holds 2 bytes (float16) per stored number
+    assert numbers["textual inversion"] == tiny_pipe.clip.config.text.width
+    for m, stored in (("DreamBooth", numbers["DreamBooth"]), ("LoRA-DreamBooth", numbers["LoRA-DreamBooth"]),
+                      ("LiDB", probe.numbers), ("hypernetwork only", probe.numbers),
+                      ("textual inversion", numbers["textual inversion"])):
+        header = summary[m]["bytes"] - 2 * stored
+        assert 0 < header < 32 * 1024, (m, header)          # names and shapes of the tensors
+    sizes = [summary[m]["bytes"] for m in ("textual inversion", "LiDB", "LoRA-DreamBooth", "DreamBooth")]
+    assert sizes == sorted(sizes)
     assert claim["matches"] == (claim["gap"] >= -0.25 * abs(claim["span"]))
 
 
