@@ -17,6 +17,8 @@ statistics first, so every row is "the resident weights + that job":
                                 steps of the course's one loop (lora_loss, backward with the GradScaler, AdamW over
                                 the adapters), so AdamW's two moment buffers exist on the second step
     LoRA step, no checkpointing the same with gradient checkpointing off: what checkpointing saves
+    LoRA-DreamBooth step        the LoRA step on a batch of two, the subject image and a class image, which is
+                                what DreamBooth's prior preservation trains on each step
 
 `peak` is torch.cuda.max_memory_allocated, `reserved` the caching allocator's high-water mark (closer to what
 nvidia-smi shows); "within 8 GiB" compares the larger, `reserved`. Neither counts the CUDA context (~0.3-0.5 GiB
@@ -62,6 +64,7 @@ from course_lib.settings import describe_machine  # noqa: E402
 
 DEFAULT_SIZE = {"sd15": 512, "tiny": 64}        # SD 1.5's native resolution; the tiny VAE's
 PROMPT = "a watercolour painting of a fox in the snow"
+SUBJECT_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"   # DreamBooth's two prompts
 GUIDANCE = 7.5
 LORA_RANK = 4
 LORA_STEPS = 2                                   # the second step has AdamW's moments to hold
@@ -172,6 +175,17 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
     for checkpointing in (True, False):
         attempt(f"LoRA step, {size} px, batch 1, rank {LORA_RANK}, "
                 f"{'gradient checkpointing' if checkpointing else 'no checkpointing'}", lora_steps(checkpointing))
+
+    def dreambooth_steps() -> None:
+        # DreamBooth's prior preservation trains on the subject image and a class image in one batch (the loss is
+        # the subject term plus lambda times the class term): a LoRA step on a batch of two, as memory goes.
+        sd.unet.config = sd.unet.config.replace(gradient_checkpointing=True)
+        two_images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        LoRAFineTune(sd, two_images, [SUBJECT_PROMPT, CLASS_PROMPT], steps=LORA_STEPS, rank=LORA_RANK,
+                     batch_size=2, gradient_checkpointing=True).run(progress=False)
+
+    attempt(f"LoRA-DreamBooth step with prior preservation, {size} px, batch 2 (subject + class image), "
+            f"rank {LORA_RANK}, gradient checkpointing", dreambooth_steps)
     return rows
 
 
