@@ -5,7 +5,8 @@
 
 Every method (DreamBooth, LoRA-DreamBooth, LiDB, the hypernetwork alone and with fast fine-tuning, textual
 inversion) gets one image per subject (the default tone) and is asked for the five other tones; see
-course_lib.benchmark.compare_personalisation. File: what a method adds to the base model, as float16 safetensors. Prints the table and writes it to results/personalisation.json.
+course_lib.benchmark.compare_personalisation. File: what a method adds to the base model, as float16
+safetensors. Prints the table and writes it to results/personalisation.json.
 """
 
 from __future__ import annotations

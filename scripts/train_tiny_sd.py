@@ -38,7 +38,8 @@ from course_lib.clip import (MiniCLIP, clip_config, encode_prompts, fit_clip, lo
 from course_lib.tokenizer import Tokenizer  # noqa: E402
 from course_lib.metrics import psnr  # noqa: E402
 from course_lib.plotting import save_grid_png  # noqa: E402
-from course_lib.train import Conditioning, TrainConfig, Trainer, resolve_precision  # noqa: E402
+from course_lib.flow import TIMESTEP_SAMPLING  # noqa: E402
+from course_lib.train import OBJECTIVES, Conditioning, TrainConfig, Trainer, resolve_precision  # noqa: E402
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 from course_lib.vae import (DEFAULT_KL_WEIGHT, VAE, encode_latents, fit_vae, latent_scale_factor,  # noqa: E402
                             load_vae, save_vae)
@@ -445,9 +446,9 @@ def main() -> None:
     p.add_argument("--t2i-lr", type=float, default=3e-4)
     p.add_argument("--schedule", default="scaled_linear")
     p.add_argument("--prediction", default="epsilon")
-    p.add_argument("--objective", default="diffusion", choices=("diffusion", "flow"),
+    p.add_argument("--objective", default="diffusion", choices=OBJECTIVES,
                    help="flow: rectified flow's velocity (a tiny SD 3; --schedule and --prediction unused)")
-    p.add_argument("--timestep-sampling", default="uniform", choices=("uniform", "logit_normal"),
+    p.add_argument("--timestep-sampling", default="uniform", choices=TIMESTEP_SAMPLING,
                    help="with --objective flow: SD 3's logit-normal t, or uniform")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--guidance", default="1,2,4,7")
