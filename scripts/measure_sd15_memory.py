@@ -19,6 +19,11 @@ statistics first, so every row is "the resident weights + that job":
     LoRA step, no checkpointing the same with gradient checkpointing off: what checkpointing saves
     LoRA-DreamBooth step        the LoRA step on a batch of two, the subject image and a class image, which is
                                 what DreamBooth's prior preservation trains on each step
+    HyperDreamBooth fast FT     HyperDreamBooth's rank-relaxed fast fine-tuning as course_lib.hyperdreambooth runs
+                                it on the tiny SD: LiDB layers on SD 1.5's attention projections, a predicted update
+                                relaxed to rank-4 LoRA (LiDB.to_lora), then two LoRA steps on the one subject image.
+                                The hypernetwork's own forward pass is not in this row (the course has no SD-sized
+                                hypernetwork); LiDB's starting weights stand in for its prediction
 
 `peak` is torch.cuda.max_memory_allocated, `reserved` the caching allocator's high-water mark (closer to what
 nvidia-smi shows); "within 8 GiB" compares the larger, `reserved`. Neither counts the CUDA context (~0.3-0.5 GiB
@@ -59,6 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_lib import memory  # noqa: E402
+from course_lib.lidb import LiDB, LiDBConfig  # noqa: E402
+from course_lib.lora import remove_lora  # noqa: E402
 from course_lib.sd import PRESETS, LoRAFineTune, StableDiffusion, sd_preset  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 
@@ -67,6 +74,7 @@ PROMPT = "a watercolour painting of a fox in the snow"
 SUBJECT_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"   # DreamBooth's two prompts
 GUIDANCE = 7.5
 LORA_RANK = 4
+FAST_RANK = 4                                    # HyperDreamBooth's relaxed rank, as notebook 12 uses it
 LORA_STEPS = 2                                   # the second step has AdamW's moments to hold
 
 
@@ -186,6 +194,19 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
 
     attempt(f"LoRA-DreamBooth step with prior preservation, {size} px, batch 2 (subject + class image), "
             f"rank {LORA_RANK}, gradient checkpointing", dreambooth_steps)
+
+    def hyperdreambooth_fast_steps() -> None:
+        # course_lib.hyperdreambooth.fast_finetune's steps on SD: LiDB on the attention projections, the predicted
+        # rank-1 update relaxed to rank FAST_RANK (memory does not depend on the values: LiDB's starting weights
+        # stand in for the hypernetwork's prediction), then LoRA steps on the one subject image
+        remove_lora(sd.unet)
+        lidb = LiDB(sd.unet, LiDBConfig(), seed=0)
+        lidb.to_lora(lidb.init_weights(1), rank=FAST_RANK)
+        LoRAFineTune(sd, image, [SUBJECT_PROMPT], steps=LORA_STEPS, rank=FAST_RANK,
+                     gradient_checkpointing=True).run(progress=False)
+
+    attempt(f"HyperDreamBooth rank-relaxed fast fine-tuning, {size} px, batch 1, LiDB -> rank {FAST_RANK}, "
+            f"gradient checkpointing", hyperdreambooth_fast_steps)
     return rows
 
 
