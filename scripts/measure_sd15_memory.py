@@ -1,4 +1,4 @@
-r"""Peak GPU memory of Stable Diffusion 1.5 at 512 x 512: generating an image and one LoRA training step, against 8 GiB.
+r"""Peak GPU memory of Stable Diffusion 1.5 at 512 x 512: generation and the fine-tuning steps of notebooks 10-13, against 8 GiB.
 
     python scripts/measure_sd15_memory.py                     # needs a CUDA GPU; prints a table
     python scripts/measure_sd15_memory.py --json sd15.json    # and writes the rows and the machine
@@ -24,6 +24,11 @@ statistics first, so every row is "the resident weights + that job":
                                 relaxed to rank-4 LoRA (LiDB.to_lora), then two LoRA steps on the one subject image.
                                 The hypernetwork's own forward pass is not in this row (the course has no SD-sized
                                 hypernetwork); LiDB's starting weights stand in for its prediction
+    textual inversion step      every weight frozen; one row of the text encoder's token table trains (float32),
+                                its gradient reaching it from the U-Net's denoising loss back through the frozen
+                                float16 text encoder (checkpointed U-Net, GradScaler, AdamW over the 768 numbers).
+                                The row is an existing token's (the subject word's first); a new row, as
+                                course_lib.textual_inversion adds on the tiny SD, costs the same memory
 
 `peak` is torch.cuda.max_memory_allocated, `reserved` the caching allocator's high-water mark (closer to what
 nvidia-smi shows); "within 8 GiB" compares the larger, `reserved`. Neither counts the CUDA context (~0.3-0.5 GiB
@@ -71,7 +76,8 @@ from course_lib.settings import describe_machine  # noqa: E402
 
 DEFAULT_SIZE = {"sd15": 512, "tiny": 64}        # SD 1.5's native resolution; the tiny VAE's
 PROMPT = "a watercolour painting of a fox in the snow"
-SUBJECT_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"   # DreamBooth's two prompts
+PLACEHOLDER = "sks"                              # the subject's word (DreamBooth's identifier, TI's placeholder)
+SUBJECT_PROMPT, CLASS_PROMPT = f"a photo of {PLACEHOLDER} dog", "a photo of a dog"   # DreamBooth's two prompts
 GUIDANCE = 7.5
 LORA_RANK = 4
 FAST_RANK = 4                                    # HyperDreamBooth's relaxed rank, as notebook 12 uses it
@@ -207,7 +213,54 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
 
     attempt(f"HyperDreamBooth rank-relaxed fast fine-tuning, {size} px, batch 1, LiDB -> rank {FAST_RANK}, "
             f"gradient checkpointing", hyperdreambooth_fast_steps)
+
+    def textual_inversion_steps() -> None:
+        remove_lora(sd.unet)
+        sd.unet.requires_grad_(False)
+        sd.text_encoder.requires_grad_(False)
+        sd.unet.config = sd.unet.config.replace(gradient_checkpointing=True)
+        ids, _ = sd.tokenizer([SUBJECT_PROMPT])
+        ids = ids.to(device)
+        table = sd.text_encoder.token_embedding
+        word = SUBJECT_PROMPT.split().index(PLACEHOLDER)                      # "a photo of sks dog": the 4th word
+        token = int(ids[0, 1 + len(sd.tokenizer.encode(" ".join(SUBJECT_PROMPT.split()[:word])))])
+        one_row = OneTrainedRow(table, token)
+        sd.text_encoder.token_embedding = one_row
+        latents = sd.encode_images(image)
+        optimizer = torch.optim.AdamW([one_row.row], lr=5e-3, weight_decay=0.0)
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and sd.dtype == torch.float16)
+        generator = torch.Generator().manual_seed(0)
+        start = one_row.row.detach().clone()
+        try:
+            for _ in range(LORA_STEPS):
+                context = sd.text_encoder(ids, None)                           # with gradients, to the one row
+                loss = sd.lora_loss(latents, context.float(), generator)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            if torch.equal(one_row.row.detach(), start) or not torch.isfinite(one_row.row).all():
+                raise RuntimeError("textual inversion: the trained row did not move (no gradient reached it) "
+                                   "or is not finite")
+        finally:
+            sd.text_encoder.token_embedding = table
+
+    attempt(f"textual inversion step, {size} px, batch 1, one embedding row trained through the frozen text "
+            f"encoder, gradient checkpointing", textual_inversion_steps)
     return rows
+
+
+class OneTrainedRow(torch.nn.Module):
+    """A frozen token table in which the row of one token trains (float32): nn.Embedding's forward(ids)."""
+
+    def __init__(self, table: torch.nn.Embedding, token: int):
+        super().__init__()
+        self.table, self.token = table, token
+        self.row = torch.nn.Parameter(table.weight.detach()[token].float().clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.table(ids)
+        return torch.where((ids == self.token)[..., None], self.row.to(x.dtype), x)
 
 
 def print_table(rows: list[Row], header: str) -> None:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "measure_sd15_memory.py"
 ROWS = ("weights only", "generation", "VAE decode, batch 2, sliced", "VAE decode, batch 2, at once",
         "LoRA step", "gradient checkpointing", "no checkpointing", "LoRA-DreamBooth step with prior preservation",
-        "HyperDreamBooth rank-relaxed fast fine-tuning")
+        "HyperDreamBooth rank-relaxed fast fine-tuning",
+        "textual inversion step")
 FIELDS = {"name", "status", "seconds", "peak_gib", "reserved_gib", "fits"}
 
 
@@ -43,7 +44,7 @@ def test_tiny_preset_on_cpu_runs_every_row(tmp_path):
     assert (report["preset"], report["size"], report["steps"], report["gpu"]) == ("tiny", 64, 2, None)
     assert set(report["parameters"]) == {"unet", "vae", "text_encoder"}
     rows = report["rows"]
-    assert len(rows) == 8
+    assert len(rows) == 9
     names = " / ".join(r["name"] for r in rows)
     for row in ROWS:
         assert row in names
