@@ -10,14 +10,14 @@ Four steps, each a separate process with its own time limit inside one overall b
     notebooks   each notebook in quick mode (scripts/run_notebooks.py --quick): the GPU branches of every
                 notebook run once, catching device and dtype bugs; seconds and pass / fail per notebook
     tests       the test files with CUDA-only tests (--tests), run by pytest on the GPU; its summary line
-    memory      scripts/measure_memory.py: peak GPU memory of the full-mode steps of notebooks 04-09
+    memory      scripts/measure_memory.py: peak GPU memory of the full-mode steps of notebooks 04-15 (13: sd15)
     sd15        scripts/measure_sd15_memory.py: SD 1.5 at 512 x 512 with SD-shaped random weights
 
 Everything goes into one file named after the GPU (default results/gpu_check_<gpu>.json): the GPU's name, torch
 and CUDA versions, and per step its command, status (ok, failed, timed out, skipped for the budget), seconds, the
 tail of its output and what it measured (the memory scripts' rows). What a step cannot yet measure is not
-invented: rows for notebooks 10-15's full-mode steps and the hypernetwork's forward pass at SD
-1.5's size are not in the memory scripts yet, and the file says so under "not_covered".
+invented: the hypernetwork's forward pass at SD 1.5's size is not in the memory scripts, and the file says so
+under "not_covered".
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("notebooks", "tests", "memory", "sd15")
 CUDA_TESTS = ("tests/test_memory.py", "tests/test_sampling.py", "tests/test_train.py", "tests/test_settings.py")
-NOT_COVERED = ["peak memory of notebooks 10-15's full-mode steps (the memory script covers 04-09)",
+NOT_COVERED = ["notebooks 01-03's memory (they train nothing; 03 prints the peak of its timed steps itself, "
+               "in the notebooks step's quick run only)",
                "the HyperDreamBooth hypernetwork's own forward pass at SD 1.5's size (the course has none that size; "
                "measure_sd15_memory.py covers generation, the LoRA step, LoRA-DreamBooth's batch of two, "
                "HyperDreamBooth's rank-relaxed fast fine-tuning and a textual inversion step)"]
@@ -121,7 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
             result["steps"]["tests"] = {**r, "summary": summary[-1] if summary else None}
         if "memory" in steps:
             file = Path(tmp) / "memory.json"
-            r = run_step([py, "scripts/measure_memory.py", "--json", str(file)], left(), env)
+            # on a CPU: one row's code path at --tiny sizes (tests/test_measure_memory_script.py runs the others)
+            cpu = ["--tiny", "--only", "05"] if args.device == "cpu" else []
+            r = run_step([py, "scripts/measure_memory.py", "--device", args.device, *cpu, "--json", str(file)],
+                         left(), env)
             result["steps"]["memory"] = {**r, "rows": json.loads(file.read_text())["rows"] if file.exists() else None}
         if "sd15" in steps:
             file = Path(tmp) / "sd15.json"
