@@ -8,7 +8,12 @@ file an interruption can leave behind is removed by the next save to that destin
 Verified: every file written here carries a SHA-256 checksum of its tensors and metadata (metadata
 key "sha256"), checked whenever it is read, so a flipped byte or an edited step count is refused
 instead of loading silently. A file that cannot be read (truncated, corrupt, not safetensors) is
-reported with its path and what to do; files written before checksums existed load unchecked.
+reported with its path and what to do. A file without a checksum is refused too (a flipped bit in the key's
+name must not turn checking off); one written before checksums existed gets one from ADD_CHECKSUM_COMMAND.
+
+Nothing finished is replaced silently: `keep_earlier` moves an existing file aside to the first free
+`<name>.v<k>.safetensors` (Lightning's version counter), which the training loop does before a fresh run would
+write over another run's checkpoint, and `Trainer.export` before it would replace a model file.
 
 Two kinds of file:
     training checkpoint   everything needed to continue exactly (weights, EMA weights, optimizer
@@ -56,6 +61,7 @@ def shipped(name: str) -> Path:
 
 
 CHECKSUM_KEY = "sha256"
+ADD_CHECKSUM_COMMAND = "python scripts/add_checksum.py"
 
 
 class CorruptCheckpoint(ValueError):
@@ -111,6 +117,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes files private; give the usual permissions
         os.replace(tmp, path)
+        _fsync_folder(path.parent)             # the rename itself reaches the disk
     except (OSError, SafetensorError, CorruptCheckpoint) as e:
         kept = f"; the earlier {path.name} is unchanged" if path.exists() else ""
         raise OSError(f"could not write {path}: {e}. Check the folder is writable and the disk has room "
@@ -122,8 +129,37 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     return path
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file, its checksum verified where it has one."""
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk where the system allows opening a folder (POSIX)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def keep_earlier(path: str | os.PathLike) -> Path | None:
+    """Move an existing file at `path` aside to the first free `<stem>.v<k><suffix>` (k = 1, 2, ...) and return
+    where it went (None if there was no file), so that nothing finished is overwritten."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    k = 1
+    while (kept := path.with_name(f"{path.stem}.v{k}{path.suffix}")).exists():
+        k += 1
+    os.replace(path, kept)
+    _fsync_folder(path.parent)
+    return kept
+
+
+def read(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, its checksum verified (verify=False only for
+    scripts/add_checksum.py, which adds a checksum to an older file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -137,7 +173,12 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise CorruptCheckpoint(f"{path} is not a readable safetensors file ({e}): it is truncated, corrupt "
                                 f"or of another format. {advice}") from None
     expected = metadata.get(CHECKSUM_KEY)
-    if expected is not None and checksum(tensors, metadata) != expected:
+    if expected is None and verify:
+        raise CorruptCheckpoint(f"{path} has no checksum, so its contents cannot be verified: it was written "
+                                f"before the course's files carried one, by another tool, or its checksum's key "
+                                f"was damaged. If you trust the file, add one with `{ADD_CHECKSUM_COMMAND} {path}`; "
+                                f"otherwise {advice[0].lower()}{advice[1:]}")
+    if expected is not None and verify and checksum(tensors, metadata) != expected:
         raise CorruptCheckpoint(f"{path} does not match its checksum: its contents changed after it was "
                                 f"written (a damaged or edited file). {advice}")
     metadata.pop(CHECKSUM_KEY, None)
@@ -222,5 +263,6 @@ def replace_card_section(card: str, name: str, body: str) -> str:
     return card[:k].rstrip("\n") + "\n\n" + block + "\n" + card[k:]
 
 
-__all__ = ["checkpoints_dir", "shipped", "CorruptCheckpoint", "checksum", "remove_stale_temporaries", "atomic_save", "read", "compact_state", "read_format", "save_model",
+__all__ = ["checkpoints_dir", "shipped", "CHECKSUM_KEY", "ADD_CHECKSUM_COMMAND", "CorruptCheckpoint", "checksum",
+           "remove_stale_temporaries", "keep_earlier", "atomic_save", "read", "compact_state", "read_format", "save_model",
            "load_model", "card_section", "replace_card_section"]
