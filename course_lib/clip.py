@@ -317,18 +317,13 @@ def fit_clip(clip: MiniCLIP, tokenizer: Tokenizer, images: torch.Tensor, caption
         raise ValueError(f"need steps >= 1 and batch_size >= 2 (contrast needs negatives); got {steps}, {batch_size}")
     _check_tokenizer(clip, tokenizer)
     device = torch.device(device) if device is not None else clip.device
-    clip.to(device).train()
+    clip.to(device)
     run = CLIPFit(clip, tokenizer, images, captions, steps=steps, batch_size=batch_size, lr=lr,
                   weight_decay=weight_decay, warmup=min(200, steps // 10) if warmup is None else warmup,
                   augment_shift=augment_shift, device=device, precision=precision, seed=seed)
-    try:
-        run.resume_from(checkpoint_path, resume)
-        run.fit(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
-                progress=progress, callback=None if callback is None else lambda fit: callback(fit.report()),
-                callback_every=callback_every, desc="CLIP")
-    finally:
-        clip.eval()
-    return run.report()
+    return run.train_module(clip, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
+                            max_seconds=max_seconds, progress=progress, callback=callback,
+                            callback_every=callback_every, desc="CLIP")
 
 
 # --- Using a trained CLIP ----------------------------------------------------------------------------

@@ -22,3 +22,12 @@ class JSONConfig:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as one level of dotted keys ({"a": {"b": 1}} -> {"a.b": 1}): how a refused resume names the one
+    setting that differs (course_lib.loop)."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

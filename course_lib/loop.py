@@ -11,9 +11,8 @@ trainer the same way, nanoGPT's train.py is one loop for every size):
                                  backward, gradient clipping, the optimizer step, EMA, the NaN guard,
                                  a step or time budget, progress (tqdm), checkpoints and exact resume
 
-Who uses it: the diffusion Trainer (course_lib.train: pixels, latents, text-to-image), the VAE
-(course_lib.vae), the mini CLIP (course_lib.clip), LoRA, DreamBooth and LiDB fine-tuning (course_lib.lora),
-the hypernetwork and its fast fine-tuning (course_lib.hyperdreambooth), and SD 1.5's LoRA (course_lib.sd).
+Who uses it: the diffusion Trainer (course_lib.train), the VAE (vae, vae_gan), the mini CLIP (clip), LoRA, DreamBooth,
+LiDB and the hypernetwork (lora, dreambooth, hyperdreambooth), textual inversion, and SD 1.5's LoRA (sd).
 
 What a trusted trainer promises, kept here:
     NaN guard           a non-finite loss stops training at once, naming the step, and says which
@@ -27,7 +26,11 @@ What a trusted trainer promises, kept here:
     exact resume        a checkpoint holds the trained parameters, EMA, optimizer moments, gradient
                         scaler, random-number states, data order, step, seconds and the logged history,
                         so a resumed run continues bit for bit; `resume` refuses a checkpoint from a
-                        different run (other settings or data) and names what differs
+                        different run (other settings or data) and names the settings that differ. The
+                        one change allowed is the learning rate (to continue a diverged run more gently):
+                        the resumed run says so, and from there it is no longer bit for bit
+    nothing lost        a fresh run never writes over another run's checkpoint: the earlier file is moved
+                        aside to <name>.v<k>.safetensors first, and the run says where
 
 Several processes (torchrun): the logged loss is averaged over ranks, all ranks stop at the same step,
 and only rank 0 shows progress and writes files (course_lib.distributed).
@@ -49,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .config import flat_dict
 from . import distributed
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -229,6 +233,8 @@ class Fit:
                 raise ValueError(f"{name} must be a positive integer (steps between calls); got {value!r}")
         if checkpoint_path is not None and distributed.rank() == 0:
             ckpt.remove_stale_temporaries(checkpoint_path)      # what a save killed mid-write left behind
+            if self.last_good is None or Path(self.last_good[0]) != Path(checkpoint_path):
+                self._keep_earlier(checkpoint_path)             # another run's file: never written over
         begun, saved = time.perf_counter(), self.step
         bar = tqdm(total=target, initial=self.step, disable=not (progress and distributed.rank() == 0),
                    desc=desc, unit="step")
@@ -282,15 +288,37 @@ class Fit:
             self.save(checkpoint_path)
         return self
 
+    def train_module(self, module: nn.Module, *, checkpoint_path: str | Path | None, checkpoint_every: int,
+                     resume: bool, max_seconds: float | None, progress: bool, callback: Callable[[dict], None] | None,
+                     callback_every: int, desc: str) -> dict:
+        """The recipe of fit_vae, fit_vae_gan and fit_clip: continue from checkpoint_path if it holds this run (with
+        resume), fit with `module` in train mode, leave it in eval mode whatever happens; callback(self.report())
+        every callback_every steps. Returns self.report() (a subclass gives report())."""
+        module.train()
+        try:
+            self.resume_from(checkpoint_path, resume)
+            self.fit(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
+                     progress=progress, callback=None if callback is None else lambda fit: callback(fit.report()),
+                     callback_every=callback_every, desc=desc)
+        finally:
+            module.eval()
+        return self.report()
+
     @staticmethod
     def _as_pair(out) -> tuple[torch.Tensor, dict]:
         return out if isinstance(out, tuple) else (out, {})
 
     def _advice(self) -> str:
         lr = self.optimizer.param_groups[0]["lr"]
-        good = (f"The last good checkpoint is {self.last_good[0]} (step {self.last_good[1]}); resume from it "
-                f"with a lower learning rate." if self.last_good else "No checkpoint of this run was written.")
+        good = (f"The last good checkpoint is {self.last_good[0]} (step {self.last_good[1]}): the same call with "
+                f"a lower learning rate resumes from it (the one setting a resumed run may change)."
+                if self.last_good else "No checkpoint of this run was written.")
         return f"Lower the learning rate (now {lr:.2e}), keep gradient clipping on, or use fp32. {good}"
+
+    @staticmethod
+    def _keep_earlier(path: str | Path) -> None:
+        if (kept := ckpt.keep_earlier(path)) is not None:
+            print(f"{path} held another run's checkpoint; it is kept as {kept} and this run starts afresh.")
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _weights_rms(self) -> float:
@@ -348,13 +376,23 @@ class Fit:
     def resume_from(self, path: str | Path | None, resume: bool = True) -> bool:
         """`load(path)` when there is such a file and `resume`; True if it did. A checkpoint of another run is
         refused, saying how to start afresh instead."""
-        if path is None or not resume or not Path(path).is_file():
+        if path is None or not Path(path).is_file():
+            return False
+        if not resume:
+            if distributed.rank() == 0:
+                self._keep_earlier(path)
+            distributed.barrier()
             return False
         try:
             self.load(path)
         except ValueError as error:
-            raise ValueError(f"{error} To train another model or dataset, pass resume=False (the file is then "
-                             f"overwritten) or another checkpoint_path.") from error
+            raise ValueError(f"{error} To start afresh, pass resume=False (the earlier file is then kept as "
+                             f"{Path(path).stem}.v<k>{Path(path).suffix}, nothing is overwritten) or another "
+                             f"checkpoint_path.") from error
+        if self.step > self.fit_config.steps:
+            raise ValueError(f"{path} has trained {self.step} steps, more than the {self.fit_config.steps} asked "
+                             f"for. Ask for at least {self.step} steps to use it, or pass resume=False to start "
+                             f"afresh (the earlier file is kept under a new name).")
         return True
 
     def load(self, path: str | Path) -> "Fit":
@@ -363,13 +401,14 @@ class Fit:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a course_lib training checkpoint (format {meta.get('format')!r}; "
                              f"expected {FORMAT!r})")
-        saved, now = json.loads(meta["run"]), json.loads(json.dumps(self.run_info(), sort_keys=True))
+        saved, now = (flat_dict(json.loads(x)) for x in (meta["run"], json.dumps(self.run_info(), sort_keys=True)))
         differ = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
-        if differ:
-            shown = "; ".join(f"trained on {a} images, now {b}" if k == "n_images" else
+        lr_only = differ and all(k.rsplit(".", 1)[-1] == "lr" for k in differ)
+        if differ and not lr_only:
+            shown = "; ".join(f"trained on {a} images, now {b}" if k.endswith("n_images") else
                               f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"{path} was written by a different run, so it cannot be continued exactly: {shown}. "
-                             f"Use the same settings and data, or another checkpoint path to start afresh.")
+                             f"Use the same settings and data (only the learning rate may change).")
         n = sum(k.startswith("param.") for k in tensors)
         if n != len(self.params):
             raise ValueError(f"{path} holds {n} trained tensors; this run trains {len(self.params)}")
@@ -386,7 +425,9 @@ class Fit:
                 state.setdefault(int(index), {})[name] = value.item() if f"{index}.{name}" in numbers else value
         groups = self.optimizer.state_dict()["param_groups"]
         for group, saved_group in zip(groups, json.loads(meta["param_groups"])):
+            peak = group["peak_lr"]                            # this run's rate (differs only if lr_only)
             group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved_group.items()})
+            group["peak_lr"] = peak
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         if self.scaler is not None and json.loads(meta["scaler"]) is not None:
             self.scaler.load_state_dict(json.loads(meta["scaler"]))
@@ -399,6 +440,9 @@ class Fit:
         self.step, self.seconds = int(meta["step"]), float(meta["seconds"])
         self.history = {k[4:]: v.tolist() for k, v in tensors.items() if k.startswith("log.")}
         self.last_good, self._rms = (Path(path), self.step), self._weights_rms()
+        if lr_only:
+            print(f"resumed {path} at step {self.step} with another learning rate: " + "; ".join(
+                f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items()) + " (not bit for bit from here)")
         return self
 
 

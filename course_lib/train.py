@@ -33,13 +33,10 @@ loop and random stream, with the straight path x_t = (1 - t) x0 + t eps, t in (0
 All randomness of the training loop (data order, timesteps, noise, caption dropout) comes from one
 seeded CPU torch.Generator whose state is saved with the checkpoint.
 
-Several processes (`torchrun --nproc_per_node=N`, course_lib.distributed): when a process group of N > 1
-ranks is initialised, the Trainer wraps the U-Net in DistributedDataParallel. config.batch_size is then the
-global batch B: every rank draws the same B indices, flips, timesteps and noise as one process would, and
-keeps its rows r*b .. (r+1)*b - 1 (b = B / N); DDP averages the gradients, so each step equals the single
-process's step up to float summation order. The logged loss is averaged over the ranks; only rank 0 shows
-progress and writes files, and `save` stores the plain U-Net's weights, so checkpoints move freely between
-1 and N processes.
+Several processes (`torchrun --nproc_per_node=N`, course_lib.distributed): the U-Net is wrapped in
+DistributedDataParallel; every rank draws the same global batch B as one process would and keeps its rows
+r*b .. (r+1)*b - 1 (b = B / N), so each step equals the single process's up to float summation order. Rank 0
+alone shows progress and writes files; checkpoints hold the plain U-Net, so they move between 1 and N processes.
 """
 
 from __future__ import annotations
@@ -69,8 +66,7 @@ from .unet import UNet, UNetConfig
 
 SCHEDULES = KINDS + ("learned",)
 OBJECTIVES = ("diffusion", "flow")   # DDPM's (with config.prediction) or rectified flow's velocity (course_lib.flow)
-# TrainingDiverged, ema_decay_at, ema_update and PRECISIONS are the loop's, re-exported: notebook 04 and the tests
-# import them from here.
+# TrainingDiverged, ema_decay_at, ema_update and PRECISIONS are the loop's, re-exported for notebook 04 and tests.
 
 
 @dataclass
@@ -130,8 +126,6 @@ class TrainConfig(JSONConfig):
                                  "weights its own (set min_snr_gamma=None)")
 
 
-
-
 def lr_at(step: int, config: TrainConfig) -> float:
     """The Trainer's learning rate at `step`: linear warm-up to config.lr over config.warmup steps, then
     constant (course_lib.loop.lr_factor)."""
@@ -171,10 +165,7 @@ class Trainer(Fit):
     """Trains a U-Net on a fixed tensor of images; `train()` runs until config.steps, resumable.
 
     trainer = Trainer(UNet(get_preset("small")), images, TrainConfig(steps=2000))
-    trainer.train(checkpoint_path="runs/ddpm.safetensors", checkpoint_every=500)
-    ...later, after an interruption:
-    trainer = Trainer.resume("runs/ddpm.safetensors", images)
-    trainer.train(checkpoint_path="runs/ddpm.safetensors", checkpoint_every=500)
+    trainer.train(checkpoint_path="runs/ddpm.safetensors", checkpoint_every=500)   # again later: it resumes
 
     With text: Trainer(UNet(get_preset("sd_small")), latents, TrainConfig(latents=True), conditioning=cond)
 
@@ -211,8 +202,7 @@ class Trainer(Fit):
             self.net = nn.parallel.DistributedDataParallel(  # and averages gradients during backward
                 self.model, device_ids=[device] if device.type == "cuda" else None)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.learned: LearnedSchedule | None = None
-        self.fixed_schedule: NoiseSchedule | None = None
+        self.learned, self.fixed_schedule = None, None    # LearnedSchedule or NoiseSchedule, set below
         groups = [{"params": list(self.model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         if cfg.schedule == "learned":
             self.learned = LearnedSchedule().to(device)
@@ -225,10 +215,8 @@ class Trainer(Fit):
         super().__init__(fit, torch.optim.AdamW(groups, betas=(0.9, 0.999)), device, seed=cfg.seed,
                          batches=Batches(images.shape[0], cfg.batch_size, torch.Generator()))
         self.batches.generator = self.generator                  # one generator for every draw
-        self.ema = self.ema_model                                 # the EMA U-Net, for sampling
-        self.ema_tensors = list(self.ema_model.parameters())      # ... as the loop keeps it
-        self.ema_sources = list(self.model.parameters())
-        self.ema_decay = cfg.ema_decay
+        self.ema, self.ema_decay = self.ema_model, cfg.ema_decay  # the EMA U-Net, for sampling, as the loop keeps it:
+        self.ema_tensors, self.ema_sources = list(self.ema_model.parameters()), list(self.model.parameters())
         self._fingerprint: str | None = None
         self.sample_grids: list[tuple[int, torch.Tensor]] = []
         self._sampling: tuple[int, int, int] | None = None       # (every, count, steps) while train() runs
@@ -340,15 +328,22 @@ class Trainer(Fit):
     def train(self, steps: int | None = None, *, checkpoint_path: str | Path | None = None,
               checkpoint_every: int = 1000, sample_every: int = 0, sample_count: int = 16,
               sample_steps: int = 50, callback: Callable[["Trainer"], None] | None = None,
-              callback_every: int = 50, progress: bool = True, max_seconds: float | None = None) -> "Trainer":
+              callback_every: int = 50, progress: bool = True, max_seconds: float | None = None,
+              resume: bool = True) -> "Trainer":
         """Train until `steps` total steps (default config.steps), or until max_seconds have passed.
 
-        checkpoint_path   written every checkpoint_every steps and at the end (atomically)
+        checkpoint_path   written every checkpoint_every steps and at the end (atomically). If it exists when a
+                          fresh trainer starts: with resume (the default), training continues from it (a file of
+                          another run is refused, naming what differs); with resume=False the earlier file is
+                          kept under a new name (<name>.v<k>.safetensors) and training starts afresh
         sample_every      every this many steps, sample a grid with the EMA weights into self.sample_grids
         callback          called every callback_every steps (e.g. to redraw a live loss curve)
         Under DDP call it on every rank: rank 0 alone shows progress, samples grids and writes the
         checkpoint; the callback runs on every rank (test trainer.is_main to print once)."""
         self._sampling = (sample_every, sample_count, sample_steps)
+        if self.step == 0 and self.last_good is None:
+            if self.resume_from(checkpoint_path, resume):
+                print(f"resumed from {checkpoint_path} at step {self.step}")
         try:
             return self.fit(steps, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
                             max_seconds=max_seconds, progress=progress, callback=callback,
@@ -380,16 +375,12 @@ class Trainer(Fit):
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x_T = torch.randn(shape, generator=gen).to(self.device)
         if self.config.objective == "flow":
-            solver = sampler or "euler"
-            check_choice("flow solver", solver, SOLVERS)
-            out = sample_flow(model_velocity(model), x_T, steps, solver)
-            if not self.config.latents:
-                out = out.clamp(-1, 1)
-            net.train(was_training)
-            return out.float().cpu()
-        sampler = sampler or "ddim"
-        out = sample(model, self.schedule, shape, sampler=sampler, steps=steps, prediction=self.config.prediction,
-                     x_T=x_T, generator=gen, device=self.device, clip_x0=not self.config.latents)
+            check_choice("flow solver", sampler or "euler", SOLVERS)
+            out = sample_flow(model_velocity(model), x_T, steps, sampler or "euler")
+            out = out if self.config.latents else out.clamp(-1, 1)
+        else:
+            out = sample(model, self.schedule, shape, sampler=sampler or "ddim", steps=steps, x_T=x_T, generator=gen,
+                         prediction=self.config.prediction, device=self.device, clip_x0=not self.config.latents)
         net.train(was_training)
         return out.float().cpu()
 
@@ -400,14 +391,27 @@ class Trainer(Fit):
 
     @classmethod
     def resume(cls, path: str | Path, images: torch.Tensor, device: torch.device | str | None = None,
-               steps: int | None = None, conditioning: Conditioning | None = None) -> "Trainer":
+               steps: int | None = None, conditioning: Conditioning | None = None,
+               config: TrainConfig | None = None) -> "Trainer":
         """A Trainer in exactly the state `save` recorded; `steps` may raise the total to train for.
-        Pass the same images (and conditioning) it was trained on: anything else is refused."""
+        Pass the same images (and conditioning) it was trained on: anything else is refused.
+        config: the settings the caller means to train with (a script's flags); any field but steps and lr
+        that differs from the checkpoint's is refused, naming it. A different lr is taken (and reported)."""
         _, meta = ckpt.read(path)
         if "train_config" not in meta:
             raise ValueError(f"{path} is not a course_lib Trainer checkpoint (format {meta.get('format')!r}; "
                              f"it holds no train_config)")
-        config = TrainConfig.from_json(meta["train_config"])
+        saved = TrainConfig.from_json(meta["train_config"])
+        if config is not None:
+            differ = [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, now {getattr(config, f.name)!r}"
+                      for f in dataclasses.fields(TrainConfig) if f.name not in ("steps", "lr")
+                      and getattr(saved, f.name) != getattr(config, f.name)]
+            if differ:
+                raise ValueError(f"{path} was trained with other settings, so it cannot be continued with these: "
+                                 f"{'; '.join(differ)}. Use the checkpoint's settings, or another run folder to "
+                                 f"start afresh.")
+            saved.lr = config.lr
+        config = saved
         if steps is not None:
             config.steps = steps
         trainer = cls(UNet(UNetConfig.from_json(meta["unet_config"])), images, config, device=device or "cpu",
@@ -415,12 +419,17 @@ class Trainer(Fit):
         trainer.load(path)
         return trainer
 
-    def export(self, path: str | Path, info: dict | None = None, use_ema: bool = True) -> Path:
-        """Write the compact model file (float16 EMA weights + config + schedule) for sampling and shipping."""
+    def export(self, path: str | Path, info: dict | None = None, use_ema: bool = True,
+               overwrite: bool = False) -> Path:
+        """Write the compact model file (float16 EMA weights + config + schedule) for sampling and shipping.
+        An existing file at `path` is kept under a new name (<name>.v<k>.safetensors, printed) unless
+        overwrite=True (a script replacing the file it ships)."""
         details = {"steps": self.step, "train_seconds": round(self.seconds, 1), "weights": "ema" if use_ema else "raw",
                    "train_config": dataclasses.asdict(self.config), "n_images": self.images.shape[0]}
         details.update(info or {})
         if self.is_main:                                    # under DDP: rank 0 writes, the others wait
+            if not overwrite and (kept := ckpt.keep_earlier(path)) is not None:
+                print(f"{path} existed; the earlier model file is kept as {kept}")
             prediction = "flow" if self.config.objective == "flow" else self.config.prediction
             ckpt.save_model(path, self.ema_model if use_ema else self.model, schedule=self.schedule,
                             prediction=prediction, info=details)

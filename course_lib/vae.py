@@ -53,6 +53,7 @@ from torch import nn
 from .config import JSONConfig
 from . import checkpoint as ckpt
 from .attention import SelfAttention
+from .forward import check_images
 from .loop import Batches, Fit, FitConfig, autocast, fingerprint
 from .unet import Downsample, Upsample
 
@@ -340,14 +341,12 @@ def latent_scale_factor(vae: VAE, images: torch.Tensor, batch_size: int = 256,
 @torch.no_grad()
 def encode_latents(vae: VAE, images: torch.Tensor, scale_factor: float, batch_size: int = 256, sample: bool = False,
                    generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-    """Images in [-1, 1] -> scale_factor * z on the CPU; z is the posterior mean, or a sample if `sample`."""
-    device = _device_of(vae, device)
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        posterior = vae.encode(images[i:i + batch_size].to(device))
-        z = posterior.sample(generator) if sample else posterior.mode()
-        out.append((z.float() * scale_factor).cpu())
-    return torch.cat(out)
+    """Images in [-1, 1] -> scale_factor * z on the CPU; z is the posterior mean, or a sample if `sample`.
+    Bad images (NaN, outside [-1, 1]) are refused before any is encoded, naming them: every fine-tuner starts here."""
+    check_images(images, "images")
+    device, pick = _device_of(vae, device), (lambda q: q.sample(generator) if sample else q.mode())
+    return torch.cat([(pick(vae.encode(images[i:i + batch_size].to(device))).float() * scale_factor).cpu()
+                      for i in range(0, images.shape[0], batch_size)])
 
 
 @torch.no_grad()
@@ -364,18 +363,20 @@ def decode_latents(vae: VAE, latents: torch.Tensor, scale_factor: float, batch_s
 
 class VAEFit(Fit):
     """The VAE's part of the one loop: batches (without replacement), vae_loss on a posterior sample, its
-    parameters and what a resumed run must share. The loop does the rest (AdamW, no clipping, constant rate)."""
+    parameters and what a resumed run must share. The loop does the rest (AdamW, no clipping, a constant rate
+    after `warmup` steps: continued with a fresh AdamW and no warm-up, a trained VAE lost ~10 dB in one step)."""
 
     def __init__(self, vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int, lr: float,
-                 kl_weight: float, device: torch.device, precision: str, seed: int):
+                 kl_weight: float, device: torch.device, precision: str, seed: int, warmup: int = 0):
         self.vae, self.images, self.kl_weight, self.precision = vae, images, kl_weight, precision
-        config = FitConfig(steps=steps, lr=lr, grad_clip=None, precision=precision)
+        config = FitConfig(steps=steps, lr=lr, warmup=warmup, grad_clip=None, precision=precision)
         super().__init__(config, torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0), device, seed=seed,
                          batches=Batches(images.shape[0], batch_size, torch.Generator()))
         self.batches.generator = self.generator                # one generator: data order, then posterior noise
         self.settings = {"config": json.loads(vae.config.to_json()), "lr": lr, "batch_size": batch_size,
                          "kl_weight": kl_weight, "precision": precision, "seed": seed,
                          "n_images": images.shape[0], "data": fingerprint(images)}   # steps may grow: not here
+        self.settings.update({"warmup": warmup} if warmup else {})                 # older runs' files still resume
 
     def loss(self) -> tuple[torch.Tensor, dict[str, float]]:
         x = self.images[self.batches.next()].to(self.device)   # (B, C, H, W)
@@ -397,13 +398,13 @@ def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64,
             kl_weight: float = DEFAULT_KL_WEIGHT, device: torch.device | str | None = None, precision: str = "fp32",
             seed: int = 0, checkpoint_path: str | Path | None = None, checkpoint_every: int = 500, resume: bool = True,
             progress: bool = True, max_seconds: float | None = None, callback: Callable[[dict], None] | None = None,
-            callback_every: int = 50) -> dict:
+            callback_every: int = 50, warmup: int = 0) -> dict:
     """Train `vae` in place on `images` (N, C, H, W) in [-1, 1] until `steps` steps in total, with the one loop.
 
     AdamW on `vae_loss`, no clipping; data order and posterior noise from one generator seeded by `seed`.
     checkpoint_path: written every `checkpoint_every` steps and at the end; if it exists and `resume`,
-    training continues from it exactly (another run's file is refused, naming what differs).
-    Returns (and passes to `callback` every `callback_every` steps) the history VAEFit.report gives."""
+    training continues from it exactly (another run's file is refused, naming what differs). Returns (and passes
+    to `callback` every `callback_every` steps) the history VAEFit.report gives; the VAE is left in eval mode."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
     if not kl_weight >= 0:
@@ -411,19 +412,11 @@ def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64,
     shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
     if images.ndim != 4 or len(images) == 0 or images.shape[1:] != shape:
         raise ValueError(f"images must have shape (N >= 1, {', '.join(map(str, shape))}); got {tuple(images.shape)}")
-    device = _device_of(vae, device)
-    run = VAEFit(vae, images, steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, device=device,
-                 precision=precision, seed=seed)   # before train(): a refused setting leaves the mode as it was
-    was_training = vae.training
-    vae.train()
-    try:
-        run.resume_from(checkpoint_path, resume)
-        run.fit(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
-                progress=progress, callback=None if callback is None else lambda fit: callback(fit.report()),
-                callback_every=callback_every, desc="training VAE")
-    finally:
-        vae.train(was_training)
-    return run.report()
+    run = VAEFit(vae, images, steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, precision=precision,
+                 device=_device_of(vae, device), seed=seed, warmup=warmup)   # before train(): a refusal leaves the mode
+    return run.train_module(vae, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
+                            max_seconds=max_seconds, progress=progress, callback=callback,
+                            callback_every=callback_every, desc="training VAE")
 
 
 # --- Model files ----------------------------------------------------------------------------------------
@@ -445,6 +438,6 @@ def load_vae(path: str | Path, device: torch.device | str | None = None) -> tupl
     return vae, float(metadata["scale_factor"]), json.loads(metadata.get("info", "{}"))
 
 
-__all__ = ["VAEConfig", "PRESETS", "vae_preset", "kl_divergence", "DiagonalGaussian", "ResnetBlock", "mid_block",
-           "Encoder", "Decoder", "VAE", "vae_loss", "latent_scale_factor", "encode_latents",
-           "decode_latents", "VAEFit", "fit_vae", "save_vae", "load_vae"]
+__all__ = ["VAEConfig", "PRESETS", "vae_preset", "kl_divergence", "DiagonalGaussian", "ResnetBlock", "mid_block", "Encoder",
+           "Decoder", "VAE", "vae_loss", "latent_scale_factor", "encode_latents", "decode_latents", "VAEFit", "fit_vae",
+           "save_vae", "load_vae"]

@@ -14,6 +14,7 @@ checkpoints/ddpm_emoji32.md is written from those measurements.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,9 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
         f"| training time | {info['train_seconds'] / 60:.1f} min of optimisation steps (the machine was shared with "
         f"other jobs when this was measured: an upper bound) |",
         f"| command | `{info.get('command', 'python scripts/train_ddpm.py')}` |",
+        *([f"| started from | the weights of an earlier run: {first['steps']} steps, {first['train_seconds']} s on "
+           f"{first['machine']}, made by `{first['command']}`; in all {first['steps'] + info['steps']} steps, "
+           f"{(first['train_seconds'] + info['train_seconds']) / 3600:.2f} CPU-hours |"] if (first := info.get("initialised_from")) else []),
         "",
         "## Measured quality",
         "",
@@ -92,6 +96,11 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
         f"| samples vs held-out | {q.fid:.2f} | {q.kid_mean:.3f} ± {q.kid_std:.3f} |",
         f"| floor: real train vs held-out | {f.fid:.2f} | {f.kid_mean:.3f} ± {f.kid_std:.3f} |",
         "",
+        *(["## Quality against training steps", "",
+            f"The same measurement ({result['n']} samples, the same seed) of the weights it started from and of these:", "",
+            "| steps | CPU-hours | FID | KID | precision | recall | floor FID |", "|---:|---:|---:|---:|---:|---:|---:|"]
+          + [f"| {n:,} | {sec / 3600:.2f} | {c.fid:.2f} | {c.kid_mean:.3f} ± {c.kid_std:.3f} | {c.precision:.2f} | "
+             f"{c.recall:.2f} | {f.fid:.2f} |" for n, sec, c in result["curve"]] + [""] if result.get("curve") else []),
         f"![{result['n']} samples, the first 64]({args.name}_samples.png)",
         "",
         f"Memorisation: {100 * m.share:.1f}% of samples have a training image closer than the threshold "
@@ -127,6 +136,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=398)
     parser.add_argument("--eval-steps", type=int, default=50)
     parser.add_argument("--eval-sampler", default="ddim")
+    parser.add_argument("--init-from", default=None,
+                        help="an exported model (.safetensors) to start from: its weights, fresh optimizer and EMA")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,29 +145,48 @@ def main() -> None:
     out = Path(args.out_dir) / f"{args.name}.safetensors"
     card = Path(args.out_dir) / f"{args.name}.md"
     state = Path(args.run_dir) / f"{args.name}.train.safetensors"
+    init_file = Path(args.run_dir) / f"{args.name}.init.json"     # what --init-from started from, kept for resumes
     if not args.card_only:
         images = load_emoji(size=32, split="train").images
-        if state.exists():
-            trainer = Trainer.resume(state, images, device=args.device, steps=args.steps)
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=200,
+                             schedule=args.schedule, prediction=args.prediction, seed=args.seed,
+                             zero_terminal_snr=args.zero_terminal_snr)
+        if state.exists():      # flags that differ from the checkpoint's settings are refused, naming them
+            trainer = Trainer.resume(state, images, device=args.device, steps=args.steps, config=config)
             print(f"resumed at step {trainer.step} of {args.steps}")
         else:
             torch.manual_seed(args.seed)
-            config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=200,
-                                 schedule=args.schedule, prediction=args.prediction, seed=args.seed,
-                                 zero_terminal_snr=args.zero_terminal_snr)
-            trainer = Trainer(UNet(get_preset(args.preset)), images, config, device=args.device)
+            unet = UNet(get_preset(args.preset))
+            if args.init_from:
+                start, _, before = load_model(args.init_from)
+                if start.config != unet.config:
+                    raise SystemExit(f"--init-from {args.init_from} is a different U-Net than preset {args.preset!r}")
+                unet.load_state_dict(start.state_dict())
+                unet.requires_grad_(True)
+                print(f"initialised from {args.init_from} ({before['train_config']['steps']} steps, "
+                      f"{before.get('machine')})")
+                init_file.write_text(json.dumps({"path": str(args.init_from), **{
+                    k: before.get(k) for k in ("steps", "train_seconds", "machine", "command")}}))
+            trainer = Trainer(unet, images, config, device=args.device)
         trainer.train(checkpoint_path=state, checkpoint_every=100,
                       max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
         print(f"step {trainer.step}: {trainer.seconds / 60:.1f} min of training so far")
         if trainer.step < args.steps:
             print("not finished; run the same command again to continue")
             return
-        trainer.export(out, info={"machine": machine(), "preset": args.preset,
-                                  "command": " ".join(["python", "scripts/train_ddpm.py"] + sys.argv[1:])})
+        trainer.export(out, overwrite=True, info={
+            "machine": machine(), "preset": args.preset, "command": " ".join(["python", "scripts/train_ddpm.py"] + sys.argv[1:]),
+            "initialised_from": json.loads(init_file.read_text()) if init_file.exists() else None})
         print(f"exported {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
     model, _, info = load_model(out)
     result = measure(out, args.eval_samples, args.eval_steps, args.eval_sampler, args.seed)
+    first = info.get("initialised_from")
+    if first and Path(first["path"]).exists():      # the curve's earlier point: the weights it started from
+        before = measure(Path(first["path"]), args.eval_samples, args.eval_steps, args.eval_sampler, args.seed)
+        result["curve"] = [(first["steps"], first.get("train_seconds"), before["quality"]),
+                           (first["steps"] + info["steps"], (first.get("train_seconds") or 0) + info["train_seconds"],
+                            result["quality"])]
     print(f"FID {result['quality']}, floor {result['floor']}, memorisation {result['memorisation'].share:.3f}")
     from course_lib.plotting import save_grid_png
     save_grid_png(result["samples"][:64], Path(args.out_dir) / f"{args.name}_samples.png")

@@ -113,10 +113,73 @@ def test_fit_resume_is_exact_and_refuses_another_run(tmp_path):
     resumed = Quadratic().load(path).fit(progress=False)
     assert resumed.step == 20 and torch.equal(resumed.w, whole.w)
     assert resumed.history["loss"] == whole.history["loss"]
-    with pytest.raises(ValueError, match=r"different run.*lr: checkpoint 0.1, now 0.3"):
-        Quadratic(lr=0.3).load(path)
     with pytest.raises(ValueError, match=r"different run.*steps: checkpoint 20, now 40"):
         Quadratic(steps=40).load(path)                  # the cosine's length changes every step's rate
+    with pytest.raises(ValueError, match=r"different run.*lr: checkpoint 0.1, now 0.3; steps: checkpoint 20"):
+        Quadratic(steps=40, lr=0.3).load(path)          # the lr may change only when nothing else does
+
+
+def test_a_resume_may_lower_the_learning_rate_and_says_so(tmp_path, capsys):
+    """The divergence advice ("resume from it with a lower learning rate") can be followed."""
+    path = tmp_path / "q.safetensors"
+    Quadratic().fit(8, progress=False, checkpoint_path=path)
+    gentler = Quadratic(lr=0.01).load(path)
+    assert "with another learning rate: lr: checkpoint 0.1, now 0.01" in capsys.readouterr().out
+    assert gentler.step == 8 and gentler.optimizer.param_groups[0]["peak_lr"] == 0.01
+    gentler.fit(progress=False, checkpoint_path=path)
+    assert gentler.step == 20 and gentler.optimizer.param_groups[0]["lr"] <= 0.01
+
+
+def test_a_fresh_run_never_overwrites_another_runs_checkpoint(tmp_path, capsys):
+    path = tmp_path / "q.safetensors"
+    first = Quadratic().fit(5, progress=False, checkpoint_path=path)
+    Quadratic(lr=0.3).fit(3, progress=False, checkpoint_path=path)      # a fresh run to the same path
+    kept = tmp_path / "q.v1.safetensors"
+    assert "it is kept as" in capsys.readouterr().out and kept.exists()
+    assert torch.equal(Quadratic().load(kept).w, first.w) and Quadratic(lr=0.3).load(path).step == 3
+    Quadratic().resume_from(path, resume=False)                          # resume=False keeps it too
+    assert (tmp_path / "q.v2.safetensors").exists() and not path.exists()
+    with pytest.raises(ValueError, match=r"resume=False.*kept as q.v1.v<k>.safetensors"):
+        Quadratic(steps=40).resume_from(kept)
+
+    class Growing(Quadratic):                            # a run whose length may change on resume (a fine-tune)
+        def run_info(self):
+            return {"lr": self.lr}
+    Growing(decay="constant").fit(5, progress=False, checkpoint_path=path)
+    with pytest.raises(ValueError, match="has trained 5 steps, more than the 4 asked"):
+        Growing(steps=4, decay="constant").resume_from(path)
+    assert Growing(steps=9, decay="constant").resume_from(path)
+
+
+def test_trainer_train_resumes_its_own_file_and_export_keeps_an_earlier_model(images, tmp_path, capsys):
+    path = tmp_path / "c.safetensors"
+    done = make(images, steps=3)
+    done.train(progress=False, checkpoint_path=path)
+    again = make(images, steps=3)                       # a re-run of the same cell: nothing is retrained
+    again.train(progress=False, checkpoint_path=path)
+    assert again.step == 3 and "resumed from" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), done.model.state_dict().values()))
+    with pytest.raises(ValueError, match=r"train_config.lr.*|different run.*batch_size"):
+        Trainer(UNet(CFG), images, TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup=2)).train(
+            progress=False, checkpoint_path=path)
+    model = tmp_path / "m.safetensors"
+    done.export(model)
+    done.export(model)
+    assert (tmp_path / "m.v1.safetensors").exists() and "earlier model file is kept" in capsys.readouterr().out
+    done.export(model, overwrite=True)
+    assert not (tmp_path / "m.v2.safetensors").exists()
+
+
+def test_trainer_resume_refuses_flags_that_differ_naming_them(images, tmp_path):
+    path = tmp_path / "c.safetensors"
+    make(images, steps=2).train(progress=False, checkpoint_path=path)
+    flags = TrainConfig(steps=4, batch_size=8, lr=1.0, warmup=2, prediction="v")
+    with pytest.raises(ValueError, match=r"prediction: checkpoint 'epsilon', now 'v'") as refused:
+        Trainer.resume(path, images, config=flags)
+    assert "lr" not in str(refused.value) and "batch_size" not in str(refused.value)
+    same = TrainConfig(steps=4, batch_size=8, lr=5e-4, warmup=2)
+    resumed = Trainer.resume(path, images, config=same, steps=4)
+    assert resumed.config.lr == 5e-4 and resumed.optimizer.param_groups[0]["peak_lr"] == 5e-4
 
 
 def test_trainer_resume_refuses_another_image_size(images, tmp_path):
@@ -148,6 +211,12 @@ def test_exploding_learning_rate_keeps_the_last_good_checkpoint(images, tmp_path
     assert resumed.step == 4
     resumed.train(6, progress=False)
     assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
+    assert "the same call with a lower learning rate resumes from it" in message
+    gentler = make(images, steps=8)                      # the advice, followed: the same call, a lower rate
+    gentler.config.lr = 1e-4
+    gentler = Trainer(gentler.model, images, gentler.config)
+    gentler.train(progress=False, checkpoint_path=path)  # resumes from step 4 (the lr may differ) and trains on
+    assert gentler.step == 8 and gentler.optimizer.param_groups[0]["peak_lr"] == 1e-4
 
 
 def test_nan_loss_names_the_step_and_the_good_checkpoint(tmp_path):
@@ -182,6 +251,41 @@ def test_a_flipped_byte_or_an_edited_step_is_refused(tmp_path):
     assert edited.read_bytes() != bytes(data)
     with pytest.raises(ckpt.CorruptCheckpoint, match="edited.safetensors does not match its checksum"):
         ckpt.read(edited)
+
+
+def test_a_file_without_its_checksum_is_refused_and_the_script_adds_one(tmp_path):
+    from safetensors.torch import save_file
+    plain = tmp_path / "old.safetensors"
+    save_file({"a": torch.arange(8.0)}, str(plain), metadata={"format": "x"})        # as files were before
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"old.safetensors has no checksum.*scripts/add_checksum.py"):
+        ckpt.read(plain)
+    good = tmp_path / "good.safetensors"
+    ckpt.atomic_save({"a": torch.arange(8.0)}, good)
+    renamed = tmp_path / "renamed.safetensors"     # one flipped bit in the key's name must not turn checking off
+    renamed.write_bytes(good.read_bytes().replace(b'"sha256"', b'"sha257"'))
+    with pytest.raises(ckpt.CorruptCheckpoint, match="has no checksum"):
+        ckpt.read(renamed)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "add_checksum.py"), str(plain)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "checksum added" in out
+    tensors, meta = ckpt.read(plain)
+    assert torch.equal(tensors["a"], torch.arange(8.0)) and meta == {"format": "x"}
+
+
+def test_every_shipped_file_carries_its_checksum():
+    files = sorted((ROOT / "checkpoints").glob("*.safetensors"))
+    assert len(files) >= 10
+    for path in files:
+        ckpt.read(path)                                  # refuses a file without one, or a damaged one
+
+
+def test_keep_earlier_numbers_the_versions(tmp_path):
+    path = tmp_path / "m.safetensors"
+    assert ckpt.keep_earlier(path) is None
+    for k in (1, 2):
+        path.write_text(str(k))
+        assert ckpt.keep_earlier(path) == tmp_path / f"m.v{k}.safetensors" and not path.exists()
+    assert (tmp_path / "m.v2.safetensors").read_text() == "2"
 
 
 def test_truncated_or_foreign_files_name_the_file_and_what_to_do(tmp_path):
@@ -270,3 +374,12 @@ def test_kill_minus_nine_at_random_moments_then_resume_is_exact(images, tmp_path
     for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
         assert torch.equal(a, b)
     json.loads(ckpt.read(path)[1]["run"])
+
+
+def test_the_rename_is_flushed_by_syncing_the_folder(tmp_path, monkeypatch):
+    import stat
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd)))
+    ckpt.atomic_save({"a": torch.ones(2)}, tmp_path / "c.safetensors")
+    assert synced.count(False) >= 1 and synced[-1] is True      # the file's bytes, then the folder's entry

@@ -268,19 +268,21 @@ def test_interrupted_then_resumed_equals_uninterrupted(images, tmp_path):
     interrupted = tiny_vae().eval()
     with pytest.raises(KeyboardInterrupt):
         fit_vae(interrupted, data, checkpoint_path=path, checkpoint_every=2, callback=stop, callback_every=1, **kw)
-    assert not interrupted.training                           # its mode restored, interrupted or not
+    assert not interrupted.training                           # eval mode, interrupted or not
     resumed = tiny_vae(seed=9)
+    assert resumed.training                                   # a fresh module is in train mode ...
     history = fit_vae(resumed, data, checkpoint_path=path, **kw)
+    assert not resumed.training                               # ... and comes back ready to encode and decode
     assert history["loss"] == full["loss"] and history["recon"] == full["recon"] and history["steps"] == 6
     assert same_state(resumed, straight)
 
 
-def test_a_resume_with_another_lr_or_data_is_refused_naming_what_differs(images, tmp_path):
+def test_a_resume_with_other_settings_or_data_is_refused_naming_what_differs(images, tmp_path):
     kw = dict(steps=2, batch_size=4, lr=1e-3, progress=False)
     path = tmp_path / "vae_run.safetensors"
     fit_vae(tiny_vae(), images[:8], checkpoint_path=path, **kw)
-    with pytest.raises(ValueError, match=r"lr: checkpoint 0.001, now 0.002"):
-        fit_vae(tiny_vae(), images[:8], checkpoint_path=path, **(kw | {"lr": 2e-3, "steps": 4}))
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0.001, now 0.002; seed: checkpoint"):
+        fit_vae(tiny_vae(), images[:8], checkpoint_path=path, **(kw | {"lr": 2e-3, "steps": 4, "seed": 7}))
     with pytest.raises(ValueError, match=r"batch_size: checkpoint 4, now 8"):
         fit_vae(tiny_vae(), images[:8], checkpoint_path=path, **(kw | {"batch_size": 8, "steps": 4}))
     with pytest.raises(ValueError, match=r"data: checkpoint '[0-9a-f]+', now '[0-9a-f]+'.*resume=False"):

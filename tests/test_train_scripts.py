@@ -1,0 +1,42 @@
+"""The training scripts never continue a run with settings other than its own: changed flags are refused by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ddpm(tmp_path, *flags):
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_ddpm.py"), "--preset", "tiny", "--steps", "3",
+           "--batch-size", "2", "--max-minutes", "0.0001", "--threads", "1", "--device", "cpu",
+           "--run-dir", str(tmp_path), "--out-dir", str(tmp_path), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_train_ddpm_refuses_to_resume_with_other_flags(tmp_path):
+    first = _ddpm(tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "not finished" in first.stdout and (tmp_path / "ddpm_emoji32.train.safetensors").exists()
+    changed = _ddpm(tmp_path, "--prediction", "v", "--zero-terminal-snr", "--lr", "1.0")
+    assert changed.returncode != 0
+    assert "prediction: checkpoint 'epsilon', now 'v'" in changed.stderr
+    assert "zero_terminal_snr: checkpoint False, now True" in changed.stderr
+    again = _ddpm(tmp_path)                              # the same flags: it resumes
+    assert again.returncode == 0 and "resumed at step" in again.stdout, again.stderr[-2000:]
+
+
+def test_train_tiny_sd_quick_vae_with_perceptual_and_adversarial_terms_logs_its_curve(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--stage", "vae", "--no-progress",
+           "--perceptual-weight", "1", "--adversarial-weight", "0.5", "--eval-every", "2", "--vae-warmup", "2",
+           "--threads", "1", "--device", "cpu", "--out-dir", str(tmp_path), "--run-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+    curve = json.loads((tmp_path / "vae_emoji32.curve.json").read_text())
+    assert [p["step"] for p in curve] == [1, 2] and all({"heldout_psnr", "sharpness"} <= set(p) for p in curve)
+    from course_lib.vae import load_vae
+    _, _, info = load_vae(tmp_path / "vae_emoji32.safetensors")
+    assert info["loss_terms"]["adversarial_weight"] == 0.5 and info["curve"] == curve and info["sharpness"] > 0
