@@ -126,7 +126,9 @@ def compare_personalisation(base, hyper, lidb_config, lidb_seed: int, subjects: 
         fast = hd.fast_finetune(q, q_lidb, w, one, prompt, rank=fast_rank, steps=fast_steps, lr=fast_lr)
         numbers["hypernetwork + fast fine-tuning"] = adapter_numbers(q.unet)
         out["hypernetwork + fast fine-tuning"] = (t_hyper + fast.seconds, q, lora_state_dict(q.unet))
-        ti = textual_inversion(base, one, prompt, init_word=s.class_noun, steps=ti_steps or db_steps, lr=ti_lr)
+        whole = len(base.tokenizer.tokens(s.class_noun)) == 1     # a class noun the tokenizer splits: a random row
+        ti = textual_inversion(base, one, prompt, init_word=s.class_noun if whole else None,
+                               steps=ti_steps or db_steps, lr=ti_lr)
         numbers["textual inversion"] = ti.trainable
         out["textual inversion"] = (ti.seconds, ti.pipe, {db.IDENTIFIER: ti.embedding})
         for name, (seconds, pipe, stored) in out.items():

@@ -12,8 +12,9 @@ Notation (course_lib.sampling; timesteps are integers 0..T-1, t = -1 is the clea
 
 img2img (SDEdit [1]). Noise z0 part way, z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, then run the reverse
 process from t with the new prompt: the coarse layout of the input survives, the details follow the prompt.
-`strength` picks t as diffusers' StableDiffusionImg2ImgPipeline does: of the n-step grid t_0 > ... > t_{n-1},
-run the last k = round(strength * n) steps (halves round up), starting at t_{n-k}.
+`strength` picks t almost as diffusers' StableDiffusionImg2ImgPipeline does: of the n-step grid t_0 > ... > t_{n-1},
+run the last k = round(strength * n) steps (halves round up), starting at t_{n-k}. diffusers truncates instead,
+k = int(strength * n), so the two differ by one step wherever strength * n has a fractional part >= 0.5.
     strength 0   k = 0: nothing runs; the result is the VAE round trip decode(z0)
     strength 1   k = n: pure noise at t_0 = T-1, drawn exactly as text_to_image draws it (image j from
                  seed + j), so the result is pipe(prompts, seed=seed), the input ignored. (The scaled-linear

@@ -142,6 +142,9 @@ def sample_flow(velocity: Velocity, noise: torch.Tensor, steps: int, solver: str
     check_choice("solver", solver, SOLVERS)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int; got {steps!r}")
+    if not torch.isfinite(noise).all():
+        raise ValueError(f"noise holds {(~torch.isfinite(noise)).sum().item()} NaN or infinite value(s); the flow "
+                         f"starts from finite Gaussian noise (torch.randn)")
     grid = torch.linspace(1.0, 0.0, steps + 1)
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))       # float32, or float64 if given
     path = [x]

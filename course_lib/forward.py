@@ -46,9 +46,11 @@ def check_images(x: torch.Tensor, name: str = "x0", data_range: bool = True) -> 
                         f"(convert uint8 images with course_lib.data.to_model_range)")
     if x.numel() and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
-        raise ValueError(f"{name} holds {bad} NaN or infinite value(s) of {x.numel()}; every value must be a "
-                         f"finite number (in [-1, 1] for images). Check what produced it (a diverged model, a "
-                         f"division by zero) before noising or sampling.")
+        rows = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+        raise ValueError(f"{name} holds {bad} NaN or infinite value(s) of {x.numel()}, in image(s) {shown}; every "
+                         f"value must be a finite number (in [-1, 1] for images). Check what produced them (a "
+                         f"damaged file, a diverged model, a division by zero) before training or sampling.")
     if data_range and x.numel():
         lo, hi = x.min().item(), x.max().item()
         if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:

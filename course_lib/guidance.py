@@ -46,6 +46,9 @@ def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: fl
     Lin et al.'s rescaled guidance: each image's guided output scaled to the conditional output's standard
     deviation, mixed with the plain one by phi (see the module's docstring)."""
     check_rescale(rescale)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 <= scale < float("inf"):
+        raise ValueError(f"the guidance scale must be a finite number >= 0 (0: unconditional, 1: no guidance, "
+                         f"> 1: guided; a negative scale pushes away from the prompt); got {scale!r}")
     guided = uncond + scale * (cond - uncond)
     if rescale == 0:
         return guided

@@ -36,6 +36,7 @@ import torch
 from .checkpoint import checkpoints_dir, read
 from .data import check_choice
 from .feature_net import FeatureNet, FeatureNetConfig, to_feature_size
+from .forward import check_images
 from .settings import default_device
 
 TONES = ("", "light", "medium-light", "medium", "medium-dark", "dark")   # "" = the default yellow
@@ -90,7 +91,8 @@ def probabilities(name: str, images: torch.Tensor, batch_size: int = 256,
     """(N, 3, H, W) images in [-1, 1], any size (resized to 32 px as FID's features are) -> (N, classes) softmax
     probabilities on the CPU, in the order of JUDGES[name]."""
     check_choice("judge", name, tuple(JUDGES))
-    if images.ndim != 4 or images.shape[1] != 3:
+    check_images(images, "images")          # finite, in [-1, 1]: a judge of 0..255 images would judge nonsense
+    if images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W); got {tuple(images.shape)}")
     net = judge if judge is not None else load_judge(name, device)
     dev = next(net.parameters()).device

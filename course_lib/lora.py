@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from . import checkpoint as ckpt
 from .finetune import CaptionedFineTune, FineTune, FineTuneLog, optimizer_state_bytes  # noqa: F401 (lora.*)
+from .forward import check_images
 from .vae import encode_latents
 
 if TYPE_CHECKING:
@@ -368,7 +368,8 @@ def fit_lora(pipe: "TextToImage", images: torch.Tensor, captions: list[str], *, 
              **options) -> FineTuneLog:
     """Inject LoRA into pipe.unet (in place; the base weights stay frozen) and train only the adapters;
     options go to `fine_tune` (steps, batch_size, lr, caption_dropout, max_seconds, ema, progress,
-    checkpoint_path, checkpoint_every, resume, callback)."""
+    checkpoint_path, checkpoint_every, resume, callback). Bad images are refused before anything changes."""
+    check_images(images, "images")
     inject_lora(pipe.unet, targets=targets, rank=rank, alpha=alpha, seed=seed)
     log = fine_tune(pipe, images, captions, lora_parameters(pipe.unet), seed=seed, **options)
     pipe.unet.requires_grad_(False)
@@ -393,16 +394,12 @@ def save_lora(path: str | Path, model: nn.Module, info: dict | None = None) -> P
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata with rank int, alpha float, targets list, layers list, info dict) of an adapter file."""
+    """(tensors, metadata with rank int, alpha float, targets list, layers list, info dict) of an adapter file,
+    read and checksum-verified by course_lib.checkpoint (a damaged, truncated or empty file is refused by name)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no LoRA file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a course_lib LoRA file (format {meta.get('format')!r}; "
-                             f"expected {FORMAT!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = ckpt.read_format(path, FORMAT, "LoRA")
     meta = {"rank": int(meta["rank"]), "alpha": float(meta["alpha"]), "targets": json.loads(meta["targets"]),
             "layers": json.loads(meta["layers"]), "info": json.loads(meta.get("info", "{}"))}
     return tensors, meta

@@ -22,6 +22,7 @@ bit-identical after training" holds by construction and is tested.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -107,20 +108,26 @@ class TextualInversionResult:
 
 def textual_inversion(pipe: TextToImage, images: torch.Tensor, prompts: list[str], *, word: str = PLACEHOLDER,
                       init_word: str | None = None, steps: int = 400, lr: float = 5e-3, batch_size: int = 4,
-                      seed: int = 0, max_seconds: float | None = None, progress: bool = False) -> TextualInversionResult:
+                      seed: int = 0, max_seconds: float | None = None, progress: bool = False,
+                      checkpoint_path: str | Path | None = None, checkpoint_every: int = 100,
+                      resume: bool = True) -> TextualInversionResult:
     """Learn one new token `word` for the subject of `images` (K, 3, H, W) in [-1, 1], captioned `prompts` (each
     containing `word`, e.g. "sks person: light skin tone"). init_word: start the row at that word's embedding
-    (its first token's; e.g. the class noun "person"); None: a random row (as DreamBooth's identifier). `pipe` is
-    not changed; the result's pipeline shares its U-Net and VAE, frozen."""
+    (a word the tokenizer keeps whole, e.g. the class noun "person"; a word it splits into pieces is refused);
+    None: a random row (as DreamBooth's identifier). `pipe` is not changed; the result's pipeline shares its U-Net
+    and VAE, frozen. checkpoint_path: as every fine-tuner's (checkpoint every checkpoint_every steps; with
+    resume, continue from the file if it exists; resume=False keeps it under a new name)."""
     if len(images) != len(prompts) or len(images) == 0:
         raise ValueError(f"need one prompt per image and at least one image; got {len(images)} and {len(prompts)}")
     if not all(word in p.split() for p in prompts):
         raise ValueError(f"every prompt must contain the word {word!r}; got {prompts}")
     tokenizer, clip, token = add_identifier(pipe.tokenizer, pipe.clip, word, seed=seed)
     if init_word is not None:
-        init = pipe.tokenizer.encode(init_word)[1:-1]           # without BOS and EOS
-        if not init:
-            raise ValueError(f"init_word {init_word!r} gives no tokens")
+        init, pieces = pipe.tokenizer.encode(init_word)[1:-1], pipe.tokenizer.tokens(init_word)  # no BOS, EOS
+        if len(init) != 1 or "<unk>" in pieces:
+            raise ValueError(f"init_word {init_word!r} is {len(pieces)} tokenizer pieces {pieces}, not one word the "
+                             f"tokenizer knows whole: its first piece would say nothing of the word. Choose a word "
+                             f"of one piece (e.g. the class noun 'person'), or init_word=None for a random row.")
         with torch.no_grad():
             clip.text.token_embedding.weight[-1] = clip.text.token_embedding.weight[init[0]]
     clip.requires_grad_(False)
@@ -136,7 +143,8 @@ def textual_inversion(pipe: TextToImage, images: torch.Tensor, prompts: list[str
     flags = [p.requires_grad for p in pipe.unet.parameters()]
     pipe.unet.requires_grad_(False)                               # no gradients kept for the shared U-Net
     try:
-        run.run(max_seconds=max_seconds, progress=progress, desc="textual inversion")
+        run.run(max_seconds=max_seconds, progress=progress, desc="textual inversion", resume=resume,
+                checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
     finally:
         for p, flag in zip(pipe.unet.parameters(), flags):
             p.requires_grad_(flag)

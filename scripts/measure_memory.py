@@ -258,7 +258,7 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
     def row12_ti():
         from course_lib.textual_inversion import textual_inversion
         s = subject()
-        textual_inversion(pipe(), s.images[:1], [s.prompt("")], init_word=s.class_noun, steps=2)
+        textual_inversion(pipe(), s.images[:1], [s.prompt("")], init_word=None, steps=2)
 
     # 14: rectified flow (logit-normal) on the emoji latents, then Euler sampling for FID
     def row14_train(precision):

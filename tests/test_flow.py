@@ -241,3 +241,10 @@ def test_a_flow_text_to_image_pipeline_integrates_the_guided_velocity(tiny_pipe)
         tiny_pipe(prompts, sampler="euler", steps=2)
     with pytest.raises(ValueError, match="does not fine-tune"):
         pipe.denoising_loss(torch.zeros(1, *pipe.latent_shape), c[:1], m[:1], torch.Generator())
+
+
+def test_sample_flow_refuses_nan_noise():
+    noise = torch.zeros(2, 3, 4, 4)
+    noise[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="noise holds 1 NaN"):
+        flow.sample_flow(lambda x, t: x, noise, 2)

@@ -228,3 +228,12 @@ def test_sampling_still_offers_the_guidance_names():
     assert sampling.GuidedModel is guidance.GuidedModel
     assert sampling.classifier_free_guidance is guidance.classifier_free_guidance
     assert sampling.conditional is guidance.conditional
+
+
+def test_the_bare_formula_refuses_a_negative_or_infinite_scale():
+    from course_lib.guidance import classifier_free_guidance
+    c, u = torch.ones(1, 3), torch.zeros(1, 3)
+    for bad in (-1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="guidance scale must be a finite number >= 0"):
+            classifier_free_guidance(c, u, bad)
+    assert torch.equal(classifier_free_guidance(c, u, 0), u)

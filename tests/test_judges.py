@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from course_lib import judges
 from course_lib.data import load_emoji
@@ -62,7 +63,7 @@ def test_judges_refuse_what_they_cannot_judge(tmp_path):
         judges.predict("colour", images)
     with pytest.raises(ValueError, match=r"unknown tone class 'green'; choose from"):
         judges.accuracy("tone", images, ["green"] * 4)
-    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"images must have shape \(B, C, H, W\)"):
         judges.predict("style", images[0])
     with pytest.raises(ValueError, match="one true class per image"):
         judges.accuracy("style", images, ["noto"])
@@ -88,3 +89,13 @@ def test_quick_run_trains_both_judges_and_writes_their_card(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_judges.py"), "--epochs", "0"], env=env,
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode != 0 and "--epochs and --batch-size must be at least 1" in bad.stderr
+
+
+def test_judges_refuse_nan_and_0_255_images():
+    from course_lib import judges
+    x = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"values in \[-1, 1\].*127.5"):
+        judges.predict("style", x + 200)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN .*image\(s\) 1"):
+        judges.probabilities("tone", x)

@@ -573,3 +573,12 @@ def test_the_shipped_checkpoint_still_loads_and_gives_the_same_output():
     assert out.abs().mean().item() == pytest.approx(1.1395372, abs=1e-4)
     torch.testing.assert_close(out[0, 0, 0, :4], torch.tensor([-2.0586, -2.5166, -0.4042, -0.3030]),
                                atol=1e-3, rtol=0)
+
+
+def test_timesteps_outside_the_schedules_are_refused():
+    model = UNet(get_preset("tiny", image_size=16))
+    x = torch.zeros(2, 3, 16, 16)
+    for t in (5000, -2, float("nan")):
+        with pytest.raises(ValueError, match=r"t must be finite timesteps in \[-1, 1000\]"):
+            model(x, torch.tensor([0.0, t]))
+    assert model(x, torch.tensor([-0.5, 999])).shape == x.shape and model(x, 1000.0).shape == x.shape
