@@ -19,6 +19,7 @@ One module per course concept, in the order the notebooks introduce them:
                 subject fidelity
     judges      classifiers trained on real emoji only that judge style (Noto or Twemoji) and skin tone
     vae         a small KL autoencoder: the latent space, the KL term, the latent scale factor
+    vae_gan     the VAE trained with perceptual and adversarial terms, as Stable Diffusion's autoencoder
     tokenizer   the course's BPE tokenizer
     text        a transformer text encoder (causal, as CLIP's, if asked)
     clip        a mini CLIP: image and text encoders trained contrastively, retrieval, scores

@@ -35,7 +35,8 @@ have to their nearest training image.
 Subject fidelity (notebooks 11, 12): `subject_similarity`, DreamBooth's DINO score in this feature space, and
 `self_similarity`, the same score among the real images of a subject, the reference it is compared with.
 
-Reconstruction (notebooks 06, 07): `psnr`, the peak signal-to-noise ratio of a reconstruction, in pixels.
+Reconstruction (notebooks 06, 07): `psnr`, the peak signal-to-noise ratio of a reconstruction, in pixels;
+`high_frequency_share`, how much of the images' spectral power lies at fine detail (their sharpness).
 
 Colour (notebooks 05, 09): `colour`, two pixel statistics that FID folds into one number, for telling apart the
 two ways a sampler's colours fail: saturated, over-coloured tiles (high chroma) and greyed-out, washed images
@@ -124,11 +125,6 @@ def fid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets must have the same dimension; got {a.shape[1]} and {b.shape[1]}")
     return frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
-
-
-def fid_images(images_a: torch.Tensor, images_b: torch.Tensor, device: torch.device | str | None = None) -> float:
-    """FID between two image batches (N, 3, H, W) in [-1, 1], in FeatureNet's feature space."""
-    return fid(features(images_a, device=device), features(images_b, device=device))
 
 
 # --- KID ---------------------------------------------------------------------------------------------
@@ -407,6 +403,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     10 log10(2^2 / MSE). Identical images give inf."""
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(4.0 / mse)
+
+
+def high_frequency_share(images: torch.Tensor, cutoff: float = 0.25) -> float:
+    """Sharpness: the share of a set's spectral power (|FFT2|^2 of each channel of images mapped to [0, 1], DC
+    included, pooled over the set) at normalised radial frequency sqrt(fx^2 + fy^2) > cutoff (cycles per pixel;
+    0.5 is Nyquist). Compare reconstructions or samples with real images: a ratio of 1 is as sharp as the data."""
+    check_images(images, "images", data_range=False)
+    if not 0 < cutoff < 0.5 * 2 ** 0.5:
+        raise ValueError(f"cutoff is a frequency in cycles per pixel in (0, 0.707); got {cutoff!r}")
+    power = torch.fft.fft2((images.float().clamp(-1, 1) + 1) / 2).abs().pow(2)
+    fy, fx = torch.fft.fftfreq(images.shape[-2]).view(-1, 1), torch.fft.fftfreq(images.shape[-1]).view(1, -1)
+    return ((power * ((fx ** 2 + fy ** 2).sqrt() > cutoff)).sum() / power.sum()).item()
 
 
 # --- Colour ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.clip import (MiniCLIP, clip_config, encode_prompts, fit_clip, load_clip,  # noqa: E402
                              retrieval_accuracy, save_clip, similarity)
 from course_lib.tokenizer import Tokenizer  # noqa: E402
-from course_lib.metrics import psnr  # noqa: E402
+from course_lib.metrics import high_frequency_share, psnr  # noqa: E402
 from course_lib.plotting import save_grid_png  # noqa: E402
 from course_lib.flow import TIMESTEP_SAMPLING  # noqa: E402
 from course_lib.train import OBJECTIVES, Conditioning, TrainConfig, Trainer, resolve_precision  # noqa: E402
@@ -44,6 +44,7 @@ from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 from course_lib.vae import (DEFAULT_KL_WEIGHT, VAE, encode_latents, fit_vae, latent_scale_factor,  # noqa: E402
                             load_vae, save_vae)
 from course_lib.vae import vae_preset  # noqa: E402
+from course_lib.vae_gan import fit_vae_gan  # noqa: E402
 
 NAMES = {"vae": "vae_emoji32", "clip": "clip_emoji", "t2i": "tiny_sd_emoji"}
 STAGES = ("vae", "clip", "t2i", "cards")
@@ -83,14 +84,41 @@ def reset_peak(device: torch.device) -> None:
 # --- stage 1: the VAE -------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def heldout_psnr(vae: VAE, images: torch.Tensor, device: torch.device) -> float:
+def reconstruct(vae: VAE, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Each image through the VAE (the posterior mean), clamped to [-1, 1], on the CPU; the VAE's mode is kept."""
+    was_training = vae.training
     vae = vae.to(device).eval()
-    values = []
-    for start in range(0, images.shape[0], 256):
-        x = images[start:start + 256].to(device)
-        recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
-        values.append(psnr(recon.float().cpu(), x.cpu()))
-    return torch.cat(values).mean().item()
+    out = [vae.decode(vae.encode(images[i:i + 256].to(device)).mode()).clamp(-1, 1).float().cpu()
+           for i in range(0, images.shape[0], 256)]
+    vae.train(was_training)
+    return torch.cat(out)
+
+
+def heldout_psnr(vae: VAE, images: torch.Tensor, device: torch.device) -> float:
+    return psnr(reconstruct(vae, images, device), images).mean().item()
+
+
+def reconstruction_quality(vae: VAE, images: torch.Tensor, device: torch.device) -> dict:
+    """Held-out PSNR and sharpness (high-frequency share of the reconstructions over the originals')."""
+    recon = reconstruct(vae, images, device)
+    return {"heldout_psnr": round(psnr(recon, images).mean().item(), 3),
+            "sharpness": round(high_frequency_share(recon) / high_frequency_share(images), 4)}
+
+
+def curve_logger(path: Path, measure, every: int, offset: int = 0):
+    """A training callback that measures every `every` steps and keeps the points in `path` (JSON, by step, so a
+    resumed run continues the same curve); offset: the steps the weights had before this run."""
+    points = json.loads(path.read_text()) if path.exists() else []
+
+    def log(history: dict) -> None:
+        step = history["steps"]
+        if step % every and step != 1:
+            return
+        point = {"step": offset + step, "seconds": round(history["seconds"], 1), **measure()}
+        points[:] = [q for q in points if q["step"] != point["step"]] + [point]
+        path.write_text(json.dumps(sorted(points, key=lambda q: q["step"]), indent=1))
+        print("curve", point, flush=True)
+    return log, points
 
 
 def before_summary(info: dict) -> dict | None:
@@ -131,19 +159,28 @@ def stage_vae(args, device: torch.device) -> None:
         vae.train().requires_grad_(True)
         print(f"VAE initialised from {args.init_from} ({before.get('steps')} steps on {before.get('machine')})")
     state = Path(args.run_dir) / f"{NAMES['vae']}.train.safetensors"
+    log, curve = curve_logger(Path(args.run_dir) / f"{NAMES['vae']}.curve.json",
+                              lambda: reconstruction_quality(vae, heldout, device), args.eval_every)
+    adversarial = args.perceptual_weight > 0 or args.adversarial_weight > 0
+    terms = ({"perceptual_weight": args.perceptual_weight, "adversarial_weight": args.adversarial_weight,
+              "adversarial_start": args.adversarial_start, "d_lr": args.d_lr or args.vae_lr} if adversarial else {})
     reset_peak(device)
-    history = fit_vae(vae, train, steps=args.vae_steps, batch_size=args.vae_batch, lr=args.vae_lr,
-                      kl_weight=args.kl_weight, device=device, precision=precision, seed=args.seed,
-                      checkpoint_path=state, checkpoint_every=500, progress=not args.no_progress,
-                      max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    history = (fit_vae_gan if adversarial else fit_vae)(
+        vae, train, steps=args.vae_steps, batch_size=args.vae_batch, lr=args.vae_lr, kl_weight=args.kl_weight,
+        device=device, precision=precision, seed=args.seed, checkpoint_path=state, checkpoint_every=250,
+        progress=not args.no_progress, callback=log, callback_every=1, warmup=args.vae_warmup,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None, **terms)
     peak = peak_gib(device)
     scale = latent_scale_factor(vae, train, generator=torch.Generator().manual_seed(args.seed), device=device)
-    value = heldout_psnr(vae, heldout, device)
+    quality = reconstruction_quality(vae, heldout, device)
     info = {"steps": history["steps"], "train_seconds": round(history["seconds"], 1), "machine": describe_machine(),
             "command": command(), "preset": args.vae_preset, "batch_size": args.vae_batch, "lr": args.vae_lr,
-            "initialised_from": before_summary(before),
-            "kl_weight": args.kl_weight, "precision": precision, "seed": args.seed, "n_images": train.shape[0],
-            "heldout_psnr": round(value, 2), "peak_gib": peak, "params": count_parameters(vae)}
+            "initialised_from": before_summary(before), "loss_terms": terms or None, "curve": curve,
+            "kl_weight": args.kl_weight, "warmup": args.vae_warmup, "precision": precision, "seed": args.seed,
+            "n_images": train.shape[0],
+            "heldout_psnr": round(quality["heldout_psnr"], 2), "sharpness": quality["sharpness"],
+            "peak_gib": peak, "params": count_parameters(vae)}
+    value = quality["heldout_psnr"]
     out = save_vae(Path(args.out_dir) / f"{NAMES['vae']}.safetensors", vae.cpu(), scale, info)
     print(f"VAE: held-out PSNR {value:.2f} dB, scale factor {scale:.4f}, {history['steps']} steps in "
           f"{history['seconds']:.0f} s -> {out}", flush=True)
@@ -156,6 +193,9 @@ def stage_clip(args, device: torch.device) -> None:
     train = load_emoji(size=32, split="train")
     heldout = load_emoji(size=32, split="heldout")
     images, captions = train.images, train.captions
+    if args.clip_twemoji:       # the same training emoji drawn by Twemoji too: one more style per caption
+        tw = load_emoji(size=32, split="train", style="twemoji")
+        images, captions = torch.cat([images, tw.images]), captions + tw.captions
     if args.quick:
         images, captions = images[:64], captions[:64]
     tokenizer = Tokenizer.train(train.captions, vocab_size=args.vocab_size)
@@ -164,20 +204,34 @@ def stage_clip(args, device: torch.device) -> None:
     state = Path(args.run_dir) / f"{NAMES['clip']}.train.safetensors"
     precision = precision_for(device)
     reset_peak(device)
+    n_train = min(398, len(train.captions))
+    # a seeded random 398 training emoji, as notebook 08 picks them (the first 398 in the fixed order are a few
+    # categories' skin-tone variants, whose captions are far harder to tell apart: 81% against 95% top-1 once)
+    pick = torch.randperm(len(train.captions), generator=torch.Generator().manual_seed(0))[:n_train]
+    seen_images, seen_captions = train.images[pick], [train.captions[i] for i in pick.tolist()]
+
+    def retrieval() -> dict:
+        was_training = clip.training
+        clip.eval()
+        held = retrieval_accuracy(similarity(clip, tokenizer, heldout.images, heldout.captions, device=device))
+        seen = retrieval_accuracy(similarity(clip, tokenizer, seen_images, seen_captions, device=device))
+        clip.train(was_training)
+        return {"heldout_top1": round(held[1], 4), "heldout_top5": round(held[5], 4), "train_top1": round(seen[1], 4)}
+    log, curve = curve_logger(Path(args.run_dir) / f"{NAMES['clip']}.curve.json", retrieval, args.eval_every)
     history = fit_clip(clip, tokenizer, images, captions, steps=args.clip_steps, batch_size=args.clip_batch,
                        lr=args.clip_lr, device=device, precision=precision, seed=args.seed, checkpoint_path=state,
-                       checkpoint_every=500, progress=not args.no_progress,
+                       checkpoint_every=250, progress=not args.no_progress, callback=log, callback_every=1,
                        max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     peak = peak_gib(device)
     clip.eval()
     sim = similarity(clip, tokenizer, heldout.images, heldout.captions, device=device)
     acc = retrieval_accuracy(sim)
-    n_train = min(398, len(captions))
-    acc_train = retrieval_accuracy(similarity(clip, tokenizer, images[:n_train], captions[:n_train], device=device))
+    acc_train = retrieval_accuracy(similarity(clip, tokenizer, seen_images, seen_captions, device=device))
     info = {"steps": history["steps"], "train_seconds": round(history["seconds"], 1), "machine": describe_machine(),
             "command": command(), "preset": args.clip_preset, "vocab_size": tokenizer.vocab_size,
             "batch_size": args.clip_batch, "lr": args.clip_lr, "precision": precision, "seed": args.seed,
-            "n_images": images.shape[0], "heldout_top1": acc[1], "heldout_top5": acc[5],
+            "n_images": images.shape[0], "heldout_top1": acc[1], "heldout_top5": acc[5], "curve": curve,
+            "twemoji": args.clip_twemoji,
             "n_heldout": len(heldout.captions), "train_top1": acc_train[1], "train_top5": acc_train[5],
             "n_train_eval": n_train, "peak_gib": peak, "params": count_parameters(clip)}
     out = save_clip(Path(args.out_dir) / f"{NAMES['clip']}.safetensors", clip.cpu(), tokenizer, info)
@@ -208,8 +262,12 @@ def stage_t2i(args, device: torch.device) -> None:
     cond = conditioning_for(clip, tokenizer, captions, device)
     state = Path(args.run_dir) / f"{NAMES['t2i']}.train.safetensors"
     init_file = Path(args.run_dir) / f"{NAMES['t2i']}.init.json"   # what --init-from started from, kept for resumes
-    if state.exists():
-        trainer = Trainer.resume(state, latents, device=device, steps=args.t2i_steps, conditioning=cond)
+    config = TrainConfig(steps=args.t2i_steps, batch_size=args.t2i_batch, lr=args.t2i_lr, warmup=200,
+                         schedule=args.schedule, prediction=args.prediction, latents=True,
+                         caption_dropout=0.1, ema_decay=args.ema, seed=args.seed,
+                         objective=args.objective, timestep_sampling=args.timestep_sampling)
+    if state.exists():      # flags that differ from the checkpoint's settings are refused, naming them
+        trainer = Trainer.resume(state, latents, device=device, steps=args.t2i_steps, conditioning=cond, config=config)
         print(f"resumed at step {trainer.step} of {args.t2i_steps}", flush=True)
     else:
         torch.manual_seed(args.seed)
@@ -220,10 +278,6 @@ def stage_t2i(args, device: torch.device) -> None:
             unet.requires_grad_(True)
             init_file.write_text(json.dumps(before_summary(before)))
             print(f"U-Net initialised from {args.init_from} ({before.get('steps')} steps on {before.get('machine')})")
-        config = TrainConfig(steps=args.t2i_steps, batch_size=args.t2i_batch, lr=args.t2i_lr, warmup=200,
-                             schedule=args.schedule, prediction=args.prediction, latents=True,
-                             caption_dropout=0.1, ema_decay=args.ema, seed=args.seed,
-                             objective=args.objective, timestep_sampling=args.timestep_sampling)
         trainer = Trainer(unet, latents, config, device=device, conditioning=cond)
     reset_peak(device)
     trainer.train(checkpoint_path=state, checkpoint_every=1000, progress=not args.no_progress,
@@ -233,7 +287,7 @@ def stage_t2i(args, device: torch.device) -> None:
             "vae": NAMES["vae"], "clip": NAMES["clip"], "scale_factor": scale, "peak_gib": peak,
             "initialised_from": json.loads(init_file.read_text()) if init_file.exists() else None,
             "params": count_parameters(trainer.model), "precision": trainer.precision}
-    out = trainer.export(out_dir / f"{NAMES['t2i']}.safetensors", info=info)
+    out = trainer.export(out_dir / f"{NAMES['t2i']}.safetensors", info=info, overwrite=True)
     print(f"T2I U-Net: {trainer.step} steps in {trainer.seconds:.0f} s, final loss "
           f"{np.mean(trainer.losses[-100:]):.4f} -> {out}", flush=True)
     update_results(args, "t2i", info | {"steps": trainer.step, "train_seconds": round(trainer.seconds, 1),
@@ -358,7 +412,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              "| images | among | top-1 | top-5 |", "|---|---|---|---|",
              f"| held-out emoji (new base emoji) | their {clip.get('n_heldout')} captions | "
              f"{clip.get('heldout_top1', 0):.3f} | {clip.get('heldout_top5', 0):.3f} |",
-             f"| training emoji | {clip.get('n_train_eval')} of their captions | {clip.get('train_top1', 0):.3f} | "
+             f"| training emoji, a seeded random {clip.get('n_train_eval')} (as notebook 08 picks them) | their captions | {clip.get('train_top1', 0):.3f} | "
              f"{clip.get('train_top5', 0):.3f} |",
              f"| chance | {clip.get('n_heldout')} captions | {1 / max(1, clip.get('n_heldout', 1)):.3f} | "
              f"{5 / max(1, clip.get('n_heldout', 1)):.3f} |", "",
@@ -409,12 +463,6 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
     print("wrote the model cards", flush=True)
 
 
-def rewrite_cards(out_dir: str) -> None:
-    """Write the cards again from tiny_sd_results.json, without measuring (after a change to their text)."""
-    args = argparse.Namespace(out_dir=out_dir)
-    write_cards(args, Path(out_dir), json.loads(results_path(args).read_text())["t2i_eval"])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="all", choices=STAGES + ("all",))
@@ -432,6 +480,14 @@ def main() -> None:
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=4e-4)
     p.add_argument("--kl-weight", type=float, default=DEFAULT_KL_WEIGHT)
+    p.add_argument("--vae-warmup", type=int, default=0, help="steps of warm-up (use some with --init-from)")
+    p.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="> 0: train the VAE with the perceptual term (course_lib.vae_gan; SD's autoencoder: 1)")
+    p.add_argument("--adversarial-weight", type=float, default=0.0,
+                   help="> 0: and with a patch discriminator (SD's autoencoder: 0.5)")
+    p.add_argument("--adversarial-start", type=int, default=0, help="the step the adversarial term starts")
+    p.add_argument("--d-lr", type=float, default=None, help="the discriminator's learning rate (default: --vae-lr)")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between points of the quality curve")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-presets", default="f2c4,f4c4,f8c8")
     p.add_argument("--sweep-steps", type=int, default=2000)
@@ -440,6 +496,8 @@ def main() -> None:
     p.add_argument("--clip-steps", type=int, default=4000)
     p.add_argument("--clip-batch", type=int, default=256)
     p.add_argument("--clip-lr", type=float, default=1e-3)
+    p.add_argument("--clip-twemoji", action="store_true",
+                   help="train the CLIP on the Twemoji drawings of the training emoji as well (same captions)")
     p.add_argument("--unet-preset", default="sd_small")
     p.add_argument("--t2i-steps", type=int, default=20000)
     p.add_argument("--t2i-batch", type=int, default=128)

@@ -1,0 +1,126 @@
+"""Quality per CPU-minute: short runs of several training recipes for one of the course's shared bases, on this machine.
+
+    python scripts/study_recipes.py --base vae --steps 300          # every recipe, 300 steps each, one thread
+    python scripts/study_recipes.py --base vae --quick               # seconds: the same code on a few images
+
+Each recipe continues the shipped model (checkpoints/<base>.safetensors) with a fresh optimizer for the same number
+of steps, on the same data, seed and batch, and is measured every --eval-every steps. The table gives quality
+against steps and seconds, so the recipes compare at equal steps and, from the seconds, at equal time. The record
+goes to results/recipes_<base>.json (with the machine) and the table to stdout.
+
+Bases and recipes:
+    vae   mse            squared error + KL, as the shipped VAE was trained (course_lib.vae.fit_vae)
+          perceptual     + the LPIPS-style perceptual term on the frozen feature net (course_lib.vae_gan)
+          perceptual+gan + the patch discriminator with the adaptive weight, from step 0 (SD's autoencoder)
+          Measured: held-out PSNR (posterior mean, dB) and sharpness (high-frequency share of the reconstructions
+          over the originals', course_lib.metrics.high_frequency_share; 1 = as sharp as the data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from course_lib.checkpoint import shipped  # noqa: E402
+from course_lib.data import load_emoji  # noqa: E402
+from course_lib.metrics import high_frequency_share, psnr  # noqa: E402
+from course_lib.settings import describe_machine  # noqa: E402
+from course_lib.vae import fit_vae, load_vae  # noqa: E402
+from course_lib.vae_gan import fit_vae_gan  # noqa: E402
+
+VAE_RECIPES = {
+    "mse": {},
+    "perceptual": {"perceptual_weight": 1.0, "adversarial_weight": 0.0},
+    "perceptual+gan": {"perceptual_weight": 1.0, "adversarial_weight": 0.5},
+}
+BASES = ("vae",)
+
+
+@torch.no_grad()
+def vae_quality(vae, images: torch.Tensor) -> dict:
+    was = vae.training
+    vae.eval()
+    recon = torch.cat([vae.decode(vae.encode(images[i:i + 256]).mode()).clamp(-1, 1) for i in range(0, len(images), 256)])
+    vae.train(was)
+    return {"psnr": round(psnr(recon, images).mean().item(), 3),
+            "sharpness": round(high_frequency_share(recon) / high_frequency_share(images), 4)}
+
+
+def study_vae(args) -> list[dict]:
+    train = load_emoji(size=32, split="train").images
+    heldout = load_emoji(size=32, split="heldout").images
+    if args.quick:
+        train, heldout = train[:64], heldout[:32]
+    rows = []
+    for name in args.recipes.split(","):
+        if name not in VAE_RECIPES:
+            raise SystemExit(f"unknown recipe {name!r} for base vae; valid are {', '.join(VAE_RECIPES)}")
+        vae, _, before = load_vae(shipped("vae_emoji32"))
+        vae.train().requires_grad_(True)
+        curve = [{"step": 0, "seconds": 0.0, **vae_quality(vae, heldout)}]
+
+        def log(history, curve=curve, vae=vae):
+            if history["steps"] % args.eval_every == 0:
+                curve.append({"step": history["steps"], "seconds": round(history["seconds"], 1),
+                              **vae_quality(vae, heldout)})
+        fit = fit_vae_gan if VAE_RECIPES[name] else fit_vae
+        t0 = time.perf_counter()
+        fit(vae, train, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed, progress=False,
+            warmup=args.warmup, callback=log, callback_every=1, **VAE_RECIPES[name])
+        rows.append({"recipe": name, "steps": args.steps, "wall_seconds": round(time.perf_counter() - t0, 1),
+                     "curve": curve, "started_from": f"shipped vae_emoji32 ({before.get('steps')} steps)"})
+        last = curve[-1]
+        print(f"{name:15s} {args.steps} steps in {last['seconds']:.0f} s of training: PSNR {curve[0]['psnr']:.2f} -> "
+              f"{last['psnr']:.2f} dB, sharpness {curve[0]['sharpness']:.3f} -> {last['sharpness']:.3f}", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    steps = [p["step"] for p in rows[0]["curve"]]
+    head = "| recipe | s per step | " + " | ".join(f"step {s}: PSNR / sharpness" for s in steps) + " |"
+    lines = [head, "|" + "---|" * (2 + len(steps))]
+    for r in rows:
+        per = r["curve"][-1]["seconds"] / max(1, r["steps"])
+        cells = " | ".join(f"{p['psnr']:.2f} / {p['sharpness']:.3f}" for p in r["curve"])
+        lines.append(f"| {r['recipe']} | {per:.2f} | {cells} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="vae", choices=BASES)
+    p.add_argument("--recipes", default=",".join(VAE_RECIPES))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=50, help="steps of linear warm-up (a fresh AdamW on trained weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the code path")
+    p.add_argument("--out", default=None, help="the record (default results/recipes_<base>.json; quick: not written)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.steps, args.eval_every, args.warmup = 2, 1, 2
+    rows = study_vae(args)
+    print(table(rows))
+    record = {"base": args.base, "machine": describe_machine(), "torch": torch.__version__, "threads": args.threads,
+              "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "seed": args.seed,
+              "command": " ".join(["python", "scripts/study_recipes.py"] + sys.argv[1:]), "rows": rows}
+    out = args.out or (None if args.quick else str(ROOT / "results" / f"recipes_{args.base}.json"))
+    if out:
+        Path(out).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
