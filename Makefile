@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.course-installed
 
-.PHONY: lab test test-min test-browser venv clean-venv data
+.PHONY: lab test test-fast test-min test-browser venv clean-venv data
 
 venv: $(STAMP)
 
@@ -34,19 +34,27 @@ ROOT_ARG := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(ROOT_ARG) $(LAB_ARGS)
 
+# The suite on every core: one worker per core (pytest-xdist), each test file and notebook whole on one worker,
+# one torch thread per worker and per notebook kernel (conftest.py); the 15 slowest tests are listed at the end.
+# `make test-fast` runs the unit tests alone, for a quick check.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests --deselect tests/test_browser.py
 
 # The same suite in a second environment holding the lowest versions pyproject.toml allows (matplotlib 3.8 is known
 # to break inline figures), then the widget code and the notebooks with widgets again with Colab's ipywidgets 7.7.1
 # in the kernel (Colab renders 7.7 with its own front end; JupyterLab 4 renders only 8, so no browser test there).
 MIN_VERSIONS := numpy==1.26.4 matplotlib==3.9.4 ipywidgets==8.1.0 ipykernel==6.29.5 pillow==10.0.1 \
-                tqdm==4.66.1 einops==0.7.0 regex==2024.11.6 safetensors==0.8.0 pytest==8.0.0 nbval==0.11.0
+                tqdm==4.66.1 einops==0.7.0 regex==2024.11.6 safetensors==0.8.0 pytest==8.0.0 nbval==0.11.0 \
+                pytest-xdist==3.5.0
 test-min:
 	test -x .venv-min/bin/python || $(PYTHON) -m venv .venv-min
 	.venv-min/bin/python -m pip install --quiet $(TORCH) $(MIN_VERSIONS) diffusers==0.42.1 peft==0.21.2 playwright==1.65.2
 	.venv-min/bin/python -m pip install --quiet --no-deps -e .
-	.venv-min/bin/python -m pytest
+	.venv-min/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 	.venv-min/bin/python -m pip install --quiet ipywidgets==7.7.1
 	.venv-min/bin/python -m pytest tests/test_widgets.py $(WIDGET_NOTEBOOKS); status=$$?; \
 	  .venv-min/bin/python -m pip install --quiet ipywidgets==8.1.0; exit $$status

@@ -8,3 +8,14 @@ Run `COURSE_QUICK=0 pytest notebooks` to check the notebooks in full mode instea
 import os
 
 os.environ.setdefault("COURSE_QUICK", "1")
+
+# Under pytest-xdist (`make test`: one worker per core) every worker, and every notebook kernel it starts (kernels
+# inherit this environment), uses one thread: two workers on two cores, not four threads fighting over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = "1"
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
