@@ -15,7 +15,7 @@ as float16 safetensors) and what it gives: subject fidelity (feature-space
 similarity to the subject's real images, course_lib.metrics.subject_similarity) and prompt fidelity, by two
 judges that condition nothing: the independent mini CLIP's score of the class prompt (checkpoints/clip_judge,
 course_lib.clip.clip_score) and the skin-tone judge's tone accuracy (course_lib.judges, via
-course_lib.dreambooth.tone_accuracy). Two reference rows bracket the scores: the base model given the class
+course_lib.judges.tone_accuracy). Two reference rows bracket the scores: the base model given the class
 prompt, and the real images themselves.
 
 This module sits above the methods it compares (it imports dreambooth, hyperdreambooth, lora and
@@ -44,6 +44,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from . import dreambooth as db
 from . import hyperdreambooth as hd
+from . import judges
 from .checkpoint import shipped
 from .clip import clip_score, load_clip
 from .lora import adapter_numbers, lora_state_dict
@@ -91,7 +92,7 @@ def compare_personalisation(base, hyper, lidb_config, lidb_seed: int, subjects: 
         class_prompts = [s.prompt(t, None) for t in tones]
         return dict(subject=self_similarity(images) if real else subject_similarity(images, s.images[1:]),
                     prompt=clip_score(judge, judge_tokenizer, images, class_prompts).mean().item(),
-                    tone=db.tone_accuracy(images, tones))
+                    tone=judges.tone_accuracy(images, tones))
 
     tones = [t for t in asked for _ in range(seeds)]
     records = {m: [] for m in PERSONALISATION_METHODS + ("base model, class prompt", "real images")}

@@ -37,6 +37,7 @@ from PIL import Image
 
 DATA_ENV = "COURSE_DATA"
 STYLES = ("noto", "twemoji")
+TONES = ("", "light", "medium-light", "medium", "medium-dark", "dark")   # skin-tone modifiers; "" = the default yellow
 SPLITS = ("train", "heldout", "all")
 PHOTOS = ("astronaut", "cat")
 MAX_EMOJI_SIZE = 64

@@ -37,16 +37,14 @@ import torch
 from torch import nn
 
 from . import lora as lora_lib
-from . import judges
 from .clip import MiniCLIP
-from .data import load_emoji
+from .data import TONES, load_emoji  # TONES: the six tone modifiers, "" the default yellow
 from .finetune import CaptionedFineTune, FineTune
 from .pipeline import TextToImage
 from .tokenizer import Tokenizer
 from .vae import encode_latents
 
 IDENTIFIER = "sks"
-TONES = judges.TONES   # ("", "light", "medium-light", "medium", "medium-dark", "dark"); "" = the default yellow
 CLASS_NOUNS = {"hand": "hand", "hands": "hand", "body-parts": "body part", "person": "person",
                "family": "person"}
 
@@ -140,15 +138,6 @@ def get_subject(name: str, split: str = "heldout", size: int = 32) -> Subject:
     if name not in subjects:
         raise ValueError(f"no subject {name!r} in split {split!r}; valid are: {', '.join(sorted(subjects))}")
     return subjects[name]
-
-
-def tone_accuracy(images: torch.Tensor, tones: list[str] | tuple[str, ...]) -> float:
-    """Prompt fidelity for the tone contexts: the fraction of images (image k asked for tones[k]) that the skin-tone
-    judge (course_lib.judges, a classifier trained on real emoji only; chance is 1/6) finds drawn in the asked
-    tone. Its held-out accuracy on real images is on its card, checkpoints/judges.md."""
-    if len(images) != len(tones):
-        raise ValueError(f"need one asked tone per image; got {len(images)} images and {len(tones)} tones")
-    return judges.accuracy("tone", images, list(tones))
 
 
 # --- The loss -------------------------------------------------------------------------------------------
@@ -297,5 +286,5 @@ def dreambooth(pipe: TextToImage, images: torch.Tensor, prompts: list[str], clas
 
 
 __all__ = ["IDENTIFIER", "TONES", "add_identifier", "personalised_pipeline", "Subject", "class_noun",
-           "emoji_subjects", "get_subject", "tone_accuracy", "dreambooth_loss", "DreamBoothConfig",
+           "emoji_subjects", "get_subject", "dreambooth_loss", "DreamBoothConfig",
            "DreamBoothResult", "class_images", "DreamBoothFit", "dreambooth"]

@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import checkpoints_dir, read
-from .data import check_choice
+from .data import TONES, check_choice
 from .feature_net import FeatureNet, FeatureNetConfig, to_feature_size
 from .forward import check_images
 from .settings import default_device
 
-TONES = ("", "light", "medium-light", "medium", "medium-dark", "dark")   # "" = the default yellow
 JUDGES = {"style": ("noto", "twemoji"), "tone": TONES}
 # Widths: the tone judge sees colour, which a quarter of FeatureNet's width learns; the style judge must see
 # shading and outlines of emoji it never saw, and needed more (the card records both).
@@ -125,5 +124,14 @@ def accuracy(name: str, images: torch.Tensor, truth: list[str] | tuple[str, ...]
     return sum(p == t for p, t in zip(predict(name, images, **kwargs), truth)) / len(images)
 
 
+def tone_accuracy(images: torch.Tensor, tones: list[str] | tuple[str, ...]) -> float:
+    """Prompt fidelity for the tone contexts (notebooks 11, 12): the fraction of images (image k asked for tones[k])
+    that the skin-tone judge finds drawn in the asked tone (chance 1/6; its accuracy on real held-out images is on
+    its card, checkpoints/judges.md)."""
+    if len(images) != len(tones):
+        raise ValueError(f"need one asked tone per image; got {len(images)} images and {len(tones)} tones")
+    return accuracy("tone", images, list(tones))
+
+
 __all__ = ["TONES", "JUDGES", "CHANNELS", "REBUILD_COMMAND", "judge_path", "new_judge", "load_judge",
-           "probabilities", "predict", "share", "accuracy"]
+           "probabilities", "predict", "share", "accuracy", "tone_accuracy"]

@@ -30,6 +30,7 @@ The judge beside these terms: the share of an image's spectral power above a qua
 `high_frequency_share` in course_lib.metrics (reconstructions over originals: 1 is as sharp as the data).
 The perceptual network is the same network that FID uses in this course, so a VAE trained with it is graded
 partly in the space it was trained to match: judge its pictures by PSNR, the spectrum and the independent judge.
+This module is given that network by its caller and never loads it (a method does not import a measure).
 
 References:
     [1] Rombach et al. 2022, High-Resolution Image Synthesis with Latent Diffusion Models, arxiv.org/abs/2112.10752
@@ -50,15 +51,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .feature_net import FeatureNet, load_feature_net
 from .loop import Batches, Fit, FitConfig, autocast, fingerprint
 from .vae import PRECISIONS, VAE, _device_of, vae_loss
 
 ADAPTIVE_MAX = 1e4          # the clamp on lambda ([2]'s implementation)
 
 
-def perceptual_distance(x: torch.Tensor, y: torch.Tensor, net: FeatureNet) -> torch.Tensor:
-    """LPIPS-style distance per image (B,): for every stage of `net`, unit-normalise each pixel's feature
+def perceptual_distance(x: torch.Tensor, y: torch.Tensor, net: nn.Module) -> torch.Tensor:
+    """LPIPS-style distance per image (B,): for every stage of `net` (a frozen CNN with a `stages` list, e.g.
+    course_lib.feature_net's; this module is given it and never loads it), unit-normalise each pixel's feature
     vector over channels, take the squared difference summed over channels, average over pixels; sum over
     stages. Images in [-1, 1]; 0 for identical images; gradients flow to both inputs, not to `net`."""
     if x.shape != y.shape or x.ndim != 4:
@@ -113,14 +114,14 @@ class VAEGANFit(Fit):
 
     def __init__(self, vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int, lr: float, d_lr: float,
                  kl_weight: float, perceptual_weight: float, adversarial_weight: float, adversarial_start: int,
-                 disc_channels: int, device: torch.device, precision: str, seed: int,
-                 net: FeatureNet | None = None, warmup: int = 0):
+                 disc_channels: int, device: torch.device, precision: str, seed: int, net: nn.Module,
+                 warmup: int = 0):
         self.vae, self.images, self.precision = vae, images, precision
         self.kl_weight, self.perceptual_weight = kl_weight, perceptual_weight
         self.adversarial_weight, self.adversarial_start = adversarial_weight, adversarial_start
         torch.manual_seed(seed)                                         # the discriminator's initial weights
         self.disc = PatchDiscriminator(vae.config.in_channels, disc_channels).to(device).train()
-        self.net = net if net is not None else load_feature_net(device)
+        self.net = net.to(device).eval().requires_grad_(False)
         groups = [{"params": list(vae.parameters()), "lr": lr}, {"params": list(self.disc.parameters()), "lr": d_lr}]
         super().__init__(FitConfig(steps=steps, lr=lr, warmup=warmup, grad_clip=None, precision=precision),
                          torch.optim.AdamW(groups, betas=(0.5, 0.9), weight_decay=0.0), device, seed=seed,
@@ -159,18 +160,20 @@ class VAEGANFit(Fit):
         return {**{k: self.history.get(k, []) for k in keys}, "seconds": self.seconds, "steps": self.step}
 
 
-def fit_vae_gan(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64, lr: float = 1e-4,
-                d_lr: float | None = None, kl_weight: float = 1e-4, perceptual_weight: float = 1.0,
+def fit_vae_gan(vae: VAE, images: torch.Tensor, *, perceptual_net: nn.Module, steps: int, batch_size: int = 64,
+                lr: float = 1e-4, d_lr: float | None = None, kl_weight: float = 1e-4, perceptual_weight: float = 1.0,
                 adversarial_weight: float = 0.5, adversarial_start: int = 0, disc_channels: int = 64,
                 device: torch.device | str | None = None, precision: str = "fp32", seed: int = 0,
                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 500, resume: bool = True,
                 progress: bool = True, max_seconds: float | None = None,
                 callback: Callable[[dict], None] | None = None, callback_every: int = 50, warmup: int = 0) -> dict:
     """Train `vae` in place with the reconstruction, KL, perceptual and adversarial terms (module docstring)
-    until `steps` steps in total (the rate warmed up over `warmup` steps); the discriminator is created here (seeded by `seed`) and saved in the
-    checkpoint with the VAE, so an interrupted run resumes exactly. d_lr: the discriminator's rate (default lr).
-    perceptual_weight=0 and adversarial_weight=0 train with squared error and KL alone (an ablation with the
-    same loop). Returns the history VAEGANFit.report gives; the VAE is left in eval mode."""
+    until `steps` steps in total (the rate warmed up over `warmup` steps). perceptual_net: the frozen network of the
+    perceptual term (the course passes course_lib.feature_net.load_feature_net()). The discriminator is created
+    here (seeded by `seed`) and saved in the checkpoint with the VAE, so an interrupted run resumes exactly.
+    d_lr: the discriminator's rate (default lr). perceptual_weight=0 and adversarial_weight=0 train with squared
+    error and KL alone (an ablation with the same loop). Returns the history VAEGANFit.report gives; the VAE is left
+    in eval mode."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
     for name, value in (("kl_weight", kl_weight), ("perceptual_weight", perceptual_weight),
@@ -186,7 +189,7 @@ def fit_vae_gan(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int =
     run = VAEGANFit(vae, images, steps=steps, batch_size=batch_size, lr=lr, d_lr=lr if d_lr is None else d_lr,
                     kl_weight=kl_weight, perceptual_weight=perceptual_weight, adversarial_weight=adversarial_weight,
                     adversarial_start=adversarial_start, disc_channels=disc_channels, device=device,
-                    precision=precision, seed=seed, warmup=warmup)
+                    precision=precision, seed=seed, net=perceptual_net, warmup=warmup)
     vae.requires_grad_(True)
     return run.train_module(vae, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
                             max_seconds=max_seconds, progress=progress, callback=callback,

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from course_lib.checkpoint import shipped  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
+from course_lib.feature_net import load_feature_net  # noqa: E402
 from course_lib.metrics import high_frequency_share, psnr  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.vae import fit_vae, load_vae  # noqa: E402
@@ -72,9 +73,10 @@ def study_vae(args) -> list[dict]:
                 curve.append({"step": history["steps"], "seconds": round(history["seconds"], 1),
                               **vae_quality(vae, heldout)})
         fit = fit_vae_gan if VAE_RECIPES[name] else fit_vae
+        net = {"perceptual_net": load_feature_net("cpu")} if VAE_RECIPES[name] else {}
         t0 = time.perf_counter()
         fit(vae, train, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed, progress=False,
-            warmup=args.warmup, callback=log, callback_every=1, **VAE_RECIPES[name])
+            warmup=args.warmup, callback=log, callback_every=1, **VAE_RECIPES[name], **net)
         rows.append({"recipe": name, "steps": args.steps, "wall_seconds": round(time.perf_counter() - t0, 1),
                      "curve": curve, "started_from": f"shipped vae_emoji32 ({before.get('steps')} steps)"})
         last = curve[-1]

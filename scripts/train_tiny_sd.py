@@ -45,6 +45,7 @@ from course_lib.vae import (DEFAULT_KL_WEIGHT, VAE, encode_latents, fit_vae, lat
                             load_vae, save_vae)
 from course_lib.vae import vae_preset  # noqa: E402
 from course_lib.vae_gan import fit_vae_gan  # noqa: E402
+from course_lib.feature_net import load_feature_net  # noqa: E402
 
 NAMES = {"vae": "vae_emoji32", "clip": "clip_emoji", "t2i": "tiny_sd_emoji"}
 STAGES = ("vae", "clip", "t2i", "cards")
@@ -164,12 +165,13 @@ def stage_vae(args, device: torch.device) -> None:
     adversarial = args.perceptual_weight > 0 or args.adversarial_weight > 0
     terms = ({"perceptual_weight": args.perceptual_weight, "adversarial_weight": args.adversarial_weight,
               "adversarial_start": args.adversarial_start, "d_lr": args.d_lr or args.vae_lr} if adversarial else {})
+    net = {"perceptual_net": load_feature_net(device)} if adversarial else {}
     reset_peak(device)
     history = (fit_vae_gan if adversarial else fit_vae)(
         vae, train, steps=args.vae_steps, batch_size=args.vae_batch, lr=args.vae_lr, kl_weight=args.kl_weight,
         device=device, precision=precision, seed=args.seed, checkpoint_path=state, checkpoint_every=250,
         progress=not args.no_progress, callback=log, callback_every=1, warmup=args.vae_warmup,
-        max_seconds=args.max_minutes * 60 if args.max_minutes else None, **terms)
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None, **terms, **net)
     peak = peak_gib(device)
     scale = latent_scale_factor(vae, train, generator=torch.Generator().manual_seed(args.seed), device=device)
     quality = reconstruction_quality(vae, heldout, device)

@@ -118,12 +118,12 @@ def test_dreambooth_errors(tiny_pipe):
 def test_tone_accuracy_is_the_tone_judges_agreement_with_the_asked_tones():
     s = db.get_subject("merman")
     judged = judges.predict("tone", s.images)
-    assert db.tone_accuracy(s.images, judged) == 1.0                     # asked = what the judge sees
+    assert judges.tone_accuracy(s.images, judged) == 1.0                     # asked = what the judge sees
     wrong = [db.TONES[(db.TONES.index(t) + 1) % 6] for t in judged]
-    assert db.tone_accuracy(s.images, wrong) == 0.0
-    assert db.tone_accuracy(s.images, db.TONES) >= 5 / 6                  # the real tones: the judge gets them
+    assert judges.tone_accuracy(s.images, wrong) == 0.0
+    assert judges.tone_accuracy(s.images, db.TONES) >= 5 / 6                  # the real tones: the judge gets them
     with pytest.raises(ValueError, match="one asked tone per image"):
-        db.tone_accuracy(s.images, judged[:2])
+        judges.tone_accuracy(s.images, judged[:2])
 
 
 def test_dreambooth_checkpoints_and_resumes_exactly(tiny_pipe, tmp_path):

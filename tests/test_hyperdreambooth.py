@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from course_lib import dreambooth as db
+from course_lib import judges
 from course_lib import hyperdreambooth as hd
 from course_lib import lora
 
@@ -197,11 +198,11 @@ def test_compare_personalisation_runs_every_method(tiny_pipe):
         assert row["tone"] * 5 == pytest.approx(round(row["tone"] * 5))   # a share of 5 images (one seed)
         # the scores are the ones named: recomputed from the method's own images
         assert row["subject"] == pytest.approx(subject_similarity(examples[s.name][m], s.images[1:]), abs=1e-6)
-        assert row["tone"] == db.tone_accuracy(examples[s.name][m], db.TONES[1:])
+        assert row["tone"] == judges.tone_accuracy(examples[s.name][m], db.TONES[1:])
     assert summary["hypernetwork only"]["seconds"] < summary["DreamBooth"]["seconds"]   # one pass against a fine-tuning
     real = summary["real images"]
     assert real["subject"] == pytest.approx(self_similarity(s.images[1:]), abs=1e-6)
-    assert real["tone"] == db.tone_accuracy(s.images[1:], db.TONES[1:])
+    assert real["tone"] == judges.tone_accuracy(s.images[1:], db.TONES[1:])
     claim = paper_claim(summary)
     assert claim["speedup"] == pytest.approx(summary["DreamBooth"]["seconds"] /
                                              summary["hypernetwork + fast fine-tuning"]["seconds"])

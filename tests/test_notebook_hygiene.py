@@ -177,3 +177,28 @@ def test_needs_line_states_the_measured_gpu_memory(path):
             f"{path.name}: the Needs line states {value} GiB, but no peak measured for notebook {path.name[:2]} "
             f"in {MEMORY.relative_to(ROOT)} rounds to it ({measured}). Reword the Needs line to the measured peak, "
             f"or re-measure with python scripts/measure_memory.py on a GPU if the notebook's settings changed")
+
+
+# Conclusions a learner reads are printed by code from the run's own numbers, never typed into markdown. These are
+# the printed verdicts that replaced sentences their outputs once contradicted: each must be in the stored outputs.
+VERDICTS = {
+    "05_sampling": ["the measured fix here is v-prediction"],
+    "06_vae_latent_space": ["images it saw in training (steps x batch)"],
+    "07_latent_diffusion": ["not this run's"],
+    "08_text_encoder": ["The model card records training top-1"],
+    "09_text_to_image": ["correlation with the emoji's shape", "Verdict: "],
+    "10_lora": ["The VAE round trip:", "FID to Twemoji: the base model", "FID to Twemoji below the base model's"],
+    "11_dreambooth": ["seed diversity", "Verdict: "],
+    "12_hyperdreambooth": ["subject fidelity by pass", "Verdict: "],
+    "15_editing": ["judge ranked 'cat face' first", "Outside the hole the result is",
+                   "the real emoji themselves (the floor here)", "every held-out caption for",
+                   "moved the similarity to each image's own prompt"],
+}
+
+
+@pytest.mark.parametrize("stem", sorted(VERDICTS))
+def test_conclusions_are_printed_from_the_run(stem):
+    path = next(p for p in NOTEBOOKS if p.stem == stem)
+    printed = "".join("".join(o.get("text", "")) for c in cells(path) for o in c.get("outputs", []))
+    missing = [v for v in VERDICTS[stem] if v not in printed]
+    assert not missing, f"{path.name}: the stored outputs lack the printed conclusion(s) {missing}; re-run it"

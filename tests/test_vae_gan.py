@@ -96,7 +96,8 @@ def test_fit_vae_gan_trains_resumes_exactly_and_refuses_bad_settings(tmp_path):
     def run(steps, path):
         torch.manual_seed(1)
         vae = VAE(vae_preset("tiny"))
-        report = fit_vae_gan(vae, x, steps=steps, batch_size=8, lr=1e-3, disc_channels=16, progress=False,
+        report = fit_vae_gan(vae, x, perceptual_net=FeatureNet().eval(), steps=steps, batch_size=8, lr=1e-3,
+                             disc_channels=16, progress=False,
                              checkpoint_path=path, checkpoint_every=2, adversarial_start=1)
         return vae, report
 
@@ -108,13 +109,13 @@ def test_fit_vae_gan_trains_resumes_exactly_and_refuses_bad_settings(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     vae = VAE(vae_preset("tiny"))
     with pytest.raises(ValueError, match="perceptual_weight must be >= 0"):
-        fit_vae_gan(vae, x, steps=1, perceptual_weight=-1)
+        fit_vae_gan(vae, x, perceptual_net=FeatureNet(), steps=1, perceptual_weight=-1)
     with pytest.raises(ValueError, match="adversarial_start must be an integer"):
-        fit_vae_gan(vae, x, steps=1, adversarial_start=1.5)
+        fit_vae_gan(vae, x, perceptual_net=FeatureNet(), steps=1, adversarial_start=1.5)
     with pytest.raises(ValueError, match="images must have shape"):
-        fit_vae_gan(vae, x[:, :, :16], steps=1)
+        fit_vae_gan(vae, x[:, :, :16], perceptual_net=FeatureNet(), steps=1)
     with pytest.raises(ValueError, match="unknown precision"):
-        fit_vae_gan(vae, x, steps=1, precision="fp8")
+        fit_vae_gan(vae, x, perceptual_net=FeatureNet(), steps=1, precision="fp8")
 
 
 def test_high_frequency_share_falls_with_blur_and_ignores_the_set_order():
