@@ -12,6 +12,8 @@ Bases and recipes:
     vae   mse            squared error + KL, as the shipped VAE was trained (course_lib.vae.fit_vae)
           perceptual     + the LPIPS-style perceptual term on the frozen feature net (course_lib.vae_gan)
           perceptual+gan + the patch discriminator with the adaptive weight, from step 0 (SD's autoencoder)
+          perceptual 0.05, perceptual 0.05+gan, gan: the same terms with the perceptual weight at 0.05 (about
+                         equal to the squared error, see VAE_RECIPES) or off
           Measured: held-out PSNR (posterior mean, dB) and sharpness (high-frequency share of the reconstructions
           over the originals', course_lib.metrics.high_frequency_share; 1 = as sharp as the data).
 """
@@ -35,13 +37,19 @@ from course_lib.feature_net import load_feature_net  # noqa: E402
 from course_lib.metrics import high_frequency_share, psnr  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.vae import fit_vae, load_vae  # noqa: E402
-from course_lib.vae_gan import fit_vae_gan  # noqa: E402
+from course_lib.vae_gan import fit_vae_gan, perceptual_distance  # noqa: E402
 
 VAE_RECIPES = {
     "mse": {},
     "perceptual": {"perceptual_weight": 1.0, "adversarial_weight": 0.0},
     "perceptual+gan": {"perceptual_weight": 1.0, "adversarial_weight": 0.5},
+    # the perceptual distance on the shipped VAE's reconstructions is about 20x their squared error (0.33 against
+    # 0.017 on 128 held-out emoji), so weight 1 lets it drown the squared error; 0.05 makes the two about equal
+    "perceptual 0.05": {"perceptual_weight": 0.05, "adversarial_weight": 0.0},
+    "perceptual 0.05+gan": {"perceptual_weight": 0.05, "adversarial_weight": 0.5},
+    "gan": {"perceptual_weight": 0.0, "adversarial_weight": 0.5},
 }
+DEFAULT_RECIPES = "mse,perceptual,perceptual+gan"
 BASES = ("vae",)
 
 
@@ -53,6 +61,18 @@ def vae_quality(vae, images: torch.Tensor) -> dict:
     vae.train(was)
     return {"psnr": round(psnr(recon, images).mean().item(), 3),
             "sharpness": round(high_frequency_share(recon) / high_frequency_share(images), 4)}
+
+
+def vae_loss_scales(heldout: torch.Tensor) -> dict:
+    """The terms' sizes on the shipped VAE's reconstructions of 128 held-out emoji: squared error against the
+    perceptual distance, the ratio that decides a sensible perceptual weight."""
+    vae, _, _ = load_vae(shipped("vae_emoji32"))
+    x = heldout[:128]
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+        perceptual = perceptual_distance(recon, x, load_feature_net("cpu")).mean().item()
+    mse = (recon - x).pow(2).mean().item()
+    return {"n": len(x), "mse": round(mse, 5), "perceptual": round(perceptual, 4), "ratio": round(perceptual / mse, 1)}
 
 
 def study_vae(args) -> list[dict]:
@@ -73,11 +93,14 @@ def study_vae(args) -> list[dict]:
                 curve.append({"step": history["steps"], "seconds": round(history["seconds"], 1),
                               **vae_quality(vae, heldout)})
         fit = fit_vae_gan if VAE_RECIPES[name] else fit_vae
-        net = {"perceptual_net": load_feature_net("cpu")} if VAE_RECIPES[name] else {}
+        net = ({"perceptual_net": load_feature_net("cpu"), "adversarial_start": args.adversarial_start}
+               if VAE_RECIPES[name] else {})
         t0 = time.perf_counter()
         fit(vae, train, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed, progress=False,
             warmup=args.warmup, callback=log, callback_every=1, **VAE_RECIPES[name], **net)
         rows.append({"recipe": name, "steps": args.steps, "wall_seconds": round(time.perf_counter() - t0, 1),
+                     "terms": {**VAE_RECIPES[name], **({"adversarial_start": args.adversarial_start}
+                                                      if VAE_RECIPES[name].get("adversarial_weight") else {})},
                      "curve": curve, "started_from": f"shipped vae_emoji32 ({before.get('steps')} steps)"})
         last = curve[-1]
         print(f"{name:15s} {args.steps} steps in {last['seconds']:.0f} s of training: PSNR {curve[0]['psnr']:.2f} -> "
@@ -99,13 +122,15 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="vae", choices=BASES)
-    p.add_argument("--recipes", default=",".join(VAE_RECIPES))
+    p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"any of: {', '.join(VAE_RECIPES)}")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=50, help="steps of linear warm-up (a fresh AdamW on trained weights)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adversarial-start", type=int, default=0, help="the step the adversarial term starts (gan recipes)")
+    p.add_argument("--scales-only", action="store_true", help="only measure the loss terms' sizes into the record")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the code path")
     p.add_argument("--out", default=None, help="the record (default results/recipes_<base>.json; quick: not written)")
@@ -113,15 +138,33 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.eval_every, args.warmup = 2, 1, 2
+    heldout = load_emoji(size=32, split="heldout").images
+    scales = vae_loss_scales(heldout[:32] if args.quick else heldout)
+    print(f"loss terms on the shipped VAE's reconstructions of {scales['n']} held-out emoji: squared error "
+          f"{scales['mse']}, perceptual distance {scales['perceptual']} ({scales['ratio']}x)")
+    out = args.out or (None if args.quick else str(ROOT / "results" / f"recipes_{args.base}.json"))
+    if args.scales_only:
+        if out and Path(out).exists():
+            record = json.loads(Path(out).read_text())
+            Path(out).write_text(json.dumps(record | {"loss_scales": scales}, indent=1) + "\n")
+            print(f"wrote the loss scales into {out}")
+        return
     rows = study_vae(args)
     print(table(rows))
     record = {"base": args.base, "machine": describe_machine(), "torch": torch.__version__, "threads": args.threads,
-              "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "seed": args.seed,
+              "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "seed": args.seed, "loss_scales": scales,
               "command": " ".join(["python", "scripts/study_recipes.py"] + sys.argv[1:]), "rows": rows}
-    out = args.out or (None if args.quick else str(ROOT / "results" / f"recipes_{args.base}.json"))
     if out:
+        if Path(out).exists():      # keep the other recipes' rows of an earlier run with the same settings
+            old = json.loads(Path(out).read_text())
+            same = all(old.get(k) == record[k] for k in ("base", "batch", "lr", "warmup", "seed"))
+            if same:
+                names = {r["recipe"] for r in rows}
+                record["rows"] = [r for r in old["rows"] if r["recipe"] not in names] + rows
+                record["command"] = old.get("command", "") + "; " + record["command"]
         Path(out).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {out}")
+        print(table(record["rows"]))
 
 
 if __name__ == "__main__":

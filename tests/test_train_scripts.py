@@ -40,3 +40,12 @@ def test_train_tiny_sd_quick_vae_with_perceptual_and_adversarial_terms_logs_its_
     from course_lib.vae import load_vae
     _, _, info = load_vae(tmp_path / "vae_emoji32.safetensors")
     assert info["loss_terms"]["adversarial_weight"] == 0.5 and info["curve"] == curve and info["sharpness"] > 0
+
+
+def test_study_recipes_quick_runs_every_default_vae_recipe_and_writes_nothing(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_recipes.py"), "--quick",
+                          "--recipes", "mse,perceptual 0.05+gan", "--adversarial-start", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| mse |" in out.stdout and "| perceptual 0.05+gan |" in out.stdout and "perceptual distance" in out.stdout
+    assert "wrote" not in out.stdout
