@@ -188,11 +188,11 @@ VERDICTS = {
     "08_text_encoder": ["The model card records training top-1"],
     "09_text_to_image": ["correlation with the emoji's shape", "Verdict: "],
     "10_lora": ["The VAE round trip:", "FID to Twemoji: the base model", "FID to Twemoji below the base model's"],
-    "11_dreambooth": ["seed diversity", "Verdict: "],
-    "12_hyperdreambooth": ["subject fidelity by pass", "Verdict: "],
+    "11_dreambooth": ["seeds of one tone closer than the copy threshold", "Verdict: "],
+    "12_hyperdreambooth": ["subject fidelity by pass", "by the independent judge", "silhouette overlap", "Verdict: "],
     "15_editing": ["judge ranked 'cat face' first", "Outside the hole the result is",
                    "the real emoji themselves (the floor here)", "every held-out caption for",
-                   "moved the similarity to each image's own prompt"],
+                   "moved the similarity to each image's own prompt", "Verdict: the edit reached its target"],
 }
 
 
