@@ -16,19 +16,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from safetensors import safe_open  # noqa: E402
+
 from course_lib import checkpoint as ckpt  # noqa: E402
 
 
 def add_checksum(path: Path) -> str:
-    tensors, metadata = ckpt.read(path, verify=False)
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
+    tensors, metadata = ckpt.read(path, verify=False)      # a file that is not safetensors is refused here, by name
+    with safe_open(str(path), framework="pt") as f:         # read() drops the key: look for it in the raw metadata
         had = ckpt.CHECKSUM_KEY in (f.metadata() or {})
     if had:
-        ckpt.read(path)                       # verify it; raises if damaged
+        ckpt.read(path)                                     # verify it; raises if damaged
         return "already had a checksum, verified"
-    ckpt.atomic_save(tensors, path, metadata)
-    ckpt.read(path)
+    ckpt.atomic_save(tensors, path, metadata)               # writes, reads back and verifies before the rename
     return "checksum added"
 
 

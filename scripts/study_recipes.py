@@ -34,10 +34,12 @@ sys.path.insert(0, str(ROOT))
 from course_lib.checkpoint import shipped  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.feature_net import load_feature_net  # noqa: E402
-from course_lib.metrics import high_frequency_share, psnr  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.vae import fit_vae, load_vae  # noqa: E402
 from course_lib.vae_gan import fit_vae_gan, perceptual_distance  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from train_tiny_sd import reconstruction_quality  # noqa: E402
 
 VAE_RECIPES = {
     "mse": {},
@@ -53,14 +55,10 @@ DEFAULT_RECIPES = "mse,perceptual,perceptual+gan"
 BASES = ("vae",)
 
 
-@torch.no_grad()
 def vae_quality(vae, images: torch.Tensor) -> dict:
-    was = vae.training
-    vae.eval()
-    recon = torch.cat([vae.decode(vae.encode(images[i:i + 256]).mode()).clamp(-1, 1) for i in range(0, len(images), 256)])
-    vae.train(was)
-    return {"psnr": round(psnr(recon, images).mean().item(), 3),
-            "sharpness": round(high_frequency_share(recon) / high_frequency_share(images), 4)}
+    """Held-out PSNR and sharpness, measured as the VAE stage of train_tiny_sd.py measures them."""
+    q = reconstruction_quality(vae, images, torch.device("cpu"))
+    return {"psnr": q["heldout_psnr"], "sharpness": q["sharpness"]}
 
 
 def vae_loss_scales(heldout: torch.Tensor) -> dict:
