@@ -200,9 +200,18 @@ def stage_clip(args, device: torch.device) -> None:
         images, captions = torch.cat([images, tw.images]), captions + tw.captions
     if args.quick:
         images, captions = images[:64], captions[:64]
-    tokenizer = Tokenizer.train(train.captions, vocab_size=args.vocab_size)
     torch.manual_seed(args.seed)
-    clip = MiniCLIP(clip_config(args.clip_preset, tokenizer.vocab_size))
+    before, start = {}, Path(args.init_from or "") / f"{NAMES['clip']}.safetensors"
+    if args.init_from and start.exists():   # continue an exported CLIP: its weights and its tokenizer
+        clip, tokenizer, before = load_clip(start)
+        if clip.config != clip_config(args.clip_preset, tokenizer.vocab_size):
+            raise SystemExit(f"{start} is not a {args.clip_preset!r} CLIP with {tokenizer.vocab_size} tokens; "
+                             f"pass the --clip-preset and --vocab-size it was trained with")
+        clip.train().requires_grad_(True)
+        print(f"CLIP initialised from {start} ({before.get('steps')} steps on {before.get('machine')})")
+    else:
+        tokenizer = Tokenizer.train(train.captions, vocab_size=args.vocab_size)
+        clip = MiniCLIP(clip_config(args.clip_preset, tokenizer.vocab_size))
     state = Path(args.run_dir) / f"{NAMES['clip']}.train.safetensors"
     precision = precision_for(device)
     reset_peak(device)
@@ -233,7 +242,7 @@ def stage_clip(args, device: torch.device) -> None:
             "command": command(), "preset": args.clip_preset, "vocab_size": tokenizer.vocab_size,
             "batch_size": args.clip_batch, "lr": args.clip_lr, "precision": precision, "seed": args.seed,
             "n_images": images.shape[0], "heldout_top1": acc[1], "heldout_top5": acc[5], "curve": curve,
-            "twemoji": args.clip_twemoji,
+            "twemoji": args.clip_twemoji, "initialised_from": before_summary(before),
             "n_heldout": len(heldout.captions), "train_top1": acc_train[1], "train_top5": acc_train[5],
             "n_train_eval": n_train, "peak_gib": peak, "params": count_parameters(clip)}
     out = save_clip(Path(args.out_dir) / f"{NAMES['clip']}.safetensors", clip.cpu(), tokenizer, info)
@@ -476,7 +485,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="per stage; run again to continue")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--init-from", default=None, help="a folder of exported models to start the VAE / U-Net from")
+    p.add_argument("--init-from", default=None, help="a folder of exported models to start the VAE / CLIP / U-Net from")
     p.add_argument("--vae-preset", default="f4c4")
     p.add_argument("--vae-steps", type=int, default=6000)
     p.add_argument("--vae-batch", type=int, default=64)
