@@ -2,6 +2,7 @@
 
 One module per course concept, in the order the notebooks introduce them:
     settings    run modes (COURSE_QUICK), the default device, timing
+    checks      checks every module shares (has_values: a fake tensor's values are not read)
     data        emoji and photos, loaded offline as tensors in [-1, 1]
     config      the JSON round trip every config dataclass shares
     schedules   noise schedules (linear, scaled-linear, cosine, sigmoid), their tables, zero terminal SNR
@@ -9,6 +10,7 @@ One module per course concept, in the order the notebooks introduce them:
     attention   self-attention, cross-attention to text, SD's transformer block
     unet        the U-Net: time embedding, ResBlock, down/up sampling, presets
     checkpoint  safetensors files written atomically and verified; compact float16 model files
+    precision   mixed precision: which a device gets, the autocast that applies it
     loop        the one fitting loop: optimizer step, precision, guards, EMA, budget, checkpoints, resume
     learned_schedule  a noise schedule learned with the denoiser (Variational Diffusion Models)
     train       the diffusion Trainer: its data, objective settings and sampling grids, on the loop
@@ -37,7 +39,7 @@ One module per course concept, in the order the notebooks introduce them:
     flow        rectified flow (SD 3's objective): the straight path, its loss, logit-normal times, ODE solvers, reflow
     editing     img2img (SDEdit), inpainting (replace + RePaint resampling), DDIM-inversion edits with the tiny SD
     distributed data parallelism for the loop under torchrun
-    memory      peak GPU memory of a training step and of sampling, measured
+    memory      peak GPU memory of a training step and of sampling, measured on a GPU or accounted on fake tensors
     plotting    image grids and rows, noising strips, schedule curves, loss curves (matplotlib)
     widgets     the logic behind the notebooks' sliders (matplotlib; ipywidgets only in `live`)
 

@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import has_values
+
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,7 +87,7 @@ def check_context(context: torch.Tensor, mask: torch.Tensor | None, batch: int, 
     if mask.shape != context.shape[:2]:
         raise ValueError(f"context_mask must have shape (B, L) = {tuple(context.shape[:2])}, like context's "
                          f"first two axes; got {tuple(mask.shape)}")
-    if not bool(mask.any(dim=1).all()):
+    if has_values(mask) and not bool(mask.any(dim=1).all()):
         raise ValueError("every row of context_mask needs at least one True (a real token): a prompt of "
                          "padding only leaves cross-attention nothing to attend to")
 

@@ -38,7 +38,6 @@ and only rank 0 shows progress and writes files (course_lib.distributed).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -54,8 +53,9 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import flat_dict
 from . import distributed
+from .checks import has_values
+from .precision import GPU_STAND_IN, PRECISIONS, autocast, resolve_precision  # noqa: F401 (re-exported)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECAYS = ("constant", "cosine")
 EXPLOSION_FACTOR = 100.0         # weights whose RMS grew this much since the last good checkpoint are refused
 FORMAT = "course_lib.fit/1"
@@ -63,30 +63,6 @@ FORMAT = "course_lib.fit/1"
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite, or the weights blew up."""
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """'auto' -> 'bf16' on a GPU of compute capability >= 8.0, 'fp16' on older GPUs (a T4 is 7.5: fast fp16,
-    no native bf16), 'fp32' on a CPU. 'fp16' needs a CUDA GPU (its gradient scaler is CUDA-only)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
-    device = torch.device(device)
-    if precision != "auto":
-        if precision == "fp16" and device.type != "cuda":
-            raise ValueError("precision 'fp16' (with a GradScaler) needs a CUDA GPU; on a CPU use 'fp32' or 'bf16'")
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "bf16" if major >= 8 else "fp16"
-
-
-def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """The autocast context for a resolved precision ('fp32': none)."""
-    device = torch.device(device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def lr_factor(step: int, steps: int, warmup: int, decay: str = "constant") -> float:
@@ -123,7 +99,7 @@ def fingerprint(*tensors: torch.Tensor) -> str:
     for t in tensors:
         t = t.detach().contiguous().cpu()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() and has_values(t) else b"")
     return h.hexdigest()[:16]
 
 
@@ -188,6 +164,8 @@ class Fit:
                  seed: int = 0, batches: Batches | None = None):
         self.fit_config, self.optimizer, self.device = config, optimizer, torch.device(device)
         for group in optimizer.param_groups:
+            if GPU_STAND_IN and group.get("foreach") is None:
+                group["foreach"] = True        # a GPU's default step (lists of tensors at once), as accounted
             group.setdefault("peak_lr", group["lr"])
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
@@ -246,7 +224,7 @@ class Fit:
                         group["lr"] = group["peak_lr"] * lr_factor(self.step, cfg.steps, cfg.warmup, cfg.decay)
                 loss, logs = self._as_pair(self.loss())
                 logged = distributed.all_reduce_mean(loss.detach().float())   # the mean over processes
-                if not torch.isfinite(logged):
+                if has_values(logged) and not torch.isfinite(logged):
                     raise TrainingDiverged(f"the loss became {logged.item()} at step {self.step}; training "
                                            f"stopped. {self._advice()}")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -267,7 +245,7 @@ class Fit:
                     ema_update(self.ema_tensors, self.ema_sources, ema_decay_at(self.step, self.ema_decay))
                 self.step += 1
                 self.seconds += time.perf_counter() - t0
-                for key, value in {"loss": logged.item(), **logs}.items():
+                for key, value in {"loss": logged.item() if has_values(logged) else math.nan, **logs}.items():
                     self.history.setdefault(key, []).append(value)
                 self.after_step()
                 bar.update(1)
@@ -322,6 +300,8 @@ class Fit:
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _weights_rms(self) -> float:
+        if not all(has_values(p) for p in self.params):     # fake weights (course_lib.memory): nothing to read
+            return math.nan
         with torch.no_grad():
             total = sum(p.detach().float().pow(2).sum().item() for p in self.params)
             count = sum(p.numel() for p in self.params)

@@ -46,9 +46,10 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from .checks import has_values
 from .forward import check_prediction
 from .guidance import GuidedModel
-from .loop import autocast, resolve_precision  # one definition, shared with training
+from .loop import GPU_STAND_IN, autocast, resolve_precision  # one definition, shared with training
 from .sampling import sample
 from .schedules import NoiseSchedule, make_schedule
 from .settings import default_device
@@ -61,13 +62,18 @@ NOT_MEASURED = "no CUDA GPU here: peak GPU memory not measured"
 
 @dataclass
 class MemoryReport:
-    """What ran, and its peak GPU memory (None where there was no GPU to measure)."""
+    """What ran, and its peak GPU memory: measured on a GPU, accounted inside `accounting()`, else None."""
     what: str
-    peak_bytes: int | None            # torch.cuda.max_memory_allocated during the run
-    reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved during the run
-    device: str = "cpu"               # the GPU's name, or "cpu"
+    peak_bytes: int | None            # torch.cuda.max_memory_allocated during the run (or the accounted peak)
+    reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved during the run (not accounted)
+    device: str = "cpu"               # the GPU's name, or "cpu", or "accounted, <kernel> attention"
     budget_gib: float = BUDGET_GIB
     precision: str = ""
+    categories: dict[str, int] | None = None   # accounted: the bytes of each CATEGORIES entry at the peak
+
+    @property
+    def accounted(self) -> bool:
+        return self.categories is not None
 
     @property
     def measured(self) -> bool:
@@ -86,6 +92,11 @@ class MemoryReport:
 
     def __str__(self) -> str:
         what = f"{self.what} ({self.precision})" if self.precision else self.what
+        if self.accounted:
+            parts = ", ".join(f"{k} {v / GIB:.3f}" for k, v in self.categories.items() if v)
+            verdict = "within" if self.fits else "OVER"
+            return (f"{what}: {self.peak_gib:.3f} GiB accounted ({self.device}; {parts}): {verdict} the "
+                    f"{self.budget_gib:g} GiB budget")
         if not self.measured:
             return f"{what}: {NOT_MEASURED} (the {self.budget_gib:g} GiB budget is checked on a GPU only)"
         reserved = f", {self.reserved_bytes / GIB:.2f} GiB reserved" if self.reserved_bytes is not None else ""
@@ -99,11 +110,188 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else default_device()
 
 
+# --- Accounting: the peak without a GPU -------------------------------------------------------------------
+
+# What each of torch's MemTracker categories is called here (the order of a stacked bar).
+CATEGORIES = {"Parameter": "weights", "Buffer": "buffers", "Gradient": "gradients", "Optstate": "optimizer state",
+              "Activation": "activations", "Temp": "temporaries", "Other": "other"}
+ATTENTION = {"flash": "FLASH_ATTENTION", "math": "MATH"}   # kernels a fake run can model (see accounting())
+MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class GPUModel:
+    """What a fake run cannot see of a GPU: the workspaces of its matrix libraries, which PyTorch allocates once
+    through its caching allocator (so max_memory_allocated counts them), and the attention kernel it picks."""
+    name: str
+    workspace_bytes: int
+    attention: str
+    low_precision: str           # what precision "auto" gives there
+
+
+# PyTorch's defaults (aten/src/ATen/cuda/CublasHandlePool.cpp): cuBLAS takes CUBLAS_WORKSPACE_CONFIG
+# ":4096:2:16:8" (2 x 4 MiB + 8 x 16 KiB) below compute capability 9 and 32 MiB from Hopper on; cuBLASLt 1 MiB,
+# 32 MiB on Hopper. The T4 has no FlashAttention (it needs 8.0) but the memory-efficient kernel, which like
+# FlashAttention never stores the scores: "flash" models both.
+GPUS = {"H100": GPUModel("H100", 64 * MIB, "flash", "bf16"),
+        "T4": GPUModel("T4", 8 * MIB + 8 * 16 * 1024 + 1 * MIB, "flash", "fp16")}
+_ACCOUNTING: list[tuple[GPUModel, str]] = []     # the GPU and attention kernel of each accounting() we are in
+
+# CUDA autocast's rules (PyTorch's "Automatic Mixed Precision" reference, "CUDA Ops that can autocast to ..."):
+# matrix products and convolutions run in the low precision; reductions, norms, softmax and losses in float32;
+# everything else runs in the dtype it is given. A CPU's autocast has other lists (it keeps GroupNorm in bf16,
+# say), so a fake run on the CPU models a GPU's mixed precision with these rules, applied by CUDAAutocastRules.
+AUTOCAST_LOW = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
+                "matmul", "__matmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "addr", "mv", "prelu",
+                "scaled_dot_product_attention", "einsum"}
+AUTOCAST_FP32 = {"group_norm", "layer_norm", "softmax", "log_softmax", "softmin", "cross_entropy", "nll_loss",
+                 "mse_loss", "l1_loss", "smooth_l1_loss", "kl_div", "binary_cross_entropy_with_logits", "norm",
+                 "normalize", "cosine_similarity", "pow", "__pow__", "__rpow__", "exp", "expm1", "log", "log1p",
+                 "log2", "log10", "rsqrt", "reciprocal", "sum", "prod", "cumsum", "cumprod", "softplus", "cdist",
+                 "erfinv", "acos", "asin", "cosh", "sinh", "tan", "__rdiv__", "__rtruediv__"}
+
+
+class CUDAAutocastRules(torch.overrides.TorchFunctionMode):
+    """CUDA autocast's casting rules as a torch function mode: each call's floating tensors are cast before the
+    call, above autograd, so that what backward keeps is what it keeps under torch.autocast on a GPU."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = self.dtype if name in AUTOCAST_LOW else torch.float32 if name in AUTOCAST_FP32 else None
+        if target is not None:
+            cast = lambda x: (x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                              and x.dtype != target else x)
+            args = tuple(cast(a) for a in args)
+            kwargs = {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def accounting(gpu: str = "H100", attention: str | None = None) -> Iterator[None]:
+    """Inside, tensors are fake (torch's FakeTensorMode: a shape, a dtype and a device, no data; real tensors
+    from outside are converted where they meet fake ones) and `measure_peak` accounts instead of measuring: it
+    runs fn() once under torch's MemTracker, which follows every storage alive, and reports the peak with its
+    breakdown by CATEGORIES. Any machine, no GPU; SD 1.5's step in seconds, since nothing is computed.
+
+    gpu: a GPUS entry: its library workspaces are added to every peak (category "workspaces").
+    attention: the kernel scaled_dot_product_attention is modelled with (default: the GPU's). "flash":
+    FlashAttention or the memory-efficient kernel, which never store the (L x L) scores; "math": the plain path
+    (what runs where neither applies), which holds the whole score matrix and its softmax, the largest single
+    term at SD 1.5's 4,096 latent tokens. Mixed precision ("bf16" / "fp16" through course_lib.loop.autocast)
+    follows CUDA autocast's casting rules (CUDAAutocastRules), not the CPU's.
+
+    How: every nn.Parameter made inside is a fake (FakeTensorMode.from_tensor), and .to() / .half() of a module
+    of fakes replaces its tensors (torch refuses to swap fakes in place). Inputs, timesteps and schedules stay
+    real; whatever a fake weight touches becomes fake, so the network's work costs nothing. Checks that read
+    values skip fakes (course_lib.checks.has_values); a logged loss is NaN.
+
+    What the accounting leaves out: the CUDA context (a few hundred MiB, outside max_memory_allocated too), the
+    caching allocator's rounding and fragmentation (reserved_bytes), cuDNN's convolution workspaces.
+    Validated against the H100's measured rows in tests/test_memory_accounting.py."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if gpu not in GPUS:
+        raise ValueError(f"unknown GPU {gpu!r}; valid are {', '.join(GPUS)}")
+    attention = GPUS[gpu].attention if attention is None else attention
+    if attention not in ATTENTION:
+        raise ValueError(f"unknown attention kernel {attention!r}; valid are {', '.join(ATTENTION)}")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    make_parameter = nn.Parameter.__new__
+
+    def fake_parameter(cls, data=None, requires_grad=True):     # every new weight: a fake of its shape
+        if data is not None and has_values(data):
+            data = mode.from_tensor(data)
+        return make_parameter(cls, data, requires_grad)
+    convert = nn.Module._apply
+
+    def convert_fake(module: nn.Module, fn, recurse: bool = True):   # .to() / .half() of a module of fakes
+        if not any(is_fake(p) for p in module.parameters(recurse=False)):
+            return convert(module, fn, recurse)
+        for child in module.children() if recurse else ():
+            child._apply(fn)
+        with torch.no_grad():       # swapped in place, as .to() does, is refused for fakes: replaced instead
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = nn.Parameter(fn(p), requires_grad=p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = fn(b)
+        return module
+    _ACCOUNTING.append((GPUS[gpu], attention))
+    GPU_STAND_IN.append(CUDAAutocastRules)
+    nn.Parameter.__new__, nn.Module._apply = fake_parameter, convert_fake
+    try:
+        with sdpa_kernel(getattr(SDPBackend, ATTENTION[attention])):
+            yield
+    finally:
+        nn.Parameter.__new__, nn.Module._apply = make_parameter, convert
+        _ACCOUNTING.pop()
+        GPU_STAND_IN.pop()
+
+
+def _tracker():
+    """torch's MemTracker, told that a root module called again (the next training step, the next sampling step)
+    starts a new round of its per-module statistics, which we do not read; its peak and breakdown are kept."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+            # MemTracker hooks every parameter's gradient; a frozen one (LoRA's base) refuses hooks: skip those
+            frozen = [p for p in module.parameters()
+                      if not p.requires_grad and p not in self._param_to_grad_hook_handles]
+            for p in frozen:
+                self._param_to_grad_hook_handles[p] = ()      # "hooked already": MemTracker passes it by
+            try:
+                return super()._track_module_params_and_buffers(module, install_grad_hooks)
+            finally:
+                for p in frozen:
+                    del self._param_to_grad_hook_handles[p]
+
+        def _update_peak_stats(self, peak_state) -> None:
+            # the global peak only: MemTracker's per-module peaks copy a snapshot per module per new peak (slow)
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                if set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)} == {"Global"}:
+                    self.reset_mod_stats()
+            super()._pre_fw_hook(module, inputs)
+    return Tracker()
+
+
+def _account(fn: Callable[[], Any], what: str, precision: str, resident: tuple[nn.Module, ...]) -> MemoryReport:
+    tracker = _tracker()
+    if resident:
+        tracker.track_external(*resident)
+    with tracker:
+        fn()
+    gpu, attention = _ACCOUNTING[-1]
+    peak = max(tracker.get_tracker_snapshot("peak").values(), key=lambda snap: snap["Total"], default={"Total": 0})
+    categories = dict.fromkeys(CATEGORIES.values(), 0) | {"workspaces": gpu.workspace_bytes}
+    for kind, nbytes in peak.items():
+        if kind != "Total":
+            categories[CATEGORIES[getattr(kind, "value", kind)]] += nbytes
+    return MemoryReport(what, sum(categories.values()), None, f"accounted as on the {gpu.name}, {attention} attention",
+                        precision=precision, categories=categories)
+
+
 def measure_peak(fn: Callable[[], Any], device: torch.device | str | None = None, what: str = "function",
-                 precision: str = "") -> MemoryReport:
+                 precision: str = "", resident: tuple[nn.Module, ...] = ()) -> MemoryReport:
     """Run fn() once and report the peak GPU memory it reached on `device` (default: the current GPU).
 
-    On a CPU, fn still runs and the report says that nothing was measured."""
+    Inside `accounting()`, the peak is accounted on fake tensors instead (any device); `resident`: modules
+    whose weights sit on the GPU throughout (a GPU's allocator counts them anyway; the accounting sees only
+    what fn touches unless told). Elsewhere on a CPU, fn still runs and the report says nothing was measured."""
+    if _ACCOUNTING:
+        return _account(fn, what, precision, resident)
     device = torch.device(device) if device is not None else default_device()
     if device.type != "cuda" or not torch.cuda.is_available():
         fn()

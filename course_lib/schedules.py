@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from .checks import has_values
+
 KINDS = ("linear", "scaled_linear", "cosine", "sigmoid")
 
 
@@ -52,7 +54,8 @@ class NoiseSchedule:
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         if betas.numel() < 1:
             raise ValueError("a schedule needs at least one step (got no betas)")
-        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas[:-1] >= 1).any() or betas[-1] > 1:
+        if has_values(betas) and (not torch.isfinite(betas).all() or (betas <= 0).any() or (betas[:-1] >= 1).any()
+                                  or betas[-1] > 1):
             raise ValueError(f"betas must lie in the open interval (0, 1) (the last may be exactly 1: zero terminal "
                              f"SNR); got min {betas.min().item():.3g}, max {betas.max().item():.3g}")
         self.name = name
@@ -89,7 +92,7 @@ class NoiseSchedule:
         t = torch.as_tensor(t)
         if t.is_floating_point() or t.is_complex():
             raise TypeError(f"timesteps must be integers 0..{self.T - 1}; got dtype {t.dtype}")
-        if t.numel() and (t.min() < 0 or t.max() >= self.T):
+        if t.numel() and has_values(t) and (t.min() < 0 or t.max() >= self.T):
             raise ValueError(f"timestep out of range: got values in [{t.min().item()}, {t.max().item()}], "
                              f"valid are integers 0..{self.T - 1} for this {self.T}-step schedule")
         return t.long()

@@ -51,6 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import JSONConfig
 from .attention import SelfAttention, SpatialTransformer, check_context
+from .checks import has_values
 
 TIME_CONDITIONING = ("scale_shift", "add")
 MAX_TIMESTEP = 1000      # every schedule here has T = 1000 (t in 0..999; the learned one's u T - 1 from -1); flow: t x 1000
@@ -382,7 +383,7 @@ class UNet(nn.Module):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must be one timestep per image, shape ({x.shape[0]},); got {tuple(t.shape)}")
-        if t.numel() and not (torch.isfinite(t.float()).all() and -1 <= t.min() and t.max() <= MAX_TIMESTEP):
+        if t.numel() and has_values(t) and not (torch.isfinite(t.float()).all() and -1 <= t.min() and t.max() <= MAX_TIMESTEP):
             raise ValueError(f"t must be finite timesteps in [-1, {MAX_TIMESTEP}] (a schedule's 0..T-1 with T = 1000, "
                              f"the learned schedule's u T - 1, or a flow time in [0, 1] times 1000); got min "
                              f"{t.min().item()}, max {t.max().item()}")

@@ -54,6 +54,7 @@ from .config import JSONConfig
 from . import checkpoint as ckpt
 from .attention import SelfAttention
 from .forward import check_images
+from .checks import number
 from .loop import Batches, Fit, FitConfig, autocast, fingerprint
 from .unet import Downsample, Upsample
 
@@ -188,7 +189,7 @@ def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior: DiagonalGaussian,
     rec = F.mse_loss(recon.float(), x.float())
     kl = posterior.kl().mean() / posterior.mean[0].numel()
     loss = rec + kl_weight * kl
-    return loss, {"recon": rec.item(), "kl": kl.item(), "loss": loss.item()}
+    return loss, {"recon": number(rec), "kl": number(kl), "loss": number(loss)}
 
 
 # --- The networks ----------------------------------------------------------------------------------------

@@ -18,9 +18,12 @@ cuts every batch and step count to at most 2: the code path only, for a CPU (whe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -51,15 +54,20 @@ FULL = {
 FAILED: list[str] = []                      # rows that raised, with their errors
 
 
-def precisions(device: torch.device) -> list[str]:
-    """fp32, fp16 (a T4's pick) and bf16 where the GPU has it; fp32 alone on a CPU."""
+def precisions(device: torch.device, account: str | None = None) -> list[str]:
+    """fp32, fp16 (a T4's pick) and bf16 where the GPU has it; fp32 alone on a CPU; accounted: fp32 and bf16 (a
+    fake run of fp16 holds what bf16 does, two bytes a value, and its GradScaler's few scalars)."""
+    if account:
+        return ["fp32", "bf16"]
     if device.type != "cuda":
         return ["fp32"]
     return ["fp32", "fp16"] + (["bf16"] if torch.cuda.get_device_capability(device)[0] >= 8 else [])
 
 
-def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None) -> list[tuple[str, memory.MemoryReport]]:
-    """The measured rows; tiny: every size and step count cut to at most 2; only: notebooks' numbers to run."""
+def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None,
+         account: str | None = None, attention: str | None = None) -> list[tuple[str, memory.MemoryReport]]:
+    """The measured rows; tiny: every size and step count cut to at most 2; only: notebooks' numbers to run;
+    account: a GPU of course_lib.memory.GPUS to account every row for on fake tensors (with `attention`)."""
     from course_lib.checkpoint import load_model, shipped
     from course_lib.data import load_emoji
     from course_lib.train import Conditioning, TrainConfig, Trainer
@@ -70,16 +78,19 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
                 for n, v in row.items()} for k, row in FULL.items()}
     emoji = load_emoji(size=32, split="train", limit=8 if tiny else None)
     latent_like = torch.randn(emoji.images.shape[0], 4, 8, 8)
-    bf16 = memory.resolve_precision("auto", device) == "bf16"   # fit_vae / fit_clip take fp32 or bf16
+    bf16 = bool(account) or memory.resolve_precision("auto", device) == "bf16"   # fit_vae / fit_clip: fp32 or bf16
 
     def attempt(name, fn):
         if only is not None and name[:2] not in only:
             return
         try:
-            out.append((name, fn()))
+            with memory.accounting(account, attention) if account else contextlib.nullcontext():
+                out.append((name, fn()))
             print(f"{name}: ok", flush=True)
         except Exception as error:  # one failing row must not lose the others
             FAILED.append(f"{name}: {type(error).__name__}: {error}")
+            if os.environ.get("MEASURE_MEMORY_TRACEBACK"):
+                traceback.print_exc()
             print(f"{name}: FAILED: {type(error).__name__}: {error}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -301,7 +312,7 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
     from course_lib import hyperdreambooth as hd
     from course_lib import lora
 
-    each = precisions(device)
+    each = precisions(device, account)
     for name, fn in [("04 training step (pixel U-Net)", row04), ("05 sampling (shipped DDPM)", row05)]:
         for p in each:
             attempt(f"{name}, {p}", lambda: fn(p))
@@ -342,18 +353,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="every batch and step count at most 2: the code path")
     parser.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 10,12 (default all)")
+    parser.add_argument("--account", default=None, choices=sorted(memory.GPUS),
+                        help="no GPU needed: account every row at full size on fake tensors for this GPU")
+    parser.add_argument("--attention", default=None, choices=sorted(memory.ATTENTION),
+                        help="with --account: the attention kernel to model (default: the GPU's)")
     args = parser.parse_args(argv)
+    if args.account:
+        args.device = "cpu"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"{memory.NOT_MEASURED}. To run every row's code path on a CPU: --device cpu --tiny", file=sys.stderr)
         return 2
-    if device.type == "cpu" and not args.tiny:
+    if device.type == "cpu" and not (args.tiny or args.account):
         parser.error("on a CPU nothing is measured and the full sizes are slow: use --device cpu --tiny")
     only = None if args.only is None else [x.strip().zfill(2) for x in args.only.split(",")]
-    results = rows(device, tiny=args.tiny, only=only)
+    results = rows(device, tiny=args.tiny, only=only, account=args.account, attention=args.attention)
     sizes = "at most batch 2 and 2 steps (--tiny)" if args.tiny else "full-mode settings"
-    print(f"Peak GPU memory, {sizes}, on {describe_machine()} (torch {torch.__version__}); "
-          f"budget {memory.BUDGET_GIB:g} GiB")
+    how = (f"accounted as on the {args.account} with fake tensors on {describe_machine()}" if args.account
+           else f"on {describe_machine()}")
+    print(f"Peak GPU memory, {sizes}, {how} (torch {torch.__version__}); budget {memory.BUDGET_GIB:g} GiB")
     print(f"| {'what':56s} | {'details':52s} | peak GiB | reserved GiB | fits |")
     print(f"|{'-' * 58}|{'-' * 54}|----------|--------------|------|")
     cell = lambda v, f: "n/a" if v is None else format(v, f)
@@ -367,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": describe_machine(), "torch": torch.__version__, "device": str(device), "tiny": args.tiny,
             "rows": [{"name": n, "what": r.what, "peak_gib": r.peak_gib,
                       "reserved_gib": None if r.reserved_bytes is None else r.reserved_bytes / 2 ** 30,
-                      "fits": r.fits, "precision": r.precision} for n, r in results],
+                      "fits": r.fits, "precision": r.precision, "categories": r.categories} for n, r in results],
+            "accounted": args.account,
             "failed": FAILED}, indent=1))
     if FAILED:
         print(f"{len(FAILED)} row(s) failed:\n" + "\n".join(FAILED), file=sys.stderr)

@@ -69,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_lib import memory  # noqa: E402
+from course_lib.checks import has_values  # noqa: E402
 from course_lib.lidb import LiDB, LiDBConfig  # noqa: E402
 from course_lib.lora import remove_lora  # noqa: E402
 from course_lib.sd import PRESETS, LoRAFineTune, StableDiffusion, sd_preset  # noqa: E402
@@ -99,15 +100,18 @@ class Row:
             return "-", "-", "OOM" if self.status == "out of memory" else "-"
         if not r.measured:
             return "n/a", "n/a", "n/a"
-        return f"{r.peak_gib:.3f}", f"{r.reserved_bytes / memory.GIB:.3f}", "yes" if r.fits else "NO"
+        reserved = "n/a" if r.reserved_bytes is None else f"{r.reserved_bytes / memory.GIB:.3f}"
+        return f"{r.peak_gib:.3f}", reserved, "yes" if r.fits else "NO"
 
     def to_json(self) -> dict:
         r = self.report
         measured = r is not None and r.measured
         return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 3),
                 "peak_gib": r.peak_gib if measured else None,
-                "reserved_gib": r.reserved_bytes / memory.GIB if measured else None,
-                "fits": r.fits if measured else None}
+                "reserved_gib": r.reserved_bytes / memory.GIB if measured and r.reserved_bytes is not None else None,
+                "fits": r.fits if measured else None,
+                "categories_gib": ({k: v / memory.GIB for k, v in r.categories.items()}
+                                   if measured and r.accounted else None)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,7 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="image height and width in pixels "
                         f"(default {DEFAULT_SIZE['sd15']} for sd15, {DEFAULT_SIZE['tiny']} for tiny)")
     parser.add_argument("--json", default=None, help="also write the rows and the machine to this file")
+    parser.add_argument("--account", default=None, choices=sorted(memory.GPUS),
+                        help="no GPU needed: account every row on fake tensors for this GPU (course_lib.memory)")
+    parser.add_argument("--attention", default=None, choices=sorted(memory.ATTENTION),
+                        help="with --account: the attention kernel to model (default: the GPU's)")
     args = parser.parse_args(argv)
+    if args.account:
+        args.device = "cpu"
 
     try:
         args.device = torch.device(args.device)
@@ -128,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("this script measures GPU memory and needs a CUDA GPU, which this machine lacks. "
                      "To exercise the code path on a CPU instead (nothing is measured), run it with "
                      "--preset tiny --device cpu")
-    if args.device.type == "cpu" and args.preset != "tiny":
+    if args.device.type == "cpu" and args.preset != "tiny" and not args.account:
         parser.error(f"on a CPU, only --preset tiny runs (in seconds); --preset {args.preset} measures nothing "
                      "there and is slow. Use --preset tiny --device cpu, or a CUDA GPU")
     if args.device.type not in ("cuda", "cpu"):
@@ -152,7 +162,7 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
     def attempt(name: str, fn) -> None:
         start = time.perf_counter()
         try:
-            report = memory.measure_peak(fn, device, name)
+            report = memory.measure_peak(fn, device, name, resident=(sd.unet, sd.vae, sd.text_encoder))
             rows.append(Row(name, report, time.perf_counter() - start))
         except torch.cuda.OutOfMemoryError:
             rows.append(Row(name, None, time.perf_counter() - start, "out of memory"))
@@ -239,7 +249,8 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-            if torch.equal(one_row.row.detach(), start) or not torch.isfinite(one_row.row).all():
+            if has_values(start) and (torch.equal(one_row.row.detach(), start)
+                                      or not torch.isfinite(one_row.row).all()):
                 raise RuntimeError("textual inversion: the trained row did not move (no gradient reached it) "
                                    "or is not finite")
         finally:
@@ -283,8 +294,16 @@ def millions(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.account:
+        with memory.accounting(args.account, args.attention):
+            return run(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     device = args.device
-    dtype = torch.float16 if device.type == "cuda" else torch.float32     # float16 CPU kernels are slow or missing
+    # float16 on a GPU and when accounting for one; on a CPU float32 (float16 CPU kernels are slow or missing)
+    dtype = torch.float16 if device.type == "cuda" or args.account else torch.float32
     start = time.perf_counter()
     sd = StableDiffusion.random(args.preset, seed=0, device=device, dtype=dtype)
     build_seconds = time.perf_counter() - start
@@ -295,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = measure_rows(sd, args.steps, args.size)
 
-    if device.type == "cuda":
+    if args.account:
+        gpu, total_gib = None, None
+        machine = (f"{describe_machine()}: accounted as on the {args.account} with fake tensors, "
+                   f"{rows[0].report.device.split(', ', 1)[-1] if rows and rows[0].report else ''}")
+    elif device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         total_gib = torch.cuda.get_device_properties(device).total_memory / memory.GIB
         machine = f"{gpu} ({total_gib:.0f} GiB)"
@@ -307,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "machine": describe_machine(), "gpu": gpu, "gpu_total_gib": total_gib, "torch": torch.__version__,
-            "device": str(device), "dtype": str(dtype), "preset": args.preset, "size": args.size, "steps": args.steps,
+            "device": str(device), "accounted": args.account, "dtype": str(dtype), "preset": args.preset,
+            "size": args.size, "steps": args.steps,
             "guidance_scale": GUIDANCE, "lora_rank": LORA_RANK, "budget_gib": memory.BUDGET_GIB,
             "parameters": counts, "rows": [row.to_json() for row in rows]}, indent=1))
     failed = [row.name for row in rows if row.status.startswith("failed")]

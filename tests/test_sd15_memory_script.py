@@ -21,7 +21,7 @@ ROWS = ("weights only", "generation", "VAE decode, batch 2, sliced", "VAE decode
         "LoRA step", "gradient checkpointing", "no checkpointing", "LoRA-DreamBooth step with prior preservation",
         "HyperDreamBooth rank-relaxed fast fine-tuning",
         "textual inversion step")
-FIELDS = {"name", "status", "seconds", "peak_gib", "reserved_gib", "fits"}
+FIELDS = {"name", "status", "seconds", "peak_gib", "reserved_gib", "fits", "categories_gib"}
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -66,3 +66,18 @@ def test_sd15_on_cpu_and_bad_sizes_are_refused():
     assert run.returncode != 0 and "--preset tiny" in run.stderr
     run = run_script("--preset", "tiny", "--device", "cpu", "--size", "40")
     assert run.returncode != 0 and "multiple of 16" in run.stderr
+
+
+def test_tiny_preset_accounted_for_a_t4_runs_every_row_with_a_breakdown(tmp_path):
+    out = tmp_path / "accounted.json"
+    run = run_script("--preset", "tiny", "--account", "T4", "--steps", "2", "--json", str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "accounted as on the T4" in run.stdout
+    report = json.loads(out.read_text())
+    assert report["accounted"] == "T4" and report["dtype"] == "torch.float16"
+    for r in report["rows"]:
+        assert r["status"] == "ok" and r["peak_gib"] > 0, r
+        parts = r["categories_gib"]
+        assert abs(sum(parts.values()) - r["peak_gib"]) < 1e-9 and parts["weights"] > 0
+    weights = report["rows"][0]["categories_gib"]["weights"] * 2 ** 30
+    assert weights == 2 * sum(report["parameters"].values())     # float16: two bytes a parameter

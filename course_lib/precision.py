@@ -1,0 +1,56 @@
+r"""Mixed precision: which one a device gets, and the autocast context that applies it.
+
+    fp32    no autocast                               (CPU default)
+    bf16    autocast to bfloat16, no loss scaling     (compute capability >= 8.0: Ampere and later)
+    fp16    autocast to float16 with a GradScaler     (below 8.0, e.g. Colab's T4 = 7.5, which has fast fp16
+            tensor cores but no native bf16; the scaler is course_lib.loop's)
+
+Under autocast, matrix products and convolutions run in the low precision while norms, softmax, reductions
+and losses run in float32 (PyTorch's "Automatic Mixed Precision" op lists); course_lib.memory.accounting
+models a GPU's rules on a CPU with the stand-in it puts in GPU_STAND_IN.
+
+References:
+  [1] Micikevicius et al. Mixed Precision Training. 2018. https://arxiv.org/abs/1710.03740
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """'auto' -> 'bf16' on a GPU of compute capability >= 8.0, 'fp16' on older GPUs (a T4 is 7.5: fast fp16,
+    no native bf16), 'fp32' on a CPU. 'fp16' needs a CUDA GPU (its gradient scaler is CUDA-only)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if precision != "auto":
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision 'fp16' (with a GradScaler) needs a CUDA GPU; on a CPU use 'fp32' or 'bf16'")
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context for a resolved precision ('fp32': none). While course_lib.memory.accounting models a
+    GPU, its stand-in (CUDA's casting rules, on fake tensors) instead of the device's own."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if GPU_STAND_IN:
+        return GPU_STAND_IN[-1](dtype)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# Set while course_lib.memory.accounting models a GPU on this machine: the autocast it stands in with. Fit then
+# also steps its optimizer with foreach kernels, a GPU's default (whose temporaries hold a copy of every moment).
+GPU_STAND_IN: list[Callable[[torch.dtype], contextlib.AbstractContextManager]] = []
