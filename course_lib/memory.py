@@ -50,6 +50,7 @@ from .checks import has_values
 from .forward import check_prediction
 from .guidance import GuidedModel
 from .loop import GPU_STAND_IN, autocast, resolve_precision  # one definition, shared with training
+from .precision import ACTIVE_STAND_IN
 from .sampling import sample
 from .schedules import NoiseSchedule, make_schedule
 from .settings import default_device
@@ -158,6 +159,14 @@ class CUDAAutocastRules(torch.overrides.TorchFunctionMode):
     def __init__(self, dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
+
+    def __enter__(self):
+        ACTIVE_STAND_IN.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        ACTIVE_STAND_IN.remove(self)
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

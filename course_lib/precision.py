@@ -54,3 +54,25 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
 # Set while course_lib.memory.accounting models a GPU on this machine: the autocast it stands in with. Fit then
 # also steps its optimizer with foreach kernels, a GPU's default (whose temporaries hold a copy of every moment).
 GPU_STAND_IN: list[Callable[[torch.dtype], contextlib.AbstractContextManager]] = []
+
+
+def gpu_autocast(device: torch.device | str, dtype: torch.dtype = torch.float16,
+                 enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on a GPU only (a CPU runs the weights' own dtype): torch.autocast on CUDA, the
+    accounting's stand-in while course_lib.memory.accounting models a GPU, nothing otherwise."""
+    device = torch.device(device)
+    if not enabled or (device.type != "cuda" and not GPU_STAND_IN):
+        return contextlib.nullcontext()
+    return GPU_STAND_IN[-1](dtype) if GPU_STAND_IN else torch.autocast(device.type, dtype=dtype)
+
+
+ACTIVE_STAND_IN: list = []      # the stand-in autocasts entered and not yet left (innermost last)
+
+
+def recompute_context() -> Callable[[], tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]]:
+    """For torch.utils.checkpoint's context_fn: torch re-enters its own autocast when it recomputes a block in
+    the backward pass, but not a stand-in, so one active now is entered again around the recomputation."""
+    if not ACTIVE_STAND_IN:
+        return lambda: (contextlib.nullcontext(), contextlib.nullcontext())
+    again = ACTIVE_STAND_IN[-1]
+    return lambda: (contextlib.nullcontext(), type(again)(again.dtype))

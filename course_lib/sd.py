@@ -52,6 +52,7 @@ from .forward import diffusion_loss
 from .lora import inject_lora, lora_layers, lora_parameters
 from .loop import FitConfig
 from .pipeline import generate, prompt_list, text_to_image
+from .precision import gpu_autocast
 from .sampling import SamplerSettings
 from .schedules import NoiseSchedule, scaled_linear_schedule
 from .sd_convert import (load_diffusers_folder, load_network, load_original_file, text_config_from_transformers,
@@ -326,9 +327,10 @@ class StableDiffusion:
     def lora_loss(self, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The denoising loss (course_lib.forward.diffusion_loss with epsilon prediction, SD's objective; t, then
         noise, from `generator`) on scaled latents with text states, under float16 autocast on a GPU (the frozen
-        base in float16, the adapters' master weights in float32)."""
+        base in float16, the adapters' master weights in float32; a bfloat16 U-Net, trained in pure bf16, runs
+        in its own dtype)."""
         self.unet.train()
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+        with gpu_autocast(self.device, torch.float16, enabled=self.unet.conv_in.weight.dtype != torch.bfloat16):
             terms = diffusion_loss(_Cast(self.unet), self.schedule, latents.to(self.device).float(),
                                    prediction="epsilon", generator=generator, cond=(context,))
         self.unet.eval()

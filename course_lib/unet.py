@@ -52,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import JSONConfig
 from .attention import SelfAttention, SpatialTransformer, check_context
 from .checks import has_values
+from .precision import recompute_context
 
 TIME_CONDITIONING = ("scale_shift", "add")
 MAX_TIMESTEP = 1000      # every schedule here has T = 1000 (t in 0..999; the learned one's u T - 1 from -1); flow: t x 1000
@@ -367,7 +368,8 @@ class UNet(nn.Module):
     def _run(self, block: Block, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
              context_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, context_mask, use_reentrant=False)
+            return checkpoint(block, h, emb, context, context_mask, use_reentrant=False,
+                              context_fn=recompute_context())
         return block(h, emb, context, context_mask)
 
     def check_input(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:

@@ -71,7 +71,10 @@ sys.path.insert(0, str(ROOT))
 from course_lib import memory  # noqa: E402
 from course_lib.checks import has_values  # noqa: E402
 from course_lib.lidb import LiDB, LiDBConfig  # noqa: E402
-from course_lib.lora import remove_lora  # noqa: E402
+from course_lib.finetune import FineTune  # noqa: E402
+from course_lib.loop import FitConfig  # noqa: E402
+from course_lib.lora import lora_layers, remove_lora  # noqa: E402
+from course_lib.quantize import AdamW8bit  # noqa: E402
 from course_lib.sd import PRESETS, LoRAFineTune, StableDiffusion, sd_preset  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 
@@ -122,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="image height and width in pixels "
                         f"(default {DEFAULT_SIZE['sd15']} for sd15, {DEFAULT_SIZE['tiny']} for tiny)")
     parser.add_argument("--json", default=None, help="also write the rows and the machine to this file")
+    parser.add_argument("--only", default=None, type=lambda text: [part.strip() for part in text.split(",")],
+                        help="comma-separated parts of row names: run those rows only (e.g. 'weights,LoRA step')")
     parser.add_argument("--account", default=None, choices=sorted(memory.GPUS),
                         help="no GPU needed: account every row on fake tensors for this GPU (course_lib.memory)")
     parser.add_argument("--attention", default=None, choices=sorted(memory.ATTENTION),
@@ -154,12 +159,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
-    """Every job, each measured on its own with the weights already resident."""
+def measure_rows(sd: StableDiffusion, steps: int, size: int, only: list[str] | None = None) -> list[Row]:
+    """Every job (or those whose names contain one of `only`), each measured on its own with the weights
+    already resident."""
     device = sd.device
     rows: list[Row] = []
 
     def attempt(name: str, fn) -> None:
+        if only and not any(part in name for part in only):
+            return
         start = time.perf_counter()
         try:
             report = memory.measure_peak(fn, device, name, resident=(sd.unet, sd.vae, sd.text_encoder))
@@ -178,6 +186,7 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
     latent = size // sd.factor
     channels = sd.unet.config.in_channels
     two_latents = torch.randn(2, channels, latent, latent, generator=torch.Generator().manual_seed(0))
+    two_images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
     attempt("weights only", lambda: None)
     plural = "s" if steps > 1 else ""
@@ -204,7 +213,6 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
         # DreamBooth's prior preservation trains on the subject image and a class image in one batch (the loss is
         # the subject term plus lambda times the class term): a LoRA step on a batch of two, as memory goes.
         sd.unet.config = sd.unet.config.replace(gradient_checkpointing=True)
-        two_images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
         LoRAFineTune(sd, two_images, [SUBJECT_PROMPT, CLASS_PROMPT], steps=LORA_STEPS, rank=LORA_RANK,
                      batch_size=2, gradient_checkpointing=True).run(progress=False)
 
@@ -258,7 +266,47 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int) -> list[Row]:
 
     attempt(f"textual inversion step, {size} px, batch 1, one embedding row trained through the frozen text "
             f"encoder, gradient checkpointing", textual_inversion_steps)
+
+    # Full DreamBooth: every U-Net weight trains, on the subject and a class image a step (prior preservation).
+    # The U-Net is converted to the row's weight dtype before the measurement, as a run would load it.
+    if lora_layers(sd.unet):
+        remove_lora(sd.unet)
+    resident = sd.unet.conv_in.weight.dtype
+    for dtype, optimizer, checkpointing in FULL_DREAMBOOTH:
+        sd.unet.to(dtype).requires_grad_(True)
+        sd.unet.config = sd.unet.config.replace(gradient_checkpointing=checkpointing)
+        attempt(f"full DreamBooth, {DTYPE_NAMES[dtype]}, {optimizer}{', checkpointing' if checkpointing else ''}; "
+                f"{size} px, batch 2 (subject + class)",
+                lambda: FullFineTune(sd, two_images, [SUBJECT_PROMPT, CLASS_PROMPT], optimizer).run(progress=False))
+        sd.unet.requires_grad_(False).to(resident)
     return rows
+
+
+DTYPE_NAMES = {torch.float32: "float32 weights + fp16 autocast", torch.bfloat16: "bf16 weights (stochastic rounding)"}
+# (weights, optimiser, gradient checkpointing): the plain recipe, then each saving added in turn
+FULL_DREAMBOOTH = [(torch.float32, "AdamW", False), (torch.float32, "AdamW", True),
+                   (torch.float32, "8-bit AdamW", True), (torch.bfloat16, "8-bit AdamW", True),
+                   (torch.bfloat16, "8-bit AdamW", False)]
+
+
+class FullFineTune(FineTune):
+    """Every U-Net weight trained with SD's denoising loss (sd.lora_loss, whatever the trained weights), as the
+    course's one loop runs it: float32 weights under fp16 autocast with the GradScaler on a GPU, or bfloat16
+    weights in pure bf16, whose 8-bit AdamW writes updates back with stochastic rounding (course_lib.quantize)."""
+
+    def __init__(self, sd: StableDiffusion, images: torch.Tensor, captions: list[str], optimizer: str):
+        self.sd = sd
+        self.latents = sd.encode_images(images)
+        self.context = sd.encode(captions).float()
+        params = list(sd.unet.parameters())
+        opt = (AdamW8bit(params, lr=5e-6, weight_decay=0.0) if optimizer == "8-bit AdamW"
+               else torch.optim.AdamW(params, lr=5e-6, weight_decay=0.0))
+        fp16 = sd.device.type == "cuda" and sd.unet.conv_in.weight.dtype == torch.float32
+        super().__init__(FitConfig(steps=LORA_STEPS, lr=5e-6, grad_clip=None, precision="fp16" if fp16 else "fp32"),
+                         opt, sd.device, module=sd.unet)
+
+    def loss(self) -> torch.Tensor:
+        return self.sd.lora_loss(self.latents.to(self.device), self.context, self.generator)
 
 
 class OneTrainedRow(torch.nn.Module):
@@ -277,11 +325,11 @@ class OneTrainedRow(torch.nn.Module):
 def print_table(rows: list[Row], header: str) -> None:
     budget = f"within {memory.BUDGET_GIB:g} GiB"
     print(header)
-    print(f"| {'row':66s} | peak GiB | reserved GiB | {budget} | seconds |")
-    print(f"|{'-' * 68}|----------|--------------|{'-' * (len(budget) + 2)}|---------|")
+    print(f"| {'row':100s} | peak GiB | reserved GiB | {budget} | seconds |")
+    print(f"|{'-' * 102}|----------|--------------|{'-' * (len(budget) + 2)}|---------|")
     for row in rows:
         peak, reserved, fits = row.cells()
-        print(f"| {row.name[:66]:66s} | {peak:>8s} | {reserved:>12s} | {fits:^{len(budget)}s} | {row.seconds:7.1f} |")
+        print(f"| {row.name[:100]:100s} | {peak:>8s} | {reserved:>12s} | {fits:^{len(budget)}s} | {row.seconds:7.1f} |")
     for row in rows:
         if row.status != "ok":
             print(f"{row.name}: {row.status}")
@@ -312,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{name} {millions(n)}" for name, n in counts.items())
           + f", {millions(sum(counts.values()))} in all", flush=True)
 
-    rows = measure_rows(sd, args.steps, args.size)
+    rows = measure_rows(sd, args.steps, args.size, args.only)
 
     if args.account:
         gpu, total_gib = None, None

@@ -143,3 +143,24 @@ def test_the_stored_accounting_matches_every_h100_row_within_the_band():
         assert abs(row["peak_gib"] / measured - 1) <= BAND, (name, row["peak_gib"], measured)
         compared += 1
     assert compared == 6
+
+
+def test_8bit_adamw_holds_a_quarter_of_adamws_state_where_many_tensors_train():
+    """Its float32 work is one tensor at a time, so across 16 layers the state's 2 bytes a weight dominate."""
+    from course_lib.quantize import AdamW8bit
+    states = {}
+    for name in ("AdamW", "8-bit AdamW"):
+        with memory.accounting("H100"):
+            layers = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(16)])
+            opt = (AdamW8bit(layers.parameters()) if name == "8-bit AdamW"
+                   else torch.optim.AdamW(layers.parameters(), foreach=False))
+            x = torch.randn(8, 256)
+
+            def step():
+                layers(x).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            states[name] = memory.measure_peak(lambda: (step(), step()), what=name).categories["optimizer state"]
+    n = 16 * 256 * 256
+    assert states["AdamW"] >= 8 * n
+    assert 2 * n <= states["8-bit AdamW"] < states["AdamW"] / 2

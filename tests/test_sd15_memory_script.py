@@ -20,7 +20,8 @@ SCRIPT = ROOT / "scripts" / "measure_sd15_memory.py"
 ROWS = ("weights only", "generation", "VAE decode, batch 2, sliced", "VAE decode, batch 2, at once",
         "LoRA step", "gradient checkpointing", "no checkpointing", "LoRA-DreamBooth step with prior preservation",
         "HyperDreamBooth rank-relaxed fast fine-tuning",
-        "textual inversion step")
+        "textual inversion step", "full DreamBooth, float32 weights + fp16 autocast, AdamW;",
+        "full DreamBooth, bf16 weights (stochastic rounding), 8-bit AdamW, checkpointing")
 FIELDS = {"name", "status", "seconds", "peak_gib", "reserved_gib", "fits", "categories_gib"}
 
 
@@ -44,7 +45,7 @@ def test_tiny_preset_on_cpu_runs_every_row(tmp_path):
     assert (report["preset"], report["size"], report["steps"], report["gpu"]) == ("tiny", 64, 2, None)
     assert set(report["parameters"]) == {"unet", "vae", "text_encoder"}
     rows = report["rows"]
-    assert len(rows) == 9
+    assert len(rows) == 14
     names = " / ".join(r["name"] for r in rows)
     for row in ROWS:
         assert row in names
@@ -70,11 +71,12 @@ def test_sd15_on_cpu_and_bad_sizes_are_refused():
 
 def test_tiny_preset_accounted_for_a_t4_runs_every_row_with_a_breakdown(tmp_path):
     out = tmp_path / "accounted.json"
-    run = run_script("--preset", "tiny", "--account", "T4", "--steps", "2", "--json", str(out))
+    run = run_script("--preset", "tiny", "--account", "T4", "--steps", "2", "--json", str(out),
+                     "--only", "weights only,LoRA step")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "accounted as on the T4" in run.stdout
     report = json.loads(out.read_text())
-    assert report["accounted"] == "T4" and report["dtype"] == "torch.float16"
+    assert report["accounted"] == "T4" and report["dtype"] == "torch.float16" and len(report["rows"]) == 3
     for r in report["rows"]:
         assert r["status"] == "ok" and r["peak_gib"] > 0, r
         parts = r["categories_gib"]

@@ -1,0 +1,223 @@
+r"""Fewer bytes a number: block-wise quantisation, 8-bit Adam, NF4 weights, stochastic rounding.
+
+Where the memory of training goes (course_lib.memory accounts it): AdamW keeps two float32 moments per weight,
+8 bytes, twice the float32 weights themselves. Three ideas shrink the parts that do not need 32 bits:
+
+Block-wise quantisation [1]. Cut a tensor into blocks of B values; keep each block's absolute maximum
+(float32) and each value as the index of the nearest of 256 codes in [-1, 1]:
+
+    q_i = argmin_j | x_i / absmax(block) - code_j |,        x_i ~ code[q_i] * absmax(block)
+
+One byte a value plus 4 / B. Blocks keep one outlier from flattening a whole tensor's resolution. The codes
+are *dynamic* [1]: dense near zero and sparse near 1 (a decimal exponent and a linear fraction per code), since
+optimiser moments span many orders of magnitude. The second moment is never negative, so it gets codes over
+[0, 1] only: twice the resolution.
+
+8-bit Adam [1] (`AdamW8bit`). Both moments stored block-wise quantised (m signed, v unsigned, B = 2048):
+each step dequantises them, takes the ordinary AdamW step in float32, and quantises them again. 2.004 bytes a
+weight instead of 8.
+
+NF4 [2] (`nf4_quantize`). Weights of a trained network are close to normal, so 4-bit codes placed at the
+normal distribution's quantiles give every code the same share of values ("information-theoretically optimal").
+Blocks of 64; the 64-value blocks' float32 absmax values are themselves quantised to 8 bits in blocks of 256
+("double quantisation", another 0.37 bits a weight saved). 0.516 bytes a weight: SD 1.5's 860M-weight U-Net
+in 0.44 GB. QLoRA trains LoRA adapters on such a frozen base, dequantising each weight as it is used.
+
+Stochastic rounding [3] (`stochastic_round_bf16`). Training in pure bfloat16 (no float32 master copy) fails
+when updates are smaller than half a bf16 step of the weight: rounding to nearest drops them every time. Rounding
+up with probability equal to the distance covered keeps them on average: E[round(x)] = x. For a float32 x this is
+adding 16 random bits below bf16's last bit and truncating.
+
+References:
+  [1] Dettmers, Lewis, Shleifer, Zettlemoyer. 8-bit Optimizers via Block-wise Quantization. 2022.
+      https://arxiv.org/abs/2110.02861
+  [2] Dettmers, Pagnoni, Holtzman, Zettlemoyer. QLoRA: Efficient Finetuning of Quantized LLMs. 2023.
+      https://arxiv.org/abs/2305.14314
+  [3] Zamirai, Zhang, Aberger, De Sa. Revisiting BFloat16 Training. 2020. https://arxiv.org/abs/2010.06192
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .checks import has_values
+
+
+# --- Codes ------------------------------------------------------------------------------------------------
+
+def dynamic_codes(signed: bool = True) -> torch.Tensor:
+    """The 256 sorted codes of dynamic quantisation [1]: each is sign * 10^-e * f, with e = 0.. the number of
+    leading zero bits, one indicator bit, and the remaining bits a linear fraction f in (0.1, 1]. Small e: few
+    fraction bits near 1; large e: reaching down to 1e-6 or so. Includes 0 and +-1."""
+    bits = 7 if signed else 8                            # what is left after the sign bit
+    values = [0.0, 1.0]
+    for e in range(bits):
+        fraction_bits = bits - 1 - e
+        n = 2 ** fraction_bits
+        edges = torch.linspace(0.1, 1.0, n + 1, dtype=torch.float64)
+        values += (10.0 ** -e * (edges[:-1] + edges[1:]) / 2).tolist()   # the middles of n equal steps
+    positive = torch.tensor(sorted(set(values)), dtype=torch.float64)    # 0, then 2^bits - 1 codes, then 1
+    # one code too many for 8 bits: the smallest magnitude goes (from the negative side when signed)
+    codes = torch.cat([-positive[2:].flip(0), positive]) if signed else torch.cat([positive[:1], positive[2:]])
+    return codes.float()
+
+
+def nf4_codes() -> torch.Tensor:
+    """NormalFloat4 [2]: 16 codes at quantiles of N(0, 1), 8 positive and 7 negative plus an exact zero,
+    normalised to [-1, 1] (the asymmetry gives zero its own code). offset = (1 - 1/(2*15) + 1 - 1/(2*16)) / 2."""
+    offset = 0.5 * (1 - 1 / 30 + 1 - 1 / 32)
+    ppf = lambda p: torch.special.ndtri(p)
+    positive = ppf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -ppf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    codes = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    return (codes / codes.abs().max()).float()
+
+
+# --- Block-wise quantisation --------------------------------------------------------------------------------
+
+@dataclass
+class Quantized:
+    """A tensor as code indices (uint8, two 4-bit indices a byte when packed) and per-block scales."""
+    index: torch.Tensor          # uint8
+    absmax: torch.Tensor         # float32, one per block (or the double-quantised form, see nf4_quantize)
+    shape: tuple[int, ...]
+    block: int
+    packed: bool = False
+    absmax_index: torch.Tensor | None = None     # double quantisation: absmax as 8-bit codes...
+    absmax_scale: torch.Tensor | None = None     # ... of blocks of 256, with their own float32 scale
+    absmax_mean: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.index] + ([self.absmax_index, self.absmax_scale] if self.absmax_index is not None
+                                else [self.absmax])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int (values per block); got {block!r}")
+    flat = x.detach().float().reshape(-1)
+    pad = (-flat.numel()) % block
+    return (torch.cat([flat, flat.new_zeros(pad)]) if pad else flat).view(-1, block)
+
+
+def _nearest(values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The index of the nearest code for every value (codes sorted)."""
+    middles = (codes[1:] + codes[:-1]) / 2
+    return torch.bucketize(values.contiguous(), middles.to(values.device), out_int32=True).to(torch.uint8)
+
+
+def quantize_blockwise(x: torch.Tensor, codes: torch.Tensor, block: int = 2048) -> Quantized:
+    """x as the index of its nearest code after dividing each block by its absolute maximum."""
+    blocks = _blocks(x, block)
+    absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    index = _nearest(blocks / absmax[:, None], codes)        # (the division copies: x itself is untouched)
+    return Quantized(index.reshape(-1), absmax, tuple(x.shape), block)
+
+
+def dequantize_blockwise(q: Quantized, codes: torch.Tensor) -> torch.Tensor:
+    n = math.prod(q.shape)
+    index = _unpack(q.index) if q.packed else q.index
+    values = codes.to(q.absmax.device)[index.long()].view(-1, q.block) * _absmax(q)[:, None]
+    return values.reshape(-1)[:n].view(q.shape)
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)
+
+
+def _absmax(q: Quantized) -> torch.Tensor:
+    if q.absmax_index is None:
+        return q.absmax
+    codes = dynamic_codes(signed=True).to(q.absmax_scale.device)
+    scaled = codes[q.absmax_index.long()].view(-1, 256) * q.absmax_scale[:, None]
+    return scaled.reshape(-1)[:q.absmax.numel()] + q.absmax_mean
+
+
+def nf4_quantize(weight: torch.Tensor, block: int = 64, double: bool = True) -> Quantized:
+    """NF4 [2]: blocks of 64, two 4-bit codes a byte; with double, the blocks' absmax values quantised to 8 bits
+    in blocks of 256 after subtracting their mean (QLoRA's double quantisation)."""
+    q = quantize_blockwise(weight, nf4_codes(), block)
+    index = q.index.view(-1, 2)
+    q.index, q.packed = (index[:, 0] << 4) | index[:, 1], True
+    if double:
+        mean = float(q.absmax.mean()) if has_values(q.absmax) else 0.0
+        inner = quantize_blockwise(q.absmax - mean, dynamic_codes(signed=True), 256)
+        q.absmax_index, q.absmax_scale, q.absmax_mean = inner.index, inner.absmax, mean
+    return q
+
+
+def nf4_dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize_blockwise(q, nf4_codes()).to(dtype)
+
+
+# --- Stochastic rounding ----------------------------------------------------------------------------------
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x (float32) to bfloat16, rounding up or down at random with E[result] = x: 16 random bits added below
+    bf16's last bit, then the low 16 bits dropped (bf16 is float32's upper half, sign and magnitude)."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32,
+                          device="cpu").to(bits.device)
+    rounded = (bits + noise) & -65536                    # -65536 = 0xFFFF0000 as a signed 32-bit int
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+# --- 8-bit AdamW -------------------------------------------------------------------------------------------
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW with both moments stored as 8-bit block-wise dynamic codes [1] (block 2048); the step itself in
+    float32. A bfloat16 parameter (pure bf16 training) is updated with stochastic rounding: no float32 master
+    copy. State per weight: 2 bytes + 8 bytes per 2,048 (the blocks' scales), against AdamW's 8."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, block: int = 2048, seed: int = 0):
+        if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0 or weight_decay < 0:
+            raise ValueError(f"need lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0; got {lr}, {betas}, "
+                             f"{eps}, {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block=block))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.signed, self.unsigned = dynamic_codes(True), dynamic_codes(False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    zeros = torch.zeros(p.shape, device=p.device)
+                    state["step"] = 0
+                    state["m_index"], state["m_absmax"] = self._store(zeros, self.signed, group["block"])
+                    state["v_index"], state["v_absmax"] = self._store(zeros, self.unsigned, group["block"])
+                state["step"] += 1
+                t, grad = state["step"], p.grad.float()
+                m = self._load(state, "m", p.shape, self.signed, group["block"]).lerp_(grad, 1 - beta1)
+                v = self._load(state, "v", p.shape, self.unsigned, group["block"]).mul_(beta2)
+                v.addcmul_(grad, grad, value=1 - beta2)
+                update = (m / (1 - beta1 ** t)).div_((v / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
+                new = p.float() if p.dtype == torch.bfloat16 else p   # float32: updated in place
+                new.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
+                if p.dtype == torch.bfloat16:
+                    p.copy_(stochastic_round_bf16(new, self.generator))
+                del update, new
+                state["m_index"], state["m_absmax"] = self._store(m, self.signed, group["block"])
+                state["v_index"], state["v_absmax"] = self._store(v, self.unsigned, group["block"])
+        return loss
+
+    @staticmethod
+    def _store(x: torch.Tensor, codes: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = quantize_blockwise(x, codes, block)
+        return q.index, q.absmax
+
+    @staticmethod
+    def _load(state: dict, name: str, shape, codes: torch.Tensor, block: int) -> torch.Tensor:
+        q = Quantized(state[f"{name}_index"], state[f"{name}_absmax"], tuple(shape), block)
+        return dequantize_blockwise(q, codes)
