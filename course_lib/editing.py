@@ -66,8 +66,8 @@ import torch
 import torch.nn.functional as F
 
 from .forward import check_images, vp_mix
-from .pipeline import TextToImage, _check_seed, guided, prompt_list, start_latents, text_to_image
-from .sampling import SamplerSettings, _alpha_bar, ddim_invert, ddim_step, denoise, timesteps
+from .pipeline import TextToImage, check_seed, guided, prompt_list, start_latents, text_to_image
+from .sampling import SamplerSettings, alpha_bar_at, ddim_invert, ddim_step, denoise, timesteps
 from .vae import encode_latents
 
 
@@ -148,7 +148,7 @@ def img2img(pipe: TextToImage, images: torch.Tensor, prompts: str | list[str], *
     B = images.shape[0]
     prompts = _per_image(prompts, B)
     negatives = _per_image(negative_prompt, B, "negative_prompt")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     settings = _settings(pipe, steps, guidance_scale)
     n, k = settings.steps, _strength_steps(strength, settings.steps)
     z0 = _latents(pipe, images)
@@ -159,7 +159,7 @@ def img2img(pipe: TextToImage, images: torch.Tensor, prompts: str | list[str], *
         ts = img2img_timesteps(pipe, strength, n)
         settings = settings.replace(steps=k, start_t=int(ts[0]) - settings.offset)
         noise = start_latents(pipe.latent_shape, B, seed).to(pipe.device)
-        latents = vp_mix(z0, noise, _alpha_bar(pipe.schedule, int(ts[0])))
+        latents = vp_mix(z0, noise, alpha_bar_at(pipe.schedule, int(ts[0])))
     return text_to_image(pipe.unet, pipe.schedule, pipe.encode, pipe.decode, prompts, settings,
                          latent_shape=pipe.latent_shape, negative_prompt=negatives, seed=seed,
                          prediction=pipe.prediction, latents=latents, device=pipe.device)
@@ -207,7 +207,7 @@ def inpaint(pipe: TextToImage, images: torch.Tensor, mask: torch.Tensor, prompts
     B = images.shape[0]
     prompts = _per_image(prompts, B)
     negatives = _per_image(negative_prompt, B, "negative_prompt")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if isinstance(resample, bool) or not isinstance(resample, numbers.Integral) or resample < 1:
         raise ValueError(f"resample must be a positive integer (RePaint's U; 1 = no resampling); got {resample!r}")
     m = latent_mask(pipe, mask, images).to(pipe.device)
@@ -220,7 +220,7 @@ def inpaint(pipe: TextToImage, images: torch.Tensor, mask: torch.Tensor, prompts
         return torch.randn((B, *pipe.latent_shape), generator=generator).to(pipe.device)
 
     def merge(z: torch.Tensor, t: int, noise: torch.Tensor | None = None) -> torch.Tensor:
-        known = z0 if t == -1 else vp_mix(z0, fresh() if noise is None else noise, _alpha_bar(pipe.schedule, t))
+        known = z0 if t == -1 else vp_mix(z0, fresh() if noise is None else noise, alpha_bar_at(pipe.schedule, t))
         return m * z + (1 - m) * known
 
     z0 = _latents(pipe, images)
@@ -229,7 +229,7 @@ def inpaint(pipe: TextToImage, images: torch.Tensor, mask: torch.Tensor, prompts
     for t, t_next in zip(ts, ts[1:] + [-1]):
         for u in range(resample if t_next >= 0 else 1):
             if u > 0:                                       # RePaint's jump back up: z_t ~ q(z_t | z_t')
-                z = vp_mix(z, fresh(), _alpha_bar(pipe.schedule, t) / _alpha_bar(pipe.schedule, t_next))
+                z = vp_mix(z, fresh(), alpha_bar_at(pipe.schedule, t) / alpha_bar_at(pipe.schedule, t_next))
             x0_hat, eps_hat = denoise(model, pipe.schedule, z, t, prediction=pipe.prediction, clip_x0=False)
             z = merge(ddim_step(pipe.schedule, z, t, t_next, x0_hat, eps_hat), t_next)
     if return_latents:

@@ -73,7 +73,8 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _check_seed(seed) -> int:
+def check_seed(seed) -> int:
+    """seed as an int, or a TypeError naming what was given (bool and floats are refused)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer; got {seed!r}")
     return int(seed)
@@ -127,7 +128,7 @@ def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: En
         raise ValueError(f"steps must be an integer from 1 to {schedule.T} (the schedule's length); "
                          f"got {settings.steps!r}")
     images_per_prompt = _positive_int(images_per_prompt, "images_per_prompt")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     prompts = [p for p in prompts for _ in range(images_per_prompt)]
     negatives = [n for n in negatives for _ in range(images_per_prompt)]
     shape = (len(prompts), *latent_shape)                  # (B, C, h, w): batch, latent channels, height, width
@@ -160,7 +161,7 @@ def generate(pipe: Callable[..., torch.Tensor], prompts: str | list[str], *, bat
     options go to the pipeline's call (steps, guidance_scale, sampler, settings, return_latents, ...)."""
     prompts = prompt_list(prompts)
     batch_size = _positive_int(batch_size, "batch_size")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     per = _positive_int(images_per_prompt, "images_per_prompt")
     negatives = negative_prompt
     if not isinstance(negative_prompt, str):
@@ -272,4 +273,5 @@ class TextToImage:
         return generate(self, prompts, batch_size=batch_size, seed=seed, **options)
 
 
-__all__ = ["SHIPPED", "FLOW", "prompt_list", "start_latents", "guided", "text_to_image", "generate", "TextToImage"]
+__all__ = ["SHIPPED", "FLOW", "check_seed", "prompt_list", "start_latents", "guided", "text_to_image", "generate",
+           "TextToImage"]

@@ -135,7 +135,7 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", of
     return ts + int(offset)
 
 
-def _alpha_bar(schedule: NoiseSchedule, t: int) -> float:
+def alpha_bar_at(schedule: NoiseSchedule, t: int) -> float:
     """abar_t as a Python float (float64), with abar = 1 at t = -1, the clean end."""
     if t == -1:
         return 1.0
@@ -165,7 +165,7 @@ def denoise(model: Model, schedule: NoiseSchedule, x_t: torch.Tensor, t: int, *,
     if out.shape != x_t.shape:
         raise ValueError(f"the model's output has shape {tuple(out.shape)}; expected x_t's {tuple(x_t.shape)}")
     out = out.to(x_t.dtype)
-    abar = torch.tensor(_alpha_bar(schedule, t), dtype=x_t.dtype, device=x_t.device)
+    abar = torch.tensor(alpha_bar_at(schedule, t), dtype=x_t.dtype, device=x_t.device)
     if prediction == "epsilon" and abar == 0:
         raise ValueError(f"an epsilon model cannot be asked at t={t}: abar_t = 0 there (zero terminal SNR), and its "
                          f"x0 estimate (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by 0. Use a v (or x0) model, "
@@ -183,7 +183,7 @@ def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: int, x
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample q(x_{t_next} | x_t, x0_hat): Eqs. 6-7 of Ho et al. 2020 over a stride t -> t_next."""
     _check_order(t, t_next)
-    ab_t, ab_next = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
+    ab_t, ab_next = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_next)
     beta = 1 - ab_t / ab_next                                   # beta' of the whole stride
     coef_x0 = math.sqrt(ab_next) * beta / (1 - ab_t)            # posterior_mean_coef1
     coef_xt = math.sqrt(1 - beta) * (1 - ab_next) / (1 - ab_t)  # posterior_mean_coef2
@@ -200,7 +200,7 @@ def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: int, x
               eps_pred: torch.Tensor, eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
     """x_{t_next} = sqrt(abar') x0_hat + sqrt(1 - abar' - std^2) eps_hat + std z: Eqs. 12, 16 of Song et al."""
     _check_order(t, t_next)
-    ab_t, ab_next = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
+    ab_t, ab_next = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_next)
     std = eta * math.sqrt((1 - ab_next) / (1 - ab_t) * (1 - ab_t / ab_next))
     x = math.sqrt(ab_next) * x0_pred + math.sqrt(max(1 - ab_next - std ** 2, 0.0)) * eps_pred
     if std == 0:
@@ -217,7 +217,7 @@ def dpm_solver_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: 
     _check_order(t, t_next)
     if t_next == -1:          # s = 0, lambda = +inf: the first-order step lands on x0_hat
         return x0_pred
-    ab_t, ab_next = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
+    ab_t, ab_next = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_next)
     a_next, s_t, s_next = math.sqrt(ab_next), math.sqrt(1 - ab_t), math.sqrt(1 - ab_next)
     lam_t, lam_next = 0.5 * schedule.log_snr[t].item(), 0.5 * schedule.log_snr[t_next].item()
     h = lam_next - lam_t
@@ -379,7 +379,7 @@ def ddim_invert(model: Model, schedule: NoiseSchedule, x0: torch.Tensor, *, step
     x, t = x0.detach(), -1
     for t_up in timesteps(schedule, steps, spacing, start=start_t).flip(0).tolist():
         _, eps = denoise(model, schedule, x, t_up, prediction=prediction, clip_x0=False)
-        ab_t, ab_up = _alpha_bar(schedule, t), _alpha_bar(schedule, t_up)
+        ab_t, ab_up = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_up)
         x0_hat = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
         x = math.sqrt(ab_up) * x0_hat + math.sqrt(1 - ab_up) * eps
         t = t_up

@@ -322,7 +322,7 @@ class VAE(nn.Module):
 
 # --- Using a trained VAE ----------------------------------------------------------------------------------
 
-def _device_of(vae: VAE, device: torch.device | str | None) -> torch.device:
+def device_of(vae: VAE, device: torch.device | str | None) -> torch.device:
     """The device to run on (default: where the VAE's weights are); moves the VAE there."""
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     vae.to(device)
@@ -333,7 +333,7 @@ def _device_of(vae: VAE, device: torch.device | str | None) -> torch.device:
 def latent_scale_factor(vae: VAE, images: torch.Tensor, batch_size: int = 256,
                         generator: torch.Generator | None = None, device: torch.device | str | None = None) -> float:
     """1 / std of posterior samples z over `images`: scaled latents have unit std ([2] appendix D.1)."""
-    device = _device_of(vae, device)
+    device = device_of(vae, device)
     zs = [vae.encode(images[i:i + batch_size].to(device)).sample(generator).float().cpu()
           for i in range(0, images.shape[0], batch_size)]
     return 1.0 / torch.cat(zs).std().item()
@@ -345,7 +345,7 @@ def encode_latents(vae: VAE, images: torch.Tensor, scale_factor: float, batch_si
     """Images in [-1, 1] -> scale_factor * z on the CPU; z is the posterior mean, or a sample if `sample`.
     Bad images (NaN, outside [-1, 1]) are refused before any is encoded, naming them: every fine-tuner starts here."""
     check_images(images, "images")
-    device, pick = _device_of(vae, device), (lambda q: q.sample(generator) if sample else q.mode())
+    device, pick = device_of(vae, device), (lambda q: q.sample(generator) if sample else q.mode())
     return torch.cat([(pick(vae.encode(images[i:i + batch_size].to(device))).float() * scale_factor).cpu()
                       for i in range(0, images.shape[0], batch_size)])
 
@@ -354,7 +354,7 @@ def encode_latents(vae: VAE, images: torch.Tensor, scale_factor: float, batch_si
 def decode_latents(vae: VAE, latents: torch.Tensor, scale_factor: float, batch_size: int = 256,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """Scaled latents -> images clamped to [-1, 1] on the CPU (divides by scale_factor first)."""
-    device = _device_of(vae, device)
+    device = device_of(vae, device)
     out = [vae.decode(latents[i:i + batch_size].to(device) / scale_factor).float().clamp(-1, 1).cpu()
            for i in range(0, latents.shape[0], batch_size)]
     return torch.cat(out)
@@ -414,7 +414,7 @@ def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64,
     if images.ndim != 4 or len(images) == 0 or images.shape[1:] != shape:
         raise ValueError(f"images must have shape (N >= 1, {', '.join(map(str, shape))}); got {tuple(images.shape)}")
     run = VAEFit(vae, images, steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, precision=precision,
-                 device=_device_of(vae, device), seed=seed, warmup=warmup)   # before train(): a refusal leaves the mode
+                 device=device_of(vae, device), seed=seed, warmup=warmup)   # before train(): a refusal leaves the mode
     return run.train_module(vae, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
                             max_seconds=max_seconds, progress=progress, callback=callback,
                             callback_every=callback_every, desc="training VAE")
@@ -439,6 +439,6 @@ def load_vae(path: str | Path, device: torch.device | str | None = None) -> tupl
     return vae, float(metadata["scale_factor"]), json.loads(metadata.get("info", "{}"))
 
 
-__all__ = ["VAEConfig", "PRESETS", "vae_preset", "kl_divergence", "DiagonalGaussian", "ResnetBlock", "mid_block", "Encoder",
-           "Decoder", "VAE", "vae_loss", "latent_scale_factor", "encode_latents", "decode_latents", "VAEFit", "fit_vae",
-           "save_vae", "load_vae"]
+__all__ = ["VAEConfig", "PRESETS", "vae_preset", "kl_divergence", "DiagonalGaussian", "ResnetBlock", "mid_block",
+           "Encoder", "Decoder", "VAE", "vae_loss", "latent_scale_factor", "encode_latents", "decode_latents",
+           "VAEFit", "fit_vae", "device_of", "save_vae", "load_vae"]

@@ -52,7 +52,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .loop import Batches, Fit, FitConfig, autocast, fingerprint
-from .vae import PRECISIONS, VAE, _device_of, vae_loss
+from .vae import PRECISIONS, VAE, device_of, vae_loss
 
 ADAPTIVE_MAX = 1e4          # the clamp on lambda ([2]'s implementation)
 
@@ -185,7 +185,7 @@ def fit_vae_gan(vae: VAE, images: torch.Tensor, *, perceptual_net: nn.Module, st
     shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
     if images.ndim != 4 or len(images) == 0 or images.shape[1:] != shape:
         raise ValueError(f"images must have shape (N >= 1, {', '.join(map(str, shape))}); got {tuple(images.shape)}")
-    device = _device_of(vae, device)
+    device = device_of(vae, device)
     run = VAEGANFit(vae, images, steps=steps, batch_size=batch_size, lr=lr, d_lr=lr if d_lr is None else d_lr,
                     kl_weight=kl_weight, perceptual_weight=perceptual_weight, adversarial_weight=adversarial_weight,
                     adversarial_start=adversarial_start, disc_channels=disc_channels, device=device,
