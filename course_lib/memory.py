@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
@@ -200,7 +201,9 @@ def accounting(gpu: str = "H100", attention: str | None = None) -> Iterator[None
     values skip fakes (course_lib.checks.has_values); a logged loss is NaN.
 
     What the accounting leaves out: the CUDA context (a few hundred MiB, outside max_memory_allocated too), the
-    caching allocator's rounding and fragmentation (reserved_bytes), cuDNN's convolution workspaces.
+    caching allocator's rounding and fragmentation (reserved_bytes), cuDNN's convolution workspaces, and a copy
+    made by copy.deepcopy, which dispatches no operator MemTracker sees (the Trainer's EMA U-Net: one more
+    weights' worth, 6 MB for notebook 04's U-Net).
     Validated against the H100's measured rows in tests/test_memory_accounting.py."""
     from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -235,7 +238,9 @@ def accounting(gpu: str = "H100", attention: str | None = None) -> Iterator[None
     GPU_STAND_IN.append(CUDAAutocastRules)
     nn.Parameter.__new__, nn.Module._apply = fake_parameter, convert_fake
     try:
-        with sdpa_kernel(getattr(SDPBackend, ATTENTION[attention])):
+        with sdpa_kernel(getattr(SDPBackend, ATTENTION[attention])), warnings.catch_warnings():
+            # copy.deepcopy of a fake weight (the Trainer's EMA U-Net) asks for its data pointer: harmless here
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             yield
     finally:
         nn.Parameter.__new__, nn.Module._apply = make_parameter, convert
