@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .checks import has_values
 
@@ -153,6 +154,46 @@ def nf4_quantize(weight: torch.Tensor, block: int = 64, double: bool = True) -> 
 
 def nf4_dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return dequantize_blockwise(q, nf4_codes()).to(dtype)
+
+
+class NF4Linear(nn.Linear):
+    """A frozen nn.Linear whose weight is kept in NF4 with double quantisation (QLoRA's base [2]) and
+    dequantised to `dtype` each time it is used: `.weight` is that dequantised tensor, so course_lib.lora's
+    adapters wrap it like any nn.Linear (their own weights stay in full precision and train)."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None, block: int = 64):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = dtype or linear.weight.dtype
+        q = nf4_quantize(linear.weight.detach(), block)
+        self.register_buffer("index", q.index)
+        self.register_buffer("absmax_index", q.absmax_index)
+        self.register_buffer("absmax_scale", q.absmax_scale)
+        self.absmax_mean, self.block, self.n_blocks = q.absmax_mean, block, q.absmax.numel()
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        q = Quantized(self.index, torch.empty(self.n_blocks, device=self.index.device), (self.out_features,
+                      self.in_features), self.block, packed=True, absmax_index=self.absmax_index,
+                      absmax_scale=self.absmax_scale, absmax_mean=self.absmax_mean)
+        return nf4_dequantize(q, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, NF4 in blocks of {self.block}, bias={self.bias is not None}"
+
+
+def nf4_linears(model: nn.Module, dtype: torch.dtype | None = None, min_features: int = 64) -> int:
+    """Replace every nn.Linear of `model` with at least `min_features` inputs by an NF4Linear (QLoRA's frozen
+    base), in place; returns how many were replaced."""
+    count = 0
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Linear and child.in_features >= min_features:
+            setattr(model, name, NF4Linear(child, dtype))
+            count += 1
+        else:
+            count += nf4_linears(child, dtype, min_features)
+    return count
 
 
 # --- Stochastic rounding ----------------------------------------------------------------------------------

@@ -126,3 +126,35 @@ def test_bad_settings_are_refused():
         qz.AdamW8bit([torch.nn.Parameter(torch.zeros(1))], lr=0)
     with pytest.raises(ValueError, match="block must be a positive int"):
         qz.quantize_blockwise(torch.zeros(4), qz.dynamic_codes(), block=0)
+
+
+def test_an_nf4_linear_computes_close_to_the_original_in_under_a_seventh_of_its_bytes():
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(512, 256)
+    nf4 = qz.NF4Linear(linear)
+    x = torch.randn(8, 512)
+    rel = ((nf4(x) - linear(x)).norm() / linear(x).norm()).item()
+    assert rel < 0.12, rel
+    held = sum(b.numel() * b.element_size() for b in nf4.buffers())
+    assert held < linear.weight.numel() * 4 / 7           # under 4/7 of a byte a weight (float32: 4; NF4: ~0.52)
+    assert not any(p.requires_grad for p in nf4.parameters())
+
+
+def test_lora_trains_on_an_nf4_base_qlora():
+    from course_lib.lora import inject_lora, lora_parameters
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4))
+    assert qz.nf4_linears(model) == 2 and isinstance(model[0], qz.NF4Linear)
+    inject_lora(model, rank=4, targets=["0"])
+    params = lora_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x, y = torch.randn(64, 128), torch.randn(64, 4)
+    first = None
+    for _ in range(50):
+        loss = ((model(x) - y) ** 2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first and all(p.grad is not None for p in params)
+    assert model[0].base.index.dtype == torch.uint8        # the base stayed 4-bit
