@@ -51,7 +51,7 @@ from .checks import has_values
 from .forward import check_prediction
 from .guidance import GuidedModel
 from .loop import GPU_STAND_IN, autocast, resolve_precision  # one definition, shared with training
-from .precision import ACTIVE_STAND_IN
+from .precision import CUDAAutocastRules
 from .sampling import sample
 from .schedules import NoiseSchedule, make_schedule
 from .settings import default_device
@@ -138,48 +138,6 @@ class GPUModel:
 GPUS = {"H100": GPUModel("H100", 64 * MIB, "flash", "bf16"),
         "T4": GPUModel("T4", 8 * MIB + 8 * 16 * 1024 + 1 * MIB, "flash", "fp16")}
 _ACCOUNTING: list[tuple[GPUModel, str]] = []     # the GPU and attention kernel of each accounting() we are in
-
-# CUDA autocast's rules (PyTorch's "Automatic Mixed Precision" reference, "CUDA Ops that can autocast to ..."):
-# matrix products and convolutions run in the low precision; reductions, norms, softmax and losses in float32;
-# everything else runs in the dtype it is given. A CPU's autocast has other lists (it keeps GroupNorm in bf16,
-# say), so a fake run on the CPU models a GPU's mixed precision with these rules, applied by CUDAAutocastRules.
-AUTOCAST_LOW = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
-                "matmul", "__matmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "addr", "mv", "prelu",
-                "scaled_dot_product_attention", "einsum"}
-AUTOCAST_FP32 = {"group_norm", "layer_norm", "softmax", "log_softmax", "softmin", "cross_entropy", "nll_loss",
-                 "mse_loss", "l1_loss", "smooth_l1_loss", "kl_div", "binary_cross_entropy_with_logits", "norm",
-                 "normalize", "cosine_similarity", "pow", "__pow__", "__rpow__", "exp", "expm1", "log", "log1p",
-                 "log2", "log10", "rsqrt", "reciprocal", "sum", "prod", "cumsum", "cumprod", "softplus", "cdist",
-                 "erfinv", "acos", "asin", "cosh", "sinh", "tan", "__rdiv__", "__rtruediv__"}
-
-
-class CUDAAutocastRules(torch.overrides.TorchFunctionMode):
-    """CUDA autocast's casting rules as a torch function mode: each call's floating tensors are cast before the
-    call, above autograd, so that what backward keeps is what it keeps under torch.autocast on a GPU."""
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def __enter__(self):
-        ACTIVE_STAND_IN.append(self)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        ACTIVE_STAND_IN.remove(self)
-        return super().__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        target = self.dtype if name in AUTOCAST_LOW else torch.float32 if name in AUTOCAST_FP32 else None
-        if target is not None:
-            cast = lambda x: (x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point()
-                              and x.dtype != target else x)
-            args = tuple(cast(a) for a in args)
-            kwargs = {k: cast(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
 
 @contextlib.contextmanager
 def accounting(gpu: str = "H100", attention: str | None = None) -> Iterator[None]:
