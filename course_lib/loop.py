@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import flat_dict
 from . import distributed
-from .checks import has_values
+from .checks import has_values, number
 from .precision import GPU_STAND_IN, PRECISIONS, autocast, resolve_precision  # noqa: F401 (re-exported)
 
 DECAYS = ("constant", "cosine")
@@ -245,7 +245,7 @@ class Fit:
                     ema_update(self.ema_tensors, self.ema_sources, ema_decay_at(self.step, self.ema_decay))
                 self.step += 1
                 self.seconds += time.perf_counter() - t0
-                for key, value in {"loss": logged.item() if has_values(logged) else math.nan, **logs}.items():
+                for key, value in {"loss": number(logged), **logs}.items():
                     self.history.setdefault(key, []).append(value)
                 self.after_step()
                 bar.update(1)

@@ -50,8 +50,7 @@ import torch.nn as nn
 from .checks import has_values
 from .forward import check_prediction
 from .guidance import GuidedModel
-from .loop import GPU_STAND_IN, autocast, resolve_precision  # one definition, shared with training
-from .precision import CUDAAutocastRules
+from .precision import GPU_STAND_IN, CUDAAutocastRules, autocast, resolve_precision  # shared with training
 from .sampling import sample
 from .schedules import NoiseSchedule, make_schedule
 from .settings import default_device
@@ -128,21 +127,19 @@ class GPUModel:
     name: str
     workspace_bytes: int
     attention: str
-    low_precision: str           # what precision "auto" gives there
 
 
 # PyTorch's defaults (aten/src/ATen/cuda/CublasHandlePool.cpp): cuBLAS takes CUBLAS_WORKSPACE_CONFIG
 # ":4096:2:16:8" (2 x 4 MiB + 8 x 16 KiB) below compute capability 9 and 32 MiB from Hopper on; cuBLASLt 1 MiB,
 # 32 MiB on Hopper. The T4 has no FlashAttention (it needs 8.0) but the memory-efficient kernel, which like
 # FlashAttention never stores the scores: "flash" models both.
-GPUS = {"H100": GPUModel("H100", 64 * MIB, "flash", "bf16"),
-        "T4": GPUModel("T4", 8 * MIB + 8 * 16 * 1024 + 1 * MIB, "flash", "fp16")}
+GPUS = {"H100": GPUModel("H100", 64 * MIB, "flash"), "T4": GPUModel("T4", 8 * MIB + 8 * 16 * 1024 + 1 * MIB, "flash")}
 _ACCOUNTING: list[tuple[GPUModel, str]] = []     # the GPU and attention kernel of each accounting() we are in
 
 @contextlib.contextmanager
 def accounting(gpu: str = "H100", attention: str | None = None) -> Iterator[None]:
-    """Inside, tensors are fake (torch's FakeTensorMode: a shape, a dtype and a device, no data; real tensors
-    from outside are converted where they meet fake ones) and `measure_peak` accounts instead of measuring: it
+    """Inside, weights are fake (torch's FakeTensorMode: a shape, a dtype and a device, no data; see "How" below)
+    and `measure_peak` accounts instead of measuring: it
     runs fn() once under torch's MemTracker, which follows every storage alive, and reports the peak with its
     breakdown by CATEGORIES. Any machine, no GPU; SD 1.5's step in seconds, since nothing is computed.
 

@@ -19,6 +19,7 @@ import contextlib
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import noop_context_fn
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -73,7 +74,7 @@ def recompute_context() -> Callable[[], tuple[contextlib.AbstractContextManager,
     """For torch.utils.checkpoint's context_fn: torch re-enters its own autocast when it recomputes a block in
     the backward pass, but not a stand-in, so one active now is entered again around the recomputation."""
     if not ACTIVE_STAND_IN:
-        return lambda: (contextlib.nullcontext(), contextlib.nullcontext())
+        return noop_context_fn
     again = ACTIVE_STAND_IN[-1]
     return lambda: (contextlib.nullcontext(), type(again)(again.dtype))
 

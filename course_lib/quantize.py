@@ -123,7 +123,7 @@ def quantize_blockwise(x: torch.Tensor, codes: torch.Tensor, block: int = 2048) 
 def dequantize_blockwise(q: Quantized, codes: torch.Tensor) -> torch.Tensor:
     n = math.prod(q.shape)
     index = _unpack(q.index) if q.packed else q.index
-    values = codes.to(q.absmax.device)[index.long()].view(-1, q.block) * _absmax(q)[:, None]
+    values = codes.to(q.index.device)[index.long()].view(-1, q.block) * _absmax(q)[:, None]
     return values.reshape(-1)[:n].view(q.shape)
 
 
@@ -174,7 +174,7 @@ class NF4Linear(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        q = Quantized(self.index, torch.empty(self.n_blocks, device=self.index.device), (self.out_features,
+        q = Quantized(self.index, torch.empty(self.n_blocks, device="meta"), (self.out_features,
                       self.in_features), self.block, packed=True, absmax_index=self.absmax_index,
                       absmax_scale=self.absmax_scale, absmax_mean=self.absmax_mean)
         return nf4_dequantize(q, self.compute_dtype)
