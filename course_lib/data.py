@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checks import check_choice  # noqa: F401  (long imported from here)
+
 DATA_ENV = "COURSE_DATA"
 STYLES = ("noto", "twemoji")
 TONES = ("", "light", "medium-light", "medium", "medium-dark", "dark")   # skin-tone modifiers; "" = the default yellow
@@ -113,13 +115,6 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="area")
-
-
-def check_choice(name: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
-    """Refuse an option that is not one of `valid`, naming the option, the value given and every valid choice:
-    check_choice("split", "test", SPLITS) raises ValueError("unknown split 'test'; choose from ['train', ...]")."""
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; choose from {list(valid)}")
 
 
 def load_emoji(size: int = 32, split: str = "train", style: str = "noto",

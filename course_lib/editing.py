@@ -65,9 +65,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .forward import check_images, vp_mix
-from .pipeline import TextToImage, check_seed, guided, prompt_list, start_latents, text_to_image
-from .sampling import SamplerSettings, alpha_bar_at, ddim_invert, ddim_step, denoise, timesteps
+from .forward import check_images
+from .pipeline import SamplerSettings, TextToImage, check_seed, guided, prompt_list, start_latents, text_to_image
+from .sampling import ddim_invert, ddim_step, denoise, noised, renoised, timesteps
 from .vae import encode_latents
 
 
@@ -159,7 +159,7 @@ def img2img(pipe: TextToImage, images: torch.Tensor, prompts: str | list[str], *
         ts = img2img_timesteps(pipe, strength, n)
         settings = settings.replace(steps=k, start_t=int(ts[0]) - settings.offset)
         noise = start_latents(pipe.latent_shape, B, seed).to(pipe.device)
-        latents = vp_mix(z0, noise, alpha_bar_at(pipe.schedule, int(ts[0])))
+        latents = noised(pipe.schedule, z0, noise, int(ts[0]))
     return text_to_image(pipe.unet, pipe.schedule, pipe.encode, pipe.decode, prompts, settings,
                          latent_shape=pipe.latent_shape, negative_prompt=negatives, seed=seed,
                          prediction=pipe.prediction, latents=latents, device=pipe.device)
@@ -212,7 +212,8 @@ def inpaint(pipe: TextToImage, images: torch.Tensor, mask: torch.Tensor, prompts
         raise ValueError(f"resample must be a positive integer (RePaint's U; 1 = no resampling); got {resample!r}")
     m = latent_mask(pipe, mask, images).to(pipe.device)
     settings = _settings(pipe, steps, guidance_scale)
-    ts = timesteps(pipe.schedule, settings.steps, settings.spacing, settings.offset, start=settings.start_t).tolist()
+    ts = pipe.schedule.grid(settings.steps, settings.spacing, settings.offset, settings.start_t)
+    clean = pipe.schedule.clean
     model = guided(pipe.unet, pipe.encode, prompts, negatives, settings)
     generator = torch.Generator().manual_seed(seed)
 
@@ -220,16 +221,16 @@ def inpaint(pipe: TextToImage, images: torch.Tensor, mask: torch.Tensor, prompts
         return torch.randn((B, *pipe.latent_shape), generator=generator).to(pipe.device)
 
     def merge(z: torch.Tensor, t: int, noise: torch.Tensor | None = None) -> torch.Tensor:
-        known = z0 if t == -1 else vp_mix(z0, fresh() if noise is None else noise, alpha_bar_at(pipe.schedule, t))
+        known = z0 if t == clean else noised(pipe.schedule, z0, fresh() if noise is None else noise, t)
         return m * z + (1 - m) * known
 
     z0 = _latents(pipe, images)
     noise = start_latents(pipe.latent_shape, B, seed).to(pipe.device)
     z = merge(noise, ts[0], noise)                          # the known region at t_0 from the same noise
-    for t, t_next in zip(ts, ts[1:] + [-1]):
-        for u in range(resample if t_next >= 0 else 1):
+    for t, t_next in zip(ts, ts[1:] + [clean]):
+        for u in range(resample if t_next != clean else 1):
             if u > 0:                                       # RePaint's jump back up: z_t ~ q(z_t | z_t')
-                z = vp_mix(z, fresh(), alpha_bar_at(pipe.schedule, t) / alpha_bar_at(pipe.schedule, t_next))
+                z = renoised(pipe.schedule, z, t_next, t, fresh())
             x0_hat, eps_hat = denoise(model, pipe.schedule, z, t, prediction=pipe.prediction, clip_x0=False)
             z = merge(ddim_step(pipe.schedule, z, t, t_next, x0_hat, eps_hat), t_next)
     if return_latents:

@@ -43,11 +43,11 @@ from typing import Callable
 
 import torch
 
-from .data import check_choice
+from .checks import check_choice
+from .forward import path_loss
+from .schedules import FLOW, TIME_SCALE, TIMESTEP_SAMPLING, FlowSchedule, sample_timesteps  # noqa: F401  (also from here)
 
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
-SOLVERS = ("euler", "heun")
-TIME_SCALE = 1000.0     # the network sees t * TIME_SCALE, the range the course's time embedding was built for
+SOLVERS = ("euler", "heun")   # `sample_flow`'s; a network is sampled with course_lib.sampling (FlowSchedule)
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (x, t of shape (B,)) -> dx/dt
 
@@ -83,19 +83,6 @@ def vp_to_flow(x_vp: torch.Tensor, alpha_bar: torch.Tensor | float) -> tuple[tor
     return x_vp / (a + s), (s / (a + s)).flatten()
 
 
-def sample_timesteps(n: int, sampling: str = "uniform", *, mean: float = 0.0, std: float = 1.0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """n training times in (0, 1): "uniform", or "logit_normal" (SD 3: t = sigmoid(z), z ~ N(mean, std^2))."""
-    check_choice("timestep sampling", sampling, TIMESTEP_SAMPLING)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int; got {n!r}")
-    if std <= 0:
-        raise ValueError(f"std must be > 0; got {std}")
-    if sampling == "uniform":
-        return torch.rand(n, generator=generator)
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
-
-
 @dataclass
 class FlowTerms:
     """One evaluation of the flow objective."""
@@ -112,17 +99,14 @@ def flow_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, *, generator
               cond: tuple = (), time_scale: float = TIME_SCALE) -> FlowTerms:
     """The rectified-flow loss on clean data x0: t (from `sampling`, unless given) then noise are drawn from
     `generator` on the CPU, x_t = flow_path(x0, noise, t), and model(x_t, t * time_scale, *cond) regresses
-    noise - x0."""
+    noise - x0. It is the course's one objective (course_lib.forward.path_loss) on the straight path."""
+    check_choice("timestep sampling", sampling, TIMESTEP_SAMPLING)
     if t is None:
         t = sample_timesteps(x0.shape[0], sampling, generator=generator)
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator)
-    t, noise = t.to(x0.device, torch.float32), noise.to(device=x0.device, dtype=x0.dtype)
-    xt = flow_path(x0, noise, t)
-    target = velocity_target(x0, noise)
-    out = model(xt, t * time_scale, *cond).float()
-    per_sample = (out - target).pow(2).flatten(1).mean(1)
-    return FlowTerms(per_sample.mean(), per_sample, out, xt, target, t)
+    t = torch.as_tensor(t).to(x0.device, torch.float32)
+    terms = path_loss(model, FlowSchedule(sampling, time_scale), x0, prediction=FLOW, t=t, noise=noise,
+                      generator=generator, cond=cond)
+    return FlowTerms(terms.loss, terms.per_sample, terms.output, terms.xt, velocity_target(x0, terms.noise), t)
 
 
 def model_velocity(model: Callable[..., torch.Tensor], cond: tuple = (), time_scale: float = TIME_SCALE) -> Velocity:

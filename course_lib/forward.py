@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from .checks import has_values
-from .schedules import NoiseSchedule
+from .schedules import FLOW, PREDICTIONS, FlowSchedule, NoiseSchedule
 
 RANGE_TOLERANCE = 1e-3
 
@@ -133,7 +133,6 @@ def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: 
 # Given x_t and any one of them, the other two follow; `predicted_x0_eps` does that conversion
 # for the samplers, `prediction_target` gives the training target.
 
-PREDICTIONS = ("epsilon", "x0", "v")
 
 
 def check_prediction(prediction: str) -> str:
@@ -142,35 +141,54 @@ def check_prediction(prediction: str) -> str:
     return prediction
 
 
-def prediction_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor,
-                      alpha_bar: torch.Tensor) -> torch.Tensor:
-    """What a network of this prediction type should output for x_t made from (x0, noise).
-
-    alpha_bar broadcasts against x0 (shape (B, 1, 1, 1) or a scalar)."""
+def target_of(prediction: str, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor,
+              s: torch.Tensor) -> torch.Tensor:
+    """What a network of this prediction type should output for x_t = a x0 + s noise (`x0_eps_from` inverts it):
+    epsilon: noise;  x0: x0;  v: a noise - s x0;  flow: noise - x0 (the straight path's velocity)."""
+    if prediction == FLOW:
+        return noise - x0
     check_prediction(prediction)
     if prediction == "epsilon":
         return noise
     if prediction == "x0":
         return x0
-    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    return a * noise - s * x0
 
 
-def predicted_x0_eps(prediction: str, model_output: torch.Tensor, xt: torch.Tensor,
-                     alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0_hat, eps_hat) from a network's output at x_t, for any prediction type.
+def prediction_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor,
+                      alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What a network of this prediction type should output for x_t made from (x0, noise) on a variance-
+    preserving path. alpha_bar broadcasts against x0 (shape (B, 1, 1, 1) or a scalar)."""
+    check_prediction(prediction)
+    return target_of(prediction, x0, noise, alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
 
-    From x_t = a x0 + s eps with a = sqrt(abar), s = sqrt(1 - abar), a^2 + s^2 = 1:
+
+def x0_eps_from(prediction: str, model_output: torch.Tensor, xt: torch.Tensor, a: torch.Tensor,
+                s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps_hat) from a network's output at x_t = a x0 + s eps: the one place that converts a
+    prediction, for the samplers (course_lib.sampling.denoise) and the training losses.
         epsilon:  x0 = (x_t - s eps) / a
         x0:       eps = (x_t - a x0) / s
-        v:        x0 = a x_t - s v,   eps = s x_t + a v
+        v:        x0 = a x_t - s v,   eps = s x_t + a v     (a variance-preserving path, a^2 + s^2 = 1)
+        flow:     x0 = x_t - s v,     eps = x_t + a v       (rectified flow's straight path, a + s = 1, whose
+                  velocity v = dx_t/dt = eps - x0; course_lib.flow)
     """
+    if prediction == FLOW:
+        return xt - s * model_output, xt + a * model_output
     check_prediction(prediction)
-    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     if prediction == "epsilon":
         return (xt - s * model_output) / a, model_output
     if prediction == "x0":
         return model_output, (xt - a * model_output) / s
     return a * xt - s * model_output, s * xt + a * model_output
+
+
+def predicted_x0_eps(prediction: str, model_output: torch.Tensor, xt: torch.Tensor,
+                     alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps_hat) from a network's output at x_t on a variance-preserving path, for any prediction type
+    (`x0_eps_from` with a = sqrt(abar), s = sqrt(1 - abar))."""
+    check_prediction(prediction)
+    return x0_eps_from(prediction, model_output, xt, alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
 
 
 # --- The training objective -------------------------------------------------------------------------------
@@ -226,6 +244,32 @@ def denoising_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, noise: 
     return LossTerms(per_sample.mean(), per_sample, out, xt, noise, alpha_bar)
 
 
+def path_loss(model: Callable[..., torch.Tensor], path: NoiseSchedule | FlowSchedule, x0: torch.Tensor, *,
+              prediction: str, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None, cond: tuple = (), min_snr_gamma: float | None = None) -> LossTerms:
+    """The one training objective, on any path (course_lib.schedules): t from path.draw_times (a NoiseSchedule:
+    uniform integers; a FlowSchedule: uniform or logit-normal in (0, 1)), then noise, both from `generator` on
+    the CPU unless given; x_t = a_t x0 + s_t noise; model(x_t, the network's time, *cond) regresses the
+    prediction's target (`target_of`). `diffusion_loss` and course_lib.flow.flow_loss are this on their path.
+    x0 is any batch (B, ...): images, latents, or a flow's 2-D toy points."""
+    if prediction not in path.predictions:
+        raise ValueError(f"a model predicting {prediction!r} cannot train along {path!r}; it takes "
+                         f"{', '.join(path.predictions)}")
+    if t is None:
+        t = path.draw_times(x0.shape[0], generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator)
+    t, noise = t.to(x0.device), noise.to(device=x0.device, dtype=x0.dtype)
+    a, s, alpha_bar = path.scales_at(t, x0)
+    xt = a * x0 + s * noise
+    out = model(xt, path.model_times(t), *cond).float()
+    per_sample = (out - target_of(prediction, x0, noise, a, s)).pow(2).flatten(1).mean(1)     # (B,)
+    if min_snr_gamma is not None:
+        ab = alpha_bar.flatten().double()
+        per_sample = per_sample * snr_weight(prediction, ab / (1 - ab), min_snr_gamma).to(per_sample)
+    return LossTerms(per_sample.mean(), per_sample, out, xt, noise, alpha_bar)
+
+
 def diffusion_loss(model: Callable[..., torch.Tensor], schedule: NoiseSchedule, x0: torch.Tensor, *,
                    prediction: str = "epsilon", generator: torch.Generator | None = None,
                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None, cond: tuple = (),
@@ -235,11 +279,6 @@ def diffusion_loss(model: Callable[..., torch.Tensor], schedule: NoiseSchedule, 
     t and noise are drawn from `generator` on the CPU (t first, then noise) unless given, so a run is
     the same on every device; cond is passed to the model after (x_t, t), e.g. (context, mask)."""
     check_images(x0, "x0", data_range=False)
-    if t is None:
-        t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator)
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator)
-    t, noise = t.to(x0.device), noise.to(device=x0.device, dtype=x0.dtype)
-    alpha_bar = schedule.extract(schedule.alphas_cumprod, t, x0)
-    return denoising_loss(model, x0, noise, alpha_bar, t, prediction=prediction, cond=cond,
-                          min_snr_gamma=min_snr_gamma)
+    check_prediction(prediction)
+    return path_loss(model, schedule, x0, prediction=prediction, generator=generator, t=t, noise=noise, cond=cond,
+                     min_snr_gamma=min_snr_gamma)

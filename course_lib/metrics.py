@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 
 from . import feature_net
-from .data import check_choice, load_emoji
+from .checks import check_choice
+from .data import load_emoji
 from .feature_net import REBUILD_COMMAND, load_feature_net, to_feature_size
 from .forward import check_images
 

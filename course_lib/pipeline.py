@@ -18,8 +18,8 @@ them divided by it again.
 settings (course_lib.sampling.SamplerSettings: TINY_SD_SAMPLER here, course_lib.sd.SD15_SAMPLER there).
 
 A U-Net trained with rectified flow (TrainConfig(objective="flow"), notebook 14; prediction "flow" in its file)
-makes the same pipeline a tiny SD 3: its guided velocity is integrated from t = 1 to 0 by Euler or Heun steps
-(course_lib.flow.sample_flow), and the pipeline's default sampler becomes "euler".
+makes the same pipeline a tiny SD 3 with nothing changed but its path: the pipeline samples it along
+course_lib.schedules.FlowSchedule, where the default DDIM step is Euler's, and "heun" is on offer.
 
 A negative prompt replaces the empty prompt in the guidance formula, so the sampler steers away from it.
 
@@ -30,7 +30,10 @@ from one device to another. `generate` splits a long prompt list into batches wi
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,19 +41,61 @@ import torch
 
 from . import checkpoint as ckpt
 from .clip import MiniCLIP, encode_prompts, load_clip
-from .forward import diffusion_loss
+from .forward import path_loss
 from .guidance import GuidedModel
-from .flow import SOLVERS as FLOW_SOLVERS
-from .flow import model_velocity, sample_flow
-from .sampling import SAMPLERS, TINY_SD_SAMPLER, SamplerSettings, sample
-from .schedules import NoiseSchedule
+from .guidance import check_rescale
+from .sampling import SPACINGS, check_sampler, sample
+from .schedules import FLOW, FlowSchedule, NoiseSchedule, path_for  # noqa: F401  (FLOW: also from here)
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import VAE, decode_latents, load_vae
 
-SHIPPED = {"unet": "tiny_sd_emoji", "clip": "clip_emoji", "vae": "vae_emoji32"}   # names in checkpoints/
+@dataclass(frozen=True)
+class SamplerSettings:
+    """A pipeline's sampler, as one value: course_lib.pipeline.TextToImage and course_lib.sd.StableDiffusion
+    keep one (the tiny SD's: TINY_SD_SAMPLER; SD 1.5's scheduler: course_lib.sd.SD15_SAMPLER), and a call's
+    keywords replace fields of it: `settings.replace(steps=50)`."""
+    sampler: str = "ddim"           # one of ALL_SAMPLERS (euler and heun: a rectified-flow model's only)
+    steps: int = 20                 # model calls (twice the batch each with guidance), 1..T
+    guidance_scale: float = 4.0     # 0: ignore the prompt; 1: plain conditional model; > 1: follow it harder
+    guidance_rescale: float = 0.0   # phi of rescaled guidance (Lin et al. 2024), in [0, 1]; 0: plain guidance
+    eta: float = 0.0                # DDIM's fresh noise: 0 deterministic, 1 as much as DDPM
+    spacing: str = "trailing"       # which timesteps (see `timesteps`): one of SPACINGS
+    offset: int = 0                 # added to every timestep (SD 1.5: 1)
+    final_t: int = -1               # where the last step lands: -1 the clean end, 0 abar_0 (SD 1.5)
+    start_t: float | None = None    # the first timestep (None: T-1, a flow's 1); below it to edit a partly noised image
 
-FLOW = "flow"            # the prediction of a model trained with TrainConfig(objective="flow") (course_lib.flow)
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
+            raise ValueError(f"steps must be an integer from 1 to the schedule's length T; got {self.steps!r}")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 <= g < math.inf:
+            raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance); got {g!r}")
+        check_rescale(self.guidance_rescale, "guidance_rescale")
+        check_sampler(self.sampler, self.eta)
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {self.spacing!r}; valid are {', '.join(SPACINGS)}")
+        for name, low in (("offset", 0), ("final_t", -1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+    def replace(self, **changes) -> "SamplerSettings":
+        """A copy with the fields given changed (and checked again); a field given as None keeps its value, so a
+        pipeline's call can pass its keywords straight through."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def options(self) -> dict:
+        """The keywords of `sample` / `reverse_process` these settings give (all but the guidance fields)."""
+        options = {"sampler": self.sampler, "steps": int(self.steps), "eta": self.eta, "spacing": self.spacing,
+                   "offset": int(self.offset), "final_t": int(self.final_t)}
+        return options if self.start_t is None else {**options, "start_t": self.start_t}
+
+
+TINY_SD_SAMPLER = SamplerSettings()     # the course's tiny SD (notebook 09): DDIM, 20 trailing steps, guidance 4
+
+
+SHIPPED = {"unet": "tiny_sd_emoji", "clip": "clip_emoji", "vae": "vae_emoji32"}   # names in checkpoints/
 
 Encode = Callable[[list[str]], tuple[torch.Tensor, "torch.Tensor | None"]]   # prompts -> (states, mask or None)
 
@@ -98,7 +143,7 @@ def guided(denoiser: torch.nn.Module, encode: Encode, prompts: list[str], negati
                        float(settings.guidance_rescale))
 
 
-def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: Encode,
+def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule | FlowSchedule, encode: Encode,
                   decode: Callable[[torch.Tensor], torch.Tensor], prompts: str | list[str],
                   settings: SamplerSettings, *, latent_shape: tuple[int, int, int],
                   negative_prompt: str | list[str] = "", seed: int = 0, images_per_prompt: int = 1,
@@ -124,9 +169,7 @@ def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: En
         prompt_list(negative_prompt, "negative_prompt")
     if len(negatives) != len(prompts):
         raise ValueError(f"give one negative prompt, or one per prompt ({len(prompts)}); got {len(negatives)}")
-    if settings.steps > schedule.T:
-        raise ValueError(f"steps must be an integer from 1 to {schedule.T} (the schedule's length); "
-                         f"got {settings.steps!r}")
+    schedule.grid(settings.steps, settings.spacing, settings.offset, settings.start_t)   # checks the steps
     images_per_prompt = _positive_int(images_per_prompt, "images_per_prompt")
     seed = check_seed(seed)
     prompts = [p for p in prompts for _ in range(images_per_prompt)]
@@ -138,16 +181,6 @@ def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule, encode: En
         raise ValueError(f"latents must have shape {shape} for {len(prompts)} image(s); got {tuple(latents.shape)}")
 
     model = guided(denoiser, encode, prompts, negatives, settings)
-    if prediction == FLOW:
-        # a rectified-flow denoiser (a tiny SD 3): its ODE from t = 1 (the noise) to t = 0, Euler or Heun
-        if settings.sampler not in FLOW_SOLVERS or settings.start_t is not None:
-            raise ValueError(f"a rectified-flow model samples from pure noise with one of {', '.join(FLOW_SOLVERS)}; "
-                             f"got sampler {settings.sampler!r}, start_t {settings.start_t!r}")
-        z = sample_flow(model_velocity(model), latents.float().to(device), int(settings.steps), settings.sampler)
-        return z.float().cpu() if return_latents else decode(z)
-    if settings.sampler in FLOW_SOLVERS:
-        raise ValueError(f"sampler {settings.sampler!r} integrates a rectified-flow model; this model predicts "
-                         f"{prediction!r}: use one of {', '.join(SAMPLERS)}")
     generator = torch.Generator().manual_seed(seed)       # fresh noise of stochastic samplers (DDPM, DDIM eta > 0)
     z = sample(model, schedule, shape, **settings.options(), prediction=prediction, generator=generator,
                device=device, x_T=latents.float().to(device), clip_x0=False, progress=progress)
@@ -194,11 +227,9 @@ class TextToImage:
         self.clip = clip.to(self.device).eval()
         self.vae = vae.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.schedule = schedule
         self.scale_factor = float(scale_factor)
         self.prediction = prediction
-        if prediction == FLOW and sampler_settings.sampler not in FLOW_SOLVERS:
-            sampler_settings = sampler_settings.replace(sampler="euler")
+        self.schedule = path_for(prediction, schedule)     # a rectified-flow model's: FlowSchedule
         self.sampler_settings = sampler_settings           # what a call samples with, unless told otherwise
 
     @classmethod
@@ -227,16 +258,13 @@ class TextToImage:
     def denoising_loss(self, z0: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
                        generator: torch.Generator, unet: torch.nn.Module | None = None,
                        reduce: bool = True) -> torch.Tensor:
-        """The training loss (course_lib.forward.diffusion_loss) on scaled latents z0 with text states (context,
-        mask): t uniform over the schedule, then fresh noise, both from `generator`; the pipeline's prediction
-        target (eps, x0 or v). `unet` defaults to the pipeline's (pass a copy being fine-tuned). reduce=False:
+        """The training loss (course_lib.forward.path_loss) on scaled latents z0 with text states (context,
+        mask): t drawn along the pipeline's path, then fresh noise, both from `generator`; the pipeline's
+        prediction target (eps, x0, v, or a rectified flow's velocity). `unet` defaults to the pipeline's (pass a copy being fine-tuned). reduce=False:
         one value per sample (B,). Used by every fine-tuning method."""
         unet = self.unet if unet is None else unet
-        if self.prediction == FLOW:
-            raise ValueError("the fine-tuning losses here are the diffusion objective's; this pipeline's U-Net was "
-                             "trained with rectified flow (prediction 'flow'), which the course does not fine-tune")
-        terms = diffusion_loss(unet, self.schedule, z0, prediction=self.prediction, generator=generator,
-                               cond=(context, mask))
+        terms = path_loss(unet, self.schedule, z0, prediction=self.prediction, generator=generator,
+                          cond=(context, mask))
         return terms.loss if reduce else terms.per_sample
 
     @torch.no_grad()
@@ -273,5 +301,5 @@ class TextToImage:
         return generate(self, prompts, batch_size=batch_size, seed=seed, **options)
 
 
-__all__ = ["SHIPPED", "FLOW", "check_seed", "prompt_list", "start_latents", "guided", "text_to_image", "generate",
+__all__ = ["SamplerSettings", "TINY_SD_SAMPLER", "SHIPPED", "FLOW", "check_seed", "prompt_list", "start_latents", "guided", "text_to_image", "generate",
            "TextToImage"]

@@ -13,8 +13,13 @@ end of the chain, where abar = 1):
     lambda_t = log(a_t / s_t)   \lambda_t                   half the log signal-to-noise ratio
     x0_hat, eps_hat             the model's estimate of x_0 and of the noise at (x_t, t)
 
-The model may predict epsilon, x0 or v (course_lib.forward.PREDICTIONS); `denoise`
-turns its output into (x0_hat, eps_hat). With clip_x0, x0_hat is clamped to [-1, 1] and
+The model may predict epsilon, x0 or v (course_lib.forward.PREDICTIONS), or, trained with rectified flow, the
+flow's velocity; `denoise` turns its output into (x0_hat, eps_hat) (course_lib.forward.x0_eps_from, the one
+place that knows the prediction types), and every sampler works from those two. The samplers never ask which
+objective trained the model: they ask the schedule for a_t and s_t of x_t = a_t x0 + s_t eps (a NoiseSchedule:
+sqrt(abar_t), sqrt(1 - abar_t); a rectified flow's FlowSchedule: 1 - t, t; see course_lib.schedules), so the
+steps below, written in (a, s), serve both. Euler and Heun integrate dx/dt = (da/dt) x0_hat + (ds/dt) eps_hat
+in a continuous path's own time (on a flow, the velocity): Euler's step there is DDIM's at eta = 0. With clip_x0, x0_hat is clamped to [-1, 1] and
 eps_hat is recomputed from it, eps_hat = (x_t - a_t x0_hat) / s_t, so the pair stays consistent
 with x_t (guided-diffusion's choice; diffusers' `use_clipped_model_output=True`).
 
@@ -54,8 +59,8 @@ The loop, written out (what `sample` does for DDIM, less the bookkeeping):
 `reverse_process` runs the same loop and yields every intermediate state, for plots.
 
 Classifier-free guidance (course_lib.guidance.GuidedModel) wraps a text-conditioned U-Net as a plain
-model(x_t, t), so every sampler here serves text-to-image unchanged. `SamplerSettings` gathers what a
-text-to-image pipeline samples with (sampler, steps, guidance scale, timesteps); SD 1.5's published
+model(x_t, t), so every sampler here serves text-to-image unchanged. course_lib.pipeline.SamplerSettings gathers
+what a text-to-image pipeline samples with (sampler, steps, guidance scale, timesteps); SD 1.5's published
 scheduler is one of its presets (course_lib.sd.SD15_SAMPLER).
 
 References:
@@ -70,7 +75,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -79,115 +83,98 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .flow import SOLVERS as FLOW_SOLVERS
-from .forward import check_images, check_prediction, predicted_x0_eps
-from .guidance import GuidedModel, check_rescale, classifier_free_guidance, conditional  # noqa: F401  (also importable from here)
-from .schedules import NoiseSchedule
+from .forward import check_images, x0_eps_from
+from .guidance import GuidedModel, classifier_free_guidance, conditional  # noqa: F401  (also importable from here)
+from .checks import check_choice
+from .schedules import FLOW, PREDICTIONS, SPACINGS, FlowSchedule, NoiseSchedule, timesteps  # noqa: F401  (timesteps: also from here)
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-SPACINGS = ("trailing", "leading", "linspace")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")    # sample along any path
+CONTINUOUS = ("euler", "heun")            # integrate the ODE in the path's own time: a continuous path (FlowSchedule)
+ALL_SAMPLERS = SAMPLERS + CONTINUOUS
+Path = NoiseSchedule | FlowSchedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-# --- timesteps -----------------------------------------------------------------------------
+# --- timesteps (course_lib.schedules.timesteps; a path's `grid`) -------------------------------------
 
-def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", offset: int = 0,
-              start: int | None = None) -> torch.Tensor:
-    """The descending timesteps a `steps`-step sampler visits (the spacings of [5], as in diffusers' DDIM).
-
-    trailing   round(T - i T/steps) - 1: starts at T-1, the noisiest step   (default)
-    leading    i * (T // steps), reversed: ends at 0                        (Stable Diffusion's, less its +1)
-    linspace   round(linspace(0, T-1, steps)), reversed: both ends          (steps=1: T-1; diffusers: 0)
-
-    offset is added to every timestep (SD 1.5's scheduler config: "leading" with steps_offset=1, so 50 steps
-    visit 981, 961, ..., 1); the largest must stay below T.
-    start: the noisiest timestep (default T-1): the grid is laid over 0..start instead of 0..T-1, so sampling
-    can begin from a partly noised image (SDEdit's strength, image editing) or stop inverting there.
-    """
-    T = schedule.T
-    if start is not None:
-        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start < T:
-            raise ValueError(f"start, the first timestep, must be an int from 0 to T-1={T - 1}; got {start!r}")
-        T = int(start) + 1                       # the grid over 0..start
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
-        limit = f"T={T} (the schedule's length)" if start is None else f"start + 1 = {T}"
-        raise ValueError(f"steps must be an int from 1 to {limit}; got {steps!r}")
-    steps = int(steps)
-    i = torch.arange(steps, dtype=torch.float64)
-    if spacing == "trailing":
-        # numpy's arange(T, 0, -T/steps) computes T + i * ((T - T/steps) - T); the same rounding here
-        # keeps ties (x.5) going the same way as in diffusers.
-        ts = torch.round(T + i * ((T - T / steps) - T)) - 1
-    elif spacing == "leading":
-        ts = (i * (T // steps)).flip(0)
-    elif spacing == "linspace":
-        ts = i * ((T - 1) / (steps - 1)) if steps > 1 else i
-        ts[-1] = T - 1
-        ts = torch.round(ts).flip(0)
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {list(SPACINGS)}")
-    ts = ts.long()
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0 \
-            or ts.max() + offset >= schedule.T:
-        raise ValueError(f"offset must be an int >= 0 that keeps the largest timestep ({ts.max().item()}) below "
-                         f"T={schedule.T}; got {offset!r}")
-    return ts + int(offset)
+def _check_order(t: float, t_next: float) -> None:
+    if not t_next < t:
+        raise ValueError(f"a sampling step goes down in time: need t_next < t (the clean end: -1 for a discrete "
+                         f"schedule, 0 for a flow); got t={t}, t_next={t_next}")
 
 
-def alpha_bar_at(schedule: NoiseSchedule, t: int) -> float:
-    """abar_t as a Python float (float64), with abar = 1 at t = -1, the clean end."""
-    if t == -1:
-        return 1.0
-    if not 0 <= t < schedule.T:
-        raise ValueError(f"timestep {t} out of range; valid are -1 (clean) and 0..{schedule.T - 1}")
-    return schedule.alphas_cumprod[t].item()
+# --- the model's estimate: the one place a prediction becomes (x0_hat, eps_hat) --------------------------
+
+def check_prediction_on(schedule: Path, prediction: str) -> str:
+    """prediction, if a model predicting it can be sampled along this path; else a ValueError naming both."""
+    check_choice("prediction type", prediction, PREDICTIONS + (FLOW,))
+    if prediction not in schedule.predictions:
+        raise ValueError(f"a model predicting {prediction!r} cannot be sampled along {schedule!r}: it takes "
+                         f"{', '.join(schedule.predictions)} (a rectified-flow model, prediction 'flow', goes with "
+                         f"course_lib.schedules.FlowSchedule; epsilon, x0 and v with a NoiseSchedule)")
+    return prediction
 
 
-def _check_order(t: int, t_next: int) -> None:
-    if not -1 <= t_next < t:
-        raise ValueError(f"a sampling step goes down in time: need -1 <= t_next < t; got t={t}, t_next={t_next}")
-
-
-# --- the model's estimate ----------------------------------------------------------------------
-
-def denoise(model: Model, schedule: NoiseSchedule, x_t: torch.Tensor, t: int, *,
+def denoise(model: Model, schedule: Path, x_t: torch.Tensor, t: float, *,
             prediction: str = "epsilon", clip_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call the model at (x_t, t) and return (x0_hat, eps_hat); with clip_x0, x0_hat in [-1, 1] and eps_hat
-    recomputed from it."""
-    B = x_t.shape[0]
-    t_batch = torch.full((B,), t, dtype=torch.long, device=x_t.device)
+    """Call the model at (x_t, t) and return (x0_hat, eps_hat) (course_lib.forward.x0_eps_from, for any
+    prediction the path allows); with clip_x0, x0_hat in [-1, 1] and eps_hat recomputed from it."""
+    check_prediction_on(schedule, prediction)
+    a, s = schedule.scales(t)
+    if prediction == "epsilon" and a == 0:
+        raise ValueError(f"an epsilon model cannot be asked at t={t}: abar_t = 0 there (zero terminal SNR), and its "
+                         f"x0 estimate (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by 0. Use a v (or x0) model, "
+                         f"as Lin et al. 2024 do, or start below t={t} (start_t).")
     with torch.no_grad():
-        out = model(x_t, t_batch)
+        out = model(x_t, schedule.model_time(t, x_t.shape[0], x_t.device))
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model must return a tensor; got {type(out).__name__} (for a diffusers UNet, "
                         f"wrap it: lambda x, t: unet(x, t).sample)")
     if out.shape != x_t.shape:
         raise ValueError(f"the model's output has shape {tuple(out.shape)}; expected x_t's {tuple(x_t.shape)}")
-    out = out.to(x_t.dtype)
-    abar = torch.tensor(alpha_bar_at(schedule, t), dtype=x_t.dtype, device=x_t.device)
-    if prediction == "epsilon" and abar == 0:
-        raise ValueError(f"an epsilon model cannot be asked at t={t}: abar_t = 0 there (zero terminal SNR), and its "
-                         f"x0 estimate (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by 0. Use a v (or x0) model, "
-                         f"as Lin et al. 2024 do, or start below t={t} (start_t).")
-    x0, eps = predicted_x0_eps(prediction, out, x_t, abar)
+    a_, s_ = (torch.tensor(v, dtype=x_t.dtype, device=x_t.device) for v in (a, s))
+    x0, eps = x0_eps_from(prediction, out.to(x_t.dtype), x_t, a_, s_)
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
-        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        if s > 0:                       # at the clean end (a flow's t = 0) eps_hat cannot be recomputed: kept
+            eps = (x_t - a_ * x0) / s_
     return x0, eps
 
 
-# --- one step of each sampler -------------------------------------------------------------------
+# --- one step of each sampler, in the path's (a, s) -------------------------------------------------------
+# A step from t to t' < t sees x_t = a x0 + s eps and lands on x_{t'} = a' x0 + s' eps (primes: at t').
+# The Markov chain behind both points: x_t = (a / a') x_{t'} + sqrt(v) z with v = s^2 - (a / a')^2 s'^2, the
+# variance the step adds (beta' = 1 - abar_t / abar_{t'} on a discrete schedule).
 
-def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: int, x0_pred: torch.Tensor,
+def _step_variance(a: float, s: float, a_next: float, s_next: float) -> float:
+    return max(s * s - (a / a_next) ** 2 * s_next * s_next, 0.0)
+
+
+def noised(schedule: Path, x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """x_t = a_t x0 + s_t noise: a clean x0 taken to time t in one jump (Eq. 4 on a discrete schedule)."""
+    a, s = schedule.scales(t)
+    return a * x0 + s * noise
+
+
+def renoised(schedule: Path, x: torch.Tensor, t_from: float, t_to: float, noise: torch.Tensor) -> torch.Tensor:
+    """A sample of q(x_{t_to} | x_{t_from}) for t_to > t_from: x = (a / a') x_{t_from} + sqrt(v) noise, the chain's
+    forward jump (RePaint's step back up; on a discrete schedule sqrt(abar_to / abar_from) x + sqrt(1 - ratio) z)."""
+    _check_order(t_to, t_from)
+    (a_to, s_to), (a_from, s_from) = schedule.scales(t_to), schedule.scales(t_from)
+    return (a_to / a_from) * x + math.sqrt(_step_variance(a_to, s_to, a_from, s_from)) * noise
+
+
+def ddpm_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
               noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample q(x_{t_next} | x_t, x0_hat): Eqs. 6-7 of Ho et al. 2020 over a stride t -> t_next."""
+    """Sample q(x_{t_next} | x_t, x0_hat): Eqs. 6-7 of Ho et al. 2020 over a stride t -> t_next, in (a, s):
+    mean = (a' v / s^2) x0_hat + ((a / a') s'^2 / s^2) x_t, variance v s'^2 / s^2."""
     _check_order(t, t_next)
-    ab_t, ab_next = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_next)
-    beta = 1 - ab_t / ab_next                                   # beta' of the whole stride
-    coef_x0 = math.sqrt(ab_next) * beta / (1 - ab_t)            # posterior_mean_coef1
-    coef_xt = math.sqrt(1 - beta) * (1 - ab_next) / (1 - ab_t)  # posterior_mean_coef2
-    variance = (1 - ab_next) / (1 - ab_t) * beta                # beta~
+    (a, s), (a_next, s_next) = schedule.scales(t), schedule.scales(t_next)
+    v = _step_variance(a, s, a_next, s_next)                    # beta' of the whole stride
+    coef_x0 = a_next * v / (s * s)                              # posterior_mean_coef1
+    coef_xt = (a / a_next) * s_next * s_next / (s * s)          # posterior_mean_coef2
+    variance = v * s_next * s_next / (s * s)                    # beta~
     mean = coef_x0 * x0_pred + coef_xt * x_t
     if variance == 0:
         return mean
@@ -196,13 +183,14 @@ def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: int, x
     return mean + math.sqrt(variance) * noise
 
 
-def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: int, x0_pred: torch.Tensor,
+def ddim_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
               eps_pred: torch.Tensor, eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """x_{t_next} = sqrt(abar') x0_hat + sqrt(1 - abar' - std^2) eps_hat + std z: Eqs. 12, 16 of Song et al."""
+    """x_{t_next} = a' x0_hat + sqrt(s'^2 - std^2) eps_hat + std z with std = eta sqrt(beta~): Eqs. 12, 16 of
+    Song et al. (a' = sqrt(abar'), s' = sqrt(1 - abar')). At eta = 0 on a flow path: Euler's step."""
     _check_order(t, t_next)
-    ab_t, ab_next = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_next)
-    std = eta * math.sqrt((1 - ab_next) / (1 - ab_t) * (1 - ab_t / ab_next))
-    x = math.sqrt(ab_next) * x0_pred + math.sqrt(max(1 - ab_next - std ** 2, 0.0)) * eps_pred
+    (a, s), (a_next, s_next) = schedule.scales(t), schedule.scales(t_next)
+    std = eta * math.sqrt(_step_variance(a, s, a_next, s_next)) * s_next / s
+    x = a_next * x0_pred + math.sqrt(max(s_next * s_next - std ** 2, 0.0)) * eps_pred
     if std == 0:
         return x
     if noise is None:
@@ -210,25 +198,48 @@ def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: int, x
     return x + std * noise
 
 
-def dpm_solver_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: int, x0_pred: torch.Tensor,
-                    last: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+def dpm_solver_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
+                    last: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
     """One DPM-Solver++(2M) step (Algorithm 2 of Lu et al. 2022); `last` = (t_last, x0_hat there) or None
     for a first-order step."""
     _check_order(t, t_next)
-    if t_next == -1:          # s = 0, lambda = +inf: the first-order step lands on x0_hat
+    if t_next == schedule.clean:          # s = 0, lambda = +inf: the first-order step lands on x0_hat
         return x0_pred
-    ab_t, ab_next = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_next)
-    a_next, s_t, s_next = math.sqrt(ab_next), math.sqrt(1 - ab_t), math.sqrt(1 - ab_next)
-    lam_t, lam_next = 0.5 * schedule.log_snr[t].item(), 0.5 * schedule.log_snr[t_next].item()
+    (_, s_t), (a_next, s_next) = schedule.scales(t), schedule.scales(t_next)
+    lam_t, lam_next = schedule.half_log_snr(t), schedule.half_log_snr(t_next)
     h = lam_next - lam_t
     D = x0_pred
     if last is not None:
         t_last, x0_last = last
         if not t_last > t:
             raise ValueError(f"the previous step's timestep must be above t={t}; got t_last={t_last}")
-        r = (lam_t - 0.5 * schedule.log_snr[t_last].item()) / h
+        r = (lam_t - schedule.half_log_snr(t_last)) / h
         D = (1 + 1 / (2 * r)) * x0_pred - 1 / (2 * r) * x0_last
     return (s_next / s_t) * x_t - a_next * math.expm1(-h) * D
+
+
+def _velocity(schedule: FlowSchedule, t: float, x0_pred: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
+    """dx_t/dt = (da/dt) x0_hat + (ds/dt) eps_hat along a continuous path (a flow's: eps_hat - x0_hat)."""
+    if not schedule.continuous:
+        raise ValueError(f"Euler and Heun integrate the ODE in a continuous path's own time; {schedule!r} has "
+                         f"integer timesteps: use 'ddim' (eta 0, the probability-flow ODE's own solver) or 'dpm++2m'")
+    da, ds = schedule.derivative(t)
+    return da * x0_pred + ds * eps_pred
+
+
+def euler_step(schedule: FlowSchedule, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
+               eps_pred: torch.Tensor) -> torch.Tensor:
+    """x_{t'} = x_t + (t' - t) dx/dt: Euler's step in the path's time (on a flow path, DDIM's at eta = 0)."""
+    _check_order(t, t_next)
+    return x_t + (t_next - t) * _velocity(schedule, t, x0_pred, eps_pred)
+
+
+def heun_step(schedule: FlowSchedule, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
+              eps_pred: torch.Tensor, x0_end: torch.Tensor, eps_end: torch.Tensor) -> torch.Tensor:
+    """Heun's step: the mean of dx/dt at t and at Euler's landing point (x0_end, eps_end: the model there)."""
+    _check_order(t, t_next)
+    v, v_end = _velocity(schedule, t, x0_pred, eps_pred), _velocity(schedule, t_next, x0_end, eps_end)
+    return x_t + (t_next - t) * 0.5 * (v + v_end)
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -236,16 +247,21 @@ def dpm_solver_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: 
 @dataclass
 class ReverseStep:
     """One moment of the reverse process: the state x_t before the update at timestep t, and the
-    model's x_0 estimate there. The last one has index = steps, t = -1 and x_t = x0_pred = the result."""
+    model's x_0 estimate there. The last one has index = steps, t = the clean end (-1, or a flow's 0) and
+    x_t = x0_pred = the result."""
     index: int
-    t: int
+    t: float            # an int timestep on a NoiseSchedule, a time in [0, 1] on a FlowSchedule
     x_t: torch.Tensor
     x0_pred: torch.Tensor
 
 
-def _check_sampler(sampler: str, eta: float) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {list(SAMPLERS)}")
+def check_sampler(sampler: str, eta: float, schedule: Path | None = None) -> None:
+    """Refuse an unknown sampler, an eta it does not take, or Euler/Heun on a discrete schedule, by name."""
+    check_choice("sampler", sampler, ALL_SAMPLERS)
+    if sampler in CONTINUOUS and schedule is not None and not schedule.continuous:
+        raise ValueError(f"sampler {sampler!r} integrates the ODE in a continuous path's own time (a rectified-flow "
+                         f"model's FlowSchedule); this schedule has integer timesteps: use 'ddim' (eta 0: the "
+                         f"probability-flow ODE's own solver) or 'dpm++2m'")
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
         raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like); got {eta!r}")
     if eta != 0 and sampler != "ddim":
@@ -275,7 +291,7 @@ def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torc
     return torch.randn(tuple(shape), generator=generator, device=draw_on, dtype=dtype).to(device)
 
 
-def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int], *, sampler: str = "ddim",
+def reverse_process(model: Model, schedule: Path, shape: Sequence[int], *, sampler: str = "ddim",
                     steps: int = 50, eta: float = 0.0, prediction: str = "epsilon",
                     generator: torch.Generator | None = None, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32, x_T: torch.Tensor | None = None, clip_x0: bool = True,
@@ -284,11 +300,14 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
     """Run a sampler, yielding a ReverseStep at every timestep and then the result (cf. guided-diffusion's
     p_sample_loop_progressive); `sample` keeps only the result.
 
-    model        model(x_t, t) with t a (B,) long tensor; its output means `prediction` (epsilon, x0 or v).
-                 Called under torch.no_grad(); put it in eval mode (and use its EMA weights) first.
+    model        model(x_t, t) with t a (B,) tensor (schedule.model_time: the long timestep of a NoiseSchedule,
+                 t * 1000 on a FlowSchedule); its output means `prediction` (epsilon, x0 or v; flow on a
+                 FlowSchedule). Called under torch.no_grad(); put it in eval mode (and use its EMA weights) first.
+    schedule     the path: a NoiseSchedule, or course_lib.schedules.FlowSchedule for a rectified-flow model
     shape        (B, C, H, W) = (batch, channels, height, width) of the result
-    sampler      one of SAMPLERS
-    steps        how many model calls; timesteps from `timesteps(schedule, steps, spacing, offset)`
+    sampler      one of ALL_SAMPLERS: SAMPLERS (ddpm, ddim, dpm++2m) on either path; CONTINUOUS (euler, and
+                 heun with two model calls a step) on a continuous one (a FlowSchedule)
+    steps        how many steps; times from `schedule.grid(steps, spacing, offset, start_t)`
     eta          DDIM only: 0 deterministic, 1 as much noise as DDPM
     generator    seeds x_T and every fresh noise draw, so a seed reproduces a run exactly (noise is drawn
                  on the generator's device, so a CPU generator gives the same numbers on a GPU)
@@ -302,13 +321,11 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
                  q_sample(schedule, x0, start_t) for SDEdit, or ddim_invert(..., start_t=start_t)
     progress     show a tqdm progress bar
     """
-    _check_sampler(sampler, eta)
-    check_prediction(prediction)
+    check_sampler(sampler, eta, schedule)
+    check_prediction_on(schedule, prediction)
     shape = _check_shape(shape)
-    ts = timesteps(schedule, steps, spacing, offset, start=start_t).tolist()
-    if isinstance(final_t, bool) or not isinstance(final_t, numbers.Integral) or not -1 <= final_t < ts[-1]:
-        raise ValueError(f"final_t, where the last step lands, must be -1 (clean, abar = 1) or a timestep below "
-                         f"the last one visited ({ts[-1]}); got {final_t!r}")
+    ts = schedule.grid(steps, spacing, offset, start_t)
+    end = schedule.end(final_t, ts[-1])
     if x_T is not None:
         check_images(x_T, "x_T", data_range=False)
         if tuple(x_T.shape) != shape:
@@ -320,24 +337,30 @@ def reverse_process(model: Model, schedule: NoiseSchedule, shape: Sequence[int],
         x = _randn(shape, generator, device, dtype)
 
     last = None  # DPM-Solver++'s memory: (timestep, x0_hat) of the previous step
-    pairs = zip(ts, ts[1:] + [int(final_t)])
+    pairs = zip(ts, ts[1:] + [end])
     for i, (t, t_next) in enumerate(tqdm(pairs, total=len(ts), desc=sampler, disable=not progress)):
         x0, eps = denoise(model, schedule, x, t, prediction=prediction, clip_x0=clip_x0)
         yield ReverseStep(i, t, x, x0)
+        fresh = t_next != schedule.clean          # no fresh noise on the step that lands on the clean end
         if sampler == "ddpm":
-            noise = _randn(shape, generator, device, dtype) if t_next >= 0 else None
-            x = ddpm_step(schedule, x, t, t_next, x0, noise)
+            x = ddpm_step(schedule, x, t, t_next, x0, _randn(shape, generator, device, dtype) if fresh else None)
         elif sampler == "ddim":
-            noise = _randn(shape, generator, device, dtype) if eta > 0 and t_next >= 0 else None
+            noise = _randn(shape, generator, device, dtype) if eta > 0 and fresh else None
             x = ddim_step(schedule, x, t, t_next, x0, eps, eta, noise)
-        else:
+        elif sampler == "dpm++2m":
             x = dpm_solver_step(schedule, x, t, t_next, x0, last)
             last = (t, x0)
-    yield ReverseStep(len(ts), int(final_t), x, x)
+        elif sampler == "euler":
+            x = euler_step(schedule, x, t, t_next, x0, eps)
+        else:                                     # heun: a second model call at Euler's landing point
+            x0_end, eps_end = denoise(model, schedule, euler_step(schedule, x, t, t_next, x0, eps), t_next,
+                                      prediction=prediction, clip_x0=clip_x0)
+            x = heun_step(schedule, x, t, t_next, x0, eps, x0_end, eps_end)
+    yield ReverseStep(len(ts), end, x, x)
 
 
-def sample(model: Model, schedule: NoiseSchedule, shape: Sequence[int], **options) -> torch.Tensor:
-    """Generate a batch x_0 of `shape` (B, C, H, W) with one of SAMPLERS: the last state of `reverse_process`,
+def sample(model: Model, schedule: Path, shape: Sequence[int], **options) -> torch.Tensor:
+    """Generate a batch x_0 of `shape` (B, C, H, W) with one of ALL_SAMPLERS: the last state of `reverse_process`,
     whose keywords (sampler, steps, eta, prediction, generator, device, dtype, x_T, clip_x0, spacing, offset,
     final_t, start_t, progress) it takes and documents."""
     for step in reverse_process(model, schedule, shape, **options):
@@ -360,8 +383,8 @@ def dpm_solver_sample(model: Model, schedule: NoiseSchedule, shape: Sequence[int
     return sample(model, schedule, shape, sampler="dpm++2m", **options)
 
 
-def ddim_invert(model: Model, schedule: NoiseSchedule, x0: torch.Tensor, *, steps: int = 50,
-                prediction: str = "epsilon", spacing: str = "trailing", start_t: int | None = None) -> torch.Tensor:
+def ddim_invert(model: Model, schedule: Path, x0: torch.Tensor, *, steps: int = 50,
+                prediction: str = "epsilon", spacing: str = "trailing", start_t: float | None = None) -> torch.Tensor:
     """DDIM inversion: the eta=0 update run from x_0 up to the first sampling timestep, giving the x_T that
     `ddim_sample(..., eta=0, x_T=x_T, clip_x0=False)` maps back to (about) x0.
 
@@ -373,65 +396,15 @@ def ddim_invert(model: Model, schedule: NoiseSchedule, x0: torch.Tensor, *, step
     (the cosine schedule's abar at t = T-1 is about 2e-9), any error in the model's noise estimate is
     amplified by about 1 / sqrt(abar) and a trained model's round trip does not reconstruct (the exact
     denoiser of the tests has no error, so it does). start_t inverts only up to that timestep (the grid of
-    `timesteps(..., start=start_t)`); sample back with the same start_t."""
+    `timesteps(..., start=start_t)`); sample back with the same start_t. On a FlowSchedule the same update
+    is Euler's step of the flow run forwards, from t = 0 up to start_t (default 1)."""
     check_images(x0, "x0", data_range=False)
-    check_prediction(prediction)
-    x, t = x0.detach(), -1
-    for t_up in timesteps(schedule, steps, spacing, start=start_t).flip(0).tolist():
+    check_prediction_on(schedule, prediction)
+    x, t = x0.detach(), schedule.clean
+    for t_up in reversed(schedule.grid(steps, spacing, 0, start_t)):
         _, eps = denoise(model, schedule, x, t_up, prediction=prediction, clip_x0=False)
-        ab_t, ab_up = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_up)
-        x0_hat = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
-        x = math.sqrt(ab_up) * x0_hat + math.sqrt(1 - ab_up) * eps
+        (a, s), (a_up, s_up) = schedule.scales(t), schedule.scales(t_up)
+        x0_hat = (x - s * eps) / a
+        x = a_up * x0_hat + s_up * eps
         t = t_up
     return x
-
-
-# --- what a text-to-image pipeline samples with ---------------------------------------------------
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """A pipeline's sampler, as one value: course_lib.pipeline.TextToImage and course_lib.sd.StableDiffusion
-    keep one (the tiny SD's: TINY_SD_SAMPLER; SD 1.5's scheduler: course_lib.sd.SD15_SAMPLER), and a call's
-    keywords replace fields of it: `settings.replace(steps=50)`."""
-    sampler: str = "ddim"           # one of SAMPLERS; for a rectified-flow model one of course_lib.flow.SOLVERS
-    steps: int = 20                 # model calls (twice the batch each with guidance), 1..T
-    guidance_scale: float = 4.0     # 0: ignore the prompt; 1: plain conditional model; > 1: follow it harder
-    guidance_rescale: float = 0.0   # phi of rescaled guidance (Lin et al. 2024), in [0, 1]; 0: plain guidance
-    eta: float = 0.0                # DDIM's fresh noise: 0 deterministic, 1 as much as DDPM
-    spacing: str = "trailing"       # which timesteps (see `timesteps`): one of SPACINGS
-    offset: int = 0                 # added to every timestep (SD 1.5: 1)
-    final_t: int = -1               # where the last step lands: -1 the clean end, 0 abar_0 (SD 1.5)
-    start_t: int | None = None      # the first timestep (None: T-1); below it to edit a partly noised image
-
-    def __post_init__(self):
-        if self.sampler not in SAMPLERS + FLOW_SOLVERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid are {', '.join(SAMPLERS)} (a diffusion "
-                             f"model's) and {', '.join(FLOW_SOLVERS)} (a rectified-flow model's)")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
-            raise ValueError(f"steps must be an integer from 1 to the schedule's length T; got {self.steps!r}")
-        g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 <= g < math.inf:
-            raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance); got {g!r}")
-        check_rescale(self.guidance_rescale, "guidance_rescale")
-        if self.sampler in SAMPLERS:
-            _check_sampler(self.sampler, self.eta)
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"unknown timestep spacing {self.spacing!r}; valid are {', '.join(SPACINGS)}")
-        for name, low in (("offset", 0), ("final_t", -1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-
-    def replace(self, **changes) -> "SamplerSettings":
-        """A copy with the fields given changed (and checked again); a field given as None keeps its value, so a
-        pipeline's call can pass its keywords straight through."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def options(self) -> dict:
-        """The keywords of `sample` / `reverse_process` these settings give (all but the guidance fields)."""
-        options = {"sampler": self.sampler, "steps": int(self.steps), "eta": self.eta, "spacing": self.spacing,
-                   "offset": int(self.offset), "final_t": int(self.final_t)}
-        return options if self.start_t is None else {**options, "start_t": int(self.start_t)}
-
-
-TINY_SD_SAMPLER = SamplerSettings()     # the course's tiny SD (notebook 09): DDIM, 20 trailing steps, guidance 4

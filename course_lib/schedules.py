@@ -25,6 +25,16 @@ linearly onto exactly 0 at t = T-1 (the last beta becomes 1): the last step is p
 from N(0, I) assumes. An epsilon model cannot be sampled from there (x0 = (x_t - s eps) / sqrt(abar)
 divides by 0), so such a schedule goes with v-prediction.
 
+A schedule as the samplers see it. Every sampler (course_lib.sampling) writes a noisy point as
+x_t = a_t x0 + s_t eps and asks its path for four things only: a_t and s_t (`scales`), the times to visit
+(`grid`), the value the network was trained to see for a time (`model_time`), and where the clean end is
+(`clean`). Two paths answer them:
+    NoiseSchedule   a = sqrt(abar_t), s = sqrt(1 - abar_t), integer timesteps 0..T-1, clean end t = -1
+    FlowSchedule    a = 1 - t, s = t (rectified flow's straight path, course_lib.flow), t in [0, 1], clean
+                    end t = 0; the network sees t * 1000
+so DDIM, DPM-Solver++ and DDPM's ancestral step, written once in (a, s), sample a rectified-flow model too, and
+Euler or Heun (which need a path continuous in time, with da/dt and ds/dt) sample it in its own time.
+
 References:
   [1] Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. 2020. https://arxiv.org/abs/2006.11239
   [2] Rombach et al. High-Resolution Image Synthesis with Latent Diffusion Models. 2022. https://arxiv.org/abs/2112.10752
@@ -38,13 +48,19 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
 
-from .checks import has_values
+from .checks import check_choice, has_values
 
 KINDS = ("linear", "scaled_linear", "cosine", "sigmoid")
+SPACINGS = ("trailing", "leading", "linspace")
+PREDICTIONS = ("epsilon", "x0", "v")   # what a network on a NoiseSchedule may predict (course_lib.forward)
+FLOW = "flow"                          # the prediction of a rectified-flow network: the velocity eps - x0
+TIME_SCALE = 1000.0                    # a flow network sees t * TIME_SCALE, the range the time embedding was built for
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")   # how a flow's training times are drawn (course_lib.flow)
 
 
 class NoiseSchedule:
@@ -87,6 +103,53 @@ class NoiseSchedule:
         return (f"NoiseSchedule({self.name!r}, T={self.T}, beta {self.betas[0].item():.3g}->"
                 f"{self.betas[-1].item():.3g}, alpha_bar {ab[0].item():.4f}->{ab[-1].item():.2e})")
 
+    # --- as a path for the samplers (see the module's docstring) ---------------------------------------------
+    continuous = False             # integer timesteps: no Euler or Heun in its own time
+    predictions = PREDICTIONS
+    clean = -1                     # the timestep of the clean end, where abar = 1
+
+    def scales(self, t: int) -> tuple[float, float]:
+        """(a_t, s_t) = (sqrt(abar_t), sqrt(1 - abar_t)) as Python floats; (1, 0) at t = -1, the clean end."""
+        if t == -1:
+            return 1.0, 0.0
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.T:
+            raise ValueError(f"timestep {t!r} out of range; valid are -1 (clean) and the integers 0..{self.T - 1}")
+        ab = self.alphas_cumprod[t].item()
+        return math.sqrt(ab), math.sqrt(1 - ab)
+
+    def half_log_snr(self, t: int) -> float:
+        """lambda_t = log(a_t / s_t) = log_snr[t] / 2: +inf at the clean end, -inf where abar = 0."""
+        return math.inf if t == -1 else 0.5 * self.log_snr[t].item()
+
+    def grid(self, steps: int, spacing: str = "trailing", offset: int = 0, start: int | None = None) -> list[int]:
+        """The descending timesteps a `steps`-step sampler visits (see `timesteps`)."""
+        return timesteps(self, steps, spacing, offset, start).tolist()
+
+    def end(self, final_t: int, last: int) -> int:
+        """Where the last step lands: -1 (the clean end) or a timestep below `last`, the last one visited."""
+        if isinstance(final_t, bool) or not isinstance(final_t, numbers.Integral) or not -1 <= final_t < last:
+            raise ValueError(f"final_t, where the last step lands, must be -1 (clean, abar = 1) or a timestep below "
+                             f"the last one visited ({last}); got {final_t!r}")
+        return int(final_t)
+
+    def model_time(self, t: int, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """What the network is given for timestep t: the integer itself, (batch,) int64."""
+        return torch.full((batch,), t, dtype=torch.long, device=device)
+
+    # --- as a path for the training loss (course_lib.forward.path_loss) ----------------------------------------
+    def draw_times(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n training timesteps, uniform over 0..T-1 (Algorithm 1 of Ho et al.), drawn on the CPU."""
+        return torch.randint(0, self.T, (n,), generator=generator)
+
+    def scales_at(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, s, abar) at a batch of timesteps, each (B, 1, 1, 1) in x's dtype and device."""
+        alpha_bar = self.extract(self.alphas_cumprod, t, x)
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), alpha_bar
+
+    def model_times(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is given for a batch of timesteps: the timesteps themselves."""
+        return t
+
     def check_timesteps(self, t: torch.Tensor | int) -> torch.Tensor:
         """t as an int64 tensor, after checking every entry is in 0..T-1."""
         t = torch.as_tensor(t)
@@ -107,6 +170,156 @@ class NoiseSchedule:
             raise ValueError(f"got {values.shape[0]} timesteps for a batch of {x.shape[0]}; "
                              f"give one timestep per image or a single int")
         return values.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class FlowSchedule:
+    """Rectified flow's straight path x_t = (1 - t) x0 + t eps, t from 0 (data) to 1 (noise), as the samplers
+    see a schedule (course_lib.flow teaches the path and its loss). The velocity a flow network predicts is
+    dx_t/dt = eps - x0 = (da/dt) x0 + (ds/dt) eps with da/dt = -1, ds/dt = 1."""
+
+    continuous = True
+    predictions = (FLOW,)
+    clean = 0.0
+    name = "flow"
+
+    def __init__(self, timestep_sampling: str = "uniform", time_scale: float = TIME_SCALE):
+        self.timestep_sampling = check_choice("timestep sampling", timestep_sampling, TIMESTEP_SAMPLING)
+        if isinstance(time_scale, bool) or not isinstance(time_scale, numbers.Real) or not 0 < time_scale < math.inf:
+            raise ValueError(f"time_scale must be a positive number (the network sees t * time_scale); got "
+                             f"{time_scale!r}")
+        self.time_scale = float(time_scale)
+
+    def __repr__(self) -> str:
+        return f"FlowSchedule(x_t = (1 - t) x0 + t eps, network time t * {self.time_scale:g})"
+
+    @staticmethod
+    def _check(t: float) -> float:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 <= t <= 1:
+            raise ValueError(f"a flow time must be a number in [0, 1] (0: data, 1: noise); got {t!r}")
+        return float(t)
+
+    def scales(self, t: float) -> tuple[float, float]:
+        """(a_t, s_t) = (1 - t, t)."""
+        t = self._check(t)
+        return 1.0 - t, t
+
+    def derivative(self, t: float) -> tuple[float, float]:
+        """(da/dt, ds/dt) = (-1, 1): the straight path runs at constant speed."""
+        self._check(t)
+        return -1.0, 1.0
+
+    def half_log_snr(self, t: float) -> float:
+        """lambda_t = log((1 - t) / t): +inf at t = 0, -inf at t = 1."""
+        a, s = self.scales(t)
+        return math.inf if s == 0 else -math.inf if a == 0 else math.log(a / s)
+
+    def grid(self, steps: int, spacing: str = "trailing", offset: int = 0, start: float | None = None) -> list[float]:
+        """`steps` equal steps from t = start (default 1, the noise) towards 0: linspace(start, 0, steps + 1)
+        without its end (float32 values, as torch.linspace gives them). Only the even "trailing" grid exists
+        here, and no offset: those are a discrete schedule's."""
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"steps must be a positive int; got {steps!r}")
+        if spacing != "trailing" or offset != 0:
+            raise ValueError(f"a flow path is sampled on an even grid from t = 1: spacing 'trailing' and offset 0 "
+                             f"only (the others are a discrete schedule's); got spacing {spacing!r}, offset {offset!r}")
+        first = 1.0 if start is None else self._check(start)
+        if first == 0:
+            raise ValueError("start must be above 0 (t = 0 is the data itself)")
+        return torch.linspace(first, 0.0, int(steps) + 1)[:-1].tolist()
+
+    def end(self, final_t: int, last: float) -> float:
+        """The last step lands on the data, t = 0 (final_t -1, the samplers' name for the clean end)."""
+        if final_t != -1:
+            raise ValueError(f"a flow path's sampling ends at its clean end, t = 0 (final_t=-1); got {final_t!r}")
+        return self.clean
+
+    def model_time(self, t: float, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """What the network is given for time t: t * time_scale, (batch,) float32."""
+        return torch.full((batch,), self._check(t), device=device) * self.time_scale
+
+    def draw_times(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n training times in (0, 1), drawn on the CPU by `sample_timesteps` with this path's timestep_sampling."""
+        return sample_timesteps(n, self.timestep_sampling, generator=generator)
+
+    def scales_at(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, s, abar) at a batch of times, each (B, 1, 1, 1) in x's dtype and device; abar = a^2 / (a^2 + s^2)
+        is the variance-preserving alpha-bar with the same signal-to-noise ratio."""
+        t = torch.as_tensor(t).to(device=x.device, dtype=x.dtype)
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"give one time per image, shape ({x.shape[0]},); got {tuple(t.shape)}")
+        if (t < 0).any() or (t > 1).any():
+            raise ValueError("flow times must lie in [0, 1] (0: data, 1: noise)")
+        s = t.view(-1, *([1] * (x.ndim - 1)))
+        a = 1 - s
+        return a, s, a * a / (a * a + s * s)
+
+    def model_times(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is given for a batch of times: t * time_scale."""
+        return t * self.time_scale
+
+
+def sample_timesteps(n: int, sampling: str = "uniform", *, mean: float = 0.0, std: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """n training times in (0, 1): "uniform", or "logit_normal" (SD 3: t = sigmoid(z), z ~ N(mean, std^2))."""
+    check_choice("timestep sampling", sampling, TIMESTEP_SAMPLING)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int; got {n!r}")
+    if std <= 0:
+        raise ValueError(f"std must be > 0; got {std}")
+    if sampling == "uniform":
+        return torch.rand(n, generator=generator)
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+
+
+def path_for(prediction: str, schedule: NoiseSchedule | FlowSchedule,
+             timestep_sampling: str = "uniform") -> NoiseSchedule | FlowSchedule:
+    """The path a model trains and samples along: a FlowSchedule for a rectified-flow model (prediction "flow",
+    whose file also carries an unused discrete table), else its own schedule."""
+    return FlowSchedule(timestep_sampling) if prediction == FLOW and not schedule.continuous else schedule
+
+
+def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", offset: int = 0,
+              start: int | None = None) -> torch.Tensor:
+    """The descending timesteps a `steps`-step sampler visits (the spacings of Lin et al. 2024, Table 2 [5],
+    as in diffusers' DDIM).
+
+    trailing   round(T - i T/steps) - 1: starts at T-1, the noisiest step   (default)
+    leading    i * (T // steps), reversed: ends at 0                        (Stable Diffusion's, less its +1)
+    linspace   round(linspace(0, T-1, steps)), reversed: both ends          (steps=1: T-1; diffusers: 0)
+
+    offset is added to every timestep (SD 1.5's scheduler config: "leading" with steps_offset=1, so 50 steps
+    visit 981, 961, ..., 1); the largest must stay below T.
+    start: the noisiest timestep (default T-1): the grid is laid over 0..start instead of 0..T-1, so sampling
+    can begin from a partly noised image (SDEdit's strength, image editing) or stop inverting there.
+    """
+    T = schedule.T
+    if start is not None:
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start < T:
+            raise ValueError(f"start, the first timestep, must be an int from 0 to T-1={T - 1}; got {start!r}")
+        T = int(start) + 1                       # the grid over 0..start
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
+        limit = f"T={T} (the schedule's length)" if start is None else f"start + 1 = {T}"
+        raise ValueError(f"steps must be an int from 1 to {limit}; got {steps!r}")
+    steps = int(steps)
+    i = torch.arange(steps, dtype=torch.float64)
+    if spacing == "trailing":
+        # numpy's arange(T, 0, -T/steps) computes T + i * ((T - T/steps) - T); the same rounding here
+        # keeps ties (x.5) going the same way as in diffusers.
+        ts = torch.round(T + i * ((T - T / steps) - T)) - 1
+    elif spacing == "leading":
+        ts = (i * (T // steps)).flip(0)
+    elif spacing == "linspace":
+        ts = i * ((T - 1) / (steps - 1)) if steps > 1 else i
+        ts[-1] = T - 1
+        ts = torch.round(ts).flip(0)
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {list(SPACINGS)}")
+    ts = ts.long()
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0 \
+            or ts.max() + offset >= schedule.T:
+        raise ValueError(f"offset must be an int >= 0 that keeps the largest timestep ({ts.max().item()}) below "
+                         f"T={schedule.T}; got {offset!r}")
+    return ts + int(offset)
 
 
 def _betas_from_alpha_bar(alpha_bar: Callable[[torch.Tensor], torch.Tensor], T: int,

@@ -51,9 +51,8 @@ from .finetune import FineTune
 from .forward import diffusion_loss
 from .lora import inject_lora, lora_layers, lora_parameters
 from .loop import FitConfig
-from .pipeline import generate, prompt_list, text_to_image
+from .pipeline import SamplerSettings, generate, prompt_list, text_to_image
 from .precision import gpu_autocast
-from .sampling import SamplerSettings
 from .schedules import NoiseSchedule, scaled_linear_schedule
 from .sd_convert import (load_diffusers_folder, load_network, load_original_file, text_config_from_transformers,
                          unet_config_from_diffusers, vae_config_from_diffusers)

@@ -8,8 +8,8 @@ One training step (Ho et al. 2020, Algorithm 1, with the prediction types of Sal
 With a learned schedule (course_lib.learned_schedule) t is continuous, u ~ U(0, 1), and the schedule's
 parameters are trained alongside to minimise the variance of the variational bound's estimate.
 
-The loss is course_lib.forward.diffusion_loss (the one objective); the step around it is the course's
-one loop, course_lib.loop.Fit: AdamW with linear warm-up, gradient clipping, EMA (decay ramped up as
+The loss is course_lib.forward.path_loss (the one objective, on the model's path); the step around it is
+the course's one loop, course_lib.loop.Fit: AdamW with linear warm-up, gradient clipping, EMA (decay ramped up as
 min(ema_decay, (1 + step) / (10 + step))), mixed precision (bf16 autocast where the GPU has it natively,
 compute capability >= 8.0, else fp16 autocast with a gradient scaler; float32 on CPU), the NaN and
 explosion guards, atomic verified checkpoints and exact resume. This module adds only what is the
@@ -25,10 +25,9 @@ Latent diffusion (`latents=True`): the data are a VAE's scaled latents (course_l
 bounded to [-1, 1]; the range check and the x0 clamp while sampling are then off. Nothing else changes:
 the trainer does not know whether it denoises pixels or latents.
 
-Rectified flow (`objective="flow"`, course_lib.flow; Stable Diffusion 3's objective): the same data, network,
-loop and random stream, with the straight path x_t = (1 - t) x0 + t eps, t in (0, 1) drawn "uniform" or
-"logit_normal" (`timestep_sampling`), and the velocity eps - x0 as the target; the network sees t * 1000.
-`sample` then integrates the flow's ODE (Euler or Heun) instead of running a diffusion sampler.
+Rectified flow (`objective="flow"`, course_lib.flow; SD 3's objective): the same data, network, loop, random
+stream, loss and samplers along course_lib.schedules.FlowSchedule: x_t = (1 - t) x0 + t eps, t in (0, 1) drawn
+"uniform" or "logit_normal" (`timestep_sampling`), the velocity eps - x0 as the target, t * 1000 for the network.
 
 All randomness of the training loop (data order, timesteps, noise, caption dropout) comes from one
 seeded CPU torch.Generator whose state is saved with the checkpoint.
@@ -52,16 +51,14 @@ import torch
 from torch import nn
 
 from .config import JSONConfig
-from .data import check_choice
-from .flow import SOLVERS, TIMESTEP_SAMPLING, flow_loss, model_velocity, sample_flow, sample_timesteps
+from .checks import check_choice
 from . import checkpoint as ckpt
 from . import distributed
-from .forward import (check_images, check_prediction, denoising_loss, diffusion_loss, predicted_x0_eps,
-                      snr_weight)
+from .forward import check_images, check_prediction, denoising_loss, path_loss, predicted_x0_eps, snr_weight
 from .learned_schedule import LearnedSchedule, schedule_loss_surrogate
 from .loop import (PRECISIONS, Batches, Fit, FitConfig, TrainingDiverged, autocast, ema_decay_at, ema_update,
                    fingerprint, lr_factor, resolve_precision)
-from .schedules import KINDS, NoiseSchedule, make_schedule
+from .schedules import FLOW, KINDS, TIMESTEP_SAMPLING, FlowSchedule, NoiseSchedule, make_schedule, path_for
 from .unet import UNet, UNetConfig
 
 SCHEDULES = KINDS + ("learned",)
@@ -95,10 +92,8 @@ class TrainConfig(JSONConfig):
 
     def __post_init__(self):
         check_prediction(self.prediction)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; valid are {', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; valid are {', '.join(PRECISIONS)}")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("precision", self.precision, PRECISIONS)
         for name in ("steps", "batch_size", "T"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
@@ -124,6 +119,12 @@ class TrainConfig(JSONConfig):
             if self.schedule == "learned":
                 raise ValueError("min_snr_gamma weights a fixed schedule's timesteps; the learned schedule "
                                  "weights its own (set min_snr_gamma=None)")
+
+    @property
+    def predicts(self) -> str:
+        """What the network outputs: config.prediction for the diffusion objective, "flow" (the straight path's
+        velocity) for rectified flow. The one place the objective picks a prediction (and with it the path)."""
+        return FLOW if self.objective == "flow" else self.prediction
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -225,9 +226,15 @@ class Trainer(Fit):
     # --- the schedule the samplers should use -------------------------------------------------------
     @property
     def schedule(self) -> NoiseSchedule:
+        """The discrete schedule (learned or fixed; a flow's file keeps this unused table too)."""
         if self.learned is not None:
             return self.learned.to_noise_schedule(self.config.T)
         return self.fixed_schedule
+
+    @property
+    def path(self) -> NoiseSchedule | FlowSchedule:
+        """What the model trains and samples along (course_lib.schedules): the schedule, or the flow's path."""
+        return path_for(self.config.predicts, self.schedule, self.config.timestep_sampling)
 
     @property
     def is_main(self) -> bool:
@@ -270,13 +277,11 @@ class Trainer(Fit):
         noise = torch.randn((B, *x0.shape[1:]), generator=self.generator)[mine].to(self.device)
         cond = () if cond is None else cond
         with autocast(self.precision, self.device):
-            if cfg.objective == "flow":             # t in (0, 1), drawn after the noise, as for diffusion
-                t = sample_timesteps(B, cfg.timestep_sampling, generator=self.generator)[mine].to(self.device)
-                return flow_loss(self.net, x0, t=t, noise=noise, cond=cond).loss, {}
-            if self.learned is None:
-                t = torch.randint(0, cfg.T, (B,), generator=self.generator)[mine].to(self.device)
-                terms = diffusion_loss(self.net, self.fixed_schedule, x0, prediction=cfg.prediction, t=t,
-                                       noise=noise, cond=cond, min_snr_gamma=cfg.min_snr_gamma)
+            if self.learned is None:                # t drawn after the noise, from the path (course_lib.schedules)
+                path = self.path
+                t = path.draw_times(B, self.generator)[mine].to(self.device)
+                terms = path_loss(self.net, path, x0, prediction=cfg.predicts, t=t, noise=noise, cond=cond,
+                                  min_snr_gamma=cfg.min_snr_gamma)
                 return terms.loss, {}
             u = torch.rand(B, generator=self.generator)[mine].to(self.device)
             gamma, slope = self.learned.gamma_and_slope(u)
@@ -356,8 +361,8 @@ class Trainer(Fit):
                use_ema: bool = True, guidance_scale: float = 3.0) -> torch.Tensor:
         """n images (or latents) from the EMA (or raw) weights, with a fixed seed so grids are comparable
         over training. A conditional model is given the captions of the first n training images, with
-        classifier-free guidance at `guidance_scale`. sampler: one of course_lib.sampling.SAMPLERS for the
-        diffusion objective (default "ddim"), of course_lib.flow.SOLVERS for the flow (default "euler")."""
+        classifier-free guidance at `guidance_scale`. sampler: one of course_lib.sampling.SAMPLERS (default
+        "ddim"; on a flow's path that is Euler's step, and "heun" is on offer)."""
         from .sampling import GuidedModel, sample  # imported here: sampling does not depend on training
 
         net = self.ema_model if use_ema else self.model
@@ -374,13 +379,8 @@ class Trainer(Fit):
         shape = (n, cfg.in_channels, self.images.shape[2], self.images.shape[3])
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x_T = torch.randn(shape, generator=gen).to(self.device)
-        if self.config.objective == "flow":
-            check_choice("flow solver", sampler or "euler", SOLVERS)
-            out = sample_flow(model_velocity(model), x_T, steps, sampler or "euler")
-            out = out if self.config.latents else out.clamp(-1, 1)
-        else:
-            out = sample(model, self.schedule, shape, sampler=sampler or "ddim", steps=steps, x_T=x_T, generator=gen,
-                         prediction=self.config.prediction, device=self.device, clip_x0=not self.config.latents)
+        out = sample(model, self.path, shape, sampler=sampler or "ddim", steps=steps, x_T=x_T, generator=gen,
+                     prediction=self.config.predicts, device=self.device, clip_x0=not self.config.latents)
         net.train(was_training)
         return out.float().cpu()
 
@@ -430,9 +430,8 @@ class Trainer(Fit):
         if self.is_main:                                    # under DDP: rank 0 writes, the others wait
             if not overwrite and (kept := ckpt.keep_earlier(path)) is not None:
                 print(f"{path} existed; the earlier model file is kept as {kept}")
-            prediction = "flow" if self.config.objective == "flow" else self.config.prediction
             ckpt.save_model(path, self.ema_model if use_ema else self.model, schedule=self.schedule,
-                            prediction=prediction, info=details)
+                            prediction=self.config.predicts, info=details)
         distributed.barrier()
         return Path(path)
 

@@ -10,6 +10,7 @@ import torch
 
 from course_lib import flow
 from course_lib.forward import vp_mix
+from course_lib.schedules import FlowSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,8 +182,11 @@ def test_the_trainer_trains_a_flow_and_samples_it_with_the_flows_solvers():
     torch.testing.assert_close(euler, flow.sample_flow(model, x_T, 3, "euler"))
     torch.testing.assert_close(trainer.sample(4, steps=3, seed=1, sampler="heun"),
                                flow.sample_flow(model, x_T, 3, "heun"))
-    with pytest.raises(ValueError, match=r"unknown flow solver 'ddim'; choose from \['euler', 'heun'\]"):
-        trainer.sample(2, steps=2, sampler="ddim")
+    # DDIM's step (eta 0) on the flow's path is Euler's: the same samples, through the one sampling path
+    torch.testing.assert_close(trainer.sample(4, steps=3, seed=1, sampler="ddim"), euler)
+    assert torch.isfinite(trainer.sample(2, steps=3, sampler="dpm++2m")).all()
+    with pytest.raises(ValueError, match=r"unknown sampler 'rk4'; choose from"):
+        trainer.sample(2, steps=2, sampler="rk4")
 
 
 def test_flow_settings_that_mean_nothing_are_refused():
@@ -224,23 +228,25 @@ def test_a_flow_text_to_image_pipeline_integrates_the_guided_velocity(tiny_pipe)
 
     p = tiny_pipe
     pipe = TextToImage(p.unet, p.schedule, p.clip, p.tokenizer, p.vae, p.scale_factor, prediction="flow")
-    assert pipe.sampler_settings.sampler == "euler"                     # the flow's default, not DDIM
+    assert isinstance(pipe.schedule, FlowSchedule)                      # sampled along the flow's own path
     prompts = ["red heart", "pizza"]
-    for solver, steps in (("euler", 3), ("heun", 2)):
+    for solver, steps in (("euler", 3), ("heun", 2), ("ddim", 3)):      # DDIM's step on the flow is Euler's
         z = pipe(prompts, seed=5, steps=steps, guidance_scale=2.5, sampler=solver, return_latents=True)
         c, m = pipe.encode(prompts)
         null, null_mask = pipe.encode(["", ""])
         model = GuidedModel(pipe.unet, c, m, null, null_mask, 2.5)
-        expected = flow.sample_flow(flow.model_velocity(model), start_latents(pipe.latent_shape, 2, 5), steps, solver)
+        expected = flow.sample_flow(flow.model_velocity(model), start_latents(pipe.latent_shape, 2, 5), steps,
+                                    "euler" if solver == "ddim" else solver)
         torch.testing.assert_close(z, expected)
     images = pipe(prompts, seed=5, steps=2)
     assert images.shape == (2, 3, *[p.vae.config.image_size] * 2) and torch.isfinite(images).all()
-    with pytest.raises(ValueError, match="rectified-flow model samples from pure noise with one of euler, heun"):
-        pipe(prompts, sampler="ddim")
-    with pytest.raises(ValueError, match="integrates a rectified-flow model; this model predicts 'epsilon'"):
+    with pytest.raises(ValueError, match="integrates the ODE in a continuous path's own time"):
         tiny_pipe(prompts, sampler="euler", steps=2)
-    with pytest.raises(ValueError, match="does not fine-tune"):
-        pipe.denoising_loss(torch.zeros(1, *pipe.latent_shape), c[:1], m[:1], torch.Generator())
+    # the fine-tuning loss is the flow's own objective on the flow's path
+    z0 = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(3))
+    loss = pipe.denoising_loss(z0, c, m, torch.Generator().manual_seed(4))
+    expected = flow.flow_loss(pipe.unet, z0, generator=torch.Generator().manual_seed(4), cond=(c, m)).loss
+    torch.testing.assert_close(loss, expected)
 
 
 def test_sample_flow_refuses_nan_noise():

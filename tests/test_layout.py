@@ -69,3 +69,62 @@ def test_readme_and_docstring_list_every_module():
     assert table == set(MODULES), f"README table: missing {set(MODULES) - table}, extra {table - set(MODULES)}"
     listed = set(re.findall(r"^    (\w+)\s", course_lib.__doc__, re.M))
     assert set(MODULES) <= listed, f"course_lib's docstring misses {set(MODULES) - listed}"
+
+
+# --- one sampling path: the objective is named in a few places only ------------------------------------------
+# Which objective trained a model (DDPM's predictions or rectified flow's velocity) may be asked in the one place
+# that converts a prediction (course_lib.forward), where a prediction picks its path (course_lib.schedules), and
+# in the training config that names the objective. Samplers, pipelines, editing and the trainer never branch on it.
+OBJECTIVE_QUESTIONS = {("forward", "x0_eps_from"), ("forward", "target_of"), ("schedules", "path_for"),
+                       ("train", "TrainConfig.__post_init__"), ("train", "TrainConfig.predicts")}
+
+
+def _asks_the_objective(node: ast.AST) -> bool:
+    """A comparison with "flow", FLOW or an `.objective`."""
+    if not isinstance(node, ast.Compare):
+        return False
+    for side in [node.left, *node.comparators]:
+        if isinstance(side, ast.Constant) and side.value == "flow" or isinstance(side, ast.Name) and side.id == "FLOW" \
+                or isinstance(side, ast.Attribute) and side.attr == "objective":
+            return True
+    return False
+
+
+def objective_questions(source: str, module: str) -> set[tuple[str, str]]:
+    """(module, enclosing Class.function) of every comparison that asks which objective a model has."""
+    found = set()
+
+    def walk(node, scope):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                walk(child, f"{scope}.{child.name}" if scope else child.name)
+            else:
+                if _asks_the_objective(child):
+                    found.add((module, scope or "<module>"))
+                walk(child, scope)
+    walk(ast.parse(source), "")
+    return found
+
+
+def test_the_objective_is_asked_only_where_predictions_are_converted():
+    asked = set().union(*(objective_questions((LIB / f"{m}.py").read_text(), m) for m in MODULES))
+    assert asked <= OBJECTIVE_QUESTIONS, f"branches on the objective outside the conversion point: " \
+                                         f"{sorted(asked - OBJECTIVE_QUESTIONS)}"
+
+
+def test_the_objective_check_catches_a_branch():
+    branch = "def sample(model, prediction):\n    if prediction == 'flow':\n        return 1\n"
+    assert objective_questions(branch, "sampling") == {("sampling", "sample")}
+    assert not objective_questions("def f(p):\n    return p == 'v'\n", "sampling")
+
+
+def private_imports(module: str) -> set[str]:
+    """Names starting with _ that `module` imports from another course_lib module."""
+    tree = ast.parse((LIB / f"{module}.py").read_text())
+    return {f"{node.module}.{a.name}" for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 for a in node.names if a.name.startswith("_")}
+
+
+def test_no_module_imports_another_ones_private_names():
+    found = {m: names for m in MODULES if (names := private_imports(m))}
+    assert not found, f"private names imported across modules (make them public): {found}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from course_lib import sampling
+from course_lib import pipeline, sampling
 from course_lib.forward import PREDICTIONS, prediction_target
 from course_lib.schedules import make_schedule, schedule_from_betas
 
@@ -430,14 +430,16 @@ S100 = make_schedule("linear", 100)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sampler="euler"), r"unknown sampler 'euler'; choose from \['ddpm', 'ddim', 'dpm\+\+2m'\]"),
+    (dict(sampler="lms"), r"unknown sampler 'lms'; choose from \['ddpm', 'ddim', 'dpm\+\+2m', 'euler', 'heun'\]"),
+    (dict(sampler="euler"), r"sampler 'euler' integrates the ODE in a continuous path's own time"),
     (dict(steps=0), r"steps must be an int from 1 to T=100"),
     (dict(steps=101), r"steps must be an int from 1 to T=100"),
     (dict(steps=2.5), r"steps must be an int"),
     (dict(spacing="uniform"), r"unknown timestep spacing 'uniform'; choose from \['trailing', 'leading', 'linspace'\]"),
     (dict(eta=-0.1), r"eta must be a number in \[0, 1\]"),
     (dict(sampler="ddpm", eta=0.5), r"eta applies to the 'ddim' sampler only"),
-    (dict(prediction="noise"), r"unknown prediction type 'noise'; valid are epsilon, x0, v"),
+    (dict(prediction="noise"), r"unknown prediction type 'noise'; choose from \['epsilon', 'x0', 'v', 'flow'\]"),
+    (dict(prediction="flow"), r"a model predicting 'flow' cannot be sampled along NoiseSchedule"),
     (dict(x_T=torch.zeros(1, 3, 4, 4)), r"x_T has shape \(1, 3, 4, 4\) but shape is \(2, 3, 4, 4\)"),
 ])
 def test_bad_options_raise_clear_errors(kwargs, match):
@@ -459,17 +461,17 @@ def test_bad_shapes_and_models_raise_clear_errors():
 # --- SamplerSettings: a pipeline's sampler as one value -------------------------------------------------
 
 def test_sampler_settings_give_sample_its_keywords():
-    settings = sampling.SamplerSettings(sampler="ddim", steps=6, spacing="leading", offset=1, final_t=0)
+    settings = pipeline.SamplerSettings(sampler="ddim", steps=6, spacing="leading", offset=1, final_t=0)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     expected = sampling.sample(fake_model, S100, SHAPE, sampler="ddim", steps=6, spacing="leading", offset=1,
                                final_t=0, x_T=x_T)
     assert torch.equal(sampling.sample(fake_model, S100, SHAPE, **settings.options(), x_T=x_T), expected)
     assert "guidance_scale" not in settings.options() and "guidance_rescale" not in settings.options()
-    assert sampling.TINY_SD_SAMPLER == sampling.SamplerSettings(sampler="ddim", steps=20, guidance_scale=4.0)
+    assert pipeline.TINY_SD_SAMPLER == pipeline.SamplerSettings(sampler="ddim", steps=20, guidance_scale=4.0)
 
 
 def test_sampler_settings_replace_keeps_fields_given_as_none():
-    base = sampling.SamplerSettings(steps=20, guidance_scale=4.0)
+    base = pipeline.SamplerSettings(steps=20, guidance_scale=4.0)
     changed = base.replace(steps=5, guidance_scale=None, sampler=None)
     assert (changed.steps, changed.guidance_scale, changed.sampler) == (5, 4.0, "ddim")
     assert base.steps == 20                                   # frozen: the preset itself never changes
@@ -480,8 +482,7 @@ def test_sampler_settings_replace_keeps_fields_given_as_none():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sampler="lms"), r"unknown sampler 'lms'; valid are ddpm, ddim, dpm\+\+2m \(a diffusion model's\) "
-                          r"and euler, heun \(a rectified-flow model's\)"),
+    (dict(sampler="lms"), r"unknown sampler 'lms'; choose from \['ddpm', 'ddim', 'dpm\+\+2m', 'euler', 'heun'\]"),
     (dict(steps=0), r"steps must be an integer from 1 to the schedule's length T; got 0"),
     (dict(steps=2.5), r"steps must be an integer from 1"),
     (dict(steps=True), r"steps must be an integer from 1"),
@@ -498,7 +499,7 @@ def test_sampler_settings_replace_keeps_fields_given_as_none():
 ])
 def test_bad_sampler_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        sampling.SamplerSettings(**kwargs)
+        pipeline.SamplerSettings(**kwargs)
 
 
 def test_sample_forwards_every_keyword_to_reverse_process():

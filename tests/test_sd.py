@@ -308,7 +308,7 @@ def test_sd_generation_shares_the_tiny_pipelines_checks_and_batching():
         model([], steps=2)
     with pytest.raises(TypeError, match="every prompt must be a string"):
         model(["a fox", 3], steps=2)
-    with pytest.raises(ValueError, match="steps must be an integer from 1 to 1000"):
+    with pytest.raises(ValueError, match=r"steps must be an int from 1 to T=1000"):
         model("a fox", steps=1001)
     with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 8, 8\)"):
         model(["a", "b"], steps=2, latents=torch.zeros(1, 4, 8, 8))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from course_lib.forward import q_sample
-from course_lib.sampling import SamplerSettings, ddim_invert, sample, timesteps
+from course_lib.pipeline import SamplerSettings
+from course_lib.sampling import ddim_invert, sample, timesteps
 from course_lib.schedules import cosine_schedule, linear_schedule, make_schedule
 
 SCHEDULE = linear_schedule(1000)
