@@ -5,17 +5,19 @@ One module per course concept, in the order the notebooks introduce them:
     checks      checks every module shares (has_values: a fake tensor's values are not read)
     data        emoji and photos, loaded offline as tensors in [-1, 1]
     config      the JSON round trip every config dataclass shares
-    schedules   noise schedules (linear, scaled-linear, cosine, sigmoid), their tables, zero terminal SNR
+    schedules   noise schedules (linear, scaled-linear, cosine, sigmoid), zero terminal SNR, and rectified
+                flow's straight path: the paths every sampler walks
     forward     the forward process (one Markov step, the closed form, the posterior) and the one objective
     attention   self-attention, cross-attention to text, SD's transformer block
     unet        the U-Net: time embedding, ResBlock, down/up sampling, presets
-    checkpoint  safetensors files written atomically and verified; compact float16 model files
+    checkpoint  safetensors files written atomically and verified; knows no model
+    unet_file   the U-Net's model file: float16 weights, config, schedule and prediction
     precision   mixed precision: which a device gets, the autocast that applies it
     loop        the one fitting loop: optimizer step, precision, guards, EMA, budget, checkpoints, resume
     learned_schedule  a noise schedule learned with the denoiser (Variational Diffusion Models)
     train       the diffusion Trainer: its data, objective settings and sampling grids, on the loop
     guidance    classifier-free guidance around any conditional U-Net
-    sampling    DDPM, DDIM and DPM-Solver++ 2M samplers, the reverse process step by step, inversion
+    sampling    one sampling path for every objective: DDPM, DDIM, DPM-Solver++ 2M, Euler, Heun, inversion
     feature_net the frozen emoji classifier whose features FID, KID and memorisation use
     metrics     FID/KID and precision/recall in that feature space, the real-vs-real floor, PSNR, memorisation,
                 subject fidelity

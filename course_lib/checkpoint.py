@@ -18,8 +18,9 @@ write over another run's checkpoint, and `Trainer.export` before it would replac
 Two kinds of file:
     training checkpoint   everything needed to continue exactly (weights, EMA weights, optimizer
                           moments, random-number states, data order), float32; see course_lib.train
-    model file            the EMA weights in float16 plus the U-Net config and how it was trained;
-                          small enough to ship in the repository (`save_model`, `load_model`)
+    model file            a model's weights in float16 plus its config and how it was trained; small
+                          enough to ship in the repository (each model's own module writes and reads
+                          its kind: course_lib.unet_file for the U-Net, course_lib.vae, course_lib.clip)
 
 Safetensors stores tensors plus a flat str -> str metadata dict; anything that is not a tensor
 (configs, step counts) goes into the metadata as JSON. Nothing is unpickled, so loading a file from
@@ -29,7 +30,6 @@ elsewhere cannot run code.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -38,8 +38,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .schedules import NoiseSchedule, schedule_from_alphas_cumprod
-from .unet import UNet, UNetConfig
 
 
 CHECKPOINTS_ENV = "COURSE_CHECKPOINTS"
@@ -201,37 +199,6 @@ def read_format(path: str | os.PathLike, expected: str, what: str) -> tuple[dict
     return tensors, metadata
 
 
-def save_model(path: str | os.PathLike, model: UNet, *, schedule: NoiseSchedule, prediction: str,
-               info: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a model file: weights (float16 by default), U-Net config, schedule and prediction type.
-
-    The schedule is stored as its alpha-bar table, so a learned schedule ships the same way as a fixed one."""
-    tensors = compact_state(model, "model.", dtype)
-    tensors["schedule.alphas_cumprod"] = schedule.alphas_cumprod.clone()
-    metadata = {"format": "course_lib.model/1", "unet_config": model.config.to_json(),
-                "prediction": prediction, "schedule_name": schedule.name, "info": json.dumps(info or {})}
-    return atomic_save(tensors, path, metadata)
-
-
-def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
-               ) -> tuple[UNet, NoiseSchedule, dict]:
-    """(model in float32 eval mode, its schedule, info dict with 'prediction' and training details)."""
-    tensors, metadata = read_format(path, "course_lib.model/1", "model")
-    model = UNet(UNetConfig.from_json(metadata["unet_config"]))
-    state = {k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    name = metadata.get("schedule_name", "custom")
-    table = tensors["schedule.alphas_cumprod"].double()
-    schedule = schedule_from_alphas_cumprod(table)
-    schedule.name = name
-    info = json.loads(metadata.get("info", "{}"))
-    info["prediction"] = metadata["prediction"]
-    model.eval().requires_grad_(False)
-    if device is not None:
-        model.to(device)
-    return model, schedule, info
-
-
 # --- Model cards: blocks that other scripts write into them ----------------------------------------------
 
 def _markers(name: str) -> tuple[str, str]:
@@ -264,5 +231,5 @@ def replace_card_section(card: str, name: str, body: str) -> str:
 
 
 __all__ = ["checkpoints_dir", "shipped", "CHECKSUM_KEY", "ADD_CHECKSUM_COMMAND", "CorruptCheckpoint", "checksum",
-           "remove_stale_temporaries", "keep_earlier", "atomic_save", "read", "compact_state", "read_format", "save_model",
-           "load_model", "card_section", "replace_card_section"]
+           "remove_stale_temporaries", "keep_earlier", "atomic_save", "read", "compact_state", "read_format",
+           "card_section", "replace_card_section"]

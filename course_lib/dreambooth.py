@@ -39,7 +39,7 @@ from torch import nn
 from . import lora as lora_lib
 from .clip import MiniCLIP
 from .data import TONES, load_emoji  # TONES: the six tone modifiers, "" the default yellow
-from .finetune import CaptionedFineTune, FineTune
+from .finetune import CaptionedFineTune, FineTune, captioned_loss, draw
 from .pipeline import TextToImage
 from .tokenizer import Tokenizer
 from .vae import encode_latents
@@ -146,15 +146,15 @@ def dreambooth_loss(unet: nn.Module, pipe: TextToImage, subject: tuple[torch.Ten
                     prior: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, prior_weight: float,
                     generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """([1], Eq. 2): L = L_subject + prior_weight * L_prior, each the mean denoising loss of its half of
-    the batch: pipe.denoising_loss with `unet` (the copy being fine-tuned). subject and prior are (latents,
+    the batch: course_lib.finetune.captioned_loss with `unet` (the copy being fine-tuned). subject and prior are (latents,
     context, mask). Returns (L, {"subject": .., "prior": ..})."""
     z, c, m = subject
     if prior is None or prior_weight == 0:
-        loss = pipe.denoising_loss(z, c, m, generator, unet=unet)
+        loss = captioned_loss(pipe, z, c, m, generator, unet=unet)
         return loss, {"subject": loss.item(), "prior": 0.0}
     zp, cp, mp = prior
     # one forward pass for both halves, then split: the same numbers as two passes
-    per_sample = pipe.denoising_loss(torch.cat([z, zp]), torch.cat([c, cp]), torch.cat([m, mp]), generator,
+    per_sample = captioned_loss(pipe, torch.cat([z, zp]), torch.cat([c, cp]), torch.cat([m, mp]), generator,
                                      unet=unet, reduce=False)
     subject_loss, prior_loss = per_sample[:len(z)].mean(), per_sample[len(z):].mean()
     return subject_loss + prior_weight * prior_loss, {"subject": subject_loss.item(), "prior": prior_loss.item()}
@@ -222,10 +222,10 @@ class DreamBoothFit(CaptionedFineTune):
 
     def loss(self) -> tuple[torch.Tensor, dict]:
         g = self.generator
-        i = torch.randint(0, len(self.z), (self.batch_size,), generator=g)          # subject images, with repeats
+        i = draw(len(self.z), self.batch_size, g)                                   # subject images, with repeats
         batch_prior = None
         if self.prior is not None:
-            j = torch.randint(0, len(self.prior[0]), (self.batch_size,), generator=g)
+            j = draw(len(self.prior[0]), self.batch_size, g)
             batch_prior = tuple(x[j] for x in self.prior)
         return dreambooth_loss(self.unet, self.pipe, (self.z[i], self.context[i], self.mask[i]), batch_prior,
                                self.prior_weight, g)

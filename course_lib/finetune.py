@@ -1,6 +1,6 @@
 r"""Fine-tuning part of a model through the course's one loop (course_lib.loop.Fit): notebooks 10-12.
 
-LoRA and full fine-tuning (course_lib.lora.fine_tune), DreamBooth (course_lib.dreambooth), LiDB, the
+LoRA and full fine-tuning (`fine_tune`; course_lib.lora.fit_lora), DreamBooth (course_lib.dreambooth), LiDB, the
 hypernetwork and rank-relaxed fast fine-tuning (course_lib.hyperdreambooth) are each a small FineTune:
 they give their loss, their parameters and what a resumed run must share with them (run_info); the loop
 gives the optimizer step, clipping, the NaN guard, EMA, the time budget, progress, checkpoints and exact
@@ -11,8 +11,13 @@ resume. FineTune adds what every fine-tuning run needs around the loop:
     finish     however the run stops (its last step, an error, KeyboardInterrupt), the model goes back to
                eval mode, the EMA (if kept) goes into the trained parameters, and no gradients are held
 
-`CaptionedFineTune` is the denoising loss on captioned latents (with caption dropout for guidance), the
-loss of LoRA, full fine-tuning and fast fine-tuning; DreamBooth extends it with the prior images.
+The recipe every fine-tuner shares, written once here:
+    draw            a batch of indices drawn with repeats (a fine-tuning set is a few images: no epochs)
+    captioned_loss  the pipeline's objective (course_lib.forward.path_loss on its path and prediction) on
+                    captioned latents, with any U-Net (a copy being tuned, or one with adapters)
+    caption dropout course_lib.guidance.drop_captions, as the Trainer drops them
+`CaptionedFineTune` is that loss on captioned latents with caption dropout, the loss of LoRA, full
+fine-tuning and fast fine-tuning (`fine_tune` runs it); DreamBooth extends it with the prior images.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from .forward import path_loss
+from .guidance import drop_captions
 from .loop import Fit, FitConfig, fingerprint
+from .vae import encode_latents
 
 if TYPE_CHECKING:
     from .pipeline import TextToImage
@@ -32,7 +40,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class FineTuneLog:
-    """What `course_lib.lora.fine_tune` did (a resumed run counts its earlier steps too)."""
+    """What `fine_tune` did (a resumed run counts its earlier steps too)."""
     losses: list[float]
     seconds: float
     steps: int
@@ -51,6 +59,21 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 if torch.is_tensor(v) and v.ndim > 0:
                     total += v.numel() * v.element_size()
     return total
+
+
+def draw(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """batch_size indices into n items, drawn uniformly with repeats from `generator` (on the CPU)."""
+    return torch.randint(0, n, (batch_size,), generator=generator)
+
+
+def captioned_loss(pipe: "TextToImage", z0: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+                   generator: torch.Generator, unet: nn.Module | None = None, reduce: bool = True) -> torch.Tensor:
+    """The pipeline's training objective on scaled latents z0 with text states (context, mask): path_loss along
+    pipe.schedule with pipe.prediction (eps, x0, v, or a rectified flow's velocity), t then fresh noise from
+    `generator`. `unet` defaults to the pipeline's (pass a copy being fine-tuned). reduce=False: (B,) per sample."""
+    terms = path_loss(pipe.unet if unet is None else unet, pipe.schedule, z0, prediction=pipe.prediction,
+                      generator=generator, cond=(context, mask))
+    return terms.loss if reduce else terms.per_sample
 
 
 class FineTune(Fit):
@@ -109,8 +132,8 @@ class FineTune(Fit):
 class CaptionedFineTune(FineTune):
     """The denoising loss on captioned latents z (N, C, h, w): a batch of `batch_size` drawn with repeats, a share
     caption_dropout of whose text states become the empty prompt's `null` (None: no dropout, nothing drawn for it),
-    then pipe.denoising_loss with `unet`. AdamW on `params` without weight decay, gradients clipped to norm 1.
-    info: more settings a resumed run must share (fine_tune records the LoRA layers' rank, alpha and scale)."""
+    then `captioned_loss` with `unet`. AdamW on `params` without weight decay, gradients clipped to norm 1.
+    info: more settings a resumed run must share (lora.fit_lora records the LoRA layers' rank, alpha and scale)."""
 
     def __init__(self, pipe: "TextToImage", unet: nn.Module, params: list[nn.Parameter], z: torch.Tensor,
                  context: torch.Tensor, mask: torch.Tensor, *, steps: int, lr: float, batch_size: int,
@@ -123,13 +146,12 @@ class CaptionedFineTune(FineTune):
 
     def loss(self) -> torch.Tensor:
         g = self.generator
-        i = torch.randint(0, len(self.z), (self.batch_size,), generator=g)
+        i = draw(len(self.z), self.batch_size, g)
         c, m = self.context[i], self.mask[i]
         if self.null is not None:
             drop = (torch.rand(self.batch_size, generator=g) < self.caption_dropout).to(c.device)
-            c = torch.where(drop[:, None, None], self.null[0], c)
-            m = torch.where(drop[:, None], self.null[1], m)
-        return self.pipe.denoising_loss(self.z[i], c, m, g, unet=self.unet)
+            c, m = drop_captions(c, m, drop, *self.null)
+        return captioned_loss(self.pipe, self.z[i], c, m, g, unet=self.unet)
 
     def fixed_tensors(self) -> list[torch.Tensor]:
         trained = {id(p) for p in self.params}
@@ -141,4 +163,33 @@ class CaptionedFineTune(FineTune):
                 "caption_dropout": self.caption_dropout if self.null is not None else None, **self.info}
 
 
-__all__ = ["FineTuneLog", "optimizer_state_bytes", "FineTune", "CaptionedFineTune"]
+def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], params: list[nn.Parameter], *,
+              unet: nn.Module | None = None, steps: int = 1000, batch_size: int = 32, lr: float = 1e-3,
+              caption_dropout: float = 0.1, seed: int = 0, max_seconds: float | None = None,
+              ema: float | None = None, progress: bool = False, checkpoint_path: str | Path | None = None,
+              checkpoint_every: int = 100, resume: bool = True, callback: Callable[[FineTune], None] | None = None,
+              info: dict | None = None) -> FineTuneLog:
+    """Train `params` (a LoRA's, or all of a U-Net's) with the pipeline's objective on images (N, 3, H, W) in
+    [-1, 1] with their captions; a share caption_dropout of captions becomes "" so guidance keeps working.
+    Stops after `steps` or `max_seconds`, whichever comes first (`CaptionedFineTune`).
+
+    ema: keep an exponential moving average of `params` (decay ramped up: course_lib.loop.ema_decay_at) and put
+    it into `params` at the end, as the base model's own training did; None keeps the last step's values.
+    checkpoint_path: written every checkpoint_every steps and at the end; with resume, a run finds it and
+    continues exactly where it stopped (a checkpoint of another run, other lr, data or seed, is refused).
+    info: settings a resumed run must also share (course_lib.lora.fit_lora gives the adapters' rank and alpha).
+    However the run stops, the U-Net is left in eval mode with the EMA in `params`."""
+    unet = pipe.unet if unet is None else unet
+    if len(images) != len(captions) or len(images) == 0:
+        raise ValueError(f"need one caption per image and at least one image; got {len(images)} and {len(captions)}")
+    z = encode_latents(pipe.vae, images, pipe.scale_factor, device=pipe.device).to(pipe.device)
+    c, m = pipe.encode(list(captions))
+    run = CaptionedFineTune(pipe, unet, params, z, c, m, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                            ema=ema, caption_dropout=caption_dropout, null=pipe.encode([""]), info=info)
+    run.run(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
+            max_seconds=max_seconds, progress=progress, callback=callback)
+    return FineTuneLog(run.history["loss"], run.seconds, run.step, sum(p.numel() for p in params), run.state_bytes)
+
+
+__all__ = ["FineTuneLog", "optimizer_state_bytes", "draw", "captioned_loss", "FineTune", "CaptionedFineTune",
+           "fine_tune"]

@@ -66,6 +66,15 @@ def check_rescale(rescale: float, name: str = "the guidance rescale phi") -> Non
                          f"got {rescale!r}")
 
 
+def drop_captions(context: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor, null_context: torch.Tensor,
+                  null_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guidance's training half (Ho & Salimans 2022): where `drop` (B,) is True, the empty prompt's states and mask
+    replace a caption's, so the same network learns eps(x_t, t, "") that guidance needs when sampling. Every
+    training recipe (the Trainer, the fine-tuners) drops captions through this."""
+    context = torch.where(drop[:, None, None], null_context.to(context.dtype), context)
+    return context, torch.where(drop[:, None], null_mask, mask)
+
+
 def _check_context(context: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
     if not isinstance(context, torch.Tensor) or context.ndim != 3 or not context.is_floating_point():
         raise ValueError(f"{what} must be a float tensor of text states (B, L, D) or (1, L, D); got "

@@ -41,7 +41,7 @@ from . import lora as lora_lib
 from .attention import TransformerBlock
 from .clip import ImageEncoder, ImageEncoderConfig
 from .dreambooth import IDENTIFIER, Subject, TONES, add_identifier, personalised_pipeline
-from .finetune import CaptionedFineTune, FineTune
+from .finetune import CaptionedFineTune, FineTune, captioned_loss, draw
 # LiDB itself is course_lib.lidb's; its names stay reachable here too (hd.LiDB in notebook 12 and the tests)
 from .lidb import LiDB, LiDBConfig, LiDBLayer, lidb_numbers, semi_orthogonal
 from .loop import FitConfig
@@ -125,9 +125,9 @@ class LiDBFit(FineTune):
 
     def loss(self) -> torch.Tensor:
         d, g = self.data, self.generator
-        i = torch.randint(0, len(d.latents), (self.batch_size,), generator=g)
+        i = draw(len(d.latents), self.batch_size, g)
         self.lidb.set(self.table(d.subject[i]).view(len(i), *self.lidb.shape).to(self.pipe.device))
-        return self.pipe.denoising_loss(d.latents[i], d.context[i], d.mask[i], g, unet=self.lidb.unet)
+        return captioned_loss(self.pipe, d.latents[i], d.context[i], d.mask[i], g, unet=self.lidb.unet)
 
     def fixed_tensors(self) -> list[torch.Tensor]:
         return [*_fixed(self.lidb, self.data), self.start]
@@ -256,10 +256,10 @@ class HyperFit(FineTune):
 
     def loss(self) -> tuple[torch.Tensor, dict]:
         d, g = self.data, self.generator
-        i = torch.randint(0, len(d.latents), (self.batch_size,), generator=g)
+        i = draw(len(d.latents), self.batch_size, g)
         w = self.hyper(d.images[i].to(self.pipe.device), self.start)
         self.lidb.set(w)
-        diffusion = self.pipe.denoising_loss(d.latents[i], d.context[i], d.mask[i], g, unet=self.lidb.unet)
+        diffusion = captioned_loss(self.pipe, d.latents[i], d.context[i], d.mask[i], g, unet=self.lidb.unet)
         weight = (w - self.targets[d.subject[i]].to(w.device)).pow(2).mean()
         return diffusion + self.weight_loss * weight, {"diffusion": diffusion.item(), "weight": weight.item()}
 

@@ -21,7 +21,7 @@ fixed (it is baked into W): changing it is refused until the layer is unmerged.
 A rank above min(in, out) (min(in k_h k_w, out) for a conv) adds numbers but no expressiveness, since
 B A cannot have a higher rank than that; it is refused.
 
-Fine-tuning (`fine_tune`, `fit_lora`) runs through the course's one loop (course_lib.finetune), so it
+Fine-tuning (`fit_lora`: inject, then course_lib.finetune.fine_tune) runs through the course's one loop, so it
 gets the same clipping, NaN guard, EMA, time budget, checkpoints and exact resume as the base model's
 training.
 
@@ -40,16 +40,15 @@ import fnmatch
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .finetune import CaptionedFineTune, FineTune, FineTuneLog, optimizer_state_bytes  # noqa: F401 (lora.*)
+from .finetune import FineTuneLog, fine_tune
 from .forward import check_images
-from .vae import encode_latents
 
 if TYPE_CHECKING:
     from .pipeline import TextToImage
@@ -332,46 +331,19 @@ def lora_numbers_formula(layer: nn.Linear | nn.Conv2d, rank: int) -> int:
     return rank * (layer.in_channels * kh * kw + layer.out_channels)
 
 
-# --- Fine-tuning (the loop and its FineTune are course_lib.finetune's) ---------------------------------------
-
-def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], params: list[nn.Parameter], *,
-              unet: nn.Module | None = None, steps: int = 1000, batch_size: int = 32, lr: float = 1e-3,
-              caption_dropout: float = 0.1, seed: int = 0, max_seconds: float | None = None,
-              ema: float | None = None, progress: bool = False, checkpoint_path: str | Path | None = None,
-              checkpoint_every: int = 100, resume: bool = True,
-              callback: Callable[[FineTune], None] | None = None) -> FineTuneLog:
-    """Train `params` (a LoRA's, or all of a U-Net's) with the denoising loss on images (N, 3, H, W) in [-1, 1]
-    with their captions; a fraction caption_dropout of captions becomes "" so guidance keeps working.
-    Stops after `steps` or `max_seconds`, whichever comes first (course_lib.finetune.CaptionedFineTune).
-
-    ema: keep an exponential moving average of `params` (decay ramped up: course_lib.loop.ema_decay_at) and put
-    it into `params` at the end, as the base model's own training did; None keeps the last step's values.
-    checkpoint_path: written every checkpoint_every steps and at the end; with resume, a run finds it and
-    continues exactly where it stopped (a checkpoint of another run, other lr, data or seed, is refused).
-    However the run stops, the U-Net is left in eval mode with the EMA in `params`."""
-    unet = pipe.unet if unet is None else unet
-    if len(images) != len(captions) or len(images) == 0:
-        raise ValueError(f"need one caption per image and at least one image; got {len(images)} and {len(captions)}")
-    z = encode_latents(pipe.vae, images, pipe.scale_factor, device=pipe.device).to(pipe.device)
-    c, m = pipe.encode(list(captions))
-    adapters = sorted({(layer.rank, layer.alpha, layer.scale) for layer in lora_layers(unet).values()})
-    run = CaptionedFineTune(pipe, unet, params, z, c, m, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                            ema=ema, caption_dropout=caption_dropout, null=pipe.encode([""]),
-                            info={"lora": adapters})
-    run.run(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
-            max_seconds=max_seconds, progress=progress, callback=callback)
-    return FineTuneLog(run.history["loss"], run.seconds, run.step, sum(p.numel() for p in params), run.state_bytes)
-
+# --- Fine-tuning the adapters (the loop, FineTune and fine_tune are course_lib.finetune's) -------------------
 
 def fit_lora(pipe: "TextToImage", images: torch.Tensor, captions: list[str], *, rank: int = 4,
              alpha: float | None = None, targets: tuple[str, ...] = DEFAULT_TARGETS, seed: int = 0,
              **options) -> FineTuneLog:
     """Inject LoRA into pipe.unet (in place; the base weights stay frozen) and train only the adapters;
-    options go to `fine_tune` (steps, batch_size, lr, caption_dropout, max_seconds, ema, progress,
-    checkpoint_path, checkpoint_every, resume, callback). Bad images are refused before anything changes."""
+    options go to course_lib.finetune.fine_tune (steps, batch_size, lr, caption_dropout, max_seconds, ema,
+    progress, checkpoint_path, checkpoint_every, resume, callback). Bad images are refused before anything changes."""
     check_images(images, "images")
     inject_lora(pipe.unet, targets=targets, rank=rank, alpha=alpha, seed=seed)
-    log = fine_tune(pipe, images, captions, lora_parameters(pipe.unet), seed=seed, **options)
+    adapters = sorted({(layer.rank, layer.alpha, layer.scale) for layer in lora_layers(pipe.unet).values()})
+    log = fine_tune(pipe, images, captions, lora_parameters(pipe.unet), seed=seed, info={"lora": adapters},
+                    **options)
     pipe.unet.requires_grad_(False)
     return log
 
@@ -439,4 +411,4 @@ def load_lora(path: str | Path, model: nn.Module) -> dict:
 __all__ = ["DEFAULT_TARGETS", "LoRALayer", "max_rank", "describe_layer", "replace_module", "adaptable_layers",
            "matching_layers", "inject_lora", "lora_layers", "lora_parameters", "set_lora_scale", "lora_scale",
            "merge_lora", "unmerge_lora", "remove_lora", "lora_state_dict", "adapter_numbers", "lora_numbers_formula",
-           "fine_tune", "fit_lora", "save_lora", "read_lora", "load_lora"]
+           "fit_lora", "save_lora", "read_lora", "load_lora"]

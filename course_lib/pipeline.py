@@ -41,13 +41,13 @@ import torch
 
 from . import checkpoint as ckpt
 from .clip import MiniCLIP, encode_prompts, load_clip
-from .forward import path_loss
 from .guidance import GuidedModel
 from .guidance import check_rescale
 from .sampling import SPACINGS, check_sampler, sample
 from .schedules import FLOW, FlowSchedule, NoiseSchedule, path_for  # noqa: F401  (FLOW: also from here)
 from .tokenizer import Tokenizer
 from .unet import UNet
+from .unet_file import load_model
 from .vae import VAE, decode_latents, load_vae
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ class TextToImage:
     @classmethod
     def from_files(cls, unet_path: str | Path, clip_path: str | Path, vae_path: str | Path,
                    device: torch.device | str | None = None) -> "TextToImage":
-        unet, schedule, info = ckpt.load_model(unet_path)
+        unet, schedule, info = load_model(unet_path)
         clip, tokenizer, _ = load_clip(clip_path)
         vae, scale_factor, _ = load_vae(vae_path)
         return cls(unet, schedule, clip, tokenizer, vae, scale_factor, info["prediction"],
@@ -254,18 +254,6 @@ class TextToImage:
     def encode(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(text states (B, L, D), mask (B, L)) for the prompts, on the pipeline's device."""
         return encode_prompts(self.clip, self.tokenizer, prompt_list(prompts), device=self.device)
-
-    def denoising_loss(self, z0: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
-                       generator: torch.Generator, unet: torch.nn.Module | None = None,
-                       reduce: bool = True) -> torch.Tensor:
-        """The training loss (course_lib.forward.path_loss) on scaled latents z0 with text states (context,
-        mask): t drawn along the pipeline's path, then fresh noise, both from `generator`; the pipeline's
-        prediction target (eps, x0, v, or a rectified flow's velocity). `unet` defaults to the pipeline's (pass a copy being fine-tuned). reduce=False:
-        one value per sample (B,). Used by every fine-tuning method."""
-        unet = self.unet if unet is None else unet
-        terms = path_loss(unet, self.schedule, z0, prediction=self.prediction, generator=generator,
-                          cond=(context, mask))
-        return terms.loss if reduce else terms.per_sample
 
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], *, seed: int = 0, steps: int | None = None,

@@ -47,7 +47,7 @@ from torch import nn
 
 from .config import JSONConfig
 from .clip_tokenizer import CLIPTokenizer, bytes_to_unicode
-from .finetune import FineTune
+from .finetune import FineTune, draw
 from .forward import diffusion_loss
 from .lora import inject_lora, lora_layers, lora_parameters
 from .loop import FitConfig
@@ -373,7 +373,7 @@ class LoRAFineTune(FineTune):
                          module=model.unet)
 
     def loss(self) -> torch.Tensor:
-        index = torch.randint(0, len(self.latents), (self.batch_size,), generator=self.generator)
+        index = draw(len(self.latents), self.batch_size, self.generator)
         return self.sd.lora_loss(self.latents[index].to(self.device), self.context[index], self.generator)
 
     def fixed_tensors(self) -> list[torch.Tensor]:

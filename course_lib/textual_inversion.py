@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dreambooth import add_identifier, personalised_pipeline
-from .finetune import FineTune
+from .finetune import FineTune, captioned_loss, draw
 from .loop import FitConfig
 from .pipeline import TextToImage
 from .vae import encode_latents
@@ -73,7 +73,7 @@ class NewTokenEmbedding(nn.Module):
 class TextualInversionFit(FineTune):
     """The denoising loss through the frozen text encoder: each step draws batch_size images (with repeats),
     encodes their captions with the current embedding row (the gradient reaches it), and calls
-    pipe.denoising_loss with the frozen U-Net."""
+    course_lib.finetune.captioned_loss with the frozen U-Net."""
 
     def __init__(self, pipe: TextToImage, embedding: NewTokenEmbedding, z: torch.Tensor, ids: torch.Tensor,
                  mask: torch.Tensor, *, steps: int, lr: float, batch_size: int, seed: int = 0):
@@ -84,9 +84,9 @@ class TextualInversionFit(FineTune):
 
     def loss(self) -> torch.Tensor:
         g = self.generator
-        i = torch.randint(0, len(self.z), (self.batch_size,), generator=g)
+        i = draw(len(self.z), self.batch_size, g)
         context = self.pipe.clip.text_states(self.ids[i], self.mask[i])
-        return self.pipe.denoising_loss(self.z[i], context, self.mask[i], g)
+        return captioned_loss(self.pipe, self.z[i], context, self.mask[i], g)
 
     def fixed_tensors(self) -> list[torch.Tensor]:
         return [self.z, self.ids, self.mask, self.embedding.frozen, *self.pipe.unet.parameters()]

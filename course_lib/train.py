@@ -54,12 +54,14 @@ from .config import JSONConfig
 from .checks import check_choice
 from . import checkpoint as ckpt
 from . import distributed
+from .guidance import drop_captions
 from .forward import check_images, check_prediction, denoising_loss, path_loss, predicted_x0_eps, snr_weight
 from .learned_schedule import LearnedSchedule, schedule_loss_surrogate
 from .loop import (PRECISIONS, Batches, Fit, FitConfig, TrainingDiverged, autocast, ema_decay_at, ema_update,
                    fingerprint, lr_factor, resolve_precision)
 from .schedules import FLOW, KINDS, TIMESTEP_SAMPLING, FlowSchedule, NoiseSchedule, make_schedule, path_for
 from .unet import UNet, UNetConfig
+from .unet_file import save_model
 
 SCHEDULES = KINDS + ("learned",)
 OBJECTIVES = ("diffusion", "flow")   # DDPM's (with config.prediction) or rectified flow's velocity (course_lib.flow)
@@ -156,10 +158,9 @@ class Conditioning:
     def batch(self, index: torch.Tensor, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The states of images `index`; where `drop` is True, the empty prompt's instead."""
         context, mask = self.context[index], self.mask[index]
-        if drop is not None:
-            context = torch.where(drop[:, None, None], self.null_context.to(context.dtype), context)
-            mask = torch.where(drop[:, None], self.null_mask, mask)
-        return context, mask
+        if drop is None:
+            return context, mask
+        return drop_captions(context, mask, drop, self.null_context, self.null_mask)
 
 
 class Trainer(Fit):
@@ -430,7 +431,7 @@ class Trainer(Fit):
         if self.is_main:                                    # under DDP: rank 0 writes, the others wait
             if not overwrite and (kept := ckpt.keep_earlier(path)) is not None:
                 print(f"{path} existed; the earlier model file is kept as {kept}")
-            ckpt.save_model(path, self.ema_model if use_ema else self.model, schedule=self.schedule,
+            save_model(path, self.ema_model if use_ema else self.model, schedule=self.schedule,
                             prediction=self.config.predicts, info=details)
         distributed.barrier()
         return Path(path)

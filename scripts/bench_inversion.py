@@ -19,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from course_lib.checkpoint import load_model, shipped  # noqa: E402
+from course_lib.checkpoint import shipped  # noqa: E402
+from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.sampling import ddim_invert, sample  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from course_lib import metrics  # noqa: E402
-from course_lib.checkpoint import load_model, replace_card_section  # noqa: E402
+from course_lib.checkpoint import replace_card_section  # noqa: E402
+from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.sampling import SAMPLERS, sample  # noqa: E402
 from course_lib.settings import cpu_name, default_device  # noqa: E402

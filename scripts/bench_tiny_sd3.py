@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_lib import checkpoint as ckpt  # noqa: E402
+from course_lib.unet_file import load_model  # noqa: E402
 from course_lib import metrics  # noqa: E402
 from course_lib.clip import load_clip, retrieval_accuracy, similarity  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> None:
                                   device=args.device)
     if flow.prediction != "flow":
         raise SystemExit(f"{args.flow} was trained with prediction {flow.prediction!r}, not rectified flow")
-    infos = {"diffusion": ckpt.load_model(ckpt.shipped(SHIPPED["unet"]))[2], "flow": ckpt.load_model(args.flow)[2]}
+    infos = {"diffusion": load_model(ckpt.shipped(SHIPPED["unet"]))[2], "flow": load_model(args.flow)[2]}
     heldout = load_emoji(size=32, split="heldout")
     captions, real = heldout.captions[:args.captions], heldout.images[:args.captions]
     judge, judge_tokenizer, _ = load_clip(ckpt.shipped("clip_judge"), device=args.device)

@@ -68,7 +68,8 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
          account: str | None = None, attention: str | None = None) -> list[tuple[str, memory.MemoryReport]]:
     """The measured rows; tiny: every size and step count cut to at most 2; only: notebooks' numbers to run;
     account: a GPU of course_lib.memory.GPUS to account every row for on fake tensors (with `attention`)."""
-    from course_lib.checkpoint import load_model, shipped
+    from course_lib.checkpoint import shipped
+    from course_lib.unet_file import load_model
     from course_lib.data import load_emoji
     from course_lib.train import Conditioning, TrainConfig, Trainer
     from course_lib.unet import UNet, get_preset
@@ -195,7 +196,8 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
         p, f = copy.copy(pipe()), full["10"]
         p.unet = copy.deepcopy(p.unet)
         lora.inject_lora(p.unet, rank=f["rank"])
-        lora.fine_tune(p, tw.images, tw.captions, lora.lora_parameters(p.unet), steps=2, batch_size=f["batch"])
+        fine_tune(p, tw.images, tw.captions, lora.lora_parameters(p.unet), steps=2, batch_size=f["batch"])   # the row's
+        # label keeps the name the function had when the H100 record was measured (results/memory_full_mode_h100.json)
 
     def row10_generate():
         f = full["10"]
@@ -311,6 +313,7 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
     from course_lib import dreambooth as db
     from course_lib import hyperdreambooth as hd
     from course_lib import lora
+    from course_lib.finetune import fine_tune
 
     each = precisions(device, account)
     for name, fn in [("04 training step (pixel U-Net)", row04), ("05 sampling (shipped DDPM)", row05)]:

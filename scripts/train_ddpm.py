@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib.checkpoint import card_section, load_model, replace_card_section  # noqa: E402
+from course_lib.checkpoint import card_section, replace_card_section  # noqa: E402
+from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.settings import describe_machine as machine  # noqa: E402
 from course_lib.train import TrainConfig, Trainer  # noqa: E402

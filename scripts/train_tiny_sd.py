@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_lib import checkpoint as ckpt  # noqa: E402
+from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.clip import (MiniCLIP, clip_config, encode_prompts, fit_clip, load_clip,  # noqa: E402
@@ -284,7 +285,7 @@ def stage_t2i(args, device: torch.device) -> None:
         torch.manual_seed(args.seed)
         unet = UNet(get_preset(args.unet_preset, context_dim=clip.config.text.width))
         if args.init_from:
-            start, _, before = ckpt.load_model(Path(args.init_from) / f"{NAMES['t2i']}.safetensors")
+            start, _, before = load_model(Path(args.init_from) / f"{NAMES['t2i']}.safetensors")
             unet.load_state_dict(start.state_dict())
             unet.requires_grad_(True)
             init_file.write_text(json.dumps(before_summary(before)))

@@ -242,9 +242,10 @@ def test_a_flow_text_to_image_pipeline_integrates_the_guided_velocity(tiny_pipe)
     assert images.shape == (2, 3, *[p.vae.config.image_size] * 2) and torch.isfinite(images).all()
     with pytest.raises(ValueError, match="integrates the ODE in a continuous path's own time"):
         tiny_pipe(prompts, sampler="euler", steps=2)
+    from course_lib.finetune import captioned_loss
     # the fine-tuning loss is the flow's own objective on the flow's path
     z0 = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(3))
-    loss = pipe.denoising_loss(z0, c, m, torch.Generator().manual_seed(4))
+    loss = captioned_loss(pipe, z0, c, m, torch.Generator().manual_seed(4))
     expected = flow.flow_loss(pipe.unet, z0, generator=torch.Generator().manual_seed(4), cond=(c, m)).loss
     torch.testing.assert_close(loss, expected)
 

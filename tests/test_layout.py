@@ -13,8 +13,26 @@ ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "course_lib"
 MODULES = sorted(p.stem for p in LIB.glob("*.py") if p.stem != "__init__")
 MAX_LINES = 450
-DISPLAY = {"plotting", "widgets"}                 # may import anything; nothing imports them
-MEASURING = {"metrics", "memory", "benchmark", "judges", "feature_net"}   # read models; no model imports them
+
+# The library's layers, bottom up: a module imports only from its own layer and the layers below it. The README's
+# chart is drawn from this list (`python tests/test_layout.py` rewrites it; a test keeps the two equal).
+LAYERS = [
+    ("foundations", ["settings", "checks", "config", "distributed", "precision", "data", "checkpoint"]),
+    ("the noising process and its objective", ["schedules", "forward", "flow", "learned_schedule"]),
+    ("sampling", ["guidance", "sampling"]),
+    ("networks", ["attention", "unet", "unet_file", "tokenizer", "text"]),
+    ("the one loop", ["loop"]),
+    ("models that train with the loop", ["train", "vae", "vae_gan", "clip"]),
+    ("generation", ["pipeline", "editing"]),
+    ("personalisation", ["finetune", "lora", "dreambooth", "textual_inversion", "lidb", "hyperdreambooth"]),
+    ("Stable Diffusion 1.5", ["clip_tokenizer", "sd_convert", "sd"]),
+    ("fewer bytes", ["quantize"]),
+    ("measuring: never imported by what they measure", ["feature_net", "metrics", "judges", "memory", "benchmark"]),
+    ("display: may import anything, imported by nothing", ["plotting", "widgets"]),
+]
+LAYER_OF = {m: i for i, (_, members) in enumerate(LAYERS) for m in members}
+MEASURING = set(LAYERS[-2][1])                    # read models; no model imports them
+DISPLAY = set(LAYERS[-1][1])                      # may import anything; nothing imports them
 
 
 def imports(module: str) -> set[str]:
@@ -24,6 +42,65 @@ def imports(module: str) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
     return found & set(MODULES)
+
+
+def test_every_module_sits_in_one_layer_and_imports_only_downwards():
+    listed = [m for _, members in LAYERS for m in members]
+    assert sorted(listed) == MODULES, f"not in a layer: {set(MODULES) - set(listed)}; listed twice or gone: " \
+                                      f"{sorted(m for m in set(listed) if listed.count(m) > 1 or m not in MODULES)}"
+    upward = {m: sorted(d for d in imports(m) if LAYER_OF[d] > LAYER_OF[m]) for m in MODULES}
+    assert not any(upward.values()), f"imports from a higher layer: { {m: d for m, d in upward.items() if d} }"
+
+
+def layer_chart() -> str:
+    """The README's chart: each layer a box holding its modules and the imports between them, and an arrow from a
+    layer to each layer above that imports from it directly (an arrow implied by two others is left out)."""
+    graph = {m: imports(m) for m in MODULES}
+    uses = {(LAYER_OF[d], LAYER_OF[m]) for m in MODULES for d in graph[m] if LAYER_OF[d] < LAYER_OF[m]}
+    reach = {i: {j for a, j in uses if a == i} for i in range(len(LAYERS))}
+    for k in range(len(LAYERS)):                       # transitive closure (Warshall)
+        for i in range(len(LAYERS)):
+            if k in reach[i]:
+                reach[i] |= reach[k]
+    direct = sorted((i, j) for i, j in uses if not any(j in reach[k] for k in reach[i] if k != j))
+    lines = ["```mermaid", "flowchart BT"]
+    for i, (name, members) in enumerate(LAYERS):
+        lines.append(f'  subgraph L{i} ["{name}"]')
+        inner = [f"{d} --> {m}" for m in members for d in sorted(graph[m]) if LAYER_OF[d] == i]
+        lines.append("    " + "; ".join(members + inner))
+        lines.append("  end")
+    lines += [f"  L{i} --> L{j}" for i, j in direct]
+    return "\n".join(lines + ["```"])
+
+
+def layer_words() -> str:
+    """The same layers in words, for a reader without a mermaid renderer."""
+    graph = {m: imports(m) for m in MODULES}
+    rows = []
+    for i, (name, members) in enumerate(LAYERS):
+        below = sorted({LAYERS[LAYER_OF[d]][0] for m in members for d in graph[m] if LAYER_OF[d] < i},
+                       key=lambda n: [x for x, _ in LAYERS].index(n))
+        rows.append(f"{i + 1}. **{name}**: {', '.join(f'`{m}`' for m in members)}"
+                    + (f" (import from: {'; '.join(below)})" if below else ""))
+    return "\n".join(rows)
+
+
+CHART_BEGIN, CHART_END = "<!-- layers: drawn by tests/test_layout.py -->", "<!-- /layers -->"
+
+
+def readme_with_chart(readme: str) -> str:
+    start, end = readme.index(CHART_BEGIN) + len(CHART_BEGIN), readme.index(CHART_END)
+    return readme[:start] + "\n" + layer_chart() + "\n\n" + layer_words() + "\n" + readme[end:]
+
+
+def test_the_readme_chart_is_drawn_from_the_layers():
+    readme = (ROOT / "README.md").read_text()
+    assert readme == readme_with_chart(readme), "the README's chart is stale: run `python tests/test_layout.py`"
+
+
+def test_an_upward_import_would_be_caught():
+    assert LAYER_OF["sampling"] < LAYER_OF["train"] and "sampling" in imports("train")   # allowed: downwards
+    assert LAYER_OF["pipeline"] > LAYER_OF["sampling"]           # sampling importing pipeline would be upward
 
 
 def test_every_module_is_short():
@@ -128,3 +205,9 @@ def private_imports(module: str) -> set[str]:
 def test_no_module_imports_another_ones_private_names():
     found = {m: names for m in MODULES if (names := private_imports(m))}
     assert not found, f"private names imported across modules (make them public): {found}"
+
+
+if __name__ == "__main__":       # rewrite the README's chart from LAYERS
+    path = ROOT / "README.md"
+    path.write_text(readme_with_chart(path.read_text()))
+    print(f"wrote the layer chart into {path}")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from course_lib import lora
+from course_lib.finetune import fine_tune
 from course_lib.unet import UNet, count_parameters, get_preset
 
 
@@ -208,7 +209,7 @@ def test_fit_lora_trains_only_the_adapter_and_reports_its_state(tiny_pipe):
             assert torch.equal(value, before[name.replace(".base.", ".")]), name
     assert any(layer.lora_B.abs().sum() > 0 for layer in lora.lora_layers(pipe.unet).values())
     with pytest.raises(ValueError, match="one caption per image"):
-        lora.fine_tune(pipe, data.images, data.captions[:3], lora.lora_parameters(pipe.unet))
+        fine_tune(pipe, data.images, data.captions[:3], lora.lora_parameters(pipe.unet))
 
 
 def test_fine_tune_with_ema_keeps_the_average(tiny_pipe):

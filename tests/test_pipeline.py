@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from course_lib.finetune import captioned_loss
 from course_lib.pipeline import TextToImage
 from course_lib.unet import UNet, get_preset
 
@@ -171,8 +172,8 @@ def test_denoising_loss_is_the_one_objective_drawing_t_then_noise(pipe):
     from course_lib.forward import prediction_target
     z0 = torch.randn(3, *pipe.latent_shape, generator=torch.Generator().manual_seed(5))
     context, mask = pipe.encode(["red heart", "cat", ""])
-    loss = pipe.denoising_loss(z0, context, mask, torch.Generator().manual_seed(9))
-    per_sample = pipe.denoising_loss(z0, context, mask, torch.Generator().manual_seed(9), reduce=False)
+    loss = captioned_loss(pipe, z0, context, mask, torch.Generator().manual_seed(9))
+    per_sample = captioned_loss(pipe, z0, context, mask, torch.Generator().manual_seed(9), reduce=False)
     g = torch.Generator().manual_seed(9)
     t = torch.randint(0, pipe.schedule.T, (3,), generator=g)
     noise = torch.randn(z0.shape, generator=g)

@@ -84,7 +84,8 @@ def test_sampler_settings_carry_the_start():
 def test_the_shipped_v_model_inverts_a_held_out_emoji():
     """DDIM inversion then sampling reconstructs held-out emoji with the trained zero-terminal-SNR v model, even from
     the very top; the epsilon model's round trip from there explodes (1 / sqrt(abar_999) ~ 20,000)."""
-    from course_lib.checkpoint import load_model, shipped
+    from course_lib.checkpoint import shipped
+    from course_lib.unet_file import load_model
     from course_lib.data import load_emoji
 
     x0 = load_emoji(size=32, split="heldout").images[:4]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from course_lib import checkpoint as ckpt
+from course_lib.unet_file import load_model
 from course_lib.data import load_emoji
 from course_lib.forward import PREDICTIONS
 from course_lib.learned_schedule import LearnedSchedule, schedule_loss_surrogate, vlb_terms
@@ -95,7 +96,7 @@ def test_checkpoint_is_written_atomically(images, tmp_path, monkeypatch):
 def test_export_and_load_model_round_trip(images, tmp_path):
     trainer = make(images, steps=3, schedule="cosine", prediction="v").train(progress=False)
     path = trainer.export(tmp_path / "m.safetensors", info={"note": "test"})
-    model, schedule, info = ckpt.load_model(path)
+    model, schedule, info = load_model(path)
     assert info["prediction"] == "v" and info["note"] == "test" and info["steps"] == 3
     assert torch.allclose(schedule.alphas_cumprod, trainer.schedule.alphas_cumprod, atol=1e-12)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 900])
@@ -109,7 +110,7 @@ def test_export_and_load_model_round_trip(images, tmp_path):
 def test_load_model_rejects_a_training_checkpoint(images, tmp_path):
     make(images, steps=1).train(progress=False, checkpoint_path=tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match="not a course_lib model file"):
-        ckpt.load_model(tmp_path / "c.safetensors")
+        load_model(tmp_path / "c.safetensors")
 
 
 def test_config_errors_name_valid_choices():

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.attention import SelfAttention, SpatialTransformer
-from course_lib.checkpoint import load_model, shipped
+from course_lib.checkpoint import shipped
+from course_lib.unet_file import load_model
 from course_lib.unet import (PRESETS, SD_PRESETS, TIME_CONDITIONING, Block, Downsample, ResBlock, UNet, UNetConfig,
                              Upsample, count_parameters, get_preset, preset_table, timestep_embedding)
 
