@@ -41,7 +41,7 @@ from torch import nn
 
 from .config import JSONConfig
 from . import checkpoint as ckpt
-from .checks import has_values
+from .checks import check_choice, has_values
 from .loop import Batches, Fit, FitConfig, autocast, fingerprint
 from .text import TextEncoder, TextEncoderConfig
 from .tokenizer import Tokenizer
@@ -96,8 +96,7 @@ PRESETS: dict[str, dict] = {
 
 def clip_config(preset: str, vocab_size: int, max_length: int = 32) -> CLIPConfig:
     """A named CLIP size for a tokenizer's vocabulary, e.g. clip_config("small", tokenizer.vocab_size)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown CLIP preset {preset!r}; valid are {', '.join(PRESETS)}")
+    check_choice("CLIP preset", preset, tuple(PRESETS))
     spec = PRESETS[preset]
     return CLIPConfig(text=TextEncoderConfig(vocab_size=vocab_size, max_length=max_length, **spec["text"]),
                       image=ImageEncoderConfig(**spec["image"]), embed_dim=spec["embed_dim"])
@@ -311,8 +310,7 @@ def fit_clip(clip: MiniCLIP, tokenizer: Tokenizer, images: torch.Tensor, caption
     and resume=True, training continues from it exactly (the same data, steps and settings, else refused,
     naming what differs). callback(history) is called every callback_every steps, after any checkpoint of
     that step. The model is left in eval mode."""
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r}; valid are fp32, bf16")
+    check_choice("precision", precision, ("fp32", "bf16"))
     if images.ndim != 4 or images.shape[0] != len(captions):
         raise ValueError(f"need images (N, 3, H, W) and N captions; got {tuple(images.shape)} and {len(captions)}")
     if steps < 1 or batch_size < 2:

@@ -71,6 +71,7 @@ from typing import Iterable
 import regex
 import torch
 
+from .checks import check_int
 from .tokenizer import merge_pair     # one BPE merge step, the same as the course's own tokenizer's
 
 BOS_TOKEN = "<|startoftext|>"
@@ -245,8 +246,7 @@ class CLIPTokenizer:
         _check_vocab(vocab)
         merges = [tuple(m) for m in merges]
         _check_merges(merges, vocab)
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an integer of at least 2 (room for BOS and EOS); got {max_length!r}")
+        max_length = check_int("max_length", max_length, 2, hint=" (room for BOS and EOS)")
         if pad_token not in vocab:
             raise ValueError(f"pad_token {pad_token!r} is not in the vocab; SD 1.5 pads with {EOS_TOKEN!r}, "
                              f"SD 2 with '!'")

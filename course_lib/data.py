@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checks import check_choice  # noqa: F401  (long imported from here)
+from .checks import check_choice, check_int  # noqa: F401  (check_choice: long imported from here)
 
 DATA_ENV = "COURSE_DATA"
 STYLES = ("noto", "twemoji")
@@ -127,8 +127,7 @@ def load_emoji(size: int = 32, split: str = "train", style: str = "noto",
     """
     check_choice("style", style, STYLES)
     check_choice("split", split, SPLITS)
-    if not isinstance(size, int) or not 1 <= size <= MAX_EMOJI_SIZE:
-        raise ValueError(f"size must be an int from 1 to {MAX_EMOJI_SIZE} (the shipped tiles are 64 px); got {size!r}")
+    size = check_int("size", size, 1, MAX_EMOJI_SIZE, hint=" (the shipped tiles are 64 px)")
     meta = _metadata()
     key = "twemoji" if style == "twemoji" else None
     rows = [(i if key is None else r[key], r) for i, r in enumerate(meta["rows"])
@@ -153,7 +152,6 @@ def load_emoji(size: int = 32, split: str = "train", style: str = "noto",
 def load_photo(name: str = "astronaut", size: int = 128) -> torch.Tensor:
     """A public-domain photograph as a (3, size, size) float32 tensor in [-1, 1]."""
     check_choice("photo", name, PHOTOS)
-    if not isinstance(size, int) or not 1 <= size <= 256:
-        raise ValueError(f"size must be an int from 1 to 256 (the shipped photos are 256 px); got {size!r}")
+    size = check_int("size", size, 1, 256, hint=" (the shipped photos are 256 px)")
     im = np.asarray(Image.open(data_dir() / "photos" / f"{name}.png").convert("RGB"))
     return resize(to_model_range(im[None]), size)[0]

@@ -38,6 +38,7 @@ from torch import nn
 
 from . import lora as lora_lib
 from .clip import MiniCLIP
+from .checks import check_choice
 from .data import TONES, load_emoji  # TONES: the six tone modifiers, "" the default yellow
 from .finetune import CaptionedFineTune, FineTune, captioned_loss, draw
 from .pipeline import TextToImage
@@ -95,8 +96,7 @@ class Subject:
 
     def prompt(self, tone: str = "", identifier: str | None = IDENTIFIER) -> str:
         """"sks person: dark skin tone" (identifier None: the class prompt "person: dark skin tone")."""
-        if tone not in TONES:
-            raise ValueError(f"unknown tone {tone!r}; valid are {TONES}")
+        check_choice("tone", tone, TONES)
         head = self.class_noun if identifier is None else f"{identifier} {self.class_noun}"
         return head + (f": {tone} skin tone" if tone else "")
 

@@ -65,6 +65,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from .checks import check_int
 from .forward import check_images
 from .pipeline import SamplerSettings, TextToImage, check_seed, guided, prompt_list, start_latents, text_to_image
 from .sampling import ddim_invert, ddim_step, denoise, noised, renoised, timesteps
@@ -208,8 +209,7 @@ def inpaint(pipe: TextToImage, images: torch.Tensor, mask: torch.Tensor, prompts
     prompts = _per_image(prompts, B)
     negatives = _per_image(negative_prompt, B, "negative_prompt")
     seed = check_seed(seed)
-    if isinstance(resample, bool) or not isinstance(resample, numbers.Integral) or resample < 1:
-        raise ValueError(f"resample must be a positive integer (RePaint's U; 1 = no resampling); got {resample!r}")
+    resample = check_int("resample", resample, 1, hint=" (RePaint's U; 1 = no resampling)")
     m = latent_mask(pipe, mask, images).to(pipe.device)
     settings = _settings(pipe, steps, guidance_scale)
     ts = pipe.schedule.grid(settings.steps, settings.spacing, settings.offset, settings.start_t)

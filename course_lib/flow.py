@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from .checks import check_choice
+from .checks import check_choice, check_int
 from .forward import path_loss
 from .schedules import FLOW, TIME_SCALE, TIMESTEP_SAMPLING, FlowSchedule, sample_timesteps  # noqa: F401  (also from here)
 
@@ -124,8 +124,7 @@ def sample_flow(velocity: Velocity, noise: torch.Tensor, steps: int, solver: str
     velocity is defined at t = 0, unlike a diffusion model's noise estimate at sigma = 0).
     return_path: also the list of states, noise first."""
     check_choice("solver", solver, SOLVERS)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int; got {steps!r}")
+    steps = check_int("steps", steps, 1)
     if not torch.isfinite(noise).all():
         raise ValueError(f"noise holds {(~torch.isfinite(noise)).sum().item()} NaN or infinite value(s); the flow "
                          f"starts from finite Gaussian noise (torch.randn)")

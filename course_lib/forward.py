@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .checks import has_values
+from .checks import check_choice, has_values
 from .schedules import FLOW, PREDICTIONS, FlowSchedule, NoiseSchedule
 
 RANGE_TOLERANCE = 1e-3
@@ -136,9 +136,7 @@ def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: 
 
 
 def check_prediction(prediction: str) -> str:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction type {prediction!r}; valid are {', '.join(PREDICTIONS)}")
-    return prediction
+    return check_choice("prediction type", prediction, PREDICTIONS)
 
 
 def target_of(prediction: str, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import lora as lora_lib
+from .checks import check_int
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,7 @@ class LiDBConfig:
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         for name in ("rank", "a", "b"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
 
     @property
     def numbers_per_layer(self) -> int:

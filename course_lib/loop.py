@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import flat_dict
 from . import distributed
-from .checks import has_values, number
+from .checks import check_choice, check_int, has_values, number
 from .precision import GPU_STAND_IN, PRECISIONS, autocast, resolve_precision  # noqa: F401 (re-exported)
 
 DECAYS = ("constant", "cosine")
@@ -68,8 +68,7 @@ class TrainingDiverged(FloatingPointError):
 def lr_factor(step: int, steps: int, warmup: int, decay: str = "constant") -> float:
     """The learning rate at `step` as a share of the peak: linear warm-up over `warmup` steps, then
     constant ("constant") or a cosine down to 0 at `steps` ("cosine", Loshchilov & Hutter 2017)."""
-    if decay not in DECAYS:
-        raise ValueError(f"unknown decay {decay!r}; valid are {', '.join(DECAYS)}")
+    check_choice("decay", decay, DECAYS)
     if step < warmup:
         return (step + 1) / warmup
     if decay == "constant":
@@ -143,8 +142,7 @@ class FitConfig:
     precision: str = "fp32"          # resolved: fp32, bf16 or fp16 (fp16 adds a GradScaler)
 
     def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be an integer >= 0; got {self.steps!r}")
+        self.steps = check_int("steps", self.steps, 0)
         if not self.lr > 0 or self.warmup < 0 or (self.grad_clip is not None and not self.grad_clip > 0):
             raise ValueError(f"need lr > 0, warmup >= 0 and grad_clip > 0 (or None); got lr={self.lr}, "
                              f"warmup={self.warmup}, grad_clip={self.grad_clip}")
@@ -207,8 +205,7 @@ class Fit:
         cfg = self.fit_config
         target = cfg.steps if steps is None else steps
         for name, value in (("checkpoint_every", checkpoint_every), ("callback_every", callback_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer (steps between calls); got {value!r}")
+            check_int(name, value, 1, hint=" (steps between calls)")
         if checkpoint_path is not None and distributed.rank() == 0:
             ckpt.remove_stale_temporaries(checkpoint_path)      # what a save killed mid-write left behind
             if self.last_good is None or Path(self.last_good[0]) != Path(checkpoint_path):

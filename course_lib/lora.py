@@ -47,6 +47,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .checks import check_int
 from .finetune import FineTuneLog, fine_tune
 from .forward import check_images
 
@@ -66,8 +67,7 @@ class LoRALayer(nn.Module):
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"LoRA adapts nn.Linear and nn.Conv2d layers; got {type(base).__name__}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer; got {rank!r}")
+        rank = check_int("rank", rank, 1)
         if rank > max_rank(base):
             raise ValueError(f"rank {rank} is larger than this layer allows ({describe_layer(base)}): the largest "
                              f"valid rank is {max_rank(base)}, min(in, out)")

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .checks import has_values
+from .checks import check_choice, check_int, has_values
 from .forward import check_prediction
 from .guidance import GuidedModel
 from .precision import GPU_STAND_IN, CUDAAutocastRules, autocast, resolve_precision  # shared with training
@@ -162,11 +162,9 @@ def accounting(gpu: str = "H100", attention: str | None = None) -> Iterator[None
     Validated against the H100's measured rows in tests/test_memory_accounting.py."""
     from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    if gpu not in GPUS:
-        raise ValueError(f"unknown GPU {gpu!r}; valid are {', '.join(GPUS)}")
+    check_choice("GPU", gpu, tuple(GPUS))
     attention = GPUS[gpu].attention if attention is None else attention
-    if attention not in ATTENTION:
-        raise ValueError(f"unknown attention kernel {attention!r}; valid are {', '.join(ATTENTION)}")
+    check_choice("attention kernel", attention, tuple(ATTENTION))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     make_parameter = nn.Parameter.__new__
 
@@ -383,8 +381,7 @@ def sampling_memory(model: nn.Module, batch_shape: tuple[int, int, int, int], st
     with a context (a latent model); pass False for any model of latents."""
     check_prediction(prediction)
     B, C, H, W = _check_shape(batch_shape)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int; got {steps!r}")
+    steps = check_int("steps", steps, 1)
     device = _device_of(model)
     precision = resolve_precision(precision, device)
     schedule = schedule or make_schedule("linear", 1000)

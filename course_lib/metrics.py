@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from . import feature_net
-from .checks import check_choice
+from .checks import check_choice, check_int
 from .data import load_emoji
 from .feature_net import REBUILD_COMMAND, load_feature_net, to_feature_size
 from .forward import check_images
@@ -150,10 +150,8 @@ def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 100, subset
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets must have the same dimension; got {a.shape[1]} and {b.shape[1]}")
     m = subset_size if subset_size is not None else min(1000, max(2, len(a) // 2), max(2, len(b) // 2))
-    if not isinstance(m, int) or not 2 <= m <= min(len(a), len(b)):
-        raise ValueError(f"subset_size must be an int from 2 to min(N_a, N_b) = {min(len(a), len(b))}; got {m!r}")
-    if not isinstance(subsets, int) or subsets < 1:
-        raise ValueError(f"subsets must be a positive int; got {subsets!r}")
+    m = check_int("subset_size", m, 2, min(len(a), len(b)), hint=" (min(N_a, N_b))")
+    subsets = check_int("subsets", subsets, 1)
     g = torch.Generator().manual_seed(seed)
     values = torch.stack([_mmd2_unbiased(a[torch.randperm(len(a), generator=g)[:m]],
                                          b[torch.randperm(len(b), generator=g)[:m]]) for _ in range(subsets)])
@@ -184,9 +182,7 @@ def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int 
     real, fake = _check_feats(real_feats, "real_feats"), _check_feats(fake_feats, "fake_feats")
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sets must have the same dimension; got {real.shape[1]} and {fake.shape[1]}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < min(len(real), len(fake)):
-        raise ValueError(f"k must be an int from 1 to min(N_real, N_fake) - 1 = {min(len(real), len(fake)) - 1}; "
-                         f"got {k!r}")
+    k = check_int("k", k, 1, min(len(real), len(fake)) - 1, hint=" (min(N_real, N_fake) - 1)")
     cross = torch.cdist(fake, real)                                               # (N_fake, N_real)
     precision = (cross <= _knn_radii(real, k)[None, :]).any(dim=1).double().mean().item()
     recall = (cross <= _knn_radii(fake, k)[:, None]).any(dim=0).double().mean().item()
@@ -254,10 +250,8 @@ def floor(n: int | None = None, size: int = 32, seed: int = 0, reference: str = 
     ref = emoji_features(reference, size, device)
     pool = emoji_features("train" if reference == "heldout" else "heldout", size, device)
     n = min(len(ref), len(pool)) if n is None else n  # 398 either way
-    if not isinstance(n, int) or not 2 <= n <= len(pool):
-        other = "training" if reference == "heldout" else "held-out"
-        raise ValueError(f"n must be an int from 2 to {len(pool)} (the {other} images available for the floor "
-                         f"against {reference}); got {n!r}")
+    other = "training" if reference == "heldout" else "held-out"
+    n = check_int("n", n, 2, len(pool), hint=f" (the {other} images available for the floor against {reference})")
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
     return _compare(pool[pick], ref, reference, seed, kid_subsets)
 
@@ -305,8 +299,7 @@ def nearest_neighbours(samples: torch.Tensor, train_images: torch.Tensor, space:
     check_choice("space", space, SPACES)
     check_images(samples, "samples", data_range=False)
     check_images(train_images, "train_images", data_range=False)
-    if not isinstance(k, int) or not 1 <= k <= len(train_images):
-        raise ValueError(f"k must be an int from 1 to the number of training images ({len(train_images)}); got {k!r}")
+    k = check_int("k", k, 1, len(train_images), hint=" (the number of training images)")
     s = _vectors(samples, space, tuple(samples.shape[-2:]), device)
     if space == "features" and train_features is not None:
         if train_features.shape != (len(train_images), s.shape[1]):

@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from . import checkpoint as ckpt
+from .checks import check_choice, check_int
 from .clip import MiniCLIP, encode_prompts, load_clip
 from .guidance import GuidedModel
 from .guidance import check_rescale
@@ -66,19 +67,15 @@ class SamplerSettings:
     start_t: float | None = None    # the first timestep (None: T-1, a flow's 1); below it to edit a partly noised image
 
     def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
-            raise ValueError(f"steps must be an integer from 1 to the schedule's length T; got {self.steps!r}")
+        check_int("steps", self.steps, 1, hint=" (up to the schedule's length T)")
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 <= g < math.inf:
             raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance); got {g!r}")
         check_rescale(self.guidance_rescale, "guidance_rescale")
         check_sampler(self.sampler, self.eta)
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"unknown timestep spacing {self.spacing!r}; valid are {', '.join(SPACINGS)}")
+        check_choice("timestep spacing", self.spacing, SPACINGS)
         for name, low in (("offset", 0), ("final_t", -1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+            check_int(name, getattr(self, name), low)
 
     def replace(self, **changes) -> "SamplerSettings":
         """A copy with the fields given changed (and checked again); a field given as None keeps its value, so a
@@ -110,12 +107,6 @@ def prompt_list(prompts: str | list[str], what: str = "prompts") -> list[str]:
         if not isinstance(p, str):
             raise TypeError(f"every prompt must be a string; got {type(p).__name__} ({p!r})")
     return list(prompts)
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
 
 
 def check_seed(seed) -> int:
@@ -170,7 +161,7 @@ def text_to_image(denoiser: torch.nn.Module, schedule: NoiseSchedule | FlowSched
     if len(negatives) != len(prompts):
         raise ValueError(f"give one negative prompt, or one per prompt ({len(prompts)}); got {len(negatives)}")
     schedule.grid(settings.steps, settings.spacing, settings.offset, settings.start_t)   # checks the steps
-    images_per_prompt = _positive_int(images_per_prompt, "images_per_prompt")
+    images_per_prompt = check_int("images_per_prompt", images_per_prompt, 1)
     seed = check_seed(seed)
     prompts = [p for p in prompts for _ in range(images_per_prompt)]
     negatives = [n for n in negatives for _ in range(images_per_prompt)]
@@ -193,9 +184,9 @@ def generate(pipe: Callable[..., torch.Tensor], prompts: str | list[str], *, bat
     StableDiffusion): the same images as one call with every prompt (image k from seed + k), in less memory.
     options go to the pipeline's call (steps, guidance_scale, sampler, settings, return_latents, ...)."""
     prompts = prompt_list(prompts)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_int("batch_size", batch_size, 1)
     seed = check_seed(seed)
-    per = _positive_int(images_per_prompt, "images_per_prompt")
+    per = check_int("images_per_prompt", images_per_prompt, 1)
     negatives = negative_prompt
     if not isinstance(negative_prompt, str):
         negatives = prompt_list(negative_prompt, "negative_prompt")

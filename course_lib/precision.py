@@ -21,14 +21,15 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import noop_context_fn
 
+from .checks import check_choice
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """'auto' -> 'bf16' on a GPU of compute capability >= 8.0, 'fp16' on older GPUs (a T4 is 7.5: fast fp16,
     no native bf16), 'fp32' on a CPU. 'fp16' needs a CUDA GPU (its gradient scaler is CUDA-only)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
+    check_choice("precision", precision, PRECISIONS)
     device = torch.device(device)
     if precision != "auto":
         if precision == "fp16" and device.type != "cuda":

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checks import has_values
+from .checks import check_int, has_values
 
 
 # --- Codes ------------------------------------------------------------------------------------------------
@@ -99,8 +99,7 @@ class Quantized:
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive int (values per block); got {block!r}")
+    block = check_int("block", block, 1, hint=" (values per block)")
     flat = x.detach().float().reshape(-1)
     pad = (-flat.numel()) % block
     return (torch.cat([flat, flat.new_zeros(pad)]) if pad else flat).view(-1, block)

@@ -53,7 +53,7 @@ from typing import Callable
 
 import torch
 
-from .checks import check_choice, has_values
+from .checks import check_choice, check_int, has_values
 
 KINDS = ("linear", "scaled_linear", "cosine", "sigmoid")
 SPACINGS = ("trailing", "leading", "linspace")
@@ -112,8 +112,7 @@ class NoiseSchedule:
         """(a_t, s_t) = (sqrt(abar_t), sqrt(1 - abar_t)) as Python floats; (1, 0) at t = -1, the clean end."""
         if t == -1:
             return 1.0, 0.0
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.T:
-            raise ValueError(f"timestep {t!r} out of range; valid are -1 (clean) and the integers 0..{self.T - 1}")
+        t = check_int("timestep", t, 0, self.T - 1, hint=" (or -1, the clean end)")
         ab = self.alphas_cumprod[t].item()
         return math.sqrt(ab), math.sqrt(1 - ab)
 
@@ -127,10 +126,8 @@ class NoiseSchedule:
 
     def end(self, final_t: int, last: int) -> int:
         """Where the last step lands: -1 (the clean end) or a timestep below `last`, the last one visited."""
-        if isinstance(final_t, bool) or not isinstance(final_t, numbers.Integral) or not -1 <= final_t < last:
-            raise ValueError(f"final_t, where the last step lands, must be -1 (clean, abar = 1) or a timestep below "
-                             f"the last one visited ({last}); got {final_t!r}")
-        return int(final_t)
+        return check_int("final_t", final_t, -1, last - 1, hint=f" (where the last step lands: -1 the clean end, "
+                         f"abar = 1, or a timestep below the last one visited, {last})")
 
     def model_time(self, t: int, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
         """What the network is given for timestep t: the integer itself, (batch,) int64."""
@@ -217,8 +214,7 @@ class FlowSchedule:
         """`steps` equal steps from t = start (default 1, the noise) towards 0: linspace(start, 0, steps + 1)
         without its end (float32 values, as torch.linspace gives them). Only the even "trailing" grid exists
         here, and no offset: those are a discrete schedule's."""
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ValueError(f"steps must be a positive int; got {steps!r}")
+        steps = check_int("steps", steps, 1)
         if spacing != "trailing" or offset != 0:
             raise ValueError(f"a flow path is sampled on an even grid from t = 1: spacing 'trailing' and offset 0 "
                              f"only (the others are a discrete schedule's); got spacing {spacing!r}, offset {offset!r}")
@@ -262,8 +258,7 @@ def sample_timesteps(n: int, sampling: str = "uniform", *, mean: float = 0.0, st
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """n training times in (0, 1): "uniform", or "logit_normal" (SD 3: t = sigmoid(z), z ~ N(mean, std^2))."""
     check_choice("timestep sampling", sampling, TIMESTEP_SAMPLING)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int; got {n!r}")
+    n = check_int("n", n, 1)
     if std <= 0:
         raise ValueError(f"std must be > 0; got {std}")
     if sampling == "uniform":
@@ -294,13 +289,10 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", of
     """
     T = schedule.T
     if start is not None:
-        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start < T:
-            raise ValueError(f"start, the first timestep, must be an int from 0 to T-1={T - 1}; got {start!r}")
-        T = int(start) + 1                       # the grid over 0..start
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
-        limit = f"T={T} (the schedule's length)" if start is None else f"start + 1 = {T}"
-        raise ValueError(f"steps must be an int from 1 to {limit}; got {steps!r}")
-    steps = int(steps)
+        start = check_int("start", start, 0, T - 1, hint=f" (the first timestep, below T={T})")
+        T = start + 1                            # the grid over 0..start
+    steps = check_int("steps", steps, 1, T, hint=" (the schedule's length T)" if start is None else " (start + 1)")
+    check_choice("timestep spacing", spacing, SPACINGS)
     i = torch.arange(steps, dtype=torch.float64)
     if spacing == "trailing":
         # numpy's arange(T, 0, -T/steps) computes T + i * ((T - T/steps) - T); the same rounding here
@@ -308,18 +300,14 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", of
         ts = torch.round(T + i * ((T - T / steps) - T)) - 1
     elif spacing == "leading":
         ts = (i * (T // steps)).flip(0)
-    elif spacing == "linspace":
+    else:                                        # "linspace"
         ts = i * ((T - 1) / (steps - 1)) if steps > 1 else i
         ts[-1] = T - 1
         ts = torch.round(ts).flip(0)
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {list(SPACINGS)}")
     ts = ts.long()
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0 \
-            or ts.max() + offset >= schedule.T:
-        raise ValueError(f"offset must be an int >= 0 that keeps the largest timestep ({ts.max().item()}) below "
-                         f"T={schedule.T}; got {offset!r}")
-    return ts + int(offset)
+    largest = ts.max().item()
+    return ts + check_int("offset", offset, 0, schedule.T - 1 - largest,
+                          hint=f" (keeps the largest timestep, {largest}, below T={schedule.T})")
 
 
 def _betas_from_alpha_bar(alpha_bar: Callable[[torch.Tensor], torch.Tensor], T: int,
@@ -331,8 +319,7 @@ def _betas_from_alpha_bar(alpha_bar: Callable[[torch.Tensor], torch.Tensor], T: 
 
 
 def _check_T(T: int) -> None:
-    if not isinstance(T, int) or T < 1:
-        raise ValueError(f"T (number of steps) must be a positive int; got {T!r}")
+    check_int("T (number of steps)", T, 1)
 
 
 def _check_range(beta_start: float, beta_end: float) -> None:
@@ -422,7 +409,6 @@ _BUILDERS = {
 def make_schedule(kind: str, T: int = 1000, *, zero_terminal_snr: bool = False, **kwargs) -> NoiseSchedule:
     """Build a schedule by name: one of KINDS, with that builder's keyword arguments; zero_terminal_snr=True
     rescales it (`rescale_zero_terminal_snr`)."""
-    if kind not in _BUILDERS:
-        raise ValueError(f"unknown schedule {kind!r}; choose from {list(KINDS)}")
+    check_choice("schedule", kind, KINDS)
     schedule = _BUILDERS[kind](T, **kwargs)
     return rescale_zero_terminal_snr(schedule) if zero_terminal_snr else schedule

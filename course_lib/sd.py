@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import check_choice, check_int
 from .config import JSONConfig
 from .clip_tokenizer import CLIPTokenizer, bytes_to_unicode
 from .finetune import FineTune, draw
@@ -115,8 +116,7 @@ PRESETS: dict[str, SDConfig] = {"sd15": SD15, "tiny": TINY}
 
 def sd_preset(name: str) -> SDConfig:
     """The SDConfig of a preset name (PRESETS: "sd15" or "tiny")."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown Stable Diffusion preset {name!r}; valid are {', '.join(PRESETS)}")
+    check_choice("Stable Diffusion preset", name, tuple(PRESETS))
     return PRESETS[name]
 
 
@@ -356,10 +356,8 @@ class LoRAFineTune(FineTune):
                  gradient_checkpointing: bool = True):
         if len(images) != len(captions):
             raise ValueError(f"one caption per image: got {len(images)} images and {len(captions)} captions")
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ValueError(f"steps must be a positive integer; got {steps!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        check_int("steps", steps, 1)
+        check_int("batch_size", batch_size, 1)
         size = model.vae.config.factor * 2 ** (model.unet.config.levels - 1)
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % size or images.shape[3] % size:
             raise ValueError(f"images must be (N, 3, H, W) with H and W multiples of {size}; got {tuple(images.shape)}")

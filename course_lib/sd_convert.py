@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .checks import check_choice
 from .text import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -253,8 +254,7 @@ def key_map(model: nn.Module, source: str, state_keys: set[str] | None = None) -
     """course_lib key -> the source key(s) it is made from, for a UNet, VAE or TextEncoder in SD's layout.
     Three source keys stand behind a fused qkv. state_keys (optional): the source's keys, used only to tell
     whether a text encoder's names start with "text_model." (transformers >= 4.x writes them so)."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown checkpoint source {source!r}; valid are {', '.join(SOURCES)}")
+    check_choice("checkpoint source", source, SOURCES)
     if isinstance(model, UNet):
         if not (model.config.sd_skips and model.config.time_conditioning == "add"):
             raise ValueError("only a U-Net in SD's layout (sd_skips=True, time_conditioning='add') takes SD weights")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import check_choice
 from .tokenizer import SPECIALS, UNK
 
 
@@ -64,8 +65,7 @@ class TextEncoderConfig:
         for name in ("vocab_size", "max_length", "width", "layers", "heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; valid are {', '.join(ACTIVATIONS)}")
+        check_choice("activation", self.activation, tuple(ACTIVATIONS))
         if self.vocab_size <= UNK:
             raise ValueError(f"vocab_size must exceed the {len(SPECIALS)} special tokens; got {self.vocab_size}")
         if self.max_length < 2:

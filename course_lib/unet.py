@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import JSONConfig
 from .attention import SelfAttention, SpatialTransformer, check_context
-from .checks import has_values
+from .checks import check_choice, check_int, has_values
 from .precision import recompute_context
 
 TIME_CONDITIONING = ("scale_shift", "add")
@@ -96,25 +96,20 @@ class UNetConfig(JSONConfig):
                 raise ValueError(f"levels with attention (and the last level) need channels divisible by "
                                  f"head_channels={self.head_channels}; got {c} at level {level}")
         if self.num_heads is not None:
-            if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
-                raise ValueError(f"num_heads must be a positive int (or None to use head_channels); "
-                                 f"got {self.num_heads!r}")
+            object.__setattr__(self, "num_heads", check_int("num_heads", self.num_heads, 1,
+                                                            hint=" (or None to use head_channels)"))
             if any(c % self.num_heads for c in self.channels):
                 raise ValueError(f"num_heads={self.num_heads} must divide every level's channels; "
                                  f"got channels={self.channels}")
-        if self.time_conditioning not in TIME_CONDITIONING:
-            raise ValueError(f"unknown time_conditioning {self.time_conditioning!r}; valid are "
-                             f"{', '.join(TIME_CONDITIONING)}")
+        check_choice("time_conditioning", self.time_conditioning, TIME_CONDITIONING)
         if self.channels[0] % 2:
             raise ValueError(f"channels[0] sets the time embedding's width and must be even; got {self.channels[0]}")
         if self.blocks_per_level < 1:
             raise ValueError(f"blocks_per_level must be at least 1; got {self.blocks_per_level}")
-        D, depth = self.context_dim, self.transformer_depth
-        if D is not None and (isinstance(D, bool) or not isinstance(D, int) or D < 1):
-            raise ValueError(f"context_dim must be a positive int (the text encoder's width) or None for an "
-                             f"unconditional U-Net; got {D!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"transformer_depth must be an int of at least 1; got {depth!r}")
+        if self.context_dim is not None:
+            object.__setattr__(self, "context_dim", check_int("context_dim", self.context_dim, 1, hint=" (the text "
+                                                              "encoder's width) or None for an unconditional U-Net"))
+        object.__setattr__(self, "transformer_depth", check_int("transformer_depth", self.transformer_depth, 1))
         self.check_size(self.image_size)
 
     @property
@@ -181,8 +176,7 @@ def get_preset(name: str, **changes) -> UNetConfig:
     """A named config from PRESETS or SD_PRESETS, optionally with fields changed
     (e.g. get_preset("small", image_size=16), get_preset("sd_tiny", context_dim=32))."""
     presets = {**PRESETS, **SD_PRESETS}
-    if name not in presets:
-        raise ValueError(f"unknown U-Net preset {name!r}; valid are {', '.join(presets)}")
+    check_choice("U-Net preset", name, tuple(presets))
     return presets[name].replace(**changes) if changes else presets[name]
 
 

@@ -54,7 +54,7 @@ from .config import JSONConfig
 from . import checkpoint as ckpt
 from .attention import SelfAttention
 from .forward import check_images
-from .checks import number
+from .checks import check_choice, check_int, number
 from .loop import Batches, Fit, FitConfig, autocast, fingerprint
 from .unet import Downsample, Upsample
 
@@ -85,8 +85,7 @@ class VAEConfig(JSONConfig):
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
         for name in ("image_size", "in_channels", "latent_channels", "blocks_per_level", "norm_groups"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int of at least 1; got {getattr(self, name)!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         if not self.channels or any(not isinstance(c, int) or c < 1 for c in self.channels):
             raise ValueError(f"channels needs at least one positive int per level, e.g. (64, 128, 128); "
                              f"got {self.channels}")
@@ -134,8 +133,7 @@ PRESETS: dict[str, VAEConfig] = {
 
 def vae_preset(name: str, **changes) -> VAEConfig:
     """A named VAE config, optionally with fields changed (e.g. vae_preset("f4c4", latent_channels=8))."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown VAE preset {name!r}; valid are {', '.join(PRESETS)}")
+    check_choice("VAE preset", name, tuple(PRESETS))
     return PRESETS[name].replace(**changes) if changes else PRESETS[name]
 
 
@@ -406,8 +404,7 @@ def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64,
     checkpoint_path: written every `checkpoint_every` steps and at the end; if it exists and `resume`,
     training continues from it exactly (another run's file is refused, naming what differs). Returns (and passes
     to `callback` every `callback_every` steps) the history VAEFit.report gives; the VAE is left in eval mode."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
+    check_choice("precision", precision, PRECISIONS)
     if not kl_weight >= 0:
         raise ValueError(f"kl_weight must be >= 0 (0: a plain autoencoder); got {kl_weight!r}")
     shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .checks import check_choice, check_int
 from .loop import Batches, Fit, FitConfig, autocast, fingerprint
 from .vae import PRECISIONS, VAE, device_of, vae_loss
 
@@ -174,14 +175,13 @@ def fit_vae_gan(vae: VAE, images: torch.Tensor, *, perceptual_net: nn.Module, st
     d_lr: the discriminator's rate (default lr). perceptual_weight=0 and adversarial_weight=0 train with squared
     error and KL alone (an ablation with the same loop). Returns the history VAEGANFit.report gives; the VAE is left
     in eval mode."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
+    check_choice("precision", precision, PRECISIONS)
     for name, value in (("kl_weight", kl_weight), ("perceptual_weight", perceptual_weight),
                         ("adversarial_weight", adversarial_weight)):
         if not value >= 0:
             raise ValueError(f"{name} must be >= 0 (0: the term is off); got {value!r}")
-    if isinstance(adversarial_start, bool) or not isinstance(adversarial_start, int) or adversarial_start < 0:
-        raise ValueError(f"adversarial_start must be an integer step >= 0; got {adversarial_start!r}")
+    adversarial_start = check_int("adversarial_start", adversarial_start, 0,
+                                  hint=" (the step the adversarial term starts at)")
     shape = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
     if images.ndim != 4 or len(images) == 0 or images.shape[1:] != shape:
         raise ValueError(f"images must have shape (N >= 1, {', '.join(map(str, shape))}); got {tuple(images.shape)}")

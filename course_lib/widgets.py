@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
+from .checks import check_choice, check_int
 from .data import to_uint8
 from .forward import linear_mix, vp_mix
 from .plotting import DPI, noising_strip, plot_schedules
@@ -103,8 +104,7 @@ def reverse_process_figure(trajectory: Sequence[ReverseStep], index: int, schedu
     if not trajectory or not all(isinstance(s, ReverseStep) for s in trajectory):
         raise TypeError("trajectory must be a non-empty list of ReverseStep, e.g. "
                         "list(course_lib.sampling.reverse_process(model, schedule, shape, ...))")
-    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < len(trajectory):
-        raise ValueError(f"index must be an int from 0 to {len(trajectory) - 1} (the recorded steps); got {index!r}")
+    check_int("index", index, 0, len(trajectory) - 1, hint=" (the recorded steps)")
     step = trajectory[index]
     n = max(1, min(n_images, step.x_t.shape[0]))
     abar = [1.0 if s.t < 0 else schedule.alphas_cumprod[s.t].item() for s in trajectory]
@@ -144,8 +144,7 @@ def latent_interpolation_figure(vae, scale_factor: float, image_a: torch.Tensor,
 
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1] (0 is image_a, 1 is image_b); got {alpha!r}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
-        raise ValueError(f"steps must be an int of at least 2 (the two end points); got {steps!r}")
+    check_int("steps", steps, 2, hint=" (the two end points)")
     for name, image in (("image_a", image_a), ("image_b", image_b)):
         if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"{name} must be one image, a (3, H, W) tensor in [-1, 1]; got "
@@ -201,8 +200,7 @@ def retrieval_figure(clip, tokenizer, images: torch.Tensor, captions: Sequence[s
 
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str (\"\" is the empty prompt); got {type(prompt).__name__}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be an int of at least 1 (how many images to show); got {k!r}")
+    check_int("k", k, 1, hint=" (how many images to show)")
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
         raise ValueError(f"images must be a non-empty (N, 3, H, W) tensor in [-1, 1]; got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
@@ -234,12 +232,12 @@ def text_to_image_figure(pipe, prompt: str, guidance_scale: float, seed: int, n:
     the guidance scale (and its rescale phi, when not 0) and the seed (image k starts from the noise of seed + k, as in the pipeline, so
     the same seed always gives the same images). Every image axis is labelled "image 0", "image 1", ...
     and shows a uint8 (H, W, 3) array, so tests can read the pictures back."""
+    from .pipeline import check_seed     # the pipeline's own check: a TypeError for a seed that is not an int
+
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string (\"\" asks for no prompt at all); got {type(prompt).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer; got {seed!r}")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= 16:
-        raise ValueError(f"n must be an int from 1 to 16 (the images drawn side by side); got {n!r}")
+    check_seed(seed)
+    check_int("n", n, 1, 16, hint=" (the images drawn side by side)")
     images = pipe(prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                   negative_prompt=negative_prompt, images_per_prompt=int(n), guidance_rescale=guidance_rescale)
     pictures = to_uint8(images)
@@ -305,8 +303,7 @@ def flow_steps_figure(fields: dict, noise: torch.Tensor, real: torch.Tensor, ste
         raise ValueError("give at least one velocity field")
     if noise.ndim != 2 or noise.shape[1] != 2 or real.ndim != 2 or real.shape[1] != 2:
         raise ValueError(f"noise and real must be (N, 2) points; got {tuple(noise.shape)} and {tuple(real.shape)}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= 1000:
-        raise ValueError(f"steps must be an integer from 1 to 1000; got {steps!r}")
+    check_int("steps", steps, 1, 1000)
     lim = 1.15 * max(real.abs().max().item(), 3.0)
     fig, axes = plt.subplots(1, len(fields), figsize=(3.0 * len(fields), 3.1), dpi=DPI, squeeze=False)
     for ax, (name, velocity) in zip(axes[0], fields.items()):
@@ -363,8 +360,7 @@ def inpaint_figure(pipe, images: torch.Tensor, masks: dict, mask_name: str, prom
     course_lib.editing.inpaint). masks: name -> (1, 1, H, W) pixel mask, 1 = repaint."""
     from .editing import inpaint
 
-    if mask_name not in masks:
-        raise ValueError(f"unknown mask {mask_name!r}; choose from {list(masks)}")
+    check_choice("mask", mask_name, tuple(masks))
     mask = masks[mask_name]
     filled = inpaint(pipe, images, mask, prompt, seed=seed, steps=steps, resample=resample)
     holed = images * (1 - mask)                                   # the hole shown grey (0 in [-1, 1])

@@ -226,7 +226,7 @@ def test_bad_vocab_and_merges():
 def test_bad_options_and_inputs(tok):
     vocab = tiny_vocab()
     for bad in (1, 0, 2.5, True):
-        with pytest.raises(ValueError, match="max_length must be an integer of at least 2"):
+        with pytest.raises(ValueError, match=r"max_length must be an int >= 2 \(room for BOS and EOS\)"):
             CLIPTokenizer(vocab, MERGES, max_length=bad)
     with pytest.raises(ValueError, match="pad_token '<pad>' is not in the vocab.*'!'"):
         CLIPTokenizer(vocab, MERGES, pad_token="<pad>")

@@ -209,5 +209,5 @@ def test_bad_arguments_get_clear_errors(pipe, emoji, hole):
         inpaint(pipe, images, torch.ones(2, 1, 32, 32), captions)
     with pytest.raises(ValueError, match=r"mask must hold values in \[0, 1\]"):
         inpaint(pipe, images, hole * 2, captions)
-    with pytest.raises(ValueError, match="resample must be a positive integer"):
+    with pytest.raises(ValueError, match=r"resample must be an int >= 1 \(RePaint's U"):
         inpaint(pipe, images, hole, captions, resample=0)

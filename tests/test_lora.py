@@ -135,7 +135,7 @@ def test_clear_errors(unet, tmp_path):
         lora.inject_lora(unet, targets=("*.nothing",))
     with pytest.raises(ValueError, match="has no LoRA layers"):
         lora.save_lora(tmp_path / "x.safetensors", unet)
-    with pytest.raises(ValueError, match="rank must be a positive integer"):
+    with pytest.raises(ValueError, match="rank must be an int >= 1"):
         lora.LoRALayer(nn.Linear(3, 3), rank=0)
     with pytest.raises(TypeError, match="nn.Linear and nn.Conv2d"):
         lora.LoRALayer(nn.LayerNorm(3), rank=1)
@@ -387,7 +387,7 @@ def test_resuming_another_run_is_refused_naming_what_differs(tiny_pipe, eight, t
         lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, lr=1e-2, seed=1, **options)
     with pytest.raises(ValueError, match=r"lora: checkpoint \[\[2, 2.0, 1.0\]\], now \[\[2, 4.0, 1.0\]\]"):
         lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, lr=1e-2, alpha=4.0, **options)
-    with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1"):
         lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, lr=1e-2, checkpoint_every=0,
                       **{**options, "checkpoint_path": tmp_path / "other.safetensors"})
 

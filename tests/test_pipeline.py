@@ -64,11 +64,11 @@ def test_negative_prompt_changes_the_result(pipe):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"steps": -1}, "steps must be an integer from 1"),
-    ({"steps": 0}, "steps must be an integer from 1"),
-    ({"steps": 5000}, r"steps must be an int from 1 to T=1000 \(the schedule's length\)"),
+    ({"steps": -1}, "steps must be an int >= 1"),
+    ({"steps": 0}, "steps must be an int >= 1"),
+    ({"steps": 5000}, r"steps must be an int from 1 to 1000 \(the schedule's length T\)"),
     ({"guidance_scale": -2.0}, "guidance_scale must be a number >= 0"),
-    ({"images_per_prompt": 0}, "images_per_prompt must be a positive integer"),
+    ({"images_per_prompt": 0}, "images_per_prompt must be an int >= 1"),
     ({"sampler": "lms"}, "unknown sampler 'lms'; choose from \\['ddpm', 'ddim', 'dpm\\+\\+2m', 'euler', 'heun'\\]"),
     ({"sampler": "euler"}, "sampler 'euler' integrates the ODE in a continuous path's own time"),
     ({"negative_prompt": ["a", "b"]}, "one negative prompt, or one per prompt"),
@@ -120,10 +120,10 @@ def test_generate_in_batches_equals_one_call(pipe):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"batch_size": 0}, ValueError, "batch_size must be a positive integer; got 0"),
-    ({"batch_size": 2.5}, ValueError, "batch_size must be a positive integer"),
+    ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1; got 0"),
+    ({"batch_size": 2.5}, ValueError, "batch_size must be an int >= 1; got 2.5"),
     ({"seed": "0"}, TypeError, "seed must be an integer"),
-    ({"images_per_prompt": 0}, ValueError, "images_per_prompt must be a positive integer"),
+    ({"images_per_prompt": 0}, ValueError, "images_per_prompt must be an int >= 1"),
     ({"negative_prompt": ["a"]}, ValueError, r"one negative prompt, or one per prompt \(2\); got 1"),
 ])
 def test_generate_names_bad_arguments(pipe, kwargs, error, message):

@@ -124,7 +124,7 @@ def test_pure_bf16_training_moves_with_stochastic_rounding():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="lr > 0"):
         qz.AdamW8bit([torch.nn.Parameter(torch.zeros(1))], lr=0)
-    with pytest.raises(ValueError, match="block must be a positive int"):
+    with pytest.raises(ValueError, match=r"block must be an int >= 1 \(values per block\)"):
         qz.quantize_blockwise(torch.zeros(4), qz.dynamic_codes(), block=0)
 
 

@@ -432,8 +432,8 @@ S100 = make_schedule("linear", 100)
 @pytest.mark.parametrize("kwargs,match", [
     (dict(sampler="lms"), r"unknown sampler 'lms'; choose from \['ddpm', 'ddim', 'dpm\+\+2m', 'euler', 'heun'\]"),
     (dict(sampler="euler"), r"sampler 'euler' integrates the ODE in a continuous path's own time"),
-    (dict(steps=0), r"steps must be an int from 1 to T=100"),
-    (dict(steps=101), r"steps must be an int from 1 to T=100"),
+    (dict(steps=0), r"steps must be an int from 1 to 100 \(the schedule's length T\)"),
+    (dict(steps=101), r"steps must be an int from 1 to 100 \(the schedule's length T\)"),
     (dict(steps=2.5), r"steps must be an int"),
     (dict(spacing="uniform"), r"unknown timestep spacing 'uniform'; choose from \['trailing', 'leading', 'linspace'\]"),
     (dict(eta=-0.1), r"eta must be a number in \[0, 1\]"),
@@ -477,15 +477,15 @@ def test_sampler_settings_replace_keeps_fields_given_as_none():
     assert base.steps == 20                                   # frozen: the preset itself never changes
     with pytest.raises(dataclasses.FrozenInstanceError):
         base.steps = 3
-    with pytest.raises(ValueError, match="steps must be an integer from 1"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
         base.replace(steps=0)                                 # a replaced field is checked again
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(sampler="lms"), r"unknown sampler 'lms'; choose from \['ddpm', 'ddim', 'dpm\+\+2m', 'euler', 'heun'\]"),
-    (dict(steps=0), r"steps must be an integer from 1 to the schedule's length T; got 0"),
-    (dict(steps=2.5), r"steps must be an integer from 1"),
-    (dict(steps=True), r"steps must be an integer from 1"),
+    (dict(steps=0), r"steps must be an int >= 1 \(up to the schedule's length T\); got 0"),
+    (dict(steps=2.5), r"steps must be an int >= 1"),
+    (dict(steps=True), r"steps must be an int >= 1"),
     (dict(guidance_scale=-1.0), r"guidance_scale must be a number >= 0 \(1 = no guidance\); got -1.0"),
     (dict(guidance_scale=float("inf")), r"guidance_scale must be a number >= 0"),
     (dict(guidance_scale="7.5"), r"guidance_scale must be a number >= 0"),
@@ -493,9 +493,9 @@ def test_sampler_settings_replace_keeps_fields_given_as_none():
     (dict(guidance_rescale=True), r"guidance_rescale must be a number in \[0, 1\]"),
     (dict(eta=2.0), r"eta must be a number in \[0, 1\]"),
     (dict(sampler="dpm++2m", eta=0.5), r"eta applies to the 'ddim' sampler only"),
-    (dict(spacing="uniform"), r"unknown timestep spacing 'uniform'; valid are trailing, leading, linspace"),
-    (dict(offset=-1), r"offset must be an integer >= 0; got -1"),
-    (dict(final_t=-2), r"final_t must be an integer >= -1; got -2"),
+    (dict(spacing="uniform"), r"unknown timestep spacing 'uniform'; choose from \['trailing', 'leading', 'linspace'\]"),
+    (dict(offset=-1), r"offset must be an int >= 0; got -1"),
+    (dict(final_t=-2), r"final_t must be an int >= -1; got -2"),
 ])
 def test_bad_sampler_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

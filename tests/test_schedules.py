@@ -176,7 +176,7 @@ def test_unknown_kind_lists_every_valid_kind():
 @pytest.mark.parametrize("T", [0, -5, 2.5])
 @pytest.mark.parametrize("kind", KINDS)
 def test_bad_T_raises(kind, T):
-    with pytest.raises(ValueError, match=rf"T \(number of steps\) must be a positive int; got {T}$"):
+    with pytest.raises(ValueError, match=rf"T \(number of steps\) must be an int >= 1; got {T}$"):
         make_schedule(kind, T)
 
 

@@ -43,7 +43,7 @@ def test_bad_inputs_and_configs_are_rejected():
         encoder(ids, (ids != 0).long())
     with pytest.raises(ValueError, match=r"width \(30\) must be divisible by heads \(4\)"):
         TextEncoderConfig(vocab_size=10, width=30, heads=4)
-    with pytest.raises(ValueError, match="unknown activation 'relu'; valid are gelu, quick_gelu"):
+    with pytest.raises(ValueError, match=r"unknown activation 'relu'; choose from \['gelu', 'quick_gelu'\]"):
         TextEncoderConfig(vocab_size=10, activation="relu")
     with pytest.raises(ValueError, match="exceed the 4 special tokens"):
         TextEncoderConfig(vocab_size=3)

@@ -114,7 +114,7 @@ def test_load_model_rejects_a_training_checkpoint(images, tmp_path):
 
 
 def test_config_errors_name_valid_choices():
-    with pytest.raises(ValueError, match="epsilon, x0, v"):
+    with pytest.raises(ValueError, match=r"unknown prediction type 'noise'; choose from \['epsilon', 'x0', 'v'\]"):
         TrainConfig(prediction="noise")
     with pytest.raises(ValueError, match="learned"):
         TrainConfig(schedule="quadratic")

@@ -144,7 +144,7 @@ def test_autocast_accepts_lower_precision_inputs_but_not_float64():
     (dict(channels=(32, 60, 64)), "divisible by norm_groups=8; got 60"),
     (dict(attention=(False, True)), "attention needs one True/False per level (3 levels); got 2"),
     (dict(attention=(False, True, True, True)), "(3 levels); got 4"),
-    (dict(time_conditioning="film"), "unknown time_conditioning 'film'; valid are scale_shift, add"),
+    (dict(time_conditioning="film"), "unknown time_conditioning 'film'; choose from ['scale_shift', 'add']"),
     (dict(head_channels=48), "need channels divisible by head_channels=48; got 64 at level 1"),
     (dict(channels=(32, 64, 40)), "divisible by head_channels=32; got 40 at level 2"),
     (dict(blocks_per_level=0), "blocks_per_level must be at least 1; got 0"),
@@ -158,7 +158,7 @@ def test_invalid_configs_are_rejected_with_a_clear_message(changes, message):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown U-Net preset 'huge'; valid are tiny, small, base"):
+    with pytest.raises(ValueError, match=r"unknown U-Net preset 'huge'; choose from \['tiny', 'small', 'base'"):
         get_preset("huge")
 
 
@@ -489,10 +489,10 @@ def test_an_unconditional_unet_rejects_a_context():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(context_dim=0), "context_dim must be a positive int (the text encoder's width) or None"),
+    (dict(context_dim=0), "context_dim must be an int >= 1 (the text encoder's width) or None"),
     (dict(context_dim=64.0), "got 64.0"),
     (dict(context_dim=True), "got True"),
-    (dict(transformer_depth=0), "transformer_depth must be an int of at least 1; got 0"),
+    (dict(transformer_depth=0), "transformer_depth must be an int >= 1; got 0"),
 ])
 def test_invalid_conditioning_configs_are_rejected(changes, message):
     with pytest.raises(ValueError) as err:

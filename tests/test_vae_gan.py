@@ -110,7 +110,7 @@ def test_fit_vae_gan_trains_resumes_exactly_and_refuses_bad_settings(tmp_path):
     vae = VAE(vae_preset("tiny"))
     with pytest.raises(ValueError, match="perceptual_weight must be >= 0"):
         fit_vae_gan(vae, x, perceptual_net=FeatureNet(), steps=1, perceptual_weight=-1)
-    with pytest.raises(ValueError, match="adversarial_start must be an integer"):
+    with pytest.raises(ValueError, match="adversarial_start must be an int >= 0"):
         fit_vae_gan(vae, x, perceptual_net=FeatureNet(), steps=1, adversarial_start=1.5)
     with pytest.raises(ValueError, match="images must have shape"):
         fit_vae_gan(vae, x[:, :, :16], perceptual_net=FeatureNet(), steps=1)

@@ -225,7 +225,7 @@ def test_latent_interpolation_rejects_bad_alpha(small_vae, image, alpha):
 
 
 def test_latent_interpolation_rejects_bad_images_and_steps(small_vae, image):
-    with pytest.raises(ValueError, match="steps must be an int of at least 2"):
+    with pytest.raises(ValueError, match=r"steps must be an int >= 2 \(the two end points\)"):
         widgets.latent_interpolation_figure(small_vae, 0.7, image, -image, 0.5, steps=1)
     with pytest.raises(ValueError, match=r"image_b must be one image, a \(3, H, W\)"):
         widgets.latent_interpolation_figure(small_vae, 0.7, image, image[None], 0.5)
@@ -283,7 +283,7 @@ def test_retrieval_figure_depends_on_the_prompt_and_caps_k(tiny_clip):
 def test_retrieval_figure_rejects_bad_input(tiny_clip):
     clip, tokenizer, images, captions = tiny_clip
     for k in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="k must be an int of at least 1"):
+        with pytest.raises(ValueError, match=r"k must be an int >= 1 \(how many images to show\)"):
             widgets.retrieval_figure(clip, tokenizer, images, captions, "cat", k=k)
     with pytest.raises(ValueError, match="one caption per image"):
         widgets.retrieval_figure(clip, tokenizer, images, captions[:-1], "cat")
@@ -405,7 +405,7 @@ def test_flow_steps_figure_draws_each_fields_euler_ends():
 
 def test_flow_steps_figure_rejects_bad_input():
     noise = torch.randn(5, 2)
-    with pytest.raises(ValueError, match="steps must be an integer from 1 to 1000; got 0"):
+    with pytest.raises(ValueError, match="steps must be an int from 1 to 1000; got 0"):
         widgets.flow_steps_figure(_two_flows(), noise, noise, steps=0)
     with pytest.raises(ValueError, match=r"noise and real must be \(N, 2\) points"):
         widgets.flow_steps_figure(_two_flows(), torch.randn(5, 3), noise, steps=2)
