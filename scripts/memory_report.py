@@ -1,7 +1,7 @@
-"""The README's memory tables, printed from the results files (so no figure is typed by hand).
+"""The memory tables of docs/results.md, printed from the results files (so no figure is typed by hand).
 
     python scripts/memory_report.py            # prints the two tables in Markdown
-    python scripts/memory_report.py --readme   # and writes them into README.md between their markers
+    python scripts/memory_report.py --readme   # and writes them into docs/results.md between their markers
 
 1. Accounted against measured: each H100 row of results/memory_full_mode_h100.json beside its accounted row in
    results/memory_accounted_h100.json (`python scripts/measure_memory.py --account H100 --only 04,06,07,08,09
@@ -66,7 +66,7 @@ def fill(readme: str) -> str:
     for name, table in TABLES.items():
         start = f"<!-- memory_report: {name} -->"
         if start not in readme:
-            raise SystemExit(f"README.md has no {start} marker")
+            raise SystemExit(f"docs/results.md has no {start} marker")
         head, rest = readme.split(start, 1)
         _, tail = rest.split("<!-- /memory_report -->", 1)
         readme = head + start + "\n" + "\n".join(table()) + "\n<!-- /memory_report -->" + tail
@@ -77,7 +77,7 @@ def main() -> int:
     for table in TABLES.values():
         print("\n".join(table()) + "\n")
     if "--readme" in sys.argv[1:]:
-        path = ROOT / "README.md"
+        path = ROOT / "docs" / "results.md"
         path.write_text(fill(path.read_text()))
         print(f"wrote the tables into {path}")
     return 0

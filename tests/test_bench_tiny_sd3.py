@@ -61,7 +61,7 @@ def test_the_stored_table_is_the_scripts_table_of_the_record_and_the_readme_quot
     bench = load_script()
     record = json.loads(RECORD.read_text())
     assert record["table"] == bench.table(record)
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "results.md").read_text()
     section = readme[readme.index("### A tiny SD 3"):]
     section = section[:section.index("\n## ", 1) if "\n## " in section else None]
     for r in record["rows"]:

@@ -15,7 +15,7 @@ MODULES = sorted(p.stem for p in LIB.glob("*.py") if p.stem != "__init__")
 MAX_LINES = 450
 
 # The library's layers, bottom up: a module imports only from its own layer and the layers below it. The README's
-# chart is drawn from this list (`python tests/test_layout.py` rewrites it; a test keeps the two equal).
+# chart (docs/library.md) is drawn from this list (`python tests/test_layout.py` rewrites it; a test keeps them equal).
 LAYERS = [
     ("foundations", ["settings", "checks", "config", "distributed", "precision", "data", "checkpoint"]),
     ("the noising process and its objective", ["schedules", "forward", "flow", "learned_schedule"]),
@@ -85,6 +85,7 @@ def layer_words() -> str:
     return "\n".join(rows)
 
 
+LIBRARY_PAGE = ROOT / "docs" / "library.md"     # the module table and the chart (the README links to it)
 CHART_BEGIN, CHART_END = "<!-- layers: drawn by tests/test_layout.py -->", "<!-- /layers -->"
 
 
@@ -93,9 +94,9 @@ def readme_with_chart(readme: str) -> str:
     return readme[:start] + "\n" + layer_chart() + "\n\n" + layer_words() + "\n" + readme[end:]
 
 
-def test_the_readme_chart_is_drawn_from_the_layers():
-    readme = (ROOT / "README.md").read_text()
-    assert readme == readme_with_chart(readme), "the README's chart is stale: run `python tests/test_layout.py`"
+def test_the_library_pages_chart_is_drawn_from_the_layers():
+    page = LIBRARY_PAGE.read_text()
+    assert page == readme_with_chart(page), "docs/library.md's chart is stale: run `python tests/test_layout.py`"
 
 
 def test_an_upward_import_would_be_caught():
@@ -141,9 +142,9 @@ def test_the_core_never_imports_matplotlib_or_ipywidgets():
 
 
 def test_readme_and_docstring_list_every_module():
-    readme = (ROOT / "README.md").read_text()
+    readme = LIBRARY_PAGE.read_text()
     table = set(re.findall(r"^\| `(\w+)\.py` \|", readme, re.M))
-    assert table == set(MODULES), f"README table: missing {set(MODULES) - table}, extra {table - set(MODULES)}"
+    assert table == set(MODULES), f"docs/library.md's table: missing {set(MODULES) - table}, extra {table - set(MODULES)}"
     listed = set(re.findall(r"^    (\w+)\s", course_lib.__doc__, re.M))
     assert set(MODULES) <= listed, f"course_lib's docstring misses {set(MODULES) - listed}"
 
@@ -207,7 +208,7 @@ def test_no_module_imports_another_ones_private_names():
     assert not found, f"private names imported across modules (make them public): {found}"
 
 
-if __name__ == "__main__":       # rewrite the README's chart from LAYERS
-    path = ROOT / "README.md"
+if __name__ == "__main__":       # rewrite docs/library.md's chart from LAYERS
+    path = LIBRARY_PAGE
     path.write_text(readme_with_chart(path.read_text()))
     print(f"wrote the layer chart into {path}")
