@@ -42,6 +42,7 @@ One module per course concept, in the order the notebooks introduce them:
     editing     img2img (SDEdit), inpainting (replace + RePaint resampling), DDIM-inversion edits with the tiny SD
     distributed data parallelism for the loop under torchrun
     quantize    block-wise 8-bit codes, 8-bit AdamW, NF4 weights, stochastic rounding to bfloat16
+    tiling      VAE decoding in overlapping tiles: the decoder's memory bounded by a tile
     memory      peak GPU memory of a training step and of sampling, measured on a GPU or accounted on fake tensors
     plotting    image grids and rows, noising strips, schedule curves, loss curves (matplotlib)
     widgets     the logic behind the notebooks' sliders (matplotlib; ipywidgets only in `live`)

@@ -12,6 +12,15 @@ Pieces, bottom-up:
     FeedForward         GEGLU (Shazeer 2020 [3])
     TransformerBlock    self-attention, cross-attention, feed-forward, each pre-LayerNorm with a residual path
     SpatialTransformer  a feature map as tokens through TransformerBlocks and back (Rombach et al. 2022 [2])
+    sliced_attention    a block inside which every layer above attends `size` (batch x head) pairs at a time
+
+Attention in slices (memory: the 8 GB budget). softmax(Q K^T / sqrt(d)) V is independent for each image
+and each head, so it can be computed for a few (image, head) pairs at a time and concatenated: the same numbers
+(exactly, up to float summation order), in more, smaller calls. With FlashAttention or the memory-efficient kernel
+the scores are never stored and slicing saves nothing; with the plain ("math") kernel, all a T4 has for some
+shapes, the scores of every pair are held at once, B x heads x N_q x N_k numbers (SD 1.5 at 512 px: 2 x 8 x 4,096
+x 4,096 in float16, 512 MiB per layer), and slicing holds size x N_q x N_k instead (diffusers'
+enable_attention_slicing does the same).
 
 Conditioning on text ([2], Sec. 3.3 and Fig. 3). A text encoder turns a prompt into L token states, the context
 c of shape (B, L, D). With `UNetConfig(context_dim=D)` every attention layer of the U becomes a
@@ -43,6 +52,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,7 +60,38 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .checks import has_values
+from .checks import check_int, has_values
+
+_slice_size: int | None = None          # set by `sliced_attention`; None: every (image, head) pair at once
+
+
+@contextlib.contextmanager
+def sliced_attention(size: int | None):
+    """Within the block, every SelfAttention and CrossAttention computes `size` (batch x head) pairs at a time
+    (None: all at once, the default). Exact; it trades memory of the math kernel's scores for more kernel calls."""
+    global _slice_size
+    if size is not None:
+        check_int("the attention slice size", size, 1, hint=" ((image, head) pairs computed at a time)")
+    previous, _slice_size = _slice_size, size
+    try:
+        yield
+    finally:
+        _slice_size = previous
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """scaled_dot_product_attention of q (B, heads, N_q, d) against k, v (B, heads, N_k, d), mask broadcastable to
+    (B, heads, N_q, N_k); inside `sliced_attention(size)`, `size` (image, head) pairs at a time."""
+    if _slice_size is None or _slice_size >= q.shape[0] * q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    B, heads = q.shape[:2]
+    pairs = [t.reshape(B * heads, 1, *t.shape[2:]) for t in (q, k, v)]     # (B*heads, 1, N, d): one pair a row
+    if mask is not None:
+        mask = mask.expand(B, heads, *mask.shape[2:]).reshape(B * heads, 1, *mask.shape[2:])
+    out = [F.scaled_dot_product_attention(*(t[i:i + _slice_size] for t in pairs),
+                                          attn_mask=None if mask is None else mask[i:i + _slice_size])
+           for i in range(0, B * heads, _slice_size)]
+    return torch.cat(out).reshape(B, heads, *q.shape[2:])
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -110,7 +151,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         q, k, v = (z.reshape(B, H * W, self.heads, C // self.heads).transpose(1, 2)
                    for z in (q, k, v))                                          # (B, heads, N, d) each
-        h = naive_attention(q, k, v) if naive else F.scaled_dot_product_attention(q, k, v)
+        h = naive_attention(q, k, v) if naive else attend(q, k, v)
         h = h.transpose(1, 2).reshape(B, H * W, C)                              # heads back together
         return x + self.out(h).transpose(1, 2).reshape(B, C, H, W)
 
@@ -153,7 +194,7 @@ class CrossAttention(nn.Module):
         if naive:
             h = naive_attention(q, k, v, attn_mask)
         else:
-            h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)     # (B, heads, N, d)
+            h = attend(q, k, v, attn_mask)                                       # (B, heads, N, d)
         return self.to_out(rearrange(h, "b heads n d -> b n (heads d)"))
 
     def extra_repr(self) -> str:

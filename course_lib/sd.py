@@ -29,7 +29,9 @@ course's VAE has its own, measured in notebook 06).
 8 GB: float16 weights (1.7 GB for the U-Net instead of 3.4), attention through scaled_dot_product_attention
 (flash / memory-efficient kernels never store the 4,096 x 4,096 score matrix), decoding one image at a time
 (VAE slicing), and for training gradient checkpointing plus LoRA, so there are gradients and Adam moments only
-for the adapters. scripts/measure_sd15_memory.py measures the peaks. LoRA trains through the course's one loop
+for the adapters. Where a GPU has only the plain attention kernel (a T4 for some shapes), attention in slices
+(course_lib.attention.sliced_attention; a call's `attention_slice`) holds a few heads' scores at a time, and
+`decode(..., tile=...)` decodes a large latent in overlapping tiles (course_lib.tiling). scripts/measure_sd15_memory.py measures the peaks. LoRA trains through the course's one loop
 (`LoRAFineTune`, a course_lib.loop.Fit): fp16 with a GradScaler on a GPU, checkpoints and exact resume.
 
 References: Rombach et al. 2022, https://arxiv.org/abs/2112.10752 (the model); Song et al. 2021,
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attention import sliced_attention
 from .checks import check_choice, check_int
 from .config import JSONConfig
 from .clip_tokenizer import CLIPTokenizer, bytes_to_unicode
@@ -58,6 +61,7 @@ from .schedules import NoiseSchedule, scaled_linear_schedule
 from .sd_convert import (load_diffusers_folder, load_network, load_original_file, text_config_from_transformers,
                          unet_config_from_diffusers, vae_config_from_diffusers)
 from .text import TextEncoder, TextEncoderConfig
+from .tiling import decode_tiled
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
 
@@ -258,13 +262,15 @@ class StableDiffusion:
         return self.text_encoder(ids.to(self.device), None)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, slicing: bool = True) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, slicing: bool = True, tile: int | None = None) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (float32, on the CPU). slicing: one image at a time (the decoder's
-        activations at full resolution are the largest tensors of generation)."""
+        activations at full resolution are the largest tensors of generation). tile: decode each image in
+        overlapping tiles of tile x tile latent pixels (`decode_tiled`)."""
         dtype = self.vae.post_quant_conv.weight.dtype
         z = latents.to(self.device, dtype) / self.scale_factor
         parts = z.split(1) if slicing else (z,)
-        return torch.cat([self.vae.decode(p).float().clamp(-1, 1).cpu() for p in parts])
+        run = self.vae.decode if tile is None else lambda p: decode_tiled(self.vae.decode, p, tile)   # course_lib.tiling
+        return torch.cat([run(p).float().clamp(-1, 1).cpu() for p in parts])
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -278,14 +284,17 @@ class StableDiffusion:
                  guidance_scale: float | None = None, seed: int = 0, height: int | None = None,
                  width: int | None = None, latents: torch.Tensor | None = None, sampler: str | None = None,
                  return_latents: bool = False, vae_slicing: bool = True, progress: bool = False,
-                 images_per_prompt: int = 1, settings: SamplerSettings | None = None) -> torch.Tensor:
+                 images_per_prompt: int = 1, settings: SamplerSettings | None = None,
+                 attention_slice: int | None = None, vae_tile: int | None = None) -> torch.Tensor:
         """Images (B, 3, height, width) in [-1, 1] on the CPU, images_per_prompt per prompt, through the course's
         one generation path (course_lib.pipeline.text_to_image).
 
         Sampling follows SD 1.5's published scheduler (self.sampler_settings, SD15_SAMPLER: DDIM, 50 steps,
         guidance 7.5, timesteps "leading" + 1: 981, 961, ..., 1, the last step landing on abar_0); sampler, steps
         and guidance_scale, when given, replace its fields. Image k starts from the noise of seed + k (drawn on
-        the CPU, so a seed gives the same image on any device) unless `latents` are given."""
+        the CPU, so a seed gives the same image on any device) unless `latents` are given. attention_slice: (image,
+        head) pairs attended at a time (course_lib.attention.sliced_attention); vae_tile: decode in tiles of that
+        many latent pixels a side (course_lib.tiling). Both save memory only; slicing changes no number."""
         size = self.vae.config.image_size
         height, width = height or size, width or size
         f = self.factor * 2 ** (self.unet.config.levels - 1)
@@ -296,11 +305,12 @@ class StableDiffusion:
         settings = (settings or self.sampler_settings).replace(sampler=sampler, steps=steps,
                                                               guidance_scale=guidance_scale)
         latent_shape = (self.unet.config.in_channels, height // self.factor, width // self.factor)
-        return text_to_image(_Cast(self.unet), self.schedule, lambda p: (self.encode(p), None),
-                             lambda z: self.decode(z, slicing=vae_slicing), prompts, settings,
-                             latent_shape=latent_shape, negative_prompt=negative_prompt, seed=seed,
-                             images_per_prompt=images_per_prompt, latents=latents, return_latents=return_latents,
-                             progress=progress, device=self.device)
+        with sliced_attention(attention_slice):
+            return text_to_image(_Cast(self.unet), self.schedule, lambda p: (self.encode(p), None),
+                                 lambda z: self.decode(z, slicing=vae_slicing, tile=vae_tile), prompts, settings,
+                                 latent_shape=latent_shape, negative_prompt=negative_prompt, seed=seed,
+                                 images_per_prompt=images_per_prompt, latents=latents,
+                                 return_latents=return_latents, progress=progress, device=self.device)
 
     def generate(self, prompts: str | list[str], *, batch_size: int = 4, seed: int = 0, **options) -> torch.Tensor:
         """Images for a long prompt list, `batch_size` prompts per call, seeds as one call would give them

@@ -173,3 +173,40 @@ def test_check_context_accepts_states_with_and_without_a_mask():
     context, mask = _context(2, 5, 8)
     check_context(context, mask, 2, 8)
     check_context(context, None, 2, 8)
+
+
+# --- attention in slices ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [1, 3, 8, 100])
+def test_sliced_attention_gives_the_same_numbers_with_and_without_a_mask(size):
+    from course_lib.attention import attend, sliced_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (16, 5, 5))
+    mask = torch.rand(2, 1, 1, 5, generator=g) > 0.3
+    mask[:, ..., 0] = True                                   # every query sees at least one key
+    for m in (None, mask):
+        whole = attend(q, k, v, m)
+        with sliced_attention(size):
+            sliced = attend(q, k, v, m)
+        torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+    layer = CrossAttention(32, 16, head_channels=8)
+    x, c = torch.randn(2, 16, 32, generator=g), torch.randn(2, 5, 16, generator=g)
+    with sliced_attention(size):
+        torch.testing.assert_close(layer(x, c, mask[:, 0, 0]), layer(x, c, mask[:, 0, 0], naive=True), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_sliced_attention_holds_fewer_scores_with_the_math_kernel_and_restores_itself():
+    from course_lib import attention, memory
+    with memory.accounting("T4", attention="math"):
+        layer = SelfAttention(64, head_channels=8)            # 8 heads over 32 x 32 = 1,024 tokens
+        x = torch.randn(2, 64, 32, 32)
+        whole = memory.measure_peak(lambda: layer(x), what="all heads at once")
+        with attention.sliced_attention(2):
+            sliced = memory.measure_peak(lambda: layer(x), what="2 (image, head) pairs at a time")
+    scores = 2 * 8 * 1024 * 1024 * 4                          # B x heads x N x N float32
+    assert whole.peak_bytes - sliced.peak_bytes > 0.5 * scores
+    assert attention._slice_size is None
+    with pytest.raises(ValueError, match="the attention slice size must be an int >= 1"):
+        with attention.sliced_attention(0):
+            pass

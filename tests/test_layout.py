@@ -25,8 +25,8 @@ LAYERS = [
     ("models that train with the loop", ["train", "vae", "vae_gan", "clip"]),
     ("generation", ["pipeline", "editing"]),
     ("personalisation", ["finetune", "lora", "dreambooth", "textual_inversion", "lidb", "hyperdreambooth"]),
+    ("memory techniques", ["quantize", "tiling"]),
     ("Stable Diffusion 1.5", ["clip_tokenizer", "sd_convert", "sd"]),
-    ("fewer bytes", ["quantize"]),
     ("measuring: never imported by what they measure", ["feature_net", "metrics", "judges", "memory", "benchmark"]),
     ("display: may import anything, imported by nothing", ["plotting", "widgets"]),
 ]

@@ -369,3 +369,14 @@ def test_a_corrupt_weights_file_is_named_with_what_to_do(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:50])
     with pytest.raises(ValueError, match=r"model\.ckpt could not be read.*truncated, corrupt"):
         sd_convert.read_state_dict(truncated)
+
+
+def test_attention_slicing_changes_no_number_and_tiled_decoding_stays_close():
+    model = sd.StableDiffusion.random("tiny")
+    whole = model("a red heart", steps=2, seed=1, return_latents=True)
+    sliced = model("a red heart", steps=2, seed=1, return_latents=True, attention_slice=1)
+    torch.testing.assert_close(sliced, whole, rtol=1e-4, atol=1e-5)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))   # 128 px from the tiny VAE
+    full, tiled = model.decode(latents), model.decode(latents, tile=8)
+    assert tiled.shape == full.shape and torch.isfinite(tiled).all()    # random weights: how close is measured on
+    torch.testing.assert_close(model.decode(latents, tile=16), full)    # the trained VAE (the budget notebook)
