@@ -38,7 +38,8 @@ def save_model(path: str | os.PathLike, model: UNet, *, schedule: NoiseSchedule,
 
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
                ) -> tuple[UNet, NoiseSchedule | FlowSchedule, dict]:
-    """(model in float32 eval mode, the path it samples along, info dict with 'prediction' and training details)."""
+    """(model in float32 eval mode, the path it samples along, info dict with 'prediction' and training details;
+    'steps_total' and 'train_seconds_total' add those of the run it was initialised from, if any)."""
     tensors, metadata = read_format(path, FORMAT, "model")
     model = UNet(UNetConfig.from_json(metadata["unet_config"]))
     state = {k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")}
@@ -47,6 +48,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     schedule.name = metadata.get("schedule_name", "custom")
     info = json.loads(metadata.get("info", "{}"))
     info["prediction"] = metadata["prediction"]
+    first = info.get("initialised_from") or {}        # a run continued from an earlier model file: count both
+    info["steps_total"] = (info.get("steps") or 0) + (first.get("steps") or 0)
+    info["train_seconds_total"] = (info.get("train_seconds") or 0) + (first.get("train_seconds") or 0)
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
