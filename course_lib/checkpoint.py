@@ -15,6 +15,8 @@ Nothing finished is replaced silently: `keep_earlier` moves an existing file asi
 `<name>.v<k>.safetensors` (Lightning's version counter), which the training loop does before a fresh run would
 write over another run's checkpoint, and `Trainer.export` before it would replace a model file.
 
+Text files beside the models (model cards, results JSON) are written the same way by `write_text_atomic`.
+
 Two kinds of file:
     training checkpoint   everything needed to continue exactly (weights, EMA weights, optimizer
                           moments, random-number states, data order), float32; see course_lib.train
@@ -111,11 +113,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         read(tmp)                               # verify what reached the disk before it replaces anything
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes files private; give the usual permissions
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)             # the rename itself reaches the disk
+        _publish(tmp, path)
     except (OSError, SafetensorError, CorruptCheckpoint) as e:
         kept = f"; the earlier {path.name} is unchanged" if path.exists() else ""
         raise OSError(f"could not write {path}: {e}. Check the folder is writable and the disk has room "
@@ -123,6 +121,36 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
                       f"needed){kept}.") from e
     finally:
         if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the finished temporary file the usual permissions (mkstemp makes files private), rename it over `path`
+    and flush the rename to disk."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` the way atomic_save writes tensors: a hidden temporary file beside it,
+    flushed to disk, then renamed over it, so a model card or a results file is the old one or the new one,
+    never half of one. Makes the folder if needed; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
             os.remove(tmp)
     return path
 
@@ -231,5 +259,5 @@ def replace_card_section(card: str, name: str, body: str) -> str:
 
 
 __all__ = ["checkpoints_dir", "shipped", "CHECKSUM_KEY", "ADD_CHECKSUM_COMMAND", "CorruptCheckpoint", "checksum",
-           "remove_stale_temporaries", "keep_earlier", "atomic_save", "read", "compact_state", "read_format",
-           "card_section", "replace_card_section"]
+           "remove_stale_temporaries", "keep_earlier", "atomic_save", "write_text_atomic", "read", "compact_state",
+           "read_format", "card_section", "replace_card_section"]

@@ -62,13 +62,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def describe_machine() -> str:
+def describe_machine(device: torch.device | str | None = None, *, detail: bool = False) -> str:
     """One line naming what runs the code, for reports and model cards: the GPU's name, or the CPU model
-    and torch's thread count."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+    and torch's thread count. `device`: the one the work runs on (default: `default_device()`).
+
+    detail=True, for benchmark tables: "GPU <name> (compute capability 9.0, 80 GiB)" or "CPU <model>", then
+    torch's version, its thread count and the logical CPUs visible, e.g.
+    "CPU Intel(R) Xeon(R) Processor; torch 2.13.0+cpu; 1 thread(s); 2 logical CPUs visible"."""
+    device = default_device() if device is None else torch.device(device)
     threads = torch.get_num_threads()
-    return f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
+    if not detail:
+        if device.type == "cuda":
+            return torch.cuda.get_device_name(device)
+        return f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_properties(device)
+        what = f"GPU {gpu.name} (compute capability {gpu.major}.{gpu.minor}, {gpu.total_memory / 2**30:.0f} GiB)"
+    else:
+        what = f"CPU {cpu_name()}"
+    return f"{what}; torch {torch.__version__}; {threads} thread(s); {os.cpu_count()} logical CPUs visible"
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:

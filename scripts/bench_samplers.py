@@ -21,7 +21,6 @@ skipped.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -37,7 +36,7 @@ from course_lib.checkpoint import replace_card_section  # noqa: E402
 from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.sampling import SAMPLERS, sample  # noqa: E402
-from course_lib.settings import cpu_name, default_device  # noqa: E402
+from course_lib.settings import default_device, describe_machine, timed  # noqa: E402
 
 
 def int_list(text: str) -> list[int]:
@@ -58,29 +57,15 @@ def sampler_list(text: str) -> list[str]:
     return names
 
 
-def machine(device: torch.device) -> str:
-    """CPU model (or GPU name), torch version and thread count, in one line."""
-    if device.type == "cuda":
-        what = f"GPU {torch.cuda.get_device_name(device)}"
-    else:
-        what = f"CPU {cpu_name()}"
-    return f"{what}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); {os.cpu_count()} logical CPUs visible"
-
-
 def generate(model, schedule, prediction: str, x_T: torch.Tensor, sampler: str, steps: int, seed: int,
              batch_size: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Samples from the given x_T in batches, and the seconds they took."""
+    """Samples (course_lib.sampling.sample) from the given x_T in batches, and the seconds they took
+    (course_lib.settings.timed). Kept here: the course's pipeline.generate batches a text-to-image pipeline's
+    prompts; this benchmark starts an unconditional model from fixed noise shared by every sampler."""
     noise = torch.Generator().manual_seed(seed)   # DDPM's fresh noise (a CPU generator: same numbers on any device)
-    out = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for batch in x_T.split(batch_size):
-        out.append(sample(model, schedule, tuple(batch.shape), sampler=sampler, steps=steps, prediction=prediction,
-                          x_T=batch.to(device), generator=noise, device=device).cpu())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return torch.cat(out), time.perf_counter() - start
+    return timed(lambda: torch.cat([
+        sample(model, schedule, tuple(batch.shape), sampler=sampler, steps=steps, prediction=prediction,
+               x_T=batch.to(device), generator=noise, device=device).cpu() for batch in x_T.split(batch_size)]))
 
 
 DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -109,22 +94,19 @@ def diffusers_loop(sampler: str, schedule, steps: int, prediction: str = "epsilo
 
 def run_diffusers(ref, sampler: str, model, x_T: torch.Tensor, batch_size: int, device: torch.device):
     """The diffusers denoising loop over x_T in batches; (images, seconds)."""
-    out = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for batch in x_T.split(batch_size):
-        x = batch.to(device)
-        ref.set_timesteps(len(ref.timesteps))   # resets DPM-Solver's history
-        with torch.no_grad():
-            for t in ref.timesteps:
-                output = model(x, t.to(device).expand(len(x)))
-                kw = {"use_clipped_model_output": True} if sampler == "ddim" else {}
-                x = ref.step(output, t, x, **kw).prev_sample
-        out.append(x.cpu())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return torch.cat(out), time.perf_counter() - start
+    def run() -> torch.Tensor:
+        out = []
+        for batch in x_T.split(batch_size):
+            x = batch.to(device)
+            ref.set_timesteps(len(ref.timesteps))   # resets DPM-Solver's history
+            with torch.no_grad():
+                for t in ref.timesteps:
+                    output = model(x, t.to(device).expand(len(x)))
+                    kw = {"use_clipped_model_output": True} if sampler == "ddim" else {}
+                    x = ref.step(output, t, x, **kw).prev_sample
+            out.append(x.cpu())
+        return torch.cat(out)
+    return timed(run)
 
 
 def main() -> None:
@@ -184,7 +166,8 @@ def main() -> None:
         print(f"  {sampler:8s} {steps:5d} steps: {seconds:7.1f} s, {q}, chroma {colour.chroma:.3f}", file=sys.stderr,
               flush=True)
 
-    print(f"\nSamplers on {machine(device)}.\nModel: {model_line}; n = {args.n} samples each (batch {batch_size}), "
+    machine = describe_machine(device, detail=True)
+    print(f"\nSamplers on {machine}.\nModel: {model_line}; n = {args.n} samples each (batch {batch_size}), "
           f"seed {args.seed}, against the {args.reference} emoji in the course's feature space. Colour "
           f"(course_lib.metrics.colour): mean chroma against the {args.reference} emoji's ({real_colour.chroma:.3f}), "
           f"and the share of values at the ends of [-1, 1] (theirs: {real_colour.at_ends:.1%}).\n")
@@ -197,7 +180,7 @@ def main() -> None:
     print("\n".join(table))
     if args.card is not None:
         command = shlex.join(["python", "scripts/bench_samplers.py"] + sys.argv[1:])
-        body = (f"## Samplers\n\nMeasured by `{command}` on {machine(device)}: n = {args.n} samples per row from the "
+        body = (f"## Samplers\n\nMeasured by `{command}` on {machine}: n = {args.n} samples per row from the "
                 f"same starting noise, seed {args.seed}, against the {args.reference} emoji in the course's feature "
                 f"space, the floor at the same n beside; colour is the mean chroma against the real emoji's "
                 f"({real_colour.chroma:.3f}) and the share of values at the ends of [-1, 1] (theirs: "

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from course_lib.settings import cpu_name
+from course_lib.settings import describe_machine, timed
 from course_lib.unet import PRESETS, UNet, UNetConfig, count_parameters, get_preset
 
 
@@ -103,9 +103,12 @@ class Runner:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self) -> float:
+        """Seconds of one bare step (course_lib.settings.timed). Written out rather than run by course_lib.loop.Fit:
+        the benchmark times the same few operations for both U-Nets, without the loop's guards and logging."""
         self.model.train()
-        sync(self.device)
-        start = time.perf_counter()
+        return timed(self._train_step)[1]
+
+    def _train_step(self) -> None:
         with self.autocast():
             loss = F.mse_loss(self.model(self.x, self.t).float(), self.noise)
         self.opt.zero_grad(set_to_none=True)
@@ -116,18 +119,15 @@ class Runner:
         else:
             loss.backward()
             self.opt.step()
-        sync(self.device)
-        return time.perf_counter() - start
 
     @torch.no_grad()
     def sample_step(self) -> float:
         self.model.eval()
-        sync(self.device)
-        start = time.perf_counter()
+        return timed(self._forward)[1]
+
+    def _forward(self) -> None:
         with self.autocast():
             self.model(self.x, self.t)
-        sync(self.device)
-        return time.perf_counter() - start
 
     def peak_memory(self, step: str) -> float:
         """Peak memory allocated during one step, above what was allocated before it (MiB)."""
@@ -148,17 +148,6 @@ def median_times(runners: list[Runner], step: str, warmup: int, repeats: int) ->
         for runner in (runners if i % 2 == 0 else runners[::-1]):
             times[runner.name].append(getattr(runner, step)())
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        what = f"{props.name} (compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
-    else:
-        what = cpu_name()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{what}; torch {torch.__version__}; {torch.get_num_threads()} CPU thread(s) "
-            f"of {os.cpu_count()} cores; load average {load:.2f} at start")
 
 
 def amp_dtypes(device: torch.device) -> list[torch.dtype | None]:
@@ -236,7 +225,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"machine: {machine(device)}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {describe_machine(device, detail=True)}; load average {load:.2f} at start")
     print(f"batch {args.batch}, {args.size} px, {args.warmup} warm-up + median of {args.repeats} steps per model\n")
     start = time.perf_counter()
     rows = [row for name in args.presets for row in bench_preset(name, args, device)]

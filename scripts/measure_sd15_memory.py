@@ -26,7 +26,8 @@ statistics first, so every row is "the resident weights + that job":
                                 hypernetwork); LiDB's starting weights stand in for its prediction
     textual inversion step      every weight frozen; one row of the text encoder's token table trains (float32),
                                 its gradient reaching it from the U-Net's denoising loss back through the frozen
-                                float16 text encoder (checkpointed U-Net, GradScaler, AdamW over the 768 numbers).
+                                float16 text encoder: two steps of the course's one loop (checkpointed U-Net,
+                                GradScaler, AdamW over the 768 numbers).
                                 The row is an existing token's (the subject word's first); a new row, as
                                 course_lib.textual_inversion adds on the tiny SD, costs the same memory
 
@@ -244,19 +245,9 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int, only: list[str] | N
         token = int(ids[0, 1 + len(sd.tokenizer.encode(" ".join(SUBJECT_PROMPT.split()[:word])))])
         one_row = OneTrainedRow(table, token)
         sd.text_encoder.token_embedding = one_row
-        latents = sd.encode_images(image)
-        optimizer = torch.optim.AdamW([one_row.row], lr=5e-3, weight_decay=0.0)
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and sd.dtype == torch.float16)
-        generator = torch.Generator().manual_seed(0)
         start = one_row.row.detach().clone()
         try:
-            for _ in range(LORA_STEPS):
-                context = sd.text_encoder(ids, None)                           # with gradients, to the one row
-                loss = sd.lora_loss(latents, context.float(), generator)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+            OneRowFineTune(sd, image, ids, one_row).run(progress=False)
             if has_values(start) and (torch.equal(one_row.row.detach(), start)
                                       or not torch.isfinite(one_row.row).all()):
                 raise RuntimeError("textual inversion: the trained row did not move (no gradient reached it) "
@@ -307,6 +298,23 @@ class FullFineTune(FineTune):
 
     def loss(self) -> torch.Tensor:
         return self.sd.lora_loss(self.latents.to(self.device), self.context, self.generator)
+
+
+class OneRowFineTune(FineTune):
+    """Textual inversion's step on SD as the course's one loop runs it: one token's embedding row (float32) trained
+    through the frozen text encoder with SD's denoising loss (sd.lora_loss), AdamW, no clipping, the GradScaler
+    with a float16 model on a GPU; the image encoded once."""
+
+    def __init__(self, sd: StableDiffusion, image: torch.Tensor, ids: torch.Tensor, one_row: "OneTrainedRow"):
+        self.sd, self.ids = sd, ids
+        self.latents = sd.encode_images(image)
+        fp16 = sd.device.type == "cuda" and sd.dtype == torch.float16
+        super().__init__(FitConfig(steps=LORA_STEPS, lr=5e-3, grad_clip=None, precision="fp16" if fp16 else "fp32"),
+                         torch.optim.AdamW([one_row.row], lr=5e-3, weight_decay=0.0), sd.device)
+
+    def loss(self) -> torch.Tensor:
+        context = self.sd.text_encoder(self.ids, None)                  # with gradients, to the one row
+        return self.sd.lora_loss(self.latents, context.float(), self.generator)
 
 
 class OneTrainedRow(torch.nn.Module):

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from course_lib.checkpoint import shipped  # noqa: E402
+from course_lib.checkpoint import shipped, write_text_atomic  # noqa: E402
 from course_lib.clip import (MiniCLIP, clip_config, fit_clip, load_clip, retrieval_accuracy, save_clip,  # noqa: E402
                              similarity)
 from course_lib.data import load_emoji  # noqa: E402
@@ -99,7 +99,7 @@ def write_card(path: Path, result: dict, params: int, command: str) -> None:
         "both are weak on real images too (notebook 08's per-category table).", "",
         "Licence: derived from Noto Emoji images (Apache-2.0) and Unicode character names; see data/emoji/LICENSES.md.",
         ""]
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
 
 
 def main() -> None:

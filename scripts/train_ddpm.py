@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib.checkpoint import card_section, replace_card_section  # noqa: E402
+from course_lib.checkpoint import card_section, replace_card_section, write_text_atomic  # noqa: E402
 from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.settings import describe_machine as machine  # noqa: E402
@@ -114,7 +114,7 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
     kept = card_section(path.read_text(), "bench_samplers") if path.exists() else None
     if kept is not None:   # the samplers table scripts/bench_samplers.py --card wrote stays
         card = replace_card_section(card, "bench_samplers", kept.split("\n", 1)[1].rsplit("\n", 1)[0])
-    path.write_text(card)
+    write_text_atomic(path, card)
 
 
 def main() -> None:

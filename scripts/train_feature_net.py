@@ -6,7 +6,9 @@
 FeatureNet learns to name the Unicode subcategory of a 32 px Noto emoji (99 classes) from the
 training split, with light augmentation (shifts of up to 2 px on the white background, horizontal
 flips). It runs on the CPU with a fixed seed and thread count, so a rerun on the same machine and
-torch build gives the same weights. It writes, atomically (a temporary file, then os.replace):
+torch build gives the same weights. Training runs in the course's one loop (course_lib.loop.Fit, as
+`ClassifierFit`): AdamW with a one-cycle learning rate, no gradient clipping, no EMA. It writes, atomically
+(course_lib.checkpoint: a temporary file, then os.replace):
     checkpoints/feature_net.safetensors   fp16 weights; metadata: config, classes, seed, steps,
                                           held-out accuracy, torch version, command
     checkpoints/feature_net.md            the model card: command, seed, hardware, time, accuracy, the
@@ -28,31 +30,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from course_lib import feature_net, metrics  # noqa: E402
-from course_lib.checkpoint import atomic_save  # noqa: E402
+from course_lib.checkpoint import atomic_save, write_text_atomic  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.feature_net import FeatureNet, FeatureNetConfig  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from course_lib.loop import Fit, FitConfig  # noqa: E402
+from course_lib.settings import describe_machine  # noqa: E402
 
 
 def augment(x: torch.Tensor, g: torch.Generator, shift: int = 2) -> torch.Tensor:
@@ -66,13 +58,48 @@ def augment(x: torch.Tensor, g: torch.Generator, shift: int = 2) -> torch.Tensor
     return out
 
 
-def step_once(opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> float:
-    """Backpropagate `loss`, take one optimiser and one schedule step; return the loss's value."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    return loss.item()
+class ClassifierFit(Fit):
+    """A classifier trained in epochs by the course's one loop: each epoch visits the n training items once in a
+    fresh random order (the loop's generator; the last batch may be smaller), `draw(indices, generator)` gives a
+    batch's (augmented) images, and the loss is cross-entropy with the class weights and label smoothing given.
+    AdamW with a one-cycle learning rate (OneCycleLR, 15% warm-up, stepped after every optimiser step; the loop's
+    own schedule is off for it), no gradient clipping, no EMA. `on_epoch(epoch, mean loss)` after each epoch.
+    Shared with scripts/train_judges.py."""
+
+    def __init__(self, net: torch.nn.Module, labels: torch.Tensor,
+                 draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor], *, epochs: int, batch_size: int,
+                 lr: float, weight_decay: float, seed: int, label_smoothing: float = 0.0,
+                 class_weight: torch.Tensor | None = None, on_epoch: Callable[[int, float], None] | None = None):
+        steps = epochs * -(-len(labels) // batch_size)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
+                                                               pct_start=0.15)
+        for group in optimizer.param_groups:
+            group["scheduled"] = False                      # the one-cycle schedule sets the rate, not the loop
+        super().__init__(FitConfig(steps=steps, lr=lr, grad_clip=None), optimizer, "cpu", seed=seed)
+        self.net, self.labels, self.draw, self.batch_size = net, labels, draw, batch_size
+        self.loss_options = dict(weight=class_weight, label_smoothing=label_smoothing)
+        self.on_epoch, self.epoch = on_epoch, 0
+        self.epoch_batches: list[torch.Tensor] = []         # the current epoch's batches still to come
+        self.epoch_total = 0.0
+
+    def loss(self) -> torch.Tensor:
+        if not self.epoch_batches:                          # a new epoch
+            self.net.train()
+            order = torch.randperm(len(self.labels), generator=self.generator)
+            self.epoch_batches = list(order.split(self.batch_size))
+        self.batch = self.epoch_batches.pop(0)
+        logits = self.net(self.draw(self.batch, self.generator))
+        return F.cross_entropy(logits, self.labels[self.batch], **self.loss_options)
+
+    def after_step(self) -> None:
+        self.lr_schedule.step()
+        self.epoch_total += self.history["loss"][-1] * len(self.batch)
+        if not self.epoch_batches:                          # the epoch's last batch
+            self.epoch += 1
+            if self.on_epoch is not None:
+                self.on_epoch(self.epoch, self.epoch_total / len(self.labels))
+            self.epoch_total = 0.0
 
 
 @torch.no_grad()
@@ -91,25 +118,18 @@ def train(args) -> tuple[FeatureNet, dict]:
     x_train = train_set.images
 
     torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
     net = FeatureNet(FeatureNetConfig(num_classes=len(classes)), classes=classes)
     print(net)
-    steps_per_epoch = -(-len(x_train) // args.batch_size)
-    steps = args.epochs * steps_per_epoch
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
-    step = 0
-    for epoch in range(args.epochs):
-        net.train()
-        order = torch.randperm(len(x_train), generator=g)
-        total = 0.0
-        for batch in order.split(args.batch_size):
-            logits = net(augment(x_train[batch], g))
-            loss = F.cross_entropy(logits, y_train[batch], label_smoothing=args.label_smoothing)
-            total += step_once(opt, sched, loss) * len(batch)
-            step += 1
-        print(f"epoch {epoch + 1:2d}/{args.epochs}  loss {total / len(x_train):.3f}  "
+
+    def report(epoch: int, loss: float) -> None:
+        print(f"epoch {epoch:2d}/{args.epochs}  loss {loss:.3f}  "
               f"held-out accuracy {accuracy(net, heldout.images, y_held):.3f}", flush=True)
+
+    run = ClassifierFit(net, y_train, lambda i, g: augment(x_train[i], g), epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                        label_smoothing=args.label_smoothing, on_epoch=report)
+    run.fit(progress=False)
+    step = run.step
 
     # Centre and scale the features on the training images, round to fp16 as shipped,
     # and measure what ships.
@@ -132,14 +152,6 @@ def save(net: FeatureNet, path: Path, meta: dict) -> None:
     """fp16 safetensors with string metadata, written atomically (course_lib.checkpoint.atomic_save)."""
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
     atomic_save(state, path, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def percentiles(d: torch.Tensor, qs=(1, 5, 50)) -> dict[int, float]:
@@ -219,7 +231,7 @@ blind to noise (the numbers are in the docstring of scripts/train_feature_net.py
 | seed | {args.seed} |
 | data | Noto emoji, training split ({results['train_images']} images, {results['classes']} subcategories), 32 px; augmentation: shifts up to 2 px, horizontal flips |
 | training | {args.epochs} epochs, {results['steps']} AdamW steps, batch {args.batch_size}, one-cycle lr {args.lr}, weight decay {args.weight_decay}, label smoothing {args.label_smoothing} |
-| hardware | {cpu_name()}, {args.threads} threads, torch {torch.__version__} |
+| hardware | {describe_machine("cpu")}, torch {torch.__version__} |
 | wall time | {wall / 60:.1f} min (training and the measurements below) |
 | held-out accuracy | **{100 * results['heldout_accuracy']:.1f}%** top-1 over {results['classes']} subcategories ({results['heldout_images']} held-out images, {results['heldout_classes']} subcategories present); training accuracy {100 * results['train_accuracy']:.1f}% |
 

@@ -41,13 +41,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from course_lib import judges  # noqa: E402
-from course_lib.checkpoint import checkpoints_dir, shipped  # noqa: E402
+from course_lib.checkpoint import checkpoints_dir, shipped, write_text_atomic  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.pipeline import TextToImage  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.unet import count_parameters  # noqa: E402
 from course_lib.vae import decode_latents, encode_latents, load_vae  # noqa: E402
-from train_feature_net import augment, save, step_once, write_text_atomic  # noqa: E402
+from train_feature_net import ClassifierFit, augment, save  # noqa: E402
 
 GOALS = {"style": 0.95, "tone": 0.90}   # held-out accuracy the course asked of each judge
 BLUR_SIGMAS = (1.0, 2.0)       # the card's blurred held-out rows; 2.0 is past what training saw (the failure case)
@@ -126,25 +126,20 @@ def train(name: str, args, vae_pair) -> tuple[torch.nn.Module, dict]:
     counts = torch.bincount(labels, minlength=len(classes)).float()
     weight = counts.sum() / (len(classes) * counts.clamp(min=1))        # balanced classes in the loss
     torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
     net = judges.new_judge(name, args.channels.get(name))
-    steps = args.epochs * -(-len(x) // args.batch_size)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
     held_x, held_y = dataset(name, "heldout", limit=args.limit)
-    step, t0 = 0, time.perf_counter()
-    for epoch in range(args.epochs):
-        net.train()
-        total = 0.0
-        for batch in torch.randperm(len(x), generator=g).split(args.batch_size):
-            logits = net(degrade(x[batch], g, x_vae[batch]))
-            loss = F.cross_entropy(logits, labels[batch], weight=weight, label_smoothing=0.05)
-            total += step_once(opt, sched, loss) * len(batch)
-            step += 1
+
+    def report(epoch: int, loss: float) -> None:
         net.eval()
         acc = judges.accuracy(name, held_x, held_y, judge=net)
-        print(f"{name} epoch {epoch + 1:2d}/{args.epochs}  loss {total / len(x):.3f}  held-out accuracy {acc:.3f}",
-              flush=True)
+        print(f"{name} epoch {epoch:2d}/{args.epochs}  loss {loss:.3f}  held-out accuracy {acc:.3f}", flush=True)
+
+    t0 = time.perf_counter()
+    run = ClassifierFit(net, labels, lambda i, g: degrade(x[i], g, x_vae[i]), epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, weight_decay=0.05, seed=args.seed,
+                        label_smoothing=0.05, class_weight=weight, on_epoch=report)
+    run.fit(progress=False)
+    step = run.step
     with torch.no_grad():                                                # measure what ships: fp16-rounded
         for p in net.state_dict().values():
             if p.is_floating_point():

@@ -51,8 +51,7 @@ def update_results(args, key: str, value) -> None:
     path = results_path(args)
     data = json.loads(path.read_text()) if path.exists() else {}
     data[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    ckpt.write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def stage_lora(args) -> None:
@@ -148,7 +147,7 @@ def stage_cards(args) -> None:
                  "file_bytes": (out_dir / "lora_twemoji.safetensors").stat().st_size}
     update_results(args, "lora_eval", lora_eval)
     t = meta["info"]
-    (out_dir / "lora_twemoji.md").write_text(f"""# lora_twemoji: the tiny SD in Twemoji's style
+    ckpt.write_text_atomic(out_dir / "lora_twemoji.md", f"""# lora_twemoji: the tiny SD in Twemoji's style
 
 A rank-{meta['rank']} LoRA (alpha {meta['alpha']:g}) on the U-Net's attention projections ({len(meta['layers'])} layers,
 {lora_eval['adapter_numbers']:,} numbers, {lora_eval['file_bytes'] / 1024:.0f} KiB in float16), on top of `tiny_sd_emoji`.
@@ -190,7 +189,7 @@ Notebook 10 loads it for the LoRA-scale slider.
              "class_prompt_subject_similarity": sum(base_sims) / len(base_sims)}
     update_results(args, "hyper_eval", heval)
     p = results["lidb_preopt"]
-    (out_dir / "hyperdreambooth.md").write_text(f"""# hyperdreambooth: one image -> LiDB weights for the tiny SD
+    ckpt.write_text_atomic(out_dir / "hyperdreambooth.md", f"""# hyperdreambooth: one image -> LiDB weights for the tiny SD
 
 A hypernetwork ({hinfo['parameters']:,} parameters) that predicts Lightweight DreamBooth weights (rank {lidb_cfg.rank},
 a = {lidb_cfg.a}, b = {lidb_cfg.b}: {lidb.numbers:,} numbers over {lidb.shape[0]} attention projections) from one 32 px image.

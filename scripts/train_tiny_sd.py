@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_lib import checkpoint as ckpt  # noqa: E402
+from course_lib.memory import measure_peak  # noqa: E402
 from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
@@ -42,8 +43,8 @@ from course_lib.plotting import save_grid_png  # noqa: E402
 from course_lib.flow import TIMESTEP_SAMPLING  # noqa: E402
 from course_lib.train import OBJECTIVES, Conditioning, TrainConfig, Trainer, resolve_precision  # noqa: E402
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
-from course_lib.vae import (DEFAULT_KL_WEIGHT, VAE, encode_latents, fit_vae, latent_scale_factor,  # noqa: E402
-                            load_vae, save_vae)
+from course_lib.vae import (DEFAULT_KL_WEIGHT, VAE, decode_latents, encode_latents, fit_vae,  # noqa: E402
+                            latent_scale_factor, load_vae, save_vae)
 from course_lib.vae import vae_preset  # noqa: E402
 from course_lib.vae_gan import fit_vae_gan  # noqa: E402
 from course_lib.feature_net import load_feature_net  # noqa: E402
@@ -69,31 +70,26 @@ def update_results(args, key: str, value) -> None:
     path = results_path(args)
     data = json.loads(path.read_text()) if path.exists() else {}
     data[key] = value
-    path.write_text(json.dumps(data, indent=1))
+    ckpt.write_text_atomic(path, json.dumps(data, indent=1))
 
 
-def peak_gib(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def with_peak(fn, device: torch.device, what: str):
+    """fn()'s result and the peak GPU memory it reached in GiB (course_lib.memory.measure_peak; None on a CPU)."""
+    result = []
+    report = measure_peak(lambda: result.append(fn()), device, what)
+    return result[0], report.peak_gib
 
 
 # --- stage 1: the VAE -------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def reconstruct(vae: VAE, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Each image through the VAE (the posterior mean), clamped to [-1, 1], on the CPU; the VAE's mode is kept."""
+    """Each image through the VAE (the posterior mean; course_lib.vae.encode_latents, decode_latents unscaled),
+    clamped to [-1, 1], on the CPU; the VAE's train or eval mode is kept (this runs during training)."""
     was_training = vae.training
-    vae = vae.to(device).eval()
-    out = [vae.decode(vae.encode(images[i:i + 256].to(device)).mode()).clamp(-1, 1).float().cpu()
-           for i in range(0, images.shape[0], 256)]
+    vae.eval()
+    out = decode_latents(vae, encode_latents(vae, images, 1.0, device=device), 1.0, device=device)
     vae.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 def heldout_psnr(vae: VAE, images: torch.Tensor, device: torch.device) -> float:
@@ -118,7 +114,7 @@ def curve_logger(path: Path, measure, every: int, offset: int = 0):
             return
         point = {"step": offset + step, "seconds": round(history["seconds"], 1), **measure()}
         points[:] = [q for q in points if q["step"] != point["step"]] + [point]
-        path.write_text(json.dumps(sorted(points, key=lambda q: q["step"]), indent=1))
+        ckpt.write_text_atomic(path, json.dumps(sorted(points, key=lambda q: q["step"]), indent=1))
         print("curve", point, flush=True)
     return log, points
 
@@ -167,13 +163,11 @@ def stage_vae(args, device: torch.device) -> None:
     terms = ({"perceptual_weight": args.perceptual_weight, "adversarial_weight": args.adversarial_weight,
               "adversarial_start": args.adversarial_start, "d_lr": args.d_lr or args.vae_lr} if adversarial else {})
     net = {"perceptual_net": load_feature_net(device)} if adversarial else {}
-    reset_peak(device)
-    history = (fit_vae_gan if adversarial else fit_vae)(
+    history, peak = with_peak(lambda: (fit_vae_gan if adversarial else fit_vae)(
         vae, train, steps=args.vae_steps, batch_size=args.vae_batch, lr=args.vae_lr, kl_weight=args.kl_weight,
         device=device, precision=precision, seed=args.seed, checkpoint_path=state, checkpoint_every=250,
         progress=not args.no_progress, callback=log, callback_every=1, warmup=args.vae_warmup,
-        max_seconds=args.max_minutes * 60 if args.max_minutes else None, **terms, **net)
-    peak = peak_gib(device)
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None, **terms, **net), device, "VAE training")
     scale = latent_scale_factor(vae, train, generator=torch.Generator().manual_seed(args.seed), device=device)
     quality = reconstruction_quality(vae, heldout, device)
     info = {"steps": history["steps"], "train_seconds": round(history["seconds"], 1), "machine": describe_machine(),
@@ -215,7 +209,6 @@ def stage_clip(args, device: torch.device) -> None:
         clip = MiniCLIP(clip_config(args.clip_preset, tokenizer.vocab_size))
     state = Path(args.run_dir) / f"{NAMES['clip']}.train.safetensors"
     precision = precision_for(device)
-    reset_peak(device)
     n_train = min(398, len(train.captions))
     # a seeded random 398 training emoji, as notebook 08 picks them (the first 398 in the fixed order are a few
     # categories' skin-tone variants, whose captions are far harder to tell apart: 81% against 95% top-1 once)
@@ -230,11 +223,11 @@ def stage_clip(args, device: torch.device) -> None:
         clip.train(was_training)
         return {"heldout_top1": round(held[1], 4), "heldout_top5": round(held[5], 4), "train_top1": round(seen[1], 4)}
     log, curve = curve_logger(Path(args.run_dir) / f"{NAMES['clip']}.curve.json", retrieval, args.eval_every)
-    history = fit_clip(clip, tokenizer, images, captions, steps=args.clip_steps, batch_size=args.clip_batch,
-                       lr=args.clip_lr, device=device, precision=precision, seed=args.seed, checkpoint_path=state,
-                       checkpoint_every=250, progress=not args.no_progress, callback=log, callback_every=1,
-                       max_seconds=args.max_minutes * 60 if args.max_minutes else None)
-    peak = peak_gib(device)
+    history, peak = with_peak(lambda: fit_clip(
+        clip, tokenizer, images, captions, steps=args.clip_steps, batch_size=args.clip_batch, lr=args.clip_lr,
+        device=device, precision=precision, seed=args.seed, checkpoint_path=state, checkpoint_every=250,
+        progress=not args.no_progress, callback=log, callback_every=1,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None), device, "CLIP training")
     clip.eval()
     sim = similarity(clip, tokenizer, heldout.images, heldout.captions, device=device)
     acc = retrieval_accuracy(sim)
@@ -288,13 +281,13 @@ def stage_t2i(args, device: torch.device) -> None:
             start, _, before = load_model(Path(args.init_from) / f"{NAMES['t2i']}.safetensors")
             unet.load_state_dict(start.state_dict())
             unet.requires_grad_(True)
-            init_file.write_text(json.dumps(before_summary(before)))
+            ckpt.write_text_atomic(init_file, json.dumps(before_summary(before)))
             print(f"U-Net initialised from {args.init_from} ({before.get('steps')} steps on {before.get('machine')})")
         trainer = Trainer(unet, latents, config, device=device, conditioning=cond)
-    reset_peak(device)
-    trainer.train(checkpoint_path=state, checkpoint_every=1000, progress=not args.no_progress,
-                  max_seconds=args.max_minutes * 60 if args.max_minutes else None)
-    peak = peak_gib(device)
+    _, peak = with_peak(lambda: trainer.train(checkpoint_path=state, checkpoint_every=1000,
+                                              progress=not args.no_progress,
+                                              max_seconds=args.max_minutes * 60 if args.max_minutes else None),
+                        device, "text-to-image training")
     info = {"machine": describe_machine(), "command": command(), "preset": args.unet_preset,
             "vae": NAMES["vae"], "clip": NAMES["clip"], "scale_factor": scale, "peak_gib": peak,
             "initialised_from": json.loads(init_file.read_text()) if init_file.exists() else None,
@@ -307,13 +300,6 @@ def stage_t2i(args, device: torch.device) -> None:
 
 
 # --- stage 4: measure and write the cards ---------------------------------------------------------------------
-
-def generate(pipe, prompts: list[str], *, guidance: float, steps: int, seed: int, batch: int = 256) -> torch.Tensor:
-    chunks = []
-    for start in range(0, len(prompts), batch):
-        chunks.append(pipe(prompts[start:start + batch], seed=seed + start, steps=steps, guidance_scale=guidance))
-    return torch.cat(chunks)
-
 
 def stage_cards(args, device: torch.device) -> None:
     from course_lib import metrics
@@ -333,7 +319,7 @@ def stage_cards(args, device: torch.device) -> None:
     samples_at = {}
     for g in [float(x) for x in args.guidance.split(",")]:
         t0 = time.perf_counter()
-        images = generate(pipe, prompts, guidance=g, steps=args.eval_steps, seed=args.seed)
+        images = pipe.generate(prompts, batch_size=256, seed=args.seed, steps=args.eval_steps, guidance_scale=g)
         seconds = time.perf_counter() - t0
         sim = similarity(pipe.clip, pipe.tokenizer, images, prompts, device=device)
         acc = retrieval_accuracy(sim)
@@ -404,7 +390,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
                   f"{r['heldout_psnr']} | {r['seconds']} |" for r in sweep]
         lines += [""]
     lines += ["Licence: derived from Noto Emoji images (Apache-2.0); see data/emoji/LICENSES.md.", ""]
-    (out_dir / f"{NAMES['vae']}.md").write_text("\n".join(lines))
+    ckpt.write_text_atomic(out_dir / f"{NAMES['vae']}.md", "\n".join(lines))
 
     lines = [f"# Model card: {NAMES['clip']}", "",
              "A mini CLIP (course_lib.text): a BPE tokenizer trained on the emoji captions, a transformer text "
@@ -430,7 +416,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"{5 / max(1, clip.get('n_heldout', 1)):.3f} |", "",
              "Licence: derived from Noto Emoji images (Apache-2.0) and Unicode character names; see "
              "data/emoji/LICENSES.md.", ""]
-    (out_dir / f"{NAMES['clip']}.md").write_text("\n".join(lines))
+    ckpt.write_text_atomic(out_dir / f"{NAMES['clip']}.md", "\n".join(lines))
 
     tc = json.loads(ckpt.read(out_dir / f"{NAMES['t2i']}.safetensors")[1]["info"])["train_config"]
     lines = [f"# Model card: {NAMES['t2i']}", "",
@@ -471,7 +457,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
     lines += ["", f"![held-out emoji (left of each pair) and the model's image for its caption]"
                   f"({NAMES['t2i']}_samples.png)", "",
               "Licence: derived from Noto Emoji images (Apache-2.0); see data/emoji/LICENSES.md.", ""]
-    (out_dir / f"{NAMES['t2i']}.md").write_text("\n".join(lines))
+    ckpt.write_text_atomic(out_dir / f"{NAMES['t2i']}.md", "\n".join(lines))
     print("wrote the model cards", flush=True)
 
 

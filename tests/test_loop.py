@@ -238,6 +238,19 @@ def test_stale_temporaries_are_removed_by_the_next_save(tmp_path):
     assert not stale.exists() and [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
 
 
+def test_text_is_written_atomically_beside_no_temporaries(tmp_path, monkeypatch):
+    path = tmp_path / "cards" / "model.md"
+    assert ckpt.write_text_atomic(path, "# card ± 1\n") == path           # makes the folder; UTF-8
+    stale = path.parent / ".model.md.k3j2h1.tmp"
+    stale.write_text("half a card")                                      # what a kill inside a write leaves
+    ckpt.write_text_atomic(path, "# new card\n")
+    assert path.read_text() == "# new card\n" and [p.name for p in path.parent.iterdir()] == ["model.md"]
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.write_text_atomic(path, "lost")
+    assert path.read_text() == "# new card\n" and [p.name for p in path.parent.iterdir()] == ["model.md"]
+
+
 def test_a_flipped_byte_or_an_edited_step_is_refused(tmp_path):
     path = tmp_path / "c.safetensors"
     ckpt.atomic_save({"a": torch.arange(64.0)}, path, {"step": "5"})

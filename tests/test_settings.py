@@ -64,3 +64,12 @@ def test_timed_returns_the_result_and_the_seconds():
 def test_timed_refuses_what_is_not_a_function():
     with pytest.raises(TypeError, match=r"function of no arguments .*got int"):
         settings.timed(3)
+
+
+def test_describe_machine_on_the_cpu_names_the_model_and_threads():
+    threads = torch.get_num_threads()
+    assert settings.describe_machine("cpu") == f"{settings.cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
+    # the benchmarks' line (results/samplers_eps_vs_v_cpu.txt keeps this form)
+    assert settings.describe_machine("cpu", detail=True) == (
+        f"CPU {settings.cpu_name()}; torch {torch.__version__}; {threads} thread(s); "
+        f"{os.cpu_count()} logical CPUs visible")
