@@ -75,7 +75,7 @@ from course_lib.lidb import LiDB, LiDBConfig  # noqa: E402
 from course_lib.finetune import FineTune  # noqa: E402
 from course_lib.loop import FitConfig  # noqa: E402
 from course_lib.lora import lora_layers, remove_lora  # noqa: E402
-from course_lib.quantize import AdamW8bit  # noqa: E402
+from course_lib.quantize import AdamW8bit, nf4_linears  # noqa: E402
 from course_lib.sd import PRESETS, LoRAFineTune, StableDiffusion, sd_preset  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 
@@ -193,7 +193,13 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int, only: list[str] | N
     plural = "s" if steps > 1 else ""
     attempt(f"generation, {size} px, batch 1, {steps} step{plural}, guidance {GUIDANCE:g}, VAE slicing",
             lambda: sd(PROMPT, steps=steps, guidance_scale=GUIDANCE, height=size, width=size, vae_slicing=True))
+    attempt(f"generation, {size} px, batch 1, {steps} step{plural}, guidance {GUIDANCE:g}, VAE slicing, attention one "
+            f"(image, head) pair at a time, VAE tiles of {VAE_TILE}",
+            lambda: sd(PROMPT, steps=steps, guidance_scale=GUIDANCE, height=size, width=size, vae_slicing=True,
+                       attention_slice=1, vae_tile=VAE_TILE))
     attempt("VAE decode, batch 2, sliced (one at a time)", lambda: sd.decode(two_latents, slicing=True))
+    attempt(f"VAE decode, batch 2, sliced, tiles of {VAE_TILE}",
+            lambda: sd.decode(two_latents, slicing=True, tile=VAE_TILE))
     attempt("VAE decode, batch 2, at once (no slicing)", lambda: sd.decode(two_latents, slicing=False))
 
     sd.add_lora(rank=LORA_RANK, gradient_checkpointing=True)
@@ -270,9 +276,17 @@ def measure_rows(sd: StableDiffusion, steps: int, size: int, only: list[str] | N
                 f"{size} px, batch 2 (subject + class)",
                 lambda: FullFineTune(sd, two_images, [SUBJECT_PROMPT, CLASS_PROMPT], optimizer).run(progress=False))
         sd.unet.requires_grad_(False).to(resident)
+
+    # QLoRA: the frozen U-Net's linear layers in NF4 (course_lib.quantize.nf4_linears, dequantised to float16 when
+    # used), LoRA on top. Converted before the measurement, as a run would load it; the last row, since it is lasting.
+    name = f"QLoRA step, {size} px, batch 1, rank {LORA_RANK}, NF4 base (linear layers), gradient checkpointing"
+    if not only or any(part in name for part in only):
+        nf4_linears(sd.unet, dtype=sd.unet.conv_in.weight.dtype)
+        attempt(name, lora_steps(True))
     return rows
 
 
+VAE_TILE = 32      # latent pixels a side of a tile (256 px at SD 1.5's factor 8)
 DTYPE_NAMES = {torch.float32: "float32 weights + fp16 autocast", torch.bfloat16: "bf16 weights (stochastic rounding)"}
 # (weights, optimiser, gradient checkpointing): the plain recipe, then each saving added in turn
 FULL_DREAMBOOTH = [(torch.float32, "AdamW", False), (torch.float32, "AdamW", True),
