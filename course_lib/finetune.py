@@ -108,16 +108,17 @@ class FineTune(Fit):
             max_seconds: float | None = None, progress: bool = False,
             callback: Callable[["FineTune"], None] | None = None, desc: str = "fine-tuning") -> "FineTune":
         """Train to config.steps (or max_seconds); with checkpoint_path, checkpoint every checkpoint_every steps
-        and at the end, and (resume) first continue from the file if it exists. callback(self) after each step."""
-        self.resume_from(checkpoint_path, resume)
-        if self.module is not None:
-            self.module.train()
-        try:
-            self.fit(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
-                     progress=progress, callback=callback, callback_every=1, desc=desc)
-        finally:
-            self.finish()
+        and at the end, and (resume) first continue from the file if it exists. callback(self) after each step.
+        The loop's recipe (course_lib.loop.Fit.train_module), with `finish` when it stops."""
+        return self.train_module(self.module, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+                                 resume=resume, max_seconds=max_seconds, progress=progress, callback=callback,
+                                 callback_every=1, desc=desc)
+
+    def report(self) -> "FineTune":
         return self
+
+    def after_training(self, module: nn.Module | None) -> None:
+        self.finish()
 
     @torch.no_grad()
     def finish(self) -> None:

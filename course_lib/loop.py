@@ -263,21 +263,28 @@ class Fit:
             self.save(checkpoint_path)
         return self
 
-    def train_module(self, module: nn.Module, *, checkpoint_path: str | Path | None, checkpoint_every: int,
-                     resume: bool, max_seconds: float | None, progress: bool, callback: Callable[[dict], None] | None,
-                     callback_every: int, desc: str) -> dict:
-        """The recipe of fit_vae, fit_vae_gan and fit_clip: continue from checkpoint_path if it holds this run (with
-        resume), fit with `module` in train mode, leave it in eval mode whatever happens; callback(self.report())
-        every callback_every steps. Returns self.report() (a subclass gives report())."""
-        module.train()
+    def train_module(self, module: nn.Module | None, *, checkpoint_path: str | Path | None, checkpoint_every: int,
+                     resume: bool, max_seconds: float | None, progress: bool, callback: Callable | None,
+                     callback_every: int, desc: str):
+        """The recipe every fitting of a model shares (fit_vae, fit_vae_gan, fit_clip, every FineTune): continue
+        from checkpoint_path if it holds this run (with resume), fit with `module` in train mode, and whatever stops
+        it call after_training(module) (the module back in eval mode); callback(self.report()) every callback_every
+        steps. Returns self.report() (a subclass gives report())."""
+        if module is not None:
+            module.train()
         try:
             self.resume_from(checkpoint_path, resume)
             self.fit(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
                      progress=progress, callback=None if callback is None else lambda fit: callback(fit.report()),
                      callback_every=callback_every, desc=desc)
         finally:
-            module.eval()
+            self.after_training(module)
         return self.report()
+
+    def after_training(self, module: nn.Module | None) -> None:
+        """What train_module does however the run stopped: the module back in eval mode (FineTune does more)."""
+        if module is not None:
+            module.eval()
 
     @staticmethod
     def _as_pair(out) -> tuple[torch.Tensor, dict]:
