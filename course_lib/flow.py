@@ -78,8 +78,8 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def vp_to_flow(x_vp: torch.Tensor, alpha_bar: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
     """A variance-preserving point a x0 + s noise (a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)) as a point of the
     straight path: (x_vp / (a + s), t = s / (a + s)). Per sample when alpha_bar has one value per sample."""
-    ab = _per_sample(alpha_bar, x_vp)
-    a, s = ab.sqrt(), (1 - ab).sqrt()
+    alpha_bar = _per_sample(alpha_bar, x_vp)
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     return x_vp / (a + s), (s / (a + s)).flatten()
 
 
@@ -89,7 +89,7 @@ class FlowTerms:
     loss: torch.Tensor           # () the mean over the batch
     per_sample: torch.Tensor     # (B,) each sample's squared error, averaged over its elements
     output: torch.Tensor         # the network's velocity, float32
-    xt: torch.Tensor             # the point on the path
+    x_t: torch.Tensor            # the point on the path
     target: torch.Tensor         # noise - x0
     t: torch.Tensor              # (B,) in (0, 1)
 
@@ -106,7 +106,7 @@ def flow_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, *, generator
     t = torch.as_tensor(t).to(x0.device, torch.float32)
     terms = path_loss(model, FlowSchedule(sampling, time_scale), x0, prediction=FLOW, t=t, noise=noise,
                       generator=generator, cond=cond)
-    return FlowTerms(terms.loss, terms.per_sample, terms.output, terms.xt, velocity_target(x0, terms.noise), t)
+    return FlowTerms(terms.loss, terms.per_sample, terms.output, terms.x_t, velocity_target(x0, terms.noise), t)
 
 
 def model_velocity(model: Callable[..., torch.Tensor], cond: tuple = (), time_scale: float = TIME_SCALE) -> Velocity:

@@ -3,7 +3,8 @@ r"""The forward (noising) process of a diffusion model, and its posterior.
 Notation (Ho et al. 2020 [1]; timestep convention of course_lib.schedules: t = 0 .. T-1):
     x0          x_0             a clean image, scaled to [-1, 1]
     x_prev      x_{t-1}         the image one step earlier (x_0 itself when t = 0)
-    xt          x_t             the noisy image at step t
+    x_t         x_t             the noisy image at step t
+    alpha_bar   \bar\alpha_t    signal power left at step t, schedule.alphas_cumprod[t]; abar_t in formulas
     noise       \epsilon        standard Gaussian noise, N(0, I)
 
 Equations (and, at the end of this file, the training objective built on them):
@@ -112,16 +113,16 @@ def q_chain(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generato
         yield t, x
 
 
-def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int,
+def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of q(x_{t-1} | x_t, x_0) (Eqs. 6-7 of Ho et al.)."""
     check_images(x0, "x0", data_range=False)  # a model's x0 estimate may leave [-1, 1]
-    check_images(xt, "xt", data_range=False)
-    if x0.shape != xt.shape:
-        raise ValueError(f"x0 and xt must have the same shape; got {tuple(x0.shape)} and {tuple(xt.shape)}")
-    mean = (schedule.extract(schedule.posterior_mean_coef1, t, xt) * x0
-            + schedule.extract(schedule.posterior_mean_coef2, t, xt) * xt)
-    variance = schedule.extract(schedule.posterior_variance, t, xt)
+    check_images(x_t, "x_t", data_range=False)
+    if x0.shape != x_t.shape:
+        raise ValueError(f"x0 and x_t must have the same shape; got {tuple(x0.shape)} and {tuple(x_t.shape)}")
+    mean = (schedule.extract(schedule.posterior_mean_coef1, t, x_t) * x0
+            + schedule.extract(schedule.posterior_mean_coef2, t, x_t) * x_t)
+    variance = schedule.extract(schedule.posterior_variance, t, x_t)
     return mean, variance
 
 
@@ -161,7 +162,7 @@ def prediction_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor,
     return target_of(prediction, x0, noise, alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
 
 
-def x0_eps_from(prediction: str, model_output: torch.Tensor, xt: torch.Tensor, a: torch.Tensor,
+def x0_eps_from(prediction: str, model_output: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor,
                 s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, eps_hat) from a network's output at x_t = a x0 + s eps: the one place that converts a
     prediction, for the samplers (course_lib.sampling.denoise) and the training losses.
@@ -172,21 +173,21 @@ def x0_eps_from(prediction: str, model_output: torch.Tensor, xt: torch.Tensor, a
                   velocity v = dx_t/dt = eps - x0; course_lib.flow)
     """
     if prediction == FLOW:
-        return xt - s * model_output, xt + a * model_output
+        return x_t - s * model_output, x_t + a * model_output
     check_prediction(prediction)
     if prediction == "epsilon":
-        return (xt - s * model_output) / a, model_output
+        return (x_t - s * model_output) / a, model_output
     if prediction == "x0":
-        return model_output, (xt - a * model_output) / s
-    return a * xt - s * model_output, s * xt + a * model_output
+        return model_output, (x_t - a * model_output) / s
+    return a * x_t - s * model_output, s * x_t + a * model_output
 
 
-def predicted_x0_eps(prediction: str, model_output: torch.Tensor, xt: torch.Tensor,
+def predicted_x0_eps(prediction: str, model_output: torch.Tensor, x_t: torch.Tensor,
                      alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, eps_hat) from a network's output at x_t on a variance-preserving path, for any prediction type
     (`x0_eps_from` with a = sqrt(abar), s = sqrt(1 - abar))."""
     check_prediction(prediction)
-    return x0_eps_from(prediction, model_output, xt, alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
+    return x0_eps_from(prediction, model_output, x_t, alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
 
 
 # --- The training objective -------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class LossTerms:
     loss: torch.Tensor           # () the weighted mean over the batch
     per_sample: torch.Tensor     # (B,) each sample's weighted squared error, averaged over its pixels
     output: torch.Tensor         # the network's output, float32
-    xt: torch.Tensor             # the noisy input
+    x_t: torch.Tensor            # the noisy input
     noise: torch.Tensor
     alpha_bar: torch.Tensor      # (B, 1, 1, 1)
 
@@ -232,14 +233,14 @@ def denoising_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, noise: 
                    min_snr_gamma: float | None = None) -> LossTerms:
     """The objective for given noise and noise levels (any alpha_bar in [0, 1], shape (B, 1, 1, 1)): noise
     x0 by Eq. 4, call model(x_t, t_model, *cond), compare with the prediction type's target."""
-    xt = vp_mix(x0, noise, alpha_bar)
-    out = model(xt, t_model, *cond).float()
+    x_t = vp_mix(x0, noise, alpha_bar)
+    out = model(x_t, t_model, *cond).float()
     target = prediction_target(prediction, x0, noise, alpha_bar)
     per_sample = (out - target).pow(2).flatten(1).mean(1)                  # (B,)
     if min_snr_gamma is not None:
-        ab = alpha_bar.flatten().double()
-        per_sample = per_sample * snr_weight(prediction, ab / (1 - ab), min_snr_gamma).to(per_sample)
-    return LossTerms(per_sample.mean(), per_sample, out, xt, noise, alpha_bar)
+        alpha_bar64 = alpha_bar.flatten().double()
+        per_sample = per_sample * snr_weight(prediction, alpha_bar64 / (1 - alpha_bar64), min_snr_gamma).to(per_sample)
+    return LossTerms(per_sample.mean(), per_sample, out, x_t, noise, alpha_bar)
 
 
 def path_loss(model: Callable[..., torch.Tensor], path: NoiseSchedule | FlowSchedule, x0: torch.Tensor, *,
@@ -259,13 +260,13 @@ def path_loss(model: Callable[..., torch.Tensor], path: NoiseSchedule | FlowSche
         noise = torch.randn(x0.shape, generator=generator)
     t, noise = t.to(x0.device), noise.to(device=x0.device, dtype=x0.dtype)
     a, s, alpha_bar = path.scales_at(t, x0)
-    xt = a * x0 + s * noise
-    out = model(xt, path.model_times(t), *cond).float()
+    x_t = a * x0 + s * noise
+    out = model(x_t, path.model_times(t), *cond).float()
     per_sample = (out - target_of(prediction, x0, noise, a, s)).pow(2).flatten(1).mean(1)     # (B,)
     if min_snr_gamma is not None:
-        ab = alpha_bar.flatten().double()
-        per_sample = per_sample * snr_weight(prediction, ab / (1 - ab), min_snr_gamma).to(per_sample)
-    return LossTerms(per_sample.mean(), per_sample, out, xt, noise, alpha_bar)
+        alpha_bar64 = alpha_bar.flatten().double()
+        per_sample = per_sample * snr_weight(prediction, alpha_bar64 / (1 - alpha_bar64), min_snr_gamma).to(per_sample)
+    return LossTerms(per_sample.mean(), per_sample, out, x_t, noise, alpha_bar)
 
 
 def diffusion_loss(model: Callable[..., torch.Tensor], schedule: NoiseSchedule, x0: torch.Tensor, *,

@@ -7,7 +7,7 @@ samplers differ only in that move.
 
 Notation (course_lib.schedules; timesteps are integers 0..T-1, and t' = -1 stands for the clean
 end of the chain, where abar = 1):
-    abar_t                      \bar\alpha_t                signal power left at step t
+    abar_t                      \bar\alpha_t                signal power left at step t (alpha_bar in code)
     a_t = sqrt(abar_t)          \alpha_t in DPM-Solver      signal scale
     s_t = sqrt(1 - abar_t)      \sigma_t in DPM-Solver      noise scale
     lambda_t = log(a_t / s_t)   \lambda_t                   half the log signal-to-noise ratio
@@ -165,7 +165,7 @@ def renoised(schedule: Path, x: torch.Tensor, t_from: float, t_to: float, noise:
     return (a_to / a_from) * x + math.sqrt(_step_variance(a_to, s_to, a_from, s_from)) * noise
 
 
-def ddpm_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
+def ddpm_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_hat: torch.Tensor,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample q(x_{t_next} | x_t, x0_hat): Eqs. 6-7 of Ho et al. 2020 over a stride t -> t_next, in (a, s):
     mean = (a' v / s^2) x0_hat + ((a / a') s'^2 / s^2) x_t, variance v s'^2 / s^2."""
@@ -175,7 +175,7 @@ def ddpm_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_pre
     coef_x0 = a_next * v / (s * s)                              # posterior_mean_coef1
     coef_xt = (a / a_next) * s_next * s_next / (s * s)          # posterior_mean_coef2
     variance = v * s_next * s_next / (s * s)                    # beta~
-    mean = coef_x0 * x0_pred + coef_xt * x_t
+    mean = coef_x0 * x0_hat + coef_xt * x_t
     if variance == 0:
         return mean
     if noise is None:
@@ -183,14 +183,14 @@ def ddpm_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_pre
     return mean + math.sqrt(variance) * noise
 
 
-def ddim_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
-              eps_pred: torch.Tensor, eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+def ddim_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_hat: torch.Tensor,
+              eps_hat: torch.Tensor, eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
     """x_{t_next} = a' x0_hat + sqrt(s'^2 - std^2) eps_hat + std z with std = eta sqrt(beta~): Eqs. 12, 16 of
     Song et al. (a' = sqrt(abar'), s' = sqrt(1 - abar')). At eta = 0 on a flow path: Euler's step."""
     _check_order(t, t_next)
     (a, s), (a_next, s_next) = schedule.scales(t), schedule.scales(t_next)
     std = eta * math.sqrt(_step_variance(a, s, a_next, s_next)) * s_next / s
-    x = a_next * x0_pred + math.sqrt(max(s_next * s_next - std ** 2, 0.0)) * eps_pred
+    x = a_next * x0_hat + math.sqrt(max(s_next * s_next - std ** 2, 0.0)) * eps_hat
     if std == 0:
         return x
     if noise is None:
@@ -198,47 +198,47 @@ def ddim_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_pre
     return x + std * noise
 
 
-def dpm_solver_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
+def dpm_solver_step(schedule: Path, x_t: torch.Tensor, t: float, t_next: float, x0_hat: torch.Tensor,
                     last: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
     """One DPM-Solver++(2M) step (Algorithm 2 of Lu et al. 2022); `last` = (t_last, x0_hat there) or None
     for a first-order step."""
     _check_order(t, t_next)
     if t_next == schedule.clean:          # s = 0, lambda = +inf: the first-order step lands on x0_hat
-        return x0_pred
+        return x0_hat
     (_, s_t), (a_next, s_next) = schedule.scales(t), schedule.scales(t_next)
     lam_t, lam_next = schedule.half_log_snr(t), schedule.half_log_snr(t_next)
     h = lam_next - lam_t
-    D = x0_pred
+    D = x0_hat
     if last is not None:
         t_last, x0_last = last
         if not t_last > t:
             raise ValueError(f"the previous step's timestep must be above t={t}; got t_last={t_last}")
         r = (lam_t - schedule.half_log_snr(t_last)) / h
-        D = (1 + 1 / (2 * r)) * x0_pred - 1 / (2 * r) * x0_last
+        D = (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * x0_last
     return (s_next / s_t) * x_t - a_next * math.expm1(-h) * D
 
 
-def _velocity(schedule: FlowSchedule, t: float, x0_pred: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
+def _velocity(schedule: FlowSchedule, t: float, x0_hat: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
     """dx_t/dt = (da/dt) x0_hat + (ds/dt) eps_hat along a continuous path (a flow's: eps_hat - x0_hat)."""
     if not schedule.continuous:
         raise ValueError(f"Euler and Heun integrate the ODE in a continuous path's own time; {schedule!r} has "
                          f"integer timesteps: use 'ddim' (eta 0, the probability-flow ODE's own solver) or 'dpm++2m'")
     da, ds = schedule.derivative(t)
-    return da * x0_pred + ds * eps_pred
+    return da * x0_hat + ds * eps_hat
 
 
-def euler_step(schedule: FlowSchedule, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
-               eps_pred: torch.Tensor) -> torch.Tensor:
+def euler_step(schedule: FlowSchedule, x_t: torch.Tensor, t: float, t_next: float, x0_hat: torch.Tensor,
+               eps_hat: torch.Tensor) -> torch.Tensor:
     """x_{t'} = x_t + (t' - t) dx/dt: Euler's step in the path's time (on a flow path, DDIM's at eta = 0)."""
     _check_order(t, t_next)
-    return x_t + (t_next - t) * _velocity(schedule, t, x0_pred, eps_pred)
+    return x_t + (t_next - t) * _velocity(schedule, t, x0_hat, eps_hat)
 
 
-def heun_step(schedule: FlowSchedule, x_t: torch.Tensor, t: float, t_next: float, x0_pred: torch.Tensor,
-              eps_pred: torch.Tensor, x0_end: torch.Tensor, eps_end: torch.Tensor) -> torch.Tensor:
+def heun_step(schedule: FlowSchedule, x_t: torch.Tensor, t: float, t_next: float, x0_hat: torch.Tensor,
+              eps_hat: torch.Tensor, x0_end: torch.Tensor, eps_end: torch.Tensor) -> torch.Tensor:
     """Heun's step: the mean of dx/dt at t and at Euler's landing point (x0_end, eps_end: the model there)."""
     _check_order(t, t_next)
-    v, v_end = _velocity(schedule, t, x0_pred, eps_pred), _velocity(schedule, t_next, x0_end, eps_end)
+    v, v_end = _velocity(schedule, t, x0_hat, eps_hat), _velocity(schedule, t_next, x0_end, eps_end)
     return x_t + (t_next - t) * 0.5 * (v + v_end)
 
 
@@ -248,11 +248,11 @@ def heun_step(schedule: FlowSchedule, x_t: torch.Tensor, t: float, t_next: float
 class ReverseStep:
     """One moment of the reverse process: the state x_t before the update at timestep t, and the
     model's x_0 estimate there. The last one has index = steps, t = the clean end (-1, or a flow's 0) and
-    x_t = x0_pred = the result."""
+    x_t = x0_hat = the result."""
     index: int
     t: float            # an int timestep on a NoiseSchedule, a time in [0, 1] on a FlowSchedule
     x_t: torch.Tensor
-    x0_pred: torch.Tensor
+    x0_hat: torch.Tensor
 
 
 def check_sampler(sampler: str, eta: float, schedule: Path | None = None) -> None:

@@ -6,7 +6,8 @@ and stored in float64; `extract` casts to the dtype of the tensor it is used wit
 Notation (Ho et al. 2020 [1]):
     betas[t]            \beta_t        variance added at step t
     alphas[t]           \alpha_t       = 1 - \beta_t
-    alphas_cumprod[t]   \bar\alpha_t   = \prod_{s<=t} \alpha_s   (signal power left)
+    alphas_cumprod[t]   \bar\alpha_t   = \prod_{s<=t} \alpha_s   (signal power left; abar_t in formulas, and
+                                       alpha_bar in code for one value or a batch of them)
     snr[t]              SNR(t)         = \bar\alpha_t / (1 - \bar\alpha_t)
     log_snr[t]          \lambda_t      = log SNR(t)
 
@@ -99,9 +100,9 @@ class NoiseSchedule:
         return bool(self.alphas_cumprod[-1] == 0)
 
     def __repr__(self) -> str:
-        ab = self.alphas_cumprod
+        alpha_bar = self.alphas_cumprod
         return (f"NoiseSchedule({self.name!r}, T={self.T}, beta {self.betas[0].item():.3g}->"
-                f"{self.betas[-1].item():.3g}, alpha_bar {ab[0].item():.4f}->{ab[-1].item():.2e})")
+                f"{self.betas[-1].item():.3g}, alpha_bar {alpha_bar[0].item():.4f}->{alpha_bar[-1].item():.2e})")
 
     # --- as a path for the samplers (see the module's docstring) ---------------------------------------------
     continuous = False             # integer timesteps: no Euler or Heun in its own time
@@ -113,8 +114,8 @@ class NoiseSchedule:
         if t == -1:
             return 1.0, 0.0
         t = check_int("timestep", t, 0, self.T - 1, hint=" (or -1, the clean end)")
-        ab = self.alphas_cumprod[t].item()
-        return math.sqrt(ab), math.sqrt(1 - ab)
+        alpha_bar = self.alphas_cumprod[t].item()
+        return math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
 
     def half_log_snr(self, t: int) -> float:
         """lambda_t = log(a_t / s_t) = log_snr[t] / 2: +inf at the clean end, -inf where abar = 0."""
@@ -139,7 +140,7 @@ class NoiseSchedule:
         return torch.randint(0, self.T, (n,), generator=generator)
 
     def scales_at(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(a, s, abar) at a batch of timesteps, each (B, 1, 1, 1) in x's dtype and device."""
+        """(a, s, alpha_bar) at a batch of timesteps, each (B, 1, 1, 1) in x's dtype and device."""
         alpha_bar = self.extract(self.alphas_cumprod, t, x)
         return alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), alpha_bar
 
@@ -238,8 +239,8 @@ class FlowSchedule:
         return sample_timesteps(n, self.timestep_sampling, generator=generator)
 
     def scales_at(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(a, s, abar) at a batch of times, each (B, 1, 1, 1) in x's dtype and device; abar = a^2 / (a^2 + s^2)
-        is the variance-preserving alpha-bar with the same signal-to-noise ratio."""
+        """(a, s, alpha_bar) at a batch of times, each (B, 1, 1, 1) in x's dtype and device; alpha_bar =
+        a^2 / (a^2 + s^2) is the variance-preserving alpha-bar with the same signal-to-noise ratio."""
         t = torch.as_tensor(t).to(device=x.device, dtype=x.dtype)
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"give one time per image, shape ({x.shape[0]},); got {tuple(t.shape)}")
@@ -314,8 +315,8 @@ def _betas_from_alpha_bar(alpha_bar: Callable[[torch.Tensor], torch.Tensor], T: 
                           max_beta: float) -> torch.Tensor:
     """beta_t = 1 - abar(t/T) / abar((t-1)/T), clipped at max_beta (Eq. 17 of Nichol & Dhariwal)."""
     t = torch.arange(T + 1, dtype=torch.float64) / T
-    ab = alpha_bar(t)
-    return (1.0 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+    alpha_bar_t = alpha_bar(t)
+    return (1.0 - alpha_bar_t[1:] / alpha_bar_t[:-1]).clamp(max=max_beta)
 
 
 def _check_T(T: int) -> None:
@@ -391,11 +392,12 @@ def schedule_from_betas(betas) -> NoiseSchedule:
 def schedule_from_alphas_cumprod(alphas_cumprod) -> NoiseSchedule:
     """A schedule from a given alpha-bar curve: beta_t = 1 - abar_t / abar_{t-1}, abar_{-1} = 1.
     The last value may be exactly 0 (zero terminal SNR)."""
-    ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
-    if ab.numel() < 1 or (ab[:-1] <= 0).any() or ab[-1] < 0 or (ab >= 1).any() or (ab[1:] > ab[:-1]).any():
+    alpha_bar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+    if (alpha_bar.numel() < 1 or (alpha_bar[:-1] <= 0).any() or alpha_bar[-1] < 0 or (alpha_bar >= 1).any()
+            or (alpha_bar[1:] > alpha_bar[:-1]).any()):
         raise ValueError("alphas_cumprod must be non-increasing and inside (0, 1) (the last value may be 0)")
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-    return NoiseSchedule(1.0 - ab / prev, "from_alphas_cumprod")
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    return NoiseSchedule(1.0 - alpha_bar / prev, "from_alphas_cumprod")
 
 
 _BUILDERS = {

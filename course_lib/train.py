@@ -289,7 +289,7 @@ class Trainer(Fit):
             g = gamma.detach().requires_grad_(True)           # the noise level, as a leaf for d/d gamma
             terms = denoising_loss(self.net, x0, noise, torch.sigmoid(-g)[:, None, None, None], u * cfg.T - 1,
                                    prediction=cfg.prediction, cond=cond)
-        _, eps_hat = predicted_x0_eps(cfg.prediction, terms.output, terms.xt, terms.alpha_bar)
+        _, eps_hat = predicted_x0_eps(cfg.prediction, terms.output, terms.x_t, terms.alpha_bar)
         sse = (noise - eps_hat).pow(2).flatten(1).sum(1)
         return terms.loss, {"gamma": gamma, "slope": slope, "g": g, "sse": sse}
 

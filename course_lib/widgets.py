@@ -107,11 +107,11 @@ def reverse_process_figure(trajectory: Sequence[ReverseStep], index: int, schedu
     check_int("index", index, 0, len(trajectory) - 1, hint=" (the recorded steps)")
     step = trajectory[index]
     n = max(1, min(n_images, step.x_t.shape[0]))
-    abar = [1.0 if s.t < 0 else schedule.alphas_cumprod[s.t].item() for s in trajectory]
+    alpha_bar = [1.0 if s.t < 0 else schedule.alphas_cumprod[s.t].item() for s in trajectory]
 
     fig = plt.figure(figsize=(1.5 * n + 3.2, 3.4), dpi=DPI)
     grid = fig.add_gridspec(2, n + 1, width_ratios=[1] * n + [2.2])
-    for row, (name, images) in enumerate([("x_t", step.x_t), ("predicted x_0", step.x0_pred)]):
+    for row, (name, images) in enumerate([("x_t", step.x_t), ("predicted x_0", step.x0_hat)]):
         for j, pixels in enumerate(to_uint8(images[:n])):
             ax = fig.add_subplot(grid[row, j])
             ax.imshow(pixels, interpolation="nearest")
@@ -119,12 +119,12 @@ def reverse_process_figure(trajectory: Sequence[ReverseStep], index: int, schedu
             if j == 0:
                 ax.set_ylabel(name, fontsize=9)
     curve = fig.add_subplot(grid[:, n])
-    curve.plot(range(len(trajectory)), abar, color="0.5", lw=1.5, marker=".", ms=3)
-    curve.plot([index], [abar[index]], "o", color="tab:red", ms=7)
+    curve.plot(range(len(trajectory)), alpha_bar, color="0.5", lw=1.5, marker=".", ms=3)
+    curve.plot([index], [alpha_bar[index]], "o", color="tab:red", ms=7)
     curve.set(xlabel="sampling step", ylabel="alpha-bar (signal power)", ylim=(-0.03, 1.05))
     curve.grid(alpha=0.3)
     where = "the result" if step.t < 0 else f"t = {step.t}"
-    fig.suptitle(f"step {index} of {len(trajectory) - 1}: {where}, alpha-bar = {abar[index]:.4f}", fontsize=10)
+    fig.suptitle(f"step {index} of {len(trajectory) - 1}: {where}, alpha-bar = {alpha_bar[index]:.4f}", fontsize=10)
     fig.tight_layout()
     return fig
 

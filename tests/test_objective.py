@@ -26,8 +26,8 @@ def test_diffusion_loss_is_the_definition(prediction):
     ab = schedule.alphas_cumprod[t].float()[:, None, None, None]
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
     target = {"epsilon": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[prediction]
-    assert torch.allclose(terms.xt, q_sample(schedule, x0, t, noise=eps), atol=1e-6)
-    assert torch.allclose(terms.xt, xt, atol=1e-6)
+    assert torch.allclose(terms.x_t, q_sample(schedule, x0, t, noise=eps), atol=1e-6)
+    assert torch.allclose(terms.x_t, xt, atol=1e-6)
     assert terms.loss.item() == pytest.approx(torch.nn.functional.mse_loss(0.5 * xt, target).item(), rel=1e-5)
 
 

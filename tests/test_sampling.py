@@ -101,7 +101,7 @@ def test_timesteps_match_diffusers(spacing):
 def _our_steps(sampler, schedule, dtype, **kw):
     steps = list(sampling.reverse_process(fake_model, schedule, SHAPE, sampler=sampler, dtype=dtype,
                                           generator=torch.Generator().manual_seed(0), **kw))
-    return [s.x_t for s in steps], [s.x0_pred for s in steps], [s.t for s in steps]
+    return [s.x_t for s in steps], [s.x0_hat for s in steps], [s.t for s in steps]
 
 
 def _share_tables(ref, schedule, dtype):
@@ -376,8 +376,8 @@ def test_reverse_process_yields_every_step_and_the_result(sampler):
     steps = list(sampling.reverse_process(fake_model, schedule, SHAPE, **kw))
     assert [s.index for s in steps] == list(range(8))
     assert [s.t for s in steps] == sampling.timesteps(schedule, 7).tolist() + [-1]
-    assert torch.equal(steps[0].x_t, x_T) and torch.equal(steps[-1].x_t, steps[-1].x0_pred)
-    assert all(s.x0_pred.abs().max() <= 1 for s in steps)  # clip_x0 by default
+    assert torch.equal(steps[0].x_t, x_T) and torch.equal(steps[-1].x_t, steps[-1].x0_hat)
+    assert all(s.x0_hat.abs().max() <= 1 for s in steps)  # clip_x0 by default
     kw["generator"] = torch.Generator().manual_seed(13)
     assert torch.equal(sampling.sample(fake_model, schedule, SHAPE, **kw), steps[-1].x_t)
     wrapper = {"ddpm": sampling.ddpm_sample, "ddim": sampling.ddim_sample, "dpm++2m": sampling.dpm_solver_sample}
