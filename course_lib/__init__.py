@@ -44,6 +44,7 @@ One module per course concept, in the order the notebooks introduce them:
     quantize    block-wise 8-bit codes, 8-bit AdamW, NF4 weights, stochastic rounding to bfloat16
     tiling      VAE decoding in overlapping tiles: the decoder's memory bounded by a tile
     memory      peak GPU memory of a training step and of sampling, measured on a GPU or accounted on fake tensors
+    budget      the 8 GB planner of SD 1.5's LoRA step: closed forms and accounted activations
     plotting    image grids and rows, noising strips, schedule curves, loss curves (matplotlib)
     widgets     the logic behind the notebooks' sliders (matplotlib; ipywidgets only in `live`)
 

@@ -365,3 +365,27 @@ def inpaint_figure(pipe, images: torch.Tensor, masks: dict, mask_name: str, prom
     filled = inpaint(pipe, images, mask, prompt, seed=seed, steps=steps, resample=resample)
     holed = images * (1 - mask)                                   # the hole shown grey (0 in [-1, 1])
     return _two_rows([("masked", holed), ("inpainted", filled)], f"mask {mask_name!r}, prompt {prompt!r}")
+
+
+# --- the budget notebook: the 8 GB planner ----------------------------------------------------------
+
+def budget_figure(size: int, batch: int, weights: str, checkpointing: bool, attention: str, rank: int,
+                  optimizer: str, gpu: str = "T4", budget_gib: float = 8.0) -> Figure:
+    """A LoRA step on SD 1.5 as one stacked bar of its parts (course_lib.budget.plan: closed forms and accounted
+    activations) against the budget line."""
+    from .budget import plan
+    p = plan(size, batch, weights, checkpointing, attention, rank, optimizer, gpu, budget_gib)
+    fig, ax = plt.subplots(figsize=(8, 2.4), dpi=DPI)
+    left, colours = 0.0, ["#4c72b0", "#dd8452", "#55a868", "#8172b3"]
+    for (name, value), colour in zip(p.parts.items(), colours):
+        gib = value / 2 ** 30
+        ax.barh([0], [gib], left=left, color=colour, label=f"{name} {gib:.2f}")
+        left += gib
+    ax.axvline(budget_gib, color="crimson", lw=2)
+    ax.text(budget_gib, 0.45, f" {budget_gib:g} GiB", color="crimson", va="center", fontsize=8)
+    ax.set_xlim(0, max(budget_gib * 1.25, left * 1.05)), ax.set_yticks([]), ax.set_xlabel("GiB (accounted)")
+    verdict = "fits" if p.fits else "does NOT fit"
+    ax.set_title(f"LoRA step, {size} px, batch {batch}, {weights} base: {p.total_gib:.2f} GiB, {verdict}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig

@@ -32,10 +32,20 @@ from course_lib import hyperdreambooth as hd  # noqa: E402
 from course_lib import lora  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.metrics import features, fid, subject_similarity  # noqa: E402
-from course_lib.pipeline import TextToImage  # noqa: E402
+from course_lib.pipeline import SHIPPED, TextToImage  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 
 STAGES = ("lora", "preopt", "hyper", "cards")
+
+
+def base_pipeline(args) -> TextToImage:
+    """The tiny SD the adapters are trained for: the shipped one, or the stack in --base-dir (a retrained VAE,
+    CLIP and U-Net not shipped yet, e.g. runs/s3/ckpt)."""
+    if args.base_dir is None:
+        return TextToImage.from_shipped(device=args.device)
+    folder = Path(args.base_dir)
+    return TextToImage.from_files(*(folder / f"{SHIPPED[k]}.safetensors" for k in ("unet", "clip", "vae")),
+                                  device=args.device)
 LIDB_SEED = 0
 
 
@@ -59,7 +69,7 @@ def stage_lora(args) -> None:
     if out.exists():
         print(f"lora: {out} exists, skipping")
         return
-    pipe = TextToImage.from_shipped(device=args.device)
+    pipe = base_pipeline(args)
     data = load_emoji(size=32, split="train", style="twemoji")
     n = 64 if args.quick else len(data)
     log = lora.fit_lora(pipe, data.images[:n], data.captions[:n], rank=args.lora_rank,
@@ -79,7 +89,7 @@ def stage_preopt(args) -> None:
     if out.exists():
         print(f"preopt: {out} exists, skipping")
         return
-    pipe = hd.personal_pipeline(TextToImage.from_shipped(device=args.device))
+    pipe = hd.personal_pipeline(base_pipeline(args))
     lidb = hd.LiDB(pipe.unet, seed=LIDB_SEED)
     subjects = db.emoji_subjects("train")[: 8 if args.quick else None]
     data = hd.subject_data(pipe, subjects)
@@ -100,7 +110,7 @@ def stage_hyper(args) -> None:
     if out.exists():
         print(f"hyper: {out} exists, skipping")
         return
-    base = TextToImage.from_shipped(device=args.device)
+    base = base_pipeline(args)
     pipe = hd.personal_pipeline(base)
     lidb = hd.LiDB(pipe.unet, seed=LIDB_SEED)
     tensors, meta = ckpt.read(Path(args.run_dir) / "lidb_preopt.safetensors")
@@ -129,7 +139,7 @@ def stage_cards(args) -> None:
     results = json.loads(results_path(args).read_text())
     n = 64 if args.quick else 398
     # LoRA: FID to held-out Twemoji, base vs adapted, with the floor
-    pipe = TextToImage.from_shipped(device=args.device)
+    pipe = base_pipeline(args)
     held = load_emoji(size=32, split="heldout", style="twemoji")
     train = load_emoji(size=32, split="train", style="twemoji")
     ref = features(held.images[:n])
@@ -172,7 +182,7 @@ Notebook 10 loads it for the LoRA-scale slider.
 """)
     # hypernetwork: predicted weights for held-out subjects, subject similarity before/after
     hyper, lidb_cfg, lidb_seed, hinfo = hd.load_hypernetwork(out_dir / "hyperdreambooth.safetensors", device=args.device)
-    base = TextToImage.from_shipped(device=args.device)
+    base = base_pipeline(args)
     personal = hd.personal_pipeline(base)
     lidb = hd.LiDB(personal.unet, lidb_cfg, seed=lidb_seed)
     subjects = db.emoji_subjects("heldout")[: 2 if args.quick else None]
@@ -219,6 +229,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-dir", default=str(ROOT / "checkpoints"))
+    p.add_argument("--base-dir", default=None, help="a folder holding the tiny SD to train for (default: the shipped)")
     p.add_argument("--run-dir", default=str(ROOT / "runs"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)

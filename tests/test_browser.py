@@ -42,6 +42,7 @@ CASES = [
     ("10_lora.ipynb", "LoRA scale", 1),
     ("14_rectified_flow.ipynb", "steps", 2),
     ("15_editing.ipynb", "strength", 2),
+    ("16_memory_budget.ipynb", "batch", 2),
 ]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
