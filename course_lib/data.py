@@ -83,13 +83,19 @@ def _metadata() -> dict:
     return meta
 
 
+def tile_size(style: str) -> int:
+    """The size the style's images ship at: Noto 64 px, Twemoji 32 px (the largest load_emoji gives for it)."""
+    meta = _metadata()
+    return meta["tile"] if style == "noto" else meta.get("twemoji_tile", meta["tile"])
+
+
 @lru_cache(maxsize=2)
 def _atlas(style: str) -> np.ndarray:
-    """All tiles of one style as (N, 64, 64, 3) uint8, decoded once per process."""
+    """All tiles of one style as (N, tile, tile, 3) uint8 (Noto 64 px, Twemoji 32 px), decoded once per process."""
     meta = _metadata()
-    tile, cols = meta["tile"], meta["columns"]
+    tile, cols = tile_size(style), meta["columns"]
     n = meta["count"] if style == "noto" else meta["twemoji_count"]
-    sheet = np.asarray(Image.open(data_dir() / "emoji" / f"{style}_64.png").convert("RGB"))
+    sheet = np.asarray(Image.open(data_dir() / "emoji" / f"{style}_{tile}.png").convert("RGB"))
     rows = sheet.shape[0] // tile
     tiles = sheet.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, tile, tile, 3)
     return tiles[:n]
@@ -119,7 +125,7 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def load_emoji(size: int = 32, split: str = "train", style: str = "noto",
                limit: int | None = None) -> EmojiSet:
-    """Load the emoji of one style and split at `size` px (1..64) as tensors in [-1, 1].
+    """Load the emoji of one style and split at `size` px (Noto 1..64, Twemoji 1..32) as tensors in [-1, 1].
 
     style "noto": every Noto Color Emoji image (3,786 with skin tones).
     style "twemoji": the Twemoji image of the same emoji, where one exists.
@@ -127,7 +133,7 @@ def load_emoji(size: int = 32, split: str = "train", style: str = "noto",
     """
     check_choice("style", style, STYLES)
     check_choice("split", split, SPLITS)
-    size = check_int("size", size, 1, MAX_EMOJI_SIZE, hint=" (the shipped tiles are 64 px)")
+    size = check_int("size", size, 1, tile_size(style), hint=f" (the shipped {style} tiles are {tile_size(style)} px)")
     meta = _metadata()
     key = "twemoji" if style == "twemoji" else None
     rows = [(i if key is None else r[key], r) for i, r in enumerate(meta["rows"])

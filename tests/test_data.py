@@ -124,14 +124,18 @@ def test_limit_keeps_the_first_images(splits):
 # --- Twemoji --------------------------------------------------------------------------------
 
 def test_twemoji_style(noto64):
-    tw = data.load_emoji(64, "all", style="twemoji")
+    tw = data.load_emoji(32, "all", style="twemoji")
     assert len(tw) > 3000
-    assert tw.style == "twemoji" and tw.images.shape == (len(tw), 3, 64, 64)
+    assert tw.style == "twemoji" and tw.images.shape == (len(tw), 3, 32, 32)
     assert set(tw.unified) <= set(noto64.unified)
     # Same emoji, same caption, different artwork.
     first = noto64.unified.index(tw.unified[0])
     assert tw.captions[0] == noto64.captions[first]
-    assert not torch.equal(tw.images[0], noto64.images[first])
+    assert not torch.equal(tw.images[0], data.resize(noto64.images[first:first + 1], 32)[0])
+    # Twemoji ships at 32 px (a quarter of the bytes); larger is refused by name, smaller is area-averaged from it
+    with pytest.raises(ValueError, match=r"size must be an int from 1 to 32 \(the shipped twemoji tiles are 32 px\)"):
+        data.load_emoji(64, style="twemoji")
+    assert data.load_emoji(16, "all", style="twemoji", limit=3).images.shape == (3, 3, 16, 16)
 
 
 # --- bad input ------------------------------------------------------------------------------
