@@ -21,7 +21,8 @@ ROWS = ("weights only", "generation", "VAE decode, batch 2, sliced", "VAE decode
         "LoRA step", "gradient checkpointing", "no checkpointing", "LoRA-DreamBooth step with prior preservation",
         "HyperDreamBooth rank-relaxed fast fine-tuning",
         "textual inversion step", "full DreamBooth, float32 weights + fp16 autocast, AdamW;",
-        "full DreamBooth, bf16 weights (stochastic rounding), 8-bit AdamW, checkpointing")
+        "full DreamBooth, bf16 weights (stochastic rounding), 8-bit AdamW, checkpointing",
+        "VAE slicing, attention one", "VAE decode, batch 2, sliced, tiles of", "QLoRA step")
 FIELDS = {"name", "status", "seconds", "peak_gib", "reserved_gib", "fits", "categories_gib"}
 
 
@@ -45,7 +46,7 @@ def test_tiny_preset_on_cpu_runs_every_row(tmp_path):
     assert (report["preset"], report["size"], report["steps"], report["gpu"]) == ("tiny", 64, 2, None)
     assert set(report["parameters"]) == {"unet", "vae", "text_encoder"}
     rows = report["rows"]
-    assert len(rows) == 14
+    assert len(rows) == 17
     names = " / ".join(r["name"] for r in rows)
     for row in ROWS:
         assert row in names
@@ -76,7 +77,7 @@ def test_tiny_preset_accounted_for_a_t4_runs_every_row_with_a_breakdown(tmp_path
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "accounted as on the T4" in run.stdout
     report = json.loads(out.read_text())
-    assert report["accounted"] == "T4" and report["dtype"] == "torch.float16" and len(report["rows"]) == 3
+    assert report["accounted"] == "T4" and report["dtype"] == "torch.float16" and len(report["rows"]) == 4
     for r in report["rows"]:
         assert r["status"] == "ok" and r["peak_gib"] > 0, r
         parts = r["categories_gib"]
