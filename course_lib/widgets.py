@@ -226,6 +226,18 @@ def retrieval_figure(clip, tokenizer, images: torch.Tensor, captions: Sequence[s
 
 # --- notebook 09: the prompt box -----------------------------------------------------------
 
+def _image_row(images: torch.Tensor, labels: Sequence[str], height: float, fontsize: float) -> Figure:
+    """Images side by side, each axis labelled "image k" (tests read the uint8 (H, W, 3) pictures back) and captioned."""
+    pictures, n = to_uint8(images), len(labels)
+    fig, axes = plt.subplots(1, n, figsize=(1.3 * n + 0.2, height), dpi=DPI, squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        ax.set_label(f"image {k}")
+        ax.imshow(pictures[k], interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xlabel(labels[k], fontsize=fontsize)
+    return fig
+
+
 def text_to_image_figure(pipe, prompt: str, guidance_scale: float, seed: int, n: int = 4, steps: int = 20,
                          sampler: str = "ddim", negative_prompt: str = "", guidance_rescale: float = 0.0) -> Figure:
     """n images for `prompt` from a course_lib.pipeline.TextToImage, side by side, titled with the prompt,
@@ -240,13 +252,7 @@ def text_to_image_figure(pipe, prompt: str, guidance_scale: float, seed: int, n:
     check_int("n", n, 1, 16, hint=" (the images drawn side by side)")
     images = pipe(prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                   negative_prompt=negative_prompt, images_per_prompt=int(n), guidance_rescale=guidance_rescale)
-    pictures = to_uint8(images)
-    fig, axes = plt.subplots(1, n, figsize=(1.3 * n + 0.2, 1.85), dpi=DPI, squeeze=False)
-    for k, ax in enumerate(axes[0]):
-        ax.set_label(f"image {k}")
-        ax.imshow(pictures[k], interpolation="nearest")
-        ax.set_xticks([]), ax.set_yticks([])
-        ax.set_xlabel(f"seed {int(seed) + k}", fontsize=7)
+    fig = _image_row(images, [f"seed {int(seed) + k}" for k in range(int(n))], height=1.85, fontsize=7)
     shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     negative = f", not {negative_prompt!r}" if negative_prompt else ""
     rescale = f" rescaled by phi {guidance_rescale:g}" if guidance_rescale else ""
@@ -276,15 +282,7 @@ def lora_scale_figure(pipe, prompts: Sequence[str], lora_scale: float, seed: int
         raise ValueError(f"lora_scale must be a number from -4 to 4; got {lora_scale!r}")
     with scaled(pipe.unet, float(lora_scale)):
         images = pipe(list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale)
-    pictures = to_uint8(images)
-    n = len(prompts)
-    fig, axes = plt.subplots(1, n, figsize=(1.3 * n + 0.2, 1.9), dpi=DPI, squeeze=False)
-    for k, ax in enumerate(axes[0]):
-        ax.set_label(f"image {k}")
-        ax.imshow(pictures[k], interpolation="nearest")
-        ax.set_xticks([]), ax.set_yticks([])
-        words = prompts[k] if len(prompts[k]) <= 22 else prompts[k][:20] + "..."
-        ax.set_xlabel(words, fontsize=6)
+    fig = _image_row(images, [p if len(p) <= 22 else p[:20] + "..." for p in prompts], height=1.9, fontsize=6)
     fig.suptitle(f"LoRA scale {float(lora_scale):g}  (0 = base model, 1 = adapted)", fontsize=9)
     fig.tight_layout(w_pad=0.3)
     return fig
