@@ -158,10 +158,27 @@ def test_needs_line_states_the_measured_time(path, mode):
 STATES_MEMORY = [p for p in NOTEBOOKS if re.search(rf"{_NUMBER} GiB", needs_line(p))]
 
 
+ACCOUNTED = sorted((ROOT / "results").glob("memory_accounted_h100*.json"))   # scripts/measure_memory.py --account
+
+
 @pytest.mark.parametrize("path", STATES_MEMORY, ids=lambda p: p.stem)
 def test_needs_line_states_the_measured_gpu_memory(path):
+    """A figure written 'X GiB accounted' is checked against the accounted records (fake tensors, course_lib.memory);
+    every other GiB figure against the GPU's measurements."""
     needs = needs_line(path)
-    stated = re.findall(rf"({_NUMBER}) GiB", needs)
+    accounted = re.findall(rf"({_NUMBER}) GiB accounted", needs)
+    if accounted:
+        rows = [r for f in ACCOUNTED for r in json.loads(f.read_text())["rows"] if r["name"].startswith(path.name[:2] + " ")]
+        assert "H100" in needs, f"{path.name}: an accounted figure must name the GPU it was accounted for (H100)"
+        for value in accounted:
+            decimals = len(value.partition(".")[2])
+            assert any(abs(r["peak_gib"] - float(value)) <= 0.5 * 10 ** -decimals + 1e-9 for r in rows), (
+                f"{path.name}: the Needs line states {value} GiB accounted, but no accounted row for notebook "
+                f"{path.name[:2]} in results/memory_accounted_h100*.json rounds to it; re-run "
+                f"python scripts/measure_memory.py --account H100 --only {path.name[:2]}")
+    stated = [v for v in re.findall(rf"({_NUMBER}) GiB(?! accounted)", needs)]
+    if not stated:
+        return
     table = json.loads(MEMORY.read_text()) if MEMORY.exists() else {"rows": [], "machine": "(no file)"}
     rows = [r for r in table["rows"] if r["name"].startswith(path.name[:2] + " ")]
     assert rows, (f"{path.name}: the Needs line states {', '.join(stated)} GiB but {MEMORY.relative_to(ROOT)} has no "
