@@ -265,17 +265,18 @@ class Fit:
 
     def train_module(self, module: nn.Module | None, *, checkpoint_path: str | Path | None, checkpoint_every: int,
                      resume: bool, max_seconds: float | None, progress: bool, callback: Callable | None,
-                     callback_every: int, desc: str):
+                     callback_every: int, desc: str, steps: int | None = None):
         """The recipe every fitting of a model shares (fit_vae, fit_vae_gan, fit_clip, every FineTune): continue
         from checkpoint_path if it holds this run (with resume), fit with `module` in train mode, and whatever stops
         it call after_training(module) (the module back in eval mode); callback(self.report()) every callback_every
-        steps. Returns self.report() (a subclass gives report())."""
+        steps; `steps`: train to that total (default config.steps). Returns self.report() (a subclass gives report())."""
         if module is not None:
             module.train()
         try:
             self.resume_from(checkpoint_path, resume)
-            self.fit(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, max_seconds=max_seconds,
-                     progress=progress, callback=None if callback is None else lambda fit: callback(fit.report()),
+            self.fit(steps, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+                     max_seconds=max_seconds, progress=progress,
+                     callback=None if callback is None else lambda fit: callback(fit.report()),
                      callback_every=callback_every, desc=desc)
         finally:
             self.after_training(module)

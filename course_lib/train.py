@@ -8,12 +8,10 @@ One training step (Ho et al. 2020, Algorithm 1, with the prediction types of Sal
 With a learned schedule (course_lib.learned_schedule) t is continuous, u ~ U(0, 1), and the schedule's
 parameters are trained alongside to minimise the variance of the variational bound's estimate.
 
-The loss is course_lib.forward.path_loss (the one objective, on the model's path); the step around it is
-the course's one loop, course_lib.loop.Fit: AdamW with linear warm-up, gradient clipping, EMA (decay ramped up as
-min(ema_decay, (1 + step) / (10 + step))), mixed precision (bf16 autocast where the GPU has it natively,
-compute capability >= 8.0, else fp16 autocast with a gradient scaler; float32 on CPU), the NaN and
-explosion guards, atomic verified checkpoints and exact resume. This module adds only what is the
-diffusion model's own: its data (images, captions), its objective's settings and sampling grids.
+The loss is course_lib.forward.path_loss (the one objective, on the model's path); the step around it and its
+recipe (resume, warm-up, clipping, EMA, precision, the guards, checkpoints) are the course's one loop,
+course_lib.loop.Fit. This module adds only what is the diffusion model's own: its data (images, captions), its
+objective's settings and sampling grids.
 
 Text conditioning (a U-Net built with context_dim, course_lib.unet): each image comes with the text
 encoder's states for its caption (a `Conditioning`), and the model learns eps(x_t, t, text). With
@@ -21,27 +19,25 @@ probability `caption_dropout` (10% here, as in Ho & Salimans 2022) a caption is 
 prompt's states, so the same network also learns the unconditional eps(x_t, t, "") that classifier-free
 guidance needs at sampling time (course_lib.sampling.GuidedModel).
 
-Latent diffusion (`latents=True`): the data are a VAE's scaled latents (course_lib.vae), which are not
-bounded to [-1, 1]; the range check and the x0 clamp while sampling are then off. Nothing else changes:
-the trainer does not know whether it denoises pixels or latents.
+Latent diffusion (`latents=True`): the data are a VAE's scaled latents (course_lib.vae), not bounded to [-1, 1]:
+the range check and the x0 clamp while sampling are off; the trainer does not know pixels from latents.
 
 Rectified flow (`objective="flow"`, course_lib.flow; SD 3's objective): the same data, network, loop, random
 stream, loss and samplers along course_lib.schedules.FlowSchedule: x_t = (1 - t) x0 + t eps, t in (0, 1) drawn
 "uniform" or "logit_normal" (`timestep_sampling`), the velocity eps - x0 as the target, t * 1000 for the network.
 
-All randomness of the training loop (data order, timesteps, noise, caption dropout) comes from one
-seeded CPU torch.Generator whose state is saved with the checkpoint.
+All randomness (data order, timesteps, noise, caption dropout) comes from one seeded CPU generator, checkpointed.
 
-Several processes (`torchrun --nproc_per_node=N`, course_lib.distributed): the U-Net is wrapped in
-DistributedDataParallel; every rank draws the same global batch B as one process would and keeps its rows
-r*b .. (r+1)*b - 1 (b = B / N), so each step equals the single process's up to float summation order. Rank 0
-alone shows progress and writes files; checkpoints hold the plain U-Net, so they move between 1 and N processes.
+Several processes (`torchrun`, course_lib.distributed): DistributedDataParallel; every rank draws the global batch
+as one process would and keeps its slice, so a step equals the single process's up to summation order. Rank 0
+alone shows progress and writes files; checkpoints hold the plain U-Net (they move between 1 and N processes).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +133,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 @dataclass
 class Conditioning:
-    """The text a conditional U-Net trains on: per image, the text encoder's states for its caption
-    (course_lib.text.encode_prompts), and the empty prompt's states that caption dropout swaps in."""
+    """Per image, the text encoder's states for its caption; and the empty prompt's, which caption dropout swaps in."""
     context: torch.Tensor        # (N, L, D) float
     mask: torch.Tensor           # (N, L) bool, True at real tokens
     null_context: torch.Tensor   # (L, D) or (1, L, D): the states of the empty prompt ""
@@ -338,24 +333,35 @@ class Trainer(Fit):
               resume: bool = True) -> "Trainer":
         """Train until `steps` total steps (default config.steps), or until max_seconds have passed.
 
-        checkpoint_path   written every checkpoint_every steps and at the end (atomically). If it exists when a
-                          fresh trainer starts: with resume (the default), training continues from it (a file of
-                          another run is refused, naming what differs); with resume=False the earlier file is
-                          kept under a new name (<name>.v<k>.safetensors) and training starts afresh
+        checkpoint_path   written every checkpoint_every steps and at the end. If it exists when a fresh trainer
+                          starts: with resume (default) training continues from it (another run's is refused,
+                          naming what differs); resume=False keeps it as <name>.v<k>.safetensors, starts afresh
         sample_every      every this many steps, sample a grid with the EMA weights into self.sample_grids
-        callback          called every callback_every steps (e.g. to redraw a live loss curve)
-        Under DDP call it on every rank: rank 0 alone shows progress, samples grids and writes the
-        checkpoint; the callback runs on every rank (test trainer.is_main to print once)."""
+        callback          callback(trainer) every callback_every steps (e.g. to redraw a live loss curve)
+        Under DDP call it on every rank: rank 0 alone shows progress, samples and writes; the callback runs
+        everywhere (test trainer.is_main to print once)."""
         self._sampling = (sample_every, sample_count, sample_steps)
-        if self.step == 0 and self.last_good is None:
-            if self.resume_from(checkpoint_path, resume):
-                print(f"resumed from {checkpoint_path} at step {self.step}")
-        try:
-            return self.fit(steps, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                            max_seconds=max_seconds, progress=progress, callback=callback,
-                            callback_every=callback_every)
+        try:                                # the loop's recipe (course_lib.loop.Fit.train_module)
+            return self.train_module(self.model, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+                                     resume=resume, max_seconds=max_seconds, progress=progress, callback=callback,
+                                     callback_every=callback_every, desc="training", steps=steps)
         finally:
             self._sampling = None
+
+    def resume_from(self, path: str | Path | None, resume: bool = True) -> bool:
+        """A fresh trainer continues from `path` (Fit.resume_from) and says so; one that has trained goes on."""
+        if self.step or self.last_good is not None:
+            return False
+        done = super().resume_from(path, resume)
+        if done:
+            print(f"resumed from {path} at step {self.step}")
+        return done
+
+    def report(self) -> "Trainer":
+        return self
+
+    def after_training(self, module: nn.Module | None) -> None:
+        """Nothing: the U-Net stays in train mode between calls (sample() switches to eval and back)."""
 
     @torch.no_grad()
     def sample(self, n: int = 16, *, steps: int = 50, sampler: str | None = None, seed: int = 0,
@@ -439,11 +445,6 @@ class Trainer(Fit):
 
 def smooth(values: list[float], window: int = 50) -> list[float]:
     """Running mean over the last `window` values, for plotting a noisy loss curve."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+    sums = [0.0, *itertools.accumulate(values)]
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
 
