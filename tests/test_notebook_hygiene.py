@@ -161,6 +161,12 @@ STATES_MEMORY = [p for p in NOTEBOOKS if re.search(rf"{_NUMBER} GiB", needs_line
 ACCOUNTED = sorted((ROOT / "results").glob("memory_accounted_h100*.json"))   # scripts/measure_memory.py --account
 
 
+def rounds_to(value: str, rows: list[dict]) -> bool:
+    """Whether some row's peak rounds to `value` at the decimals it is written with."""
+    decimals = len(value.partition(".")[2])
+    return any(abs(r["peak_gib"] - float(value)) <= 0.5 * 10 ** -decimals + 1e-9 for r in rows)
+
+
 @pytest.mark.parametrize("path", STATES_MEMORY, ids=lambda p: p.stem)
 def test_needs_line_states_the_measured_gpu_memory(path):
     """A figure written 'X GiB accounted' is checked against the accounted records (fake tensors, course_lib.memory);
@@ -171,12 +177,11 @@ def test_needs_line_states_the_measured_gpu_memory(path):
         rows = [r for f in ACCOUNTED for r in json.loads(f.read_text())["rows"] if r["name"].startswith(path.name[:2] + " ")]
         assert "H100" in needs, f"{path.name}: an accounted figure must name the GPU it was accounted for (H100)"
         for value in accounted:
-            decimals = len(value.partition(".")[2])
-            assert any(abs(r["peak_gib"] - float(value)) <= 0.5 * 10 ** -decimals + 1e-9 for r in rows), (
+            assert rounds_to(value, rows), (
                 f"{path.name}: the Needs line states {value} GiB accounted, but no accounted row for notebook "
                 f"{path.name[:2]} in results/memory_accounted_h100*.json rounds to it; re-run "
                 f"python scripts/measure_memory.py --account H100 --only {path.name[:2]}")
-    stated = [v for v in re.findall(rf"({_NUMBER}) GiB(?! accounted)", needs)]
+    stated = re.findall(rf"({_NUMBER}) GiB(?! accounted)", needs)
     if not stated:
         return
     table = json.loads(MEMORY.read_text()) if MEMORY.exists() else {"rows": [], "machine": "(no file)"}
@@ -189,8 +194,7 @@ def test_needs_line_states_the_measured_gpu_memory(path):
         f"{path.name}: the Needs line states GPU memory; it must name the GPU it was measured on, "
         f"that of {MEMORY.relative_to(ROOT)} ({table['machine']})")
     for value in stated:
-        decimals = len(value.partition(".")[2])
-        assert any(abs(r["peak_gib"] - float(value)) <= 0.5 * 10 ** -decimals + 1e-9 for r in rows), (
+        assert rounds_to(value, rows), (
             f"{path.name}: the Needs line states {value} GiB, but no peak measured for notebook {path.name[:2]} "
             f"in {MEMORY.relative_to(ROOT)} rounds to it ({measured}). Reword the Needs line to the measured peak, "
             f"or re-measure with python scripts/measure_memory.py on a GPU if the notebook's settings changed")
