@@ -238,37 +238,47 @@ def _compare(feats: torch.Tensor, ref: torch.Tensor, reference: str, seed: int, 
 
 
 def floor(n: int | None = None, size: int = 32, seed: int = 0, reference: str = "heldout",
-          kid_subsets: int = 100, device: torch.device | str | None = None) -> Quality:
+          kid_subsets: int = 100, device: torch.device | str | None = None,
+          match: list[str] | None = None) -> Quality:
     """The real-versus-real floor: n real images of the *other* split against the reference split.
 
     reference "heldout": n random training images against all 398 held-out images (what a model
         that reproduced its training set perfectly would score); n from 2 to 3,388, default 398.
     reference "train": n random held-out images against all training images (what a perfect model
         of the emoji that copies nothing would score); n from 2 to 398.
+    match: one subcategory per sample (a text-to-image model's captions; n = len(match)): each real image is drawn
+        from that subcategory (the whole pool where it has none), the fair floor for samples whose mix follows it.
     FID is biased upward at small n [3], so compare a model's figure with the floor at its n."""
     check_choice("reference", reference, REFERENCES)
     ref = emoji_features(reference, size, device)
     pool = emoji_features("train" if reference == "heldout" else "heldout", size, device)
-    n = min(len(ref), len(pool)) if n is None else n  # 398 either way
+    n = (min(len(ref), len(pool)) if n is None else n) if match is None else len(match)  # 398 either way
     other = "training" if reference == "heldout" else "held-out"
     n = check_int("n", n, 2, len(pool), hint=f" (the {other} images available for the floor against {reference})")
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(pool), generator=g)[:n]
+    if match is not None:
+        subs = load_emoji(size=size, split="train" if reference == "heldout" else "heldout").subcategories
+        rows = [[i for i, s in enumerate(subs) if s == want] or list(range(len(subs))) for want in match]
+        pick = torch.tensor([r[int(torch.randint(len(r), (), generator=g))] for r in rows])
     return _compare(pool[pick], ref, reference, seed, kid_subsets)
 
 
 def evaluate(samples: torch.Tensor, reference: str = "heldout", size: int | None = None, seed: int = 0,
-             with_floor: bool = True, kid_subsets: int = 100, device: torch.device | str | None = None) -> Quality:
+             with_floor: bool = True, kid_subsets: int = 100, device: torch.device | str | None = None,
+             match: list[str] | None = None) -> Quality:
     """FID and KID of samples (N, 3, H, W) in [-1, 1] against the emoji of `reference`, with the floor.
 
     The reference images are loaded at the samples' size (or `size`) and go through the same resize
-    to 32 px, so a 16 px model is judged against 16 px emoji. The floor uses the same n as the samples."""
+    to 32 px, so a 16 px model is judged against 16 px emoji. The floor uses the same n as the samples (and,
+    given `match`, their subcategories: see `floor`)."""
     check_choice("reference", reference, REFERENCES)
     check_images(samples, "samples", data_range=False)
     size = size or samples.shape[-1]
     quality = _compare(features(samples, device=device), emoji_features(reference, size, device),
                        reference, seed, kid_subsets)
     if with_floor:
-        quality.floor = floor(len(samples), size, seed, reference, kid_subsets, device)
+        quality.floor = floor(len(samples), size, seed, reference, kid_subsets, device, match)
     return quality
 
 
@@ -437,6 +447,4 @@ def colour(images: torch.Tensor, tol: float = 0.02) -> Colour:
         raise ValueError(f"tol must be in [0, 1) (a distance from -1 or 1); got {tol!r}")
     x = images.float().clamp(-1, 1)
     u = (x + 1) / 2
-    chroma = (u.amax(dim=1) - u.amin(dim=1)).mean().item()
-    at_ends = (x.abs() >= 1 - tol).float().mean().item()
-    return Colour(chroma, at_ends, len(images))
+    return Colour((u.amax(1) - u.amin(1)).mean().item(), (x.abs() >= 1 - tol).float().mean().item(), len(images))

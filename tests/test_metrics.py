@@ -131,6 +131,22 @@ def test_floor_n_is_checked():
         metrics.floor(100, reference="test")
 
 
+def test_caption_matched_floor_draws_each_subcategory_and_is_lower(monkeypatch):
+    """Matched to the held-out images' own subcategories, the floor is what a text-to-image model conditioned on
+    their captions could reach; it sits below the unmatched floor, and every draw has the subcategory asked for."""
+    held, train = load_emoji(split="heldout"), load_emoji(split="train")
+    drawn = []
+    real_compare = metrics._compare
+    monkeypatch.setattr(metrics, "_compare", lambda feats, *a: (drawn.append(feats), real_compare(feats, *a))[1])
+    matched = metrics.floor(match=held.subcategories)
+    f_train = metrics.emoji_features("train")
+    rows = [int((f_train == f).all(1).nonzero()[0]) for f in drawn[0]]
+    assert [train.subcategories[r] for r in rows] == held.subcategories
+    assert matched.n == 398 and matched.fid < metrics.floor(398).fid
+    with pytest.raises(ValueError, match="from 2 to"):
+        metrics.floor(match=["face-smiling"])
+
+
 def test_evaluate_reports_the_floor_at_the_same_n(emoji):
     quality = metrics.evaluate(emoji["train"][:100])
     assert quality.n == 100 and quality.floor.n == 100 and quality.reference == "heldout"
