@@ -16,6 +16,14 @@ Bases and recipes:
                          equal to the squared error, see VAE_RECIPES) or off
           Measured: held-out PSNR (posterior mean, dB) and sharpness (high-frequency share of the reconstructions
           over the originals', course_lib.metrics.high_frequency_share; 1 = as sharp as the data).
+    tiny_sd  the text-to-image U-Net, trained from scratch on the shipped VAE's latents and mini CLIP's text states
+          for --minutes of wall time per recipe (equal time, not equal steps), measured every --eval-minutes:
+          shipped        the shipped recipe: preset sd_small, epsilon, scaled-linear, batch 128, lr 3e-4
+          lr 1e-3, batch 32, v zero-snr, flow, min-snr 5, sd_tiny: that recipe with one thing changed
+          Measured: FID of --n images (one per held-out caption, the pipeline's defaults: DDIM 20, guidance 4)
+          against the held-out emoji, beside the caption-matched floor (metrics.floor(match=...)).
+
+    python scripts/study_recipes.py --base tiny_sd --minutes 8 --recipes shipped,flow    # two recipes, 8 min each
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib.checkpoint import shipped  # noqa: E402
+from course_lib.checkpoint import shipped, write_text_atomic  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.feature_net import load_feature_net  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
@@ -51,8 +59,18 @@ VAE_RECIPES = {
     "perceptual 0.05+gan": {"perceptual_weight": 0.05, "adversarial_weight": 0.5},
     "gan": {"perceptual_weight": 0.0, "adversarial_weight": 0.5},
 }
-DEFAULT_RECIPES = "mse,perceptual,perceptual+gan"
-BASES = ("vae",)
+DEFAULT_RECIPES = {"vae": "mse,perceptual,perceptual+gan", "tiny_sd": "shipped"}
+BASES = ("vae", "tiny_sd")
+TINY_SD_SHIPPED = {"batch_size": 128, "lr": 3e-4, "schedule": "scaled_linear", "prediction": "epsilon"}
+TINY_SD_RECIPES = {   # (U-Net preset, what changes from the shipped recipe)
+    "shipped": ("sd_small", {}),
+    "lr 1e-3": ("sd_small", {"lr": 1e-3}),
+    "batch 32": ("sd_small", {"batch_size": 32}),
+    "v zero-snr": ("sd_small", {"prediction": "v", "zero_terminal_snr": True}),
+    "flow": ("sd_small", {"objective": "flow", "timestep_sampling": "logit_normal"}),
+    "min-snr 5": ("sd_small", {"min_snr_gamma": 5.0}),
+    "sd_tiny": ("sd_tiny", {}),
+}
 
 
 def vae_quality(vae, images: torch.Tensor) -> dict:
@@ -106,7 +124,65 @@ def study_vae(args) -> list[dict]:
     return rows
 
 
+def study_tiny_sd(args) -> list[dict]:
+    """Each recipe from scratch for args.minutes of training, measured every args.eval_minutes (equal time)."""
+    import tempfile
+
+    from course_lib.clip import load_clip
+    from course_lib.metrics import evaluate
+    from course_lib.pipeline import SHIPPED, TextToImage
+    from course_lib.train import TrainConfig, Trainer
+    from course_lib.unet import UNet, get_preset
+    from course_lib.vae import encode_latents
+    from train_tiny_sd import conditioning_for
+
+    vae, scale, _ = load_vae(shipped(SHIPPED["vae"]))
+    clip, tokenizer, _ = load_clip(shipped(SHIPPED["clip"]))
+    train, held = load_emoji(size=32, split="train", limit=64 if args.quick else None), load_emoji(size=32, split="heldout")
+    latents = encode_latents(vae, train.images, scale, device=torch.device("cpu"))
+    cond = conditioning_for(clip, tokenizer, train.captions, torch.device("cpu"))
+    captions, subcategories = held.captions[:args.n], held.subcategories[:args.n]
+    rows = []
+    for name in args.recipes.split(","):
+        if name not in TINY_SD_RECIPES:
+            raise SystemExit(f"unknown recipe {name!r} for base tiny_sd; valid are {', '.join(TINY_SD_RECIPES)}")
+        preset, change = TINY_SD_RECIPES[name]
+        config = TrainConfig(**(TINY_SD_SHIPPED | {"steps": 10 ** 6, "warmup": 200, "latents": True,
+                                                   "caption_dropout": 0.1, "seed": args.seed} | change))
+        torch.manual_seed(args.seed)
+        trainer = Trainer(UNet(get_preset(preset, context_dim=clip.config.text.width)), latents, config,
+                          conditioning=cond)
+        curve = []
+        with tempfile.TemporaryDirectory() as tmp:
+            while trainer.seconds < args.minutes * 60 - 1:
+                trainer.train(max_seconds=min(args.eval_minutes * 60, args.minutes * 60 - trainer.seconds),
+                              progress=False)
+                pipe = TextToImage.from_files(trainer.export(Path(tmp) / "unet.safetensors", overwrite=True),
+                                              shipped(SHIPPED["clip"]), shipped(SHIPPED["vae"]))
+                q = evaluate(pipe.generate(captions, seed=0), match=subcategories)
+                curve.append({"step": trainer.step, "seconds": round(trainer.seconds, 1), "fid": round(q.fid, 2),
+                              "matched_floor": round(q.floor.fid, 2), "precision": round(q.precision, 3),
+                              "recall": round(q.recall, 3)})
+                print(f"{name:12s} step {trainer.step:5d} at {trainer.seconds:6.0f} s: FID {q.fid:.2f} "
+                      f"(caption-matched floor {q.floor.fid:.2f})", flush=True)
+        rows.append({"recipe": name, "preset": preset, "change": change, "steps": trainer.step, "curve": curve})
+    return rows
+
+
+def tiny_sd_table(rows: list[dict]) -> str:
+    lines = ["| recipe | s per step | FID at each measurement (minutes of training) | last FID / caption-matched floor |",
+             "|---|---|---|---|"]
+    for r in rows:
+        c = r["curve"]
+        cells = ", ".join(f"{p['fid']:.1f} ({p['seconds'] / 60:.0f})" for p in c)
+        lines.append(f"| {r['recipe']} | {c[-1]['seconds'] / max(1, r['steps']):.2f} | {cells} | "
+                     f"{c[-1]['fid'] / c[-1]['matched_floor']:.2f}x |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
+    if "preset" in rows[0]:
+        return tiny_sd_table(rows)
     steps = [p["step"] for p in rows[0]["curve"]]
     head = "| recipe | s per step | " + " | ".join(f"step {s}: PSNR / sharpness" for s in steps) + " |"
     lines = [head, "|" + "---|" * (2 + len(steps))]
@@ -120,7 +196,11 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="vae", choices=BASES)
-    p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"any of: {', '.join(VAE_RECIPES)}")
+    p.add_argument("--recipes", default=None, help=f"vae: any of {', '.join(VAE_RECIPES)}; tiny_sd: any of "
+                   f"{', '.join(TINY_SD_RECIPES)} (default: {DEFAULT_RECIPES})")
+    p.add_argument("--minutes", type=float, default=8.0, help="tiny_sd: minutes of training per recipe")
+    p.add_argument("--eval-minutes", type=float, default=4.0, help="tiny_sd: measure every this many minutes")
+    p.add_argument("--n", type=int, default=128, help="tiny_sd: held-out captions measured")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--batch", type=int, default=64)
@@ -134,13 +214,23 @@ def main() -> None:
     p.add_argument("--out", default=None, help="the record (default results/recipes_<base>.json; quick: not written)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    args.recipes = args.recipes or DEFAULT_RECIPES[args.base]
     if args.quick:
         args.steps, args.eval_every, args.warmup = 2, 1, 2
+        args.minutes, args.eval_minutes, args.n = 0.05, 0.05, 16
+    out = args.out or (None if args.quick else str(ROOT / "results" / f"recipes_{args.base}.json"))
+    if args.base == "tiny_sd":
+        rows = study_tiny_sd(args)
+        print(table(rows))
+        record = {"base": args.base, "machine": describe_machine(), "torch": torch.__version__,
+                  "threads": args.threads, "minutes": args.minutes, "n": args.n, "seed": args.seed,
+                  "shipped_recipe": TINY_SD_SHIPPED, "rows": rows,
+                  "command": " ".join(["python", "scripts/study_recipes.py"] + sys.argv[1:])}
+        return write_record(out, record, ("base", "minutes", "n", "seed", "threads"))
     heldout = load_emoji(size=32, split="heldout").images
     scales = vae_loss_scales(heldout[:32] if args.quick else heldout)
     print(f"loss terms on the shipped VAE's reconstructions of {scales['n']} held-out emoji: squared error "
           f"{scales['mse']}, perceptual distance {scales['perceptual']} ({scales['ratio']}x)")
-    out = args.out or (None if args.quick else str(ROOT / "results" / f"recipes_{args.base}.json"))
     if args.scales_only:
         if out and Path(out).exists():
             record = json.loads(Path(out).read_text())
@@ -152,15 +242,19 @@ def main() -> None:
     record = {"base": args.base, "machine": describe_machine(), "torch": torch.__version__, "threads": args.threads,
               "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "seed": args.seed, "loss_scales": scales,
               "command": " ".join(["python", "scripts/study_recipes.py"] + sys.argv[1:]), "rows": rows}
+    write_record(out, record, ("base", "batch", "lr", "warmup", "seed"))
+
+
+def write_record(out: str | None, record: dict, same_keys: tuple[str, ...]) -> None:
     if out:
         if Path(out).exists():      # keep the other recipes' rows of an earlier run with the same settings
             old = json.loads(Path(out).read_text())
-            same = all(old.get(k) == record[k] for k in ("base", "batch", "lr", "warmup", "seed"))
+            same = all(old.get(k) == record[k] for k in same_keys)
             if same:
                 names = {r["recipe"] for r in rows}
                 record["rows"] = [r for r in old["rows"] if r["recipe"] not in names] + rows
                 record["command"] = old.get("command", "") + "; " + record["command"]
-        Path(out).write_text(json.dumps(record, indent=1) + "\n")
+        write_text_atomic(out, json.dumps(record, indent=1) + "\n")
         print(f"wrote {out}")
         print(table(record["rows"]))
 
