@@ -367,9 +367,9 @@ class Trainer(Fit):
     def sample(self, n: int = 16, *, steps: int = 50, sampler: str | None = None, seed: int = 0,
                use_ema: bool = True, guidance_scale: float = 3.0) -> torch.Tensor:
         """n images (or latents) from the EMA (or raw) weights, with a fixed seed so grids are comparable
-        over training. A conditional model is given the captions of the first n training images, with
-        classifier-free guidance at `guidance_scale`. sampler: one of course_lib.sampling.SAMPLERS (default
-        "ddim"; on a flow's path that is Euler's step, and "heun" is on offer)."""
+        over training. A conditional model gets the first n training captions, guided at `guidance_scale`.
+        sampler: one of course_lib.sampling.SAMPLERS (default "ddim": Euler's step on a flow's path, where "heun"
+        is on offer too). Pixel models: each step's x0_hat is clamped to [-1, 1], any objective (flow too)."""
         from .sampling import GuidedModel, sample  # imported here: sampling does not depend on training
 
         net = self.ema_model if use_ema else self.model
