@@ -360,6 +360,26 @@ def started_from(info: dict) -> list[str]:
             f"({details}; {first.get('train_seconds')} s), made by `{first.get('command')}` |"]
 
 
+def cpu_hours(info: dict) -> list[str]:
+    """A model-card row: the training time of this run and of the run it started from, in CPU-hours."""
+    first = (info.get("initialised_from") or {}).get("train_seconds") or 0
+    total = (first + (info.get("train_seconds") or 0)) / 3600
+    since = " (this run and the one it started from; earlier GPU steps not counted)" if first else ""
+    return [f"| CPU-hours | {total:.2f}{since} |"]
+
+
+def curve_lines(curve: list[dict], columns: dict[str, str], offset: int = 0, every: int = 2) -> list[str]:
+    """Quality against steps as a table (every `every`-th point and the last); offset: steps before this run."""
+    if not curve:
+        return []
+    points = curve[::every] + ([curve[-1]] if (len(curve) - 1) % every else [])
+    return (["## Quality against steps", "",
+             "| steps | CPU-hours of this run | " + " | ".join(columns.values()) + " |",
+             "|---:|---:|" + "---:|" * len(columns)]
+            + [f"| {offset + p['step']:,} | {p['seconds'] / 3600:.2f} | "
+               + " | ".join(f"{p[k]:.3f}" for k in columns) + " |" for p in points] + [""])
+
+
 def write_cards(args, out_dir: Path, t2i: dict) -> None:
     results = json.loads(results_path(args).read_text())
     vae, clip, t2 = results.get("vae", {}), results.get("clip", {}), results.get("t2i", {})
@@ -376,11 +396,13 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"| training | {vae.get('steps')} steps, batch {vae.get('batch_size')}, AdamW lr {vae.get('lr')}, "
              f"KL weight {vae.get('kl_weight')}, {vae.get('precision')}, seed {vae.get('seed')} |",
              f"| hardware, time | {vae.get('machine')}, {vae.get('train_seconds')} s of training |",
-             *started_from(vae),
+             *started_from(vae), *cpu_hours(vae),
              f"| peak GPU memory (training) | {gib(vae.get('peak_gib'))} |",
              f"| latent scale factor | {vae.get('scale_factor', float('nan')):.4f} (1 / std of the training latents) |",
              f"| held-out reconstruction PSNR | {vae.get('heldout_psnr')} dB (398 held-out emoji, posterior mean) |",
-             f"| command | `{vae.get('command')}` |", ""]
+             f"| command | `{vae.get('command')}` |", "",
+             *curve_lines(vae.get("curve", []), {"heldout_psnr": "held-out PSNR (dB)", "sharpness": "sharpness"},
+                          (vae.get("initialised_from") or {}).get("steps") or 0)]
     if sweep:
         lines += ["## Why this latent size", "",
                   f"Each preset trained for the same {sweep[0]['steps']} steps ({results['vae_sweep']['machine']}):", "",
@@ -404,6 +426,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"| training | {clip.get('steps')} steps, batch {clip.get('batch_size')}, lr {clip.get('lr')}, "
              f"{clip.get('precision')}, seed {clip.get('seed')} |",
              f"| hardware, time | {clip.get('machine')}, {clip.get('train_seconds')} s of training |",
+             *started_from(clip), *cpu_hours(clip),
              f"| peak GPU memory (training) | {gib(clip.get('peak_gib'))} |",
              f"| command | `{clip.get('command')}` |", "",
              "## Retrieval (image -> its own caption)", "",
@@ -414,6 +437,8 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"{clip.get('train_top5', 0):.3f} |",
              f"| chance | {clip.get('n_heldout')} captions | {1 / max(1, clip.get('n_heldout', 1)):.3f} | "
              f"{5 / max(1, clip.get('n_heldout', 1)):.3f} |", "",
+             *curve_lines(clip.get("curve", []), {"heldout_top1": "held-out top-1", "heldout_top5": "held-out top-5"},
+                          (clip.get("initialised_from") or {}).get("steps") or 0),
              "Licence: derived from Noto Emoji images (Apache-2.0) and Unicode character names; see "
              "data/emoji/LICENSES.md.", ""]
     ckpt.write_text_atomic(out_dir / f"{NAMES['clip']}.md", "\n".join(lines))
@@ -431,7 +456,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"| training | {t2.get('steps')} steps, batch {tc['batch_size']}, AdamW lr {tc['lr']}, EMA {tc['ema_decay']}, "
              f"{t2.get('precision')}, seed {tc['seed']} |",
              f"| hardware, time | {t2.get('machine')}, {t2.get('train_seconds')} s of training |",
-             *started_from(t2),
+             *started_from(t2), *cpu_hours(t2),
              f"| peak GPU memory (training) | {gib(t2.get('peak_gib'))} |",
              f"| command | `{t2.get('command')}` |", "",
              "## Measured", "",
@@ -451,6 +476,10 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
         lines += ["", f"Memorisation (guidance {memo['guidance']:g}): {100 * memo['share']:.1f}% of the {memo['n']} images "
                       f"have a training image closer than the threshold ({memo['threshold']:.3g} RMS, {memo['space']} "
                       f"space; course_lib.metrics.memorisation)."]
+    lines += ["", "Quality against steps: " + ("this run kept no intermediate weights (its curve of FID against "
+              "steps was not recorded); FID against minutes of training from scratch, per recipe, is in "
+              "results/recipes_tiny_sd.json (`python scripts/study_recipes.py --base tiny_sd`)."
+              if not t2.get("curve") else "see the record's curve.")]
     lines += ["", "The mini CLIP that judges text fidelity is also the text encoder the U-Net was trained to follow, "
                   "so generated images can score above real ones: read the text-fidelity columns as agreement with "
                   "the conditioning, not as an independent judgement."]

@@ -67,3 +67,16 @@ def test_study_recipes_tiny_sd_quick_measures_each_recipe_against_the_matched_fl
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_recipes.py"), "--base", "tiny_sd", "--quick",
                           "--recipes", "adam"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and "valid are shipped" in bad.stderr
+
+
+def test_model_cards_give_cpu_hours_and_a_curve_from_the_record():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_tiny_sd as t
+    info = {"train_seconds": 5400.0, "initialised_from": {"train_seconds": 1800.0, "steps": 100}}
+    assert t.cpu_hours(info)[0].startswith("| CPU-hours | 2.00 (this run and the one it started from")
+    assert t.cpu_hours({"train_seconds": 3600.0}) == ["| CPU-hours | 1.00 |"]
+    curve = [{"step": s, "seconds": 36.0 * s, "psnr": 20 + s / 100} for s in (1, 100, 200, 300)]
+    lines = t.curve_lines(curve, {"psnr": "PSNR"}, offset=100)
+    rows = [line for line in lines if line.startswith("| 1") or line.startswith("| 3") or line.startswith("| 4")]
+    assert rows == ["| 101 | 0.01 | 20.010 |", "| 300 | 2.00 | 22.000 |", "| 400 | 3.00 | 23.000 |"]
+    assert t.curve_lines([], {"psnr": "PSNR"}) == []
