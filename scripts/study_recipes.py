@@ -241,8 +241,9 @@ def main() -> None:
     print(table(rows))
     record = {"base": args.base, "machine": describe_machine(), "torch": torch.__version__, "threads": args.threads,
               "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "seed": args.seed, "loss_scales": scales,
-              "command": " ".join(["python", "scripts/study_recipes.py"] + sys.argv[1:]), "rows": rows}
-    write_record(out, record, ("base", "batch", "lr", "warmup", "seed"))
+              "command": " ".join(["python", "scripts/study_recipes.py"] + sys.argv[1:]), "rows": rows,
+              "started_from": rows[0]["started_from"]}   # rows from another starting VAE are never merged
+    write_record(out, record, ("base", "batch", "lr", "warmup", "seed", "started_from"))
 
 
 def write_record(out: str | None, record: dict, same_keys: tuple[str, ...]) -> None:

@@ -70,13 +70,17 @@ def test_strength_one_is_plain_generation_with_the_same_seed(pipe, emoji):
 
 
 def test_less_strength_stays_closer_to_the_input(pipe, emoji):
-    # Mean MSE to the input, guidance 4: 0.091 at 0.1, 0.152 at 0.3, 0.202 at 0.5, 0.242 at 0.9; every one of
-    # the 8 images closer at 0.3 than at 0.9. The VAE round trip alone: 0.019.
+    # Mean MSE to the input with the shipped (8,012-step) tiny SD, no guidance (scale 1): 0.035 at 0.1, 0.065 at
+    # 0.3, 0.093 at 0.5, 0.137 at 0.9; every one of the 8 images closer at 0.3 than at 0.9. The VAE round trip
+    # alone: 0.011. At guidance 4 the prompt's pull dominates even a short run (0.147 at 0.1, 0.182 at 0.9, the
+    # images' own captions), so the strength is tested without guidance.
     images, captions = emoji
-    low = img2img(pipe, images, captions, strength=0.3, steps=10)
-    high = img2img(pipe, images, captions, strength=0.9, steps=10)
-    assert mse(low, images) < 0.8 * mse(high, images)
-    assert mse(low, images) > 0.019                                         # it did change the image
+    low = img2img(pipe, images, captions, strength=0.3, steps=10, guidance_scale=1.0)
+    high = img2img(pipe, images, captions, strength=0.9, steps=10, guidance_scale=1.0)
+    assert mse(low, images) < 0.7 * mse(high, images)
+    per_image = lambda x: (x - images).pow(2).flatten(1).mean(1)
+    assert (per_image(low) < per_image(high)).all()
+    assert mse(low, images) > 0.011                                         # it did change the image
 
 
 def test_img2img_passes_the_negative_prompt_and_is_seeded(pipe, emoji):
