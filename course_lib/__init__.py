@@ -9,6 +9,7 @@ One module per course concept, in the order the notebooks introduce them:
                 flow's straight path: the paths every sampler walks
     forward     the forward process (one Markov step, the closed form, the posterior) and the one objective
     attention   self-attention, cross-attention to text, SD's transformer block
+    denoiser    what every denoising network shares: the call model(x_t, t, context, mask) and its checks
     unet        the U-Net: time embedding, ResBlock, down/up sampling, presets
     checkpoint  safetensors files written atomically and verified; knows no model
     unet_file   the U-Net's model file: float16 weights, config, schedule and prediction
