@@ -6,7 +6,7 @@ One module per course concept, in the order the notebooks introduce them:
     data        emoji and photos, loaded offline as tensors in [-1, 1]
     config      the JSON round trip every config dataclass shares
     schedules   noise schedules (linear, scaled-linear, cosine, sigmoid), zero terminal SNR, and rectified
-                flow's straight path: the paths every sampler walks
+                flow's straight path (with SD 3's timestep shift): the paths every sampler walks
     forward     the forward process (one Markov step, the closed form, the posterior) and the one objective
     attention   self-attention, cross-attention to text, SD's transformer block
     denoiser    what every denoising network shares: the call model(x_t, t, context, mask) and its checks
