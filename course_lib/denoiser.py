@@ -1,9 +1,9 @@
 r"""What every denoising network of the course shares: the call `model(x_t, t, context, context_mask)` and its checks.
 
-The U-Net (course_lib.unet, notebook 03) and any network that takes its place are interchangeable: each takes
-a noisy image (or latent) x_t (B, C, H, W) and its time t, and, when text-conditioned (config.context_dim set),
-the text encoder's states (B, L, context_dim) with their padding mask (B, L), True at real tokens; each returns
-a tensor shaped like x_t. The Trainer, the samplers,
+The U-Net (course_lib.unet, notebook 03), the diffusion transformer (course_lib.dit) and SD 3's two-stream
+transformer (course_lib.mmdit) are interchangeable: each takes a noisy image (or latent) x_t (B, C, H, W) and its
+time t, and, when text-conditioned (config.context_dim set), the text encoder's states (B, L, context_dim) with
+their padding mask (B, L), True at real tokens; each returns a tensor shaped like x_t. The Trainer, the samplers,
 the pipeline and the model file rely on that call and nothing else, so the checks of what comes in are written
 once, here: a network subclasses `Denoiser`, and its config gives `in_channels`, `context_dim` and
 `check_size(size, what)`.
