@@ -6,12 +6,15 @@ One module per course concept, in the order the notebooks introduce them:
     data        emoji and photos, loaded offline as tensors in [-1, 1]
     config      the JSON round trip every config dataclass shares
     schedules   noise schedules (linear, scaled-linear, cosine, sigmoid), zero terminal SNR, and rectified
-                flow's straight path: the paths every sampler walks
+                flow's straight path (with SD 3's timestep shift): the paths every sampler walks
     forward     the forward process (one Markov step, the closed form, the posterior) and the one objective
     attention   self-attention, cross-attention to text, SD's transformer block
+    denoiser    what every denoising network shares: the call model(x_t, t, context, mask) and its checks
     unet        the U-Net: time embedding, ResBlock, down/up sampling, presets
+    dit         the diffusion transformer: patches, 2-D sin-cos positions, adaLN-Zero blocks
+    mmdit       SD 3's MMDiT: text and image streams, one joint attention, QK-norm
     checkpoint  safetensors files written atomically and verified; knows no model
-    unet_file   the U-Net's model file: float16 weights, config, schedule and prediction
+    unet_file   the denoiser's model file: float16 weights, architecture and config, schedule and prediction
     precision   mixed precision: which a device gets, the autocast that applies it
     loop        the one fitting loop: optimizer step, precision, guards, EMA, budget, checkpoints, resume
     learned_schedule  a noise schedule learned with the denoiser (Variational Diffusion Models)

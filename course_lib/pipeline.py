@@ -19,7 +19,9 @@ settings (course_lib.sampling.SamplerSettings: TINY_SD_SAMPLER here, course_lib.
 
 A U-Net trained with rectified flow (TrainConfig(objective="flow"), notebook 14; prediction "flow" in its file)
 makes the same pipeline a tiny SD 3 with nothing changed but its path: the pipeline samples it along
-course_lib.schedules.FlowSchedule, where the default DDIM step is Euler's, and "heun" is on offer.
+course_lib.schedules.FlowSchedule, where the default DDIM step is Euler's, and "heun" is on offer. A DiT or SD 3's
+MMDiT (course_lib.dit, course_lib.mmdit) takes the U-Net's place unchanged: the pipeline only calls
+denoiser(z_t, t, states, mask), and a model file says which network it holds (course_lib.unet_file).
 
 A negative prompt replaces the empty prompt in the guidance formula, so the sampler steers away from it.
 

@@ -36,6 +36,13 @@ x_t = a_t x0 + s_t eps and asks its path for four things only: a_t and s_t (`sca
 so DDIM, DPM-Solver++ and DDPM's ancestral step, written once in (a, s), sample a rectified-flow model too, and
 Euler or Heun (which need a path continuous in time, with da/dt and ds/dt) sample it in its own time.
 
+SD 3's timestep shift ([6], Sec. 5.3.2; `time_shift`): FlowSchedule(shift=s) visits t' = s t / (1 + (s - 1) t)
+in place of t, in its sampling grid and its training draws (s > 1: more of both near the noise; 1: no change).
+A larger image needs more noise: its n values carry much the same information, so they average the noise down.
+An image of n values all equal to c seen as x_t = (1 - t) c + t eps gives n looks at c, leaving an uncertainty
+(t / (1 - t)) / sqrt(n); the same uncertainty with m values needs t_m / (1 - t_m) = sqrt(m / n) t / (1 - t): the
+shift with s = sqrt(m / n). SD 3 found s = 3 best at 1024^2 pixels (128^2 latents).
+
 References:
   [1] Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. 2020. https://arxiv.org/abs/2006.11239
   [2] Rombach et al. High-Resolution Image Synthesis with Latent Diffusion Models. 2022. https://arxiv.org/abs/2112.10752
@@ -44,6 +51,8 @@ References:
       Chen. On the Importance of Noise Scheduling for Diffusion Models. 2023. https://arxiv.org/abs/2301.10972
   [5] Lin, Liu, Li, Yang. Common Diffusion Noise Schedules and Sample Steps are Flawed. 2024.
       https://arxiv.org/abs/2305.08891
+  [6] Esser et al. Scaling Rectified Flow Transformers for High-Resolution Image Synthesis (SD 3). 2024.
+      https://arxiv.org/abs/2403.03206
 """
 
 from __future__ import annotations
@@ -180,15 +189,17 @@ class FlowSchedule:
     clean = 0.0
     name = "flow"
 
-    def __init__(self, timestep_sampling: str = "uniform", time_scale: float = TIME_SCALE):
+    def __init__(self, timestep_sampling: str = "uniform", time_scale: float = TIME_SCALE, shift: float = 1.0):
         self.timestep_sampling = check_choice("timestep sampling", timestep_sampling, TIMESTEP_SAMPLING)
         if isinstance(time_scale, bool) or not isinstance(time_scale, numbers.Real) or not 0 < time_scale < math.inf:
             raise ValueError(f"time_scale must be a positive number (the network sees t * time_scale); got "
                              f"{time_scale!r}")
         self.time_scale = float(time_scale)
+        self.shift = check_shift(shift)           # SD 3's timestep shift of the grid and the training times
 
     def __repr__(self) -> str:
-        return f"FlowSchedule(x_t = (1 - t) x0 + t eps, network time t * {self.time_scale:g})"
+        shifted = f", times shifted by {self.shift:g}" if self.shift != 1 else ""
+        return f"FlowSchedule(x_t = (1 - t) x0 + t eps, network time t * {self.time_scale:g}{shifted})"
 
     @staticmethod
     def _check(t: float) -> float:
@@ -213,8 +224,8 @@ class FlowSchedule:
 
     def grid(self, steps: int, spacing: str = "trailing", offset: int = 0, start: float | None = None) -> list[float]:
         """`steps` equal steps from t = start (default 1, the noise) towards 0: linspace(start, 0, steps + 1)
-        without its end (float32 values, as torch.linspace gives them). Only the even "trailing" grid exists
-        here, and no offset: those are a discrete schedule's."""
+        without its end (float32, as torch.linspace gives them); with a shift, even in the unshifted time, then
+        moved by `time_shift`. Only the even "trailing" grid exists here, and no offset (a discrete schedule's)."""
         steps = check_int("steps", steps, 1)
         if spacing != "trailing" or offset != 0:
             raise ValueError(f"a flow path is sampled on an even grid from t = 1: spacing 'trailing' and offset 0 "
@@ -222,7 +233,10 @@ class FlowSchedule:
         first = 1.0 if start is None else self._check(start)
         if first == 0:
             raise ValueError("start must be above 0 (t = 0 is the data itself)")
-        return torch.linspace(first, 0.0, int(steps) + 1)[:-1].tolist()
+        if self.shift == 1:
+            return torch.linspace(first, 0.0, int(steps) + 1)[:-1].tolist()
+        even = torch.linspace(time_shift(first, 1 / self.shift), 0.0, int(steps) + 1, dtype=torch.float64)[:-1]
+        return time_shift(even, self.shift).float().tolist()
 
     def end(self, final_t: int, last: float) -> float:
         """The last step lands on the data, t = 0 (final_t -1, the samplers' name for the clean end)."""
@@ -235,8 +249,9 @@ class FlowSchedule:
         return torch.full((batch,), self._check(t), device=device) * self.time_scale
 
     def draw_times(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n training times in (0, 1), drawn on the CPU by `sample_timesteps` with this path's timestep_sampling."""
-        return sample_timesteps(n, self.timestep_sampling, generator=generator)
+        """n training times in (0, 1), drawn on the CPU by `sample_timesteps`, then moved by the path's shift."""
+        t = sample_timesteps(n, self.timestep_sampling, generator=generator)
+        return t if self.shift == 1 else time_shift(t, self.shift)
 
     def scales_at(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a, s, alpha_bar) at a batch of times, each (B, 1, 1, 1) in x's dtype and device; alpha_bar =
@@ -255,6 +270,22 @@ class FlowSchedule:
         return t * self.time_scale
 
 
+def check_shift(shift: float) -> float:
+    """shift as a float if it is a finite number > 0 (1: no shift); else a ValueError naming it."""
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < shift < math.inf:
+        raise ValueError(f"the timestep shift must be a finite number > 0 (1: no shift; SD 3 uses 3 at 1024 px, "
+                         f"sqrt(m / n) for m values where n had the right noise); got {shift!r}")
+    return float(shift)
+
+
+def time_shift(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    r"""SD 3's timestep shift (Esser et al. 2024, Sec. 5.3.2): t' = s t / (1 + (s - 1) t), flow time t in [0, 1]
+    (0 data, 1 noise), s = shift. Both ends stay; the noise-to-signal ratio scales, t' / (1 - t') = s t / (1 - t),
+    so shift 1 / s undoes shift s. Why a larger image wants s = sqrt(m / n): the module's docstring."""
+    s = check_shift(shift)
+    return s * t / (1 + (s - 1) * t)
+
+
 def sample_timesteps(n: int, sampling: str = "uniform", *, mean: float = 0.0, std: float = 1.0,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """n training times in (0, 1): "uniform", or "logit_normal" (SD 3: t = sigmoid(z), z ~ N(mean, std^2))."""
@@ -267,11 +298,14 @@ def sample_timesteps(n: int, sampling: str = "uniform", *, mean: float = 0.0, st
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
 
 
-def path_for(prediction: str, schedule: NoiseSchedule | FlowSchedule,
-             timestep_sampling: str = "uniform") -> NoiseSchedule | FlowSchedule:
-    """The path a model trains and samples along: a FlowSchedule for a rectified-flow model (prediction "flow",
-    whose file also carries an unused discrete table), else its own schedule."""
-    return FlowSchedule(timestep_sampling) if prediction == FLOW and not schedule.continuous else schedule
+def path_for(prediction: str, schedule: NoiseSchedule | FlowSchedule, timestep_sampling: str = "uniform",
+             shift: float = 1.0) -> NoiseSchedule | FlowSchedule:
+    """The path a model trains and samples along: a FlowSchedule (with its timestep shift) for a rectified-flow
+    model (prediction "flow", whose file also carries an unused discrete table), else its own schedule."""
+    if prediction != FLOW and check_shift(shift) != 1:
+        raise ValueError(f"a timestep shift moves a flow's times (prediction 'flow'); a {prediction!r} model samples "
+                         f"its schedule's own timesteps: leave shift at 1; got {shift!r}")
+    return FlowSchedule(timestep_sampling, shift=shift) if prediction == FLOW and not schedule.continuous else schedule
 
 
 def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", offset: int = 0,

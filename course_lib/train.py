@@ -13,18 +13,17 @@ recipe (resume, warm-up, clipping, EMA, precision, the guards, checkpoints) are 
 course_lib.loop.Fit. This module adds only what is the diffusion model's own: its data (images, captions), its
 objective's settings and sampling grids.
 
-Text conditioning (a U-Net built with context_dim, course_lib.unet): each image comes with the text
-encoder's states for its caption (a `Conditioning`), and the model learns eps(x_t, t, text). With
-probability `caption_dropout` (10% here, as in Ho & Salimans 2022) a caption is swapped for the empty
-prompt's states, so the same network also learns the unconditional eps(x_t, t, "") that classifier-free
-guidance needs at sampling time (course_lib.sampling.GuidedModel).
+The model is any of the course's denoisers (course_lib.denoiser: a U-Net, DiT or MMDiT). With text (context_dim
+set) each image comes with the text encoder's states for its caption (a `Conditioning`), and the model learns
+eps(x_t, t, text). With probability `caption_dropout` (10%, as in Ho & Salimans 2022) a caption is swapped for the
+empty prompt's states, so the network also learns the unconditional eps(x_t, t, "") that guidance needs.
 
 Latent diffusion (`latents=True`): the data are a VAE's scaled latents (course_lib.vae), not bounded to [-1, 1]:
 the range check and the x0 clamp while sampling are off; the trainer does not know pixels from latents.
 
 Rectified flow (`objective="flow"`, course_lib.flow; SD 3's objective): the same data, network, loop, random
-stream, loss and samplers along course_lib.schedules.FlowSchedule: x_t = (1 - t) x0 + t eps, t in (0, 1) drawn
-"uniform" or "logit_normal" (`timestep_sampling`), the velocity eps - x0 as the target, t * 1000 for the network.
+stream, loss and samplers along course_lib.schedules.FlowSchedule: x_t = (1 - t) x0 + t eps, t in (0, 1) drawn as
+`timestep_sampling` says and moved by `timestep_shift` (SD 3's), target the velocity eps - x0, network time t * 1000.
 
 All randomness (data order, timesteps, noise, caption dropout) comes from one seeded CPU generator, checkpointed.
 
@@ -48,16 +47,16 @@ from torch import nn
 
 from .config import JSONConfig
 from .checks import check_choice
-from . import checkpoint as ckpt
-from . import distributed
+from . import checkpoint as ckpt, distributed
 from .guidance import drop_captions
 from .forward import check_images, check_prediction, denoising_loss, path_loss, predicted_x0_eps, snr_weight
 from .learned_schedule import LearnedSchedule, schedule_loss_surrogate
 from .loop import (PRECISIONS, Batches, Fit, FitConfig, TrainingDiverged, autocast, ema_decay_at, ema_update,
                    fingerprint, lr_factor, resolve_precision)
-from .schedules import FLOW, KINDS, TIMESTEP_SAMPLING, FlowSchedule, NoiseSchedule, make_schedule, path_for
-from .unet import UNet, UNetConfig
-from .unet_file import save_model
+from .denoiser import Denoiser
+from .schedules import (FLOW, KINDS, TIMESTEP_SAMPLING, FlowSchedule, NoiseSchedule, check_shift, make_schedule,
+                        path_for)
+from .unet_file import architecture_of, build_model, save_model
 
 SCHEDULES = KINDS + ("learned",)
 OBJECTIVES = ("diffusion", "flow")   # DDPM's (with config.prediction) or rectified flow's velocity (course_lib.flow)
@@ -86,6 +85,7 @@ class TrainConfig(JSONConfig):
     min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); None: off
     objective: str = "diffusion"      # one of OBJECTIVES: "flow" trains rectified flow (course_lib.flow)
     timestep_sampling: str = "uniform"  # with objective "flow": "uniform" or "logit_normal" (SD 3)
+    timestep_shift: float = 1.0       # with objective "flow": SD 3's shift of the times (schedules.time_shift)
     seed: int = 0
 
     def __post_init__(self):
@@ -105,13 +105,14 @@ class TrainConfig(JSONConfig):
             raise ValueError(f"caption_dropout is a probability in [0, 1]; got {self.caption_dropout}")
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("timestep sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        check_shift(self.timestep_shift)
         if self.objective == "flow":
             if self.schedule == "learned" or self.zero_terminal_snr or self.min_snr_gamma is not None:
                 raise ValueError("objective 'flow' has no noise schedule: it needs a fixed schedule (unused), "
                                  "zero_terminal_snr=False and min_snr_gamma=None")
-        elif self.timestep_sampling != "uniform":
-            raise ValueError("timestep_sampling applies to objective 'flow'; the diffusion objective draws "
-                             "t uniformly from 0..T-1")
+        elif self.timestep_sampling != "uniform" or self.timestep_shift != 1:
+            raise ValueError("timestep_sampling applies to objective 'flow' (and so does timestep_shift); the "
+                             "diffusion objective draws t uniformly from 0..T-1")
         if self.min_snr_gamma is not None:
             snr_weight(self.prediction, torch.ones(1), self.min_snr_gamma)     # checks gamma > 0
             if self.schedule == "learned":
@@ -126,8 +127,7 @@ class TrainConfig(JSONConfig):
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """The Trainer's learning rate at `step`: linear warm-up to config.lr over config.warmup steps, then
-    constant (course_lib.loop.lr_factor)."""
+    """The Trainer's learning rate at `step`: linear warm-up to config.lr over config.warmup steps, then constant."""
     return config.lr * lr_factor(step, config.steps, config.warmup, "constant")
 
 
@@ -159,7 +159,7 @@ class Conditioning:
 
 
 class Trainer(Fit):
-    """Trains a U-Net on a fixed tensor of images; `train()` runs until config.steps, resumable.
+    """Trains a denoiser (a U-Net, DiT or MMDiT) on a fixed tensor of images; `train()` runs until config.steps.
 
     trainer = Trainer(UNet(get_preset("small")), images, TrainConfig(steps=2000))
     trainer.train(checkpoint_path="runs/ddpm.safetensors", checkpoint_every=500)   # again later: it resumes
@@ -170,7 +170,7 @@ class Trainer(Fit):
     on every rank; self.model stays the plain U-Net and self.net is its DistributedDataParallel wrapper.
     """
 
-    def __init__(self, model: UNet, images: torch.Tensor, config: TrainConfig | None = None,
+    def __init__(self, model: Denoiser, images: torch.Tensor, config: TrainConfig | None = None,
                  device: torch.device | str | None = None, conditioning: Conditioning | None = None):
         self.config = cfg = config or TrainConfig()
         check_images(images, "images", data_range=not cfg.latents)
@@ -230,7 +230,7 @@ class Trainer(Fit):
     @property
     def path(self) -> NoiseSchedule | FlowSchedule:
         """What the model trains and samples along (course_lib.schedules): the schedule, or the flow's path."""
-        return path_for(self.config.predicts, self.schedule, self.config.timestep_sampling)
+        return path_for(self.config.predicts, self.schedule, self.config.timestep_sampling, self.config.timestep_shift)
 
     @property
     def is_main(self) -> bool:
@@ -314,7 +314,8 @@ class Trainer(Fit):
                 self.sample_grids.append((self.step, self.sample(count, steps=steps)))
 
     def run_info(self) -> dict:
-        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "steps"}   # steps may grow
+        config = {k: v for k, v in dataclasses.asdict(self.config).items()     # steps may grow; an unshifted run
+                  if k != "steps" and (k, v) != ("timestep_shift", 1)}        # leaves out the later timestep_shift
         if self._fingerprint is None:                      # the data do not change: hash them once
             cond = self.conditioning
             self._fingerprint = fingerprint(self.images, *((cond.context, cond.mask) if cond else ()))
@@ -394,7 +395,7 @@ class Trainer(Fit):
     # --- checkpoints ----------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
         return {**super().metadata(), "train_config": self.config.to_json(),
-                "unet_config": self.model.config.to_json()}
+                "architecture": architecture_of(self.model), "unet_config": self.model.config.to_json()}
 
     @classmethod
     def resume(cls, path: str | Path, images: torch.Tensor, device: torch.device | str | None = None,
@@ -421,8 +422,7 @@ class Trainer(Fit):
         config = saved
         if steps is not None:
             config.steps = steps
-        trainer = cls(UNet(UNetConfig.from_json(meta["unet_config"])), images, config, device=device or "cpu",
-                      conditioning=conditioning)
+        trainer = cls(build_model(meta), images, config, device=device or "cpu", conditioning=conditioning)
         trainer.load(path)
         return trainer
 
@@ -438,7 +438,7 @@ class Trainer(Fit):
             if not overwrite and (kept := ckpt.keep_earlier(path)) is not None:
                 print(f"{path} existed; the earlier model file is kept as {kept}")
             save_model(path, self.ema_model if use_ema else self.model, schedule=self.schedule,
-                            prediction=self.config.predicts, info=details)
+                       prediction=self.config.predicts, info=details, shift=self.config.timestep_shift)
         distributed.barrier()
         return Path(path)
 

@@ -50,12 +50,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import JSONConfig
-from .attention import SelfAttention, SpatialTransformer, check_context
-from .checks import check_choice, check_int, has_values
+from .attention import SelfAttention, SpatialTransformer
+from .checks import check_choice, check_int
+from .denoiser import MAX_TIMESTEP, Denoiser  # noqa: F401  (MAX_TIMESTEP: also from here)
 from .precision import recompute_context
 
 TIME_CONDITIONING = ("scale_shift", "add")
-MAX_TIMESTEP = 1000      # every schedule here has T = 1000 (t in 0..999; the learned one's u T - 1 from -1); flow: t x 1000
 
 
 @dataclass(frozen=True)
@@ -311,9 +311,12 @@ class Block(nn.Module):
         return self.attn(h)
 
 
-class UNet(nn.Module):
+class UNet(Denoiser):
     """A DDPM-style U-Net: `model(x_t, t)` returns a tensor shaped like x_t; a text-conditioned one
-    (config.context_dim set) is called as `model(x_t, t, context, context_mask)`."""
+    (config.context_dim set) is called as `model(x_t, t, context, context_mask)` (the inputs' checks:
+    course_lib.denoiser)."""
+
+    kind, example = "U-Net", "get_preset('sd_tiny')"
 
     def __init__(self, config: UNetConfig | None = None, **changes):
         super().__init__()
@@ -366,52 +369,9 @@ class UNet(nn.Module):
                               context_fn=recompute_context())
         return block(h, emb, context, context_mask)
 
-    def check_input(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
-        cfg = self.config
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a float tensor (images scaled to [-1, 1]); got dtype {x.dtype}")
-        self.check_dtype("x", x)
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must have shape (B, {cfg.in_channels}, H, W); got {tuple(x.shape)}")
-        cfg.check_size(x.shape[2], "image height")
-        cfg.check_size(x.shape[3], "image width")
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be one timestep per image, shape ({x.shape[0]},); got {tuple(t.shape)}")
-        if t.numel() and has_values(t) and not (torch.isfinite(t.float()).all() and -1 <= t.min() and t.max() <= MAX_TIMESTEP):
-            raise ValueError(f"t must be finite timesteps in [-1, {MAX_TIMESTEP}] (a schedule's 0..T-1 with T = 1000, "
-                             f"the learned schedule's u T - 1, or a flow time in [0, 1] times 1000); got min "
-                             f"{t.min().item()}, max {t.max().item()}")
-        return t
-
-    def check_dtype(self, name: str, value: torch.Tensor) -> None:
-        """An input must have the parameters' dtype, except under torch.autocast, whose layers cast any float
-        but float64 themselves. Refused here, it would reach torch's "Input type (double) and bias type (float)"."""
-        expected = self.conv_in.weight.dtype
-        if value.dtype == expected or (value.dtype != torch.float64 and torch.is_autocast_enabled(value.device.type)):
-            return
-        raise TypeError(f"{name} has dtype {value.dtype} but this U-Net's parameters are {expected}: cast the input "
-                        f"({name}.to({expected}); {name}.float() for float32), or the model to the input's dtype "
-                        f"(model.half() for float16, model.to(dtype)), or run float16/bfloat16 inputs under "
-                        f"torch.autocast")
-
-    def check_context(self, x: torch.Tensor, context: torch.Tensor | None,
-                      context_mask: torch.Tensor | None) -> None:
-        """A conditional U-Net needs context (B, L, context_dim) and takes an optional bool mask (B, L) with at
-        least one True per row (see attention.check_context); an unconditional one takes neither."""
-        D = self.config.context_dim
-        if D is None:
-            if context is not None or context_mask is not None:
-                raise ValueError("this U-Net is unconditional (config.context_dim is None) and takes no context; "
-                                 "build one with context_dim set (e.g. get_preset('sd_tiny')) to condition on text")
-            return
-        if context is None:
-            raise ValueError(f"this U-Net is text-conditioned (context_dim={D}): pass context, the text encoder's "
-                             f"states, shape (B, L, {D}) = ({x.shape[0]}, tokens, {D}); for an unconditional "
-                             f"prediction pass the empty prompt's states")
-        check_context(context, context_mask, x.shape[0], D)
-        self.check_dtype("context", context)
+    @property
+    def input_weight(self) -> torch.Tensor:
+        return self.conv_in.weight
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ LAYERS = [
     ("foundations", ["settings", "checks", "config", "distributed", "precision", "data", "checkpoint"]),
     ("the noising process and its objective", ["schedules", "forward", "flow", "learned_schedule"]),
     ("sampling", ["guidance", "sampling"]),
-    ("networks", ["attention", "unet", "unet_file", "tokenizer", "text"]),
+    ("networks", ["attention", "denoiser", "unet", "dit", "mmdit", "unet_file", "tokenizer", "text"]),
     ("the one loop", ["loop"]),
     ("models that train with the loop", ["train", "vae", "vae_gan", "clip"]),
     ("generation", ["pipeline", "editing"]),
