@@ -31,6 +31,7 @@ import torch
 from .checks import check_choice, check_int
 from .lora import DEFAULT_TARGETS, lora_numbers_formula, matching_layers
 from .memory import GIB, GPUS, accounting, measure_peak
+from .quantize import MIN_8BIT_SIZE
 
 CACHE = Path(__file__).resolve().parent.parent / "results" / "budget_activations.json"
 SIZES = (256, 512, 768)
@@ -60,10 +61,11 @@ def counts(preset: str = "sd15") -> dict[str, int]:
     with torch.device("meta"):
         unet, vae, text = UNet(cfg.unet), VAE(cfg.vae), TextEncoder(cfg.text)
     linear = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear) and m.in_features >= 64)
-    lora = sum(lora_numbers_formula(unet.get_submodule(name), 1) for name in matching_layers(unet, DEFAULT_TARGETS))
+    adapted = [unet.get_submodule(name) for name in matching_layers(unet, DEFAULT_TARGETS)]
     return {"unet": sum(p.numel() for p in unet.parameters()), "unet_linear": linear,
             "vae": sum(p.numel() for p in vae.parameters()), "text_encoder": sum(p.numel() for p in text.parameters()),
-            "lora_per_rank": lora}
+            "lora_per_rank": sum(lora_numbers_formula(m, 1) for m in adapted),
+            "lora_shapes": tuple((m.in_features, m.out_features) for m in adapted)}
 
 
 def weights_bytes(weights: str = "fp16", preset: str = "sd15") -> float:
@@ -79,10 +81,14 @@ def weights_bytes(weights: str = "fp16", preset: str = "sd15") -> float:
 
 
 def adapter_bytes(rank: int = 4, optimizer: str = "AdamW", preset: str = "sd15") -> float:
-    """LoRA's float32 numbers, their gradients and the optimizer's moments."""
+    """LoRA's float32 numbers, their gradients and the optimizer's moments. 8-bit AdamW keeps float32 moments for
+    a tensor (each A is rank x d_in, each B d_out x rank) of fewer than quantize.MIN_8BIT_SIZE numbers."""
     check_int("LoRA rank", rank, 1)
     check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
-    return counts(preset)["lora_per_rank"] * rank * (4 + 4 + OPTIMIZERS[optimizer])
+    n = counts(preset)
+    sizes = [rank * d for shape in n["lora_shapes"] for d in shape]
+    moments = sum(size * (OPTIMIZERS[optimizer] if size >= MIN_8BIT_SIZE else OPTIMIZERS["AdamW"]) for size in sizes)
+    return n["lora_per_rank"] * rank * 8 + moments
 
 
 def account_activations(size: int, checkpointing: bool, attention: str, gpu: str = "T4", preset: str = "sd15",

@@ -134,14 +134,19 @@ class CaptionedFineTune(FineTune):
     """The denoising loss on captioned latents z (N, C, h, w): a batch of `batch_size` drawn with repeats, a share
     caption_dropout of whose text states become the empty prompt's `null` (None: no dropout, nothing drawn for it),
     then `captioned_loss` with `unet`. AdamW on `params` without weight decay, gradients clipped to norm 1.
-    info: more settings a resumed run must share (lora.fit_lora records the LoRA layers' rank, alpha and scale)."""
+    info: more settings a resumed run must share (lora.fit_lora records the LoRA layers' rank, alpha and scale).
+    optimizer: optimizer(params, lr) makes another optimiser (e.g. quantize.AdamW8bit); a resume must use the same."""
 
     def __init__(self, pipe: "TextToImage", unet: nn.Module, params: list[nn.Parameter], z: torch.Tensor,
                  context: torch.Tensor, mask: torch.Tensor, *, steps: int, lr: float, batch_size: int,
                  seed: int = 0, ema: float | None = None, caption_dropout: float = 0.0,
-                 null: tuple[torch.Tensor, torch.Tensor] | None = None, info: dict | None = None):
+                 null: tuple[torch.Tensor, torch.Tensor] | None = None, info: dict | None = None,
+                 optimizer: Callable[[list[nn.Parameter], float], torch.optim.Optimizer] | None = None):
         config = FitConfig(steps=steps, lr=lr, grad_clip=1.0, ema_decay=ema)
-        super().__init__(config, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), pipe.device, seed, module=unet)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer is None else optimizer(params, lr)
+        super().__init__(config, opt, pipe.device, seed, module=unet)
+        if optimizer is not None:   # recorded only when not the default, so earlier runs' files still resume
+            info = {**(info or {}), "optimizer": type(opt).__name__}
         self.pipe, self.unet, self.z, self.context, self.mask = pipe, unet, z, context, mask
         self.batch_size, self.caption_dropout, self.null, self.info = batch_size, caption_dropout, null, info or {}
 
@@ -169,7 +174,8 @@ def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], pa
               caption_dropout: float = 0.1, seed: int = 0, max_seconds: float | None = None,
               ema: float | None = None, progress: bool = False, checkpoint_path: str | Path | None = None,
               checkpoint_every: int = 100, resume: bool = True, callback: Callable[[FineTune], None] | None = None,
-              info: dict | None = None) -> FineTuneLog:
+              info: dict | None = None,
+              optimizer: Callable[[list[nn.Parameter], float], torch.optim.Optimizer] | None = None) -> FineTuneLog:
     """Train `params` (a LoRA's, or all of a U-Net's) with the pipeline's objective on images (N, 3, H, W) in
     [-1, 1] with their captions; a share caption_dropout of captions becomes "" so guidance keeps working.
     Stops after `steps` or `max_seconds`, whichever comes first (`CaptionedFineTune`).
@@ -179,6 +185,7 @@ def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], pa
     checkpoint_path: written every checkpoint_every steps and at the end; with resume, a run finds it and
     continues exactly where it stopped (a checkpoint of another run, other lr, data or seed, is refused).
     info: settings a resumed run must also share (course_lib.lora.fit_lora gives the adapters' rank and alpha).
+    optimizer: optimizer(params, lr) instead of AdamW without weight decay (notebook 16: quantize.AdamW8bit).
     However the run stops, the U-Net is left in eval mode with the EMA in `params`."""
     unet = pipe.unet if unet is None else unet
     if len(images) != len(captions) or len(images) == 0:
@@ -186,7 +193,8 @@ def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], pa
     z = encode_latents(pipe.vae, images, pipe.scale_factor, device=pipe.device).to(pipe.device)
     c, m = pipe.encode(list(captions))
     run = CaptionedFineTune(pipe, unet, params, z, c, m, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                            ema=ema, caption_dropout=caption_dropout, null=pipe.encode([""]), info=info)
+                            ema=ema, caption_dropout=caption_dropout, null=pipe.encode([""]), info=info,
+                            optimizer=optimizer)
     run.run(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
             max_seconds=max_seconds, progress=progress, callback=callback)
     return FineTuneLog(run.history["loss"], run.seconds, run.step, sum(p.numel() for p in params), run.state_bytes)

@@ -209,17 +209,23 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
 
 # --- 8-bit AdamW -------------------------------------------------------------------------------------------
 
+MIN_8BIT_SIZE = 4096   # AdamW8bit keeps float32 moments for smaller tensors (bitsandbytes' min_8bit_size)
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with both moments stored as 8-bit block-wise dynamic codes [1] (block 2048); the step itself in
     float32. A bfloat16 parameter (pure bf16 training) is updated with stochastic rounding: no float32 master
-    copy. State per weight: 2 bytes + 8 bytes per 2,048 (the blocks' scales), against AdamW's 8."""
+    copy. State per weight: 2 bytes + 8 bytes per 2,048 (the blocks' scales), against AdamW's 8. A tensor of fewer
+    than min_8bit_size numbers keeps float32 moments (bitsandbytes' rule, same default): padded to a whole block,
+    its 8-bit state would be larger (a LoRA's A and B are such tensors)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, block: int = 2048, seed: int = 0):
+                 weight_decay: float = 0.01, block: int = 2048, seed: int = 0, min_8bit_size: int = MIN_8BIT_SIZE):
         if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0; got {lr}, {betas}, "
                              f"{eps}, {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block=block))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block=block,
+                                      min_8bit_size=check_int("min_8bit_size", min_8bit_size, 0)))
         self.generator = torch.Generator().manual_seed(seed)
         self.signed, self.unsigned = dynamic_codes(True), dynamic_codes(False)
 
@@ -231,16 +237,21 @@ class AdamW8bit(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
+                state, small = self.state[p], p.numel() < group["min_8bit_size"]
                 if not state:
                     zeros = torch.zeros(p.shape, device=p.device)
                     state["step"] = 0
-                    state["m_index"], state["m_absmax"] = self._store(zeros, self.signed, group["block"])
-                    state["v_index"], state["v_absmax"] = self._store(zeros, self.unsigned, group["block"])
+                    if small:
+                        state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
+                    else:
+                        state["m_index"], state["m_absmax"] = self._store(zeros, self.signed, group["block"])
+                        state["v_index"], state["v_absmax"] = self._store(zeros, self.unsigned, group["block"])
                 state["step"] += 1
                 t, grad = state["step"], p.grad.float()
-                m = self._load(state, "m", p.shape, self.signed, group["block"]).lerp_(grad, 1 - beta1)
-                v = self._load(state, "v", p.shape, self.unsigned, group["block"]).mul_(beta2)
+                m = (state["exp_avg"] if small else self._load(state, "m", p.shape, self.signed, group["block"]))
+                v = (state["exp_avg_sq"] if small else self._load(state, "v", p.shape, self.unsigned, group["block"]))
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2)
                 v.addcmul_(grad, grad, value=1 - beta2)
                 update = (m / (1 - beta1 ** t)).div_((v / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
                 new = p.float() if p.dtype == torch.bfloat16 else p   # float32: updated in place
@@ -248,8 +259,9 @@ class AdamW8bit(torch.optim.Optimizer):
                 if p.dtype == torch.bfloat16:
                     p.copy_(stochastic_round_bf16(new, self.generator))
                 del update, new
-                state["m_index"], state["m_absmax"] = self._store(m, self.signed, group["block"])
-                state["v_index"], state["v_absmax"] = self._store(v, self.unsigned, group["block"])
+                if not small:
+                    state["m_index"], state["m_absmax"] = self._store(m, self.signed, group["block"])
+                    state["v_index"], state["v_absmax"] = self._store(v, self.unsigned, group["block"])
         return loss
 
     @staticmethod

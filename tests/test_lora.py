@@ -392,6 +392,31 @@ def test_resuming_another_run_is_refused_naming_what_differs(tiny_pipe, eight, t
                       **{**options, "checkpoint_path": tmp_path / "other.safetensors"})
 
 
+def test_fine_tune_takes_another_optimizer_and_resumes_only_with_it(tiny_pipe, eight, tmp_path):
+    """8-bit AdamW on a LoRA: every adapter tensor here is under 4,096 numbers, so bitsandbytes' rule keeps its
+    moments in float32 (the same bytes as AdamW); forced to 8 bits, each tensor pads to a 2,048-number block."""
+    from course_lib.quantize import AdamW8bit
+    options = dict(rank=2, steps=4, batch_size=4, lr=1e-2)
+    plain = lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, **options)
+    ruled = lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions,
+                          optimizer=lambda params, lr: AdamW8bit(params, lr=lr, weight_decay=0.0), **options)
+    forced = lambda params, lr: AdamW8bit(params, lr=lr, weight_decay=0.0, min_8bit_size=0)
+    padded = lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, optimizer=forced, **options)
+    n = plain.trainable
+    assert plain.state_bytes == ruled.state_bytes == 12 * n          # gradients + two float32 moments
+    assert padded.state_bytes > plain.state_bytes                      # 2 x 2,048 bytes a tensor, whatever its size
+    for log in (ruled, padded):
+        assert all(abs(a - b) < 0.05 * abs(b) for a, b in zip(log.losses, plain.losses))
+    path = tmp_path / "ft.safetensors"
+    lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, optimizer=forced, checkpoint_path=path,
+                  **{**options, "steps": 2})
+    with pytest.raises(ValueError, match=r"different run.*optimizer"):
+        lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, checkpoint_path=path, **options)
+    again = lora.fit_lora(_fresh(tiny_pipe), eight.images, eight.captions, optimizer=forced, checkpoint_path=path,
+                          **options)
+    assert again.losses == padded.losses
+
+
 def test_removing_with_merge_inside_a_temporary_scale_bakes_that_scale_in(unet):
     x, t, ctx = _inputs(unet)
     lora.inject_lora(unet, rank=4)

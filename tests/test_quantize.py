@@ -78,7 +78,7 @@ def regression(dtype=torch.float32, steps=200, optimizer="adamw8bit", lr=3e-3):
     X, w_true = torch.randn(256, 64, generator=gen), torch.randn(64, 1, generator=gen)
     y = X @ w_true
     w = torch.nn.Parameter(torch.zeros(64, 1, dtype=dtype))
-    opt = (qz.AdamW8bit([w], lr=lr, weight_decay=0.0) if optimizer == "adamw8bit"
+    opt = (qz.AdamW8bit([w], lr=lr, weight_decay=0.0, min_8bit_size=0) if optimizer == "adamw8bit"
            else torch.optim.AdamW([w], lr=lr, weight_decay=0.0))
     losses = []
     for _ in range(steps):
@@ -108,6 +108,22 @@ def test_8bit_adamw_state_is_about_two_bytes_a_weight():
     state = opt.state[p]
     nbytes = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     assert nbytes == 2 * p.numel() + 2 * 4 * (p.numel() // 2048)
+
+
+def test_small_tensors_keep_float32_moments_that_follow_adamw_exactly():
+    """Below min_8bit_size (4,096, bitsandbytes' default) a block-padded 8-bit state would be larger than float32's."""
+    small, large = torch.nn.Parameter(torch.randn(8, 64)), torch.nn.Parameter(torch.randn(4096, 2))
+    twin = torch.nn.Parameter(small.detach().clone())
+    opt, ref = qz.AdamW8bit([small, large], lr=1e-2), torch.optim.AdamW([twin], lr=1e-2)
+    for _ in range(3):
+        for p in (small, large, twin):
+            p.grad = torch.ones_like(p) * torch.arange(p.shape[-1])
+        opt.step(), ref.step()
+    assert opt.state[small]["exp_avg"].dtype == torch.float32 and "m_index" not in opt.state[small]
+    assert opt.state[large]["m_index"].dtype == torch.uint8
+    torch.testing.assert_close(small, twin)                   # the float32 path is AdamW's update
+    with pytest.raises(ValueError, match="min_8bit_size"):
+        qz.AdamW8bit([small], min_8bit_size=-1)
 
 
 def test_pure_bf16_training_moves_with_stochastic_rounding():
