@@ -45,7 +45,7 @@ from safetensors.torch import save as safetensors_bytes
 from . import dreambooth as db
 from . import hyperdreambooth as hd
 from . import judges
-from .checkpoint import shipped
+from .checkpoint import checksum, read, shipped
 from .clip import clip_score, load_clip
 from .lora import adapter_numbers, lora_state_dict
 from .textual_inversion import textual_inversion
@@ -164,6 +164,18 @@ def recorded_comparison(path: str | Path = RECORD_PATH) -> dict:
         raise FileNotFoundError(f"no recorded comparison at {path}; make it with "
                                 f"`python scripts/bench_personalisation.py --subjects 12`")
     return json.loads(path.read_text())
+
+
+def shipped_identity() -> dict[str, str]:
+    """The SHA-256 checksums of the shipped files a comparison runs on (the tiny SD's U-Net, VAE, mini CLIP and the
+    hypernetwork): a record holding other checksums was made with other models."""
+    return {name: checksum(*read(shipped(name))) for name in ("tiny_sd_emoji", "vae_emoji32", "clip_emoji",
+                                                               "hyperdreambooth")}
+
+
+def record_is_current(record: dict) -> bool | None:
+    """Whether a recorded comparison was made with the shipped models (None: the record does not say)."""
+    return None if "models" not in record else record["models"] == shipped_identity()
 
 
 def summarise(records: dict) -> dict:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 from course_lib import dreambooth as db  # noqa: E402
 from course_lib import hyperdreambooth as hd  # noqa: E402
 from course_lib.benchmark import (PERSONALISATION_METHODS, RECORD_PATH, compare_personalisation,  # noqa: E402
-                                  summarise)
-from course_lib.checkpoint import shipped  # noqa: E402
+                                  shipped_identity, summarise)
+from course_lib.checkpoint import shipped, write_text_atomic  # noqa: E402
 from course_lib.pipeline import TextToImage  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 
@@ -64,10 +64,10 @@ def main() -> None:
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["python", "scripts/bench_personalisation.py"] + sys.argv[1:]),
-                               "machine": describe_machine(), "subjects": [s.name for s in subjects],
-                               "numbers": numbers, "summary": summary, "records": records, "table": text},
-                              indent=1) + "\n")
+    write_text_atomic(out, json.dumps({"command": " ".join(["python", "scripts/bench_personalisation.py"] + sys.argv[1:]),
+                                       "machine": describe_machine(), "subjects": [s.name for s in subjects],
+                                       "models": shipped_identity(), "numbers": numbers, "summary": summary,
+                                       "records": records, "table": text}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,3 +26,11 @@ def test_file_bytes_is_the_float16_safetensors_file_two_bytes_a_number_plus_a_sm
     size = benchmark.file_bytes({"x": x})
     assert size == len(save({"x": x.half()}))
     assert 0 < size - 2 * x.numel() < 256
+
+def test_a_record_says_whether_it_was_made_with_the_shipped_models():
+    ids = benchmark.shipped_identity()
+    assert set(ids) == {"tiny_sd_emoji", "vae_emoji32", "clip_emoji", "hyperdreambooth"}
+    assert all(len(v) == 64 for v in ids.values())                      # SHA-256 in hex, from each file's metadata
+    assert benchmark.record_is_current({"models": dict(ids)}) is True
+    assert benchmark.record_is_current({"models": {**ids, "tiny_sd_emoji": "0" * 64}}) is False
+    assert benchmark.record_is_current({}) is None                       # an older record does not say
