@@ -237,18 +237,11 @@ def _compare(feats: torch.Tensor, ref: torch.Tensor, reference: str, seed: int, 
     return Quality(fid(feats, ref), k_mean, k_std, len(feats), reference, precision=precision, recall=recall)
 
 
-def floor(n: int | None = None, size: int = 32, seed: int = 0, reference: str = "heldout",
-          kid_subsets: int = 100, device: torch.device | str | None = None,
-          match: list[str] | None = None) -> Quality:
-    """The real-versus-real floor: n real images of the *other* split against the reference split.
-
-    reference "heldout": n random training images against all 398 held-out images (what a model
-        that reproduced its training set perfectly would score); n from 2 to 3,388, default 398.
-    reference "train": n random held-out images against all training images (what a perfect model
-        of the emoji that copies nothing would score); n from 2 to 398.
-    match: one subcategory per sample (a text-to-image model's captions; n = len(match)): each real image is drawn
-        from that subcategory (the whole pool where it has none), the fair floor for samples whose mix follows it.
-    FID is biased upward at small n [3], so compare a model's figure with the floor at its n."""
+def floor_indices(n: int | None = None, size: int = 32, seed: int = 0, reference: str = "heldout",
+                  device: torch.device | str | None = None, match: list[str] | None = None) -> torch.Tensor:
+    """The rows of the *other* split (training images for reference "heldout") that `floor` compares with the
+    reference, for the same arguments: what a script needs to send those very images through something else (a VAE,
+    for the ceiling of a latent model)."""
     check_choice("reference", reference, REFERENCES)
     ref = emoji_features(reference, size, device)
     pool = emoji_features("train" if reference == "heldout" else "heldout", size, device)
@@ -261,7 +254,25 @@ def floor(n: int | None = None, size: int = 32, seed: int = 0, reference: str = 
         subs = load_emoji(size=size, split="train" if reference == "heldout" else "heldout").subcategories
         rows = [[i for i, s in enumerate(subs) if s == want] or list(range(len(subs))) for want in match]
         pick = torch.tensor([r[int(torch.randint(len(r), (), generator=g))] for r in rows])
-    return _compare(pool[pick], ref, reference, seed, kid_subsets)
+    return pick
+
+
+def floor(n: int | None = None, size: int = 32, seed: int = 0, reference: str = "heldout",
+          kid_subsets: int = 100, device: torch.device | str | None = None,
+          match: list[str] | None = None) -> Quality:
+    """The real-versus-real floor: n real images of the *other* split against the reference split.
+
+    reference "heldout": n random training images against all 398 held-out images (what a model
+        that reproduced its training set perfectly would score); n from 2 to 3,388, default 398.
+    reference "train": n random held-out images against all training images (what a perfect model
+        of the emoji that copies nothing would score); n from 2 to 398.
+    match: one subcategory per sample (a text-to-image model's captions; n = len(match)): each real image is drawn
+        from that subcategory (the whole pool where it has none), the fair floor for samples whose mix follows it.
+    The images drawn are `floor_indices(...)` of the other split.
+    FID is biased upward at small n [3], so compare a model's figure with the floor at its n."""
+    pick = floor_indices(n, size, seed, reference, device, match)
+    pool = emoji_features("train" if reference == "heldout" else "heldout", size, device)
+    return _compare(pool[pick], emoji_features(reference, size, device), reference, seed, kid_subsets)
 
 
 def evaluate(samples: torch.Tensor, reference: str = "heldout", size: int | None = None, seed: int = 0,
