@@ -22,8 +22,9 @@ One module per course concept, in the order the notebooks introduce them:
     guidance    classifier-free guidance around any conditional U-Net
     sampling    one sampling path for every objective: DDPM, DDIM, DPM-Solver++ 2M, Euler, Heun, inversion
     feature_net the frozen emoji classifier whose features FID, KID and memorisation use
-    metrics     FID/KID and precision/recall in that feature space, the real-vs-real floor, PSNR, memorisation,
+    metrics     FID/KID and precision/recall in that feature space, the real-vs-real floor, memorisation,
                 subject fidelity
+    pixel_metrics  PSNR, sharpness and colour of image sets (re-exported by metrics)
     judges      classifiers trained on real emoji only that judge style (Noto or Twemoji) and skin tone
     vae         a small KL autoencoder: the latent space, the KL term, the latent scale factor
     vae_gan     the VAE trained with perceptual and adversarial terms, as Stable Diffusion's autoencoder

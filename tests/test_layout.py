@@ -27,7 +27,7 @@ LAYERS = [
     ("personalisation", ["finetune", "lora", "dreambooth", "textual_inversion", "lidb", "hyperdreambooth"]),
     ("memory techniques", ["quantize", "tiling"]),
     ("Stable Diffusion 1.5", ["clip_tokenizer", "sd_convert", "sd"]),
-    ("measuring: never imported by what they measure", ["feature_net", "metrics", "judges", "memory", "budget", "benchmark"]),
+    ("measuring: never imported by what they measure", ["feature_net", "pixel_metrics", "metrics", "judges", "memory", "budget", "benchmark"]),
     ("display: may import anything, imported by nothing", ["plotting", "widgets"]),
 ]
 LAYER_OF = {m: i for i, (_, members) in enumerate(LAYERS) for m in members}
