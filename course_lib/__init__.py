@@ -20,7 +20,8 @@ One module per course concept, in the order the notebooks introduce them:
     learned_schedule  a noise schedule learned with the denoiser (Variational Diffusion Models)
     train       the diffusion Trainer: its data, objective settings and sampling grids, on the loop
     guidance    classifier-free guidance around any conditional U-Net
-    sampling    one sampling path for every objective: DDPM, DDIM, DPM-Solver++ 2M, Euler, Heun, inversion
+    consistency the consistency function (LCM's boundary coefficients) and its few-step sampler
+    sampling    one sampling path for every objective: DDPM, DDIM, DPM-Solver++ 2M, Euler, Heun, LCM, inversion
     feature_net the frozen emoji classifier whose features FID, KID and memorisation use
     metrics     FID/KID and precision/recall in that feature space, the real-vs-real floor, PSNR, memorisation,
                 subject fidelity
@@ -37,6 +38,7 @@ One module per course concept, in the order the notebooks introduce them:
     textual_inversion  a subject as one new word: only its embedding row trains
     lidb        Lightweight DreamBooth: rank-1 LoRA through frozen random bases
     hyperdreambooth  LiDB pre-optimisation, the hypernetwork, rank-relaxed fast fine-tuning
+    lcm         latent consistency distillation (LCM, LCM-LoRA) of the tiny SD through the one loop
     benchmark   notebook 12's comparison of the personalisation methods
     clip_tokenizer   CLIP's byte-level BPE tokenizer, read from the learner's vocab and merges files
     sd_convert  SD 1.5's weight names to these modules, every key checked
