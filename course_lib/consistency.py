@@ -15,7 +15,7 @@ timestep itself on a NoiseSchedule, t * 1000 on a rectified flow's FlowSchedule)
     sigma_data = 0.5            the data's standard deviation assumed by the boundary coefficients
     timestep_scaling = 10       LCM's stretch of tau before the coefficients see it
 
-The parametrisation (Eq. 3 of [1]; LCM's form, with diffusers' LCMScheduler's constants):
+The parametrisation ([1], Sec. 3; LCM's form [2], with diffusers' LCMScheduler's constants):
     f(x, t)   = c_skip(tau) x + c_out(tau) F(x, t)
     c_skip(tau) = sigma_data^2 / ((timestep_scaling tau)^2 + sigma_data^2)
     c_out(tau)  = (timestep_scaling tau) / sqrt((timestep_scaling tau)^2 + sigma_data^2)
@@ -54,7 +54,7 @@ from .forward import x0_eps_from
 from .schedules import FlowSchedule, NoiseSchedule
 
 TIMESTEP_SCALING = 10.0        # LCM's (and diffusers' LCMScheduler's timestep_scaling)
-SIGMA_DATA = 0.5               # the data's standard deviation the boundary coefficients assume ([1], Sec. 5)
+SIGMA_DATA = 0.5               # the data's standard deviation the boundary coefficients assume (EDM's, [1]'s)
 DISTILLED_STEPS = 50           # LCM's skipping grid: 50 of SD's 1000 timesteps (k = 20)
 
 Path = NoiseSchedule | FlowSchedule
@@ -81,8 +81,9 @@ def boundary_scalings(tau: float | torch.Tensor, timestep_scaling: float = TIMES
 def consistency_function(model: Callable[..., torch.Tensor], path: Path, x_t: torch.Tensor, t: torch.Tensor, *,
                          prediction: str = "epsilon", cond: tuple = (), timestep_scaling: float = TIMESTEP_SCALING,
                          sigma_data: float = SIGMA_DATA) -> torch.Tensor:
-    """f(x_t, t) = c_skip x_t + c_out F(x_t, t) for a batch: t (B,) path times, F the x0 estimate of model(x_t, tau,
-    *cond) (Eq. 3 of Song et al. 2023 with LCM's coefficients). Differentiable: distillation trains through it."""
+    """f(x_t, t) = c_skip x_t + c_out F(x_t, t) for a batch: t (B,) path times, F the x0 estimate of
+    model(x_t, tau, *cond) (Song et al. 2023's parametrisation with LCM's coefficients). Differentiable: distillation
+    trains through it."""
     t = torch.as_tensor(t)
     if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
         raise ValueError(f"give one time per image, shape ({x_t.shape[0]},); got {tuple(t.shape)}")
@@ -112,9 +113,9 @@ def consistency_timesteps(path: Path, steps: int, distilled_steps: int = DISTILL
     other samplers' timestep options (a consistency model is asked only where it was trained)."""
     steps = check_int("steps", steps, 1)
     if steps > distilled_steps:
-        raise ValueError(f"the 'lcm' sampler takes at most distilled_steps={distilled_steps} steps, the grid the student "
-                         f"was distilled on (it has never been asked between those times); got steps={steps}. Use "
-                         f"fewer steps (1, 2, 4 or 8 are the usual), or distil on a finer grid")
+        raise ValueError(f"the 'lcm' sampler takes at most distilled_steps={distilled_steps} steps, the grid the "
+                         f"student was distilled on (it has never been asked between those times); got steps={steps}. "
+                         f"Use fewer steps (1, 2, 4 or 8 are the usual), or distil on a finer grid")
     if spacing != "trailing" or offset != 0 or start is not None or final_t != -1:
         raise ValueError(f"the 'lcm' sampler visits the student's own skipping grid and ends on its consistency "
                          f"output: leave spacing 'trailing', offset 0, start_t None and final_t -1; got spacing "

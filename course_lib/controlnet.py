@@ -11,13 +11,14 @@ middle) that also sees a control image. Each of its skips and its middle output 
                                v                           v
     frozen U-Net:  skip_i + scale Z_i(s_i),    middle + scale Z_mid(m)       (course_lib.unet.UNet.forward)
 
-Notation ([1], Sec. 3): y = F(x; Theta) + Z(F(x + Z(c; Theta_z1); Theta_c); Theta_z2), where F(.; Theta) is the
-locked block, F(.; Theta_c) its trainable copy and Z the zero convolutions. Zero convolutions make a new ControlNet
-exactly the base model (every Z outputs 0), yet their gradients are not zero (dZ/dW = the input), so training moves
-them off zero at once without harmful noise at the start ([1], Sec. 3.1). The hint encoder is ControlNet's
-conditioning embedding ([1], Sec. 3.2: 512 px conditions to SD's 64 x 64 latents through 3x3 convs with SiLU,
-channels 16, 32, 96, 256, three of them stride 2, then a zero conv), here with as many stride-2 convs as the VAE
-halves the resolution (the tiny SD: 32 px to 8 x 8, two; SD 1.5: three).
+Notation ([1], Sec. 3.1): y_c = F(x; Theta) + Z(F(x + Z(c; Theta_z1); Theta_c); Theta_z2), where F(.; Theta) is
+the locked block, F(.; Theta_c) its trainable copy and Z the zero convolutions. Zero convolutions make a new
+ControlNet exactly the base model (every Z outputs 0), yet their weights' gradients are not zero (dZ/dW is Z's
+input), so training moves them off zero at once, and no random noise reaches the locked model at the start. The
+hint encoder maps the control image to the latents' size: the paper ([1], Sec. 3.2) describes four 4x4 stride-2
+convs (16, 32, 64, 128 channels, ReLU); its released code, and diffusers' ControlNetModel, use 3x3 convs with SiLU
+(16, 32, 96, 256 channels, three of them stride 2, 512 px to 64 x 64) and a zero conv out. We follow the code, with
+as many stride-2 convs as the VAE halves the resolution (the tiny SD: 32 px to 8 x 8, two; SD 1.5: three).
 
 `ControlledUNet` binds a ControlNet, a control image and a scale to the frozen U-Net and is called as any denoiser,
 model(z_t, t, context, context_mask), so the one sampling path, classifier-free guidance (whose doubled batch

@@ -26,15 +26,15 @@ Guidance. Our scale w is the course's (uncond + w (cond - uncond), course_lib.gu
 combination as (1 + omega) cond - omega uncond, so omega = w - 1, and its range omega in [2, 14] is w in [3, 15].
 LCM feeds omega to the student through an extra embedding; the course's U-Net has no such input, so a student here
 learns one guidance scale: `guidance` fixes w (both ends equal, the default), or draws it uniformly per sample from
-a range, when the student learns the average over that range (as LCM-LoRA's training script does without the
-embedding). A student is sampled without guidance (scale 1): the teacher's guidance is in its weights.
+a range, when the student learns the average over that range (diffusers' LCM-LoRA training script draws w so,
+with no embedding). A student is sampled without guidance (scale 1): the teacher's guidance is in its weights.
 
 The student. `distill_lcm` trains a full copy of the U-Net (LCM); `distill_lcm_lora` trains LoRA adapters on the
 pipeline's own U-Net (LCM-LoRA [3]), the teacher being the same network with its adapters at scale 0, so no second
 copy is held. An LCM-LoRA is a file of adapters (course_lib.lora.save_lora) that turns the base model into a
 few-step one; course_lib.lora.stack_lora combines it with another LoRA (a style), tau_LCM and tau_style added to the
-base weights, each with its scale ([3], Sec. 3.2). Checkpoints hold the target's weights too, so an interrupted
-distillation resumes bit for bit (the loop's promise, course_lib.loop).
+base weights, each with its scale ([3], "LCM-LoRA as universal acceleration module"). Checkpoints hold the target's
+weights too, so an interrupted distillation resumes bit for bit (the loop's promise, course_lib.loop).
 
 References:
   [1] Song, Dhariwal, Chen, Sutskever. Consistency Models. 2023. https://arxiv.org/abs/2303.01469
@@ -108,7 +108,8 @@ class LCMConfig(JSONConfig):
         return SamplerSettings(sampler="lcm", steps=steps, guidance_scale=1.0, distilled_steps=self.distilled_steps)
 
 
-def consistency_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "huber", c: float = 0.001) -> torch.Tensor:
+def consistency_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "huber",
+                     c: float = 0.001) -> torch.Tensor:
     """The distance LCM regresses with, averaged over every value: Huber sqrt((a - b)^2 + c^2) - c, or L2 (a - b)^2."""
     check_choice("consistency loss", kind, LOSSES)
     diff = (student.float() - target.float()) ** 2

@@ -409,7 +409,7 @@ def load_lora(path: str | Path, model: nn.Module) -> dict:
 
 
 def stack_lora(path: str | Path, model: nn.Module, scale: float = 1.0) -> dict:
-    """Two LoRAs at once (LCM-LoRA's combination, Luo et al. 2023b, Sec. 3.2: W + s1 B1 A1 + s2 B2 A2): the model's
+    """Two LoRAs at once (LCM-LoRA's combination with a style LoRA, Luo et al. 2023b: W + s1 B1 A1 + s2 B2 A2): the model's
     adapters are merged into its base weights at their scale and removed (`remove_lora(model, merge=True)`; that
     is final: keep a copy of the base to go back), then the adapter in `path` is loaded at `scale`, where it merges,
     unmerges and rescales on its own. Returns its metadata (read_lora's)."""

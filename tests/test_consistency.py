@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib import consistency, sampling
+from course_lib import sampling
 from course_lib.consistency import boundary_scalings, consistency_function, consistency_timesteps, skipping_grid
 from course_lib.lcm import ConsistencyDistillation, LCMConfig, guided_ddim_step
 from course_lib.pipeline import SamplerSettings
@@ -39,7 +39,8 @@ def test_boundary_coefficients_follow_their_formula_and_f_is_the_identity_at_tim
     x = torch.randn(SHAPE)
     for path in (S, FlowSchedule()):
         for prediction in path.predictions:
-            f = consistency_function(fake_model, path, x, torch.zeros(SHAPE[0], dtype=torch.long), prediction=prediction)
+            zero = torch.zeros(SHAPE[0], dtype=torch.long)
+            f = consistency_function(fake_model, path, x, zero, prediction=prediction)
             assert torch.equal(f, x)                              # the boundary condition, exactly
     f = consistency_function(fake_model, S, x, torch.tensor([19, 999]))
     assert not torch.equal(f, x)
