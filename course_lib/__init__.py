@@ -10,7 +10,7 @@ One module per course concept, in the order the notebooks introduce them:
     forward     the forward process (one Markov step, the closed form, the posterior) and the one objective
     attention   self-attention, cross-attention to text, SD's transformer block
     denoiser    what every denoising network shares: the call model(x_t, t, context, mask) and its checks
-    unet        the U-Net: time embedding, ResBlock, down/up sampling, presets
+    unet        the U-Net: time embedding, ResBlock, down/up sampling, presets; its encoder half (UNetEncoder)
     dit         the diffusion transformer: patches, 2-D sin-cos positions, adaLN-Zero blocks
     mmdit       SD 3's MMDiT: text and image streams, one joint attention, QK-norm
     checkpoint  safetensors files written atomically and verified; knows no model
@@ -20,7 +20,8 @@ One module per course concept, in the order the notebooks introduce them:
     learned_schedule  a noise schedule learned with the denoiser (Variational Diffusion Models)
     train       the diffusion Trainer: its data, objective settings and sampling grids, on the loop
     guidance    classifier-free guidance around any conditional U-Net
-    sampling    one sampling path for every objective: DDPM, DDIM, DPM-Solver++ 2M, Euler, Heun, inversion
+    consistency the consistency function (LCM's boundary coefficients) and its few-step sampler
+    sampling    one sampling path for every objective: DDPM, DDIM, DPM-Solver++ 2M, Euler, Heun, LCM, inversion
     feature_net the frozen emoji classifier whose features FID, KID and memorisation use
     metrics     FID/KID and precision/recall in that feature space, the real-vs-real floor, memorisation,
                 subject fidelity
@@ -38,6 +39,9 @@ One module per course concept, in the order the notebooks introduce them:
     textual_inversion  a subject as one new word: only its embedding row trains
     lidb        Lightweight DreamBooth: rank-1 LoRA through frozen random bases
     hyperdreambooth  LiDB pre-optimisation, the hypernetwork, rank-relaxed fast fine-tuning
+    lcm         latent consistency distillation (LCM, LCM-LoRA) of the tiny SD through the one loop
+    controls    control images: Sobel edges, Canny, the emoji's silhouette, a coarse colour layout
+    controlnet  ControlNet: a trainable copy of the U-Net's encoder through zero convolutions, steering the tiny SD
     benchmark   notebook 12's comparison of the personalisation methods
     clip_tokenizer   CLIP's byte-level BPE tokenizer, read from the learner's vocab and merges files
     sd_convert  SD 1.5's weight names to these modules, every key checked

@@ -157,7 +157,11 @@ class CaptionedFineTune(FineTune):
         if self.null is not None:
             drop = (torch.rand(self.batch_size, generator=g) < self.caption_dropout).to(c.device)
             c, m = drop_captions(c, m, drop, *self.null)
-        return captioned_loss(self.pipe, self.z[i], c, m, g, unet=self.unet)
+        return captioned_loss(self.pipe, self.z[i], c, m, g, unet=self.denoiser_for(i))
+
+    def denoiser_for(self, index: torch.Tensor) -> nn.Module:
+        """The network that denoises the batch of these indices: the U-Net (a ControlNet binds the batch's controls)."""
+        return self.unet
 
     def fixed_tensors(self) -> list[torch.Tensor]:
         trained = {id(p) for p in self.params}

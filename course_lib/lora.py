@@ -408,7 +408,25 @@ def load_lora(path: str | Path, model: nn.Module) -> dict:
     return meta
 
 
+def stack_lora(path: str | Path, model: nn.Module, scale: float = 1.0) -> dict:
+    """Two LoRAs at once (LCM-LoRA's combination with a style LoRA, Luo et al. 2023b: W + s1 B1 A1 + s2 B2 A2): the model's
+    adapters are merged into its base weights at their scale and removed (`remove_lora(model, merge=True)`; that
+    is final: keep a copy of the base to go back), then the adapter in `path` is loaded at `scale`, where it merges,
+    unmerges and rescales on its own. Returns its metadata (read_lora's)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number; got {scale!r}")
+    _, meta = read_lora(path)                         # a bad file is refused before the model changes
+    missing = sorted(set(meta["layers"]) - set(adaptable_layers(model)) - set(lora_layers(model)))
+    if missing:
+        raise ValueError(f"the adapter in {path} adapts layers this model does not have: {missing[:8]}")
+    if lora_layers(model):
+        remove_lora(model, merge=True)
+    meta = load_lora(path, model)
+    set_lora_scale(model, scale)
+    return meta
+
+
 __all__ = ["DEFAULT_TARGETS", "LoRALayer", "max_rank", "describe_layer", "replace_module", "adaptable_layers",
            "matching_layers", "inject_lora", "lora_layers", "lora_parameters", "set_lora_scale", "lora_scale",
            "merge_lora", "unmerge_lora", "remove_lora", "lora_state_dict", "adapter_numbers", "lora_numbers_formula",
-           "fit_lora", "save_lora", "read_lora", "load_lora"]
+           "fit_lora", "save_lora", "read_lora", "load_lora", "stack_lora"]

@@ -67,6 +67,7 @@ class SamplerSettings:
     offset: int = 0                 # added to every timestep (SD 1.5: 1)
     final_t: int = -1               # where the last step lands: -1 the clean end, 0 abar_0 (SD 1.5)
     start_t: float | None = None    # the first timestep (None: T-1, a flow's 1); below it to edit a partly noised image
+    distilled_steps: int = 50       # sampler "lcm" only: the grid its student was distilled on (course_lib.lcm)
 
     def __post_init__(self):
         check_int("steps", self.steps, 1, hint=" (up to the schedule's length T)")
@@ -76,7 +77,7 @@ class SamplerSettings:
         check_rescale(self.guidance_rescale, "guidance_rescale")
         check_sampler(self.sampler, self.eta)
         check_choice("timestep spacing", self.spacing, SPACINGS)
-        for name, low in (("offset", 0), ("final_t", -1)):
+        for name, low in (("offset", 0), ("final_t", -1), ("distilled_steps", 1)):
             check_int(name, getattr(self, name), low)
 
     def replace(self, **changes) -> "SamplerSettings":
@@ -88,6 +89,8 @@ class SamplerSettings:
         """The keywords of `sample` / `reverse_process` these settings give (all but the guidance fields)."""
         options = {"sampler": self.sampler, "steps": int(self.steps), "eta": self.eta, "spacing": self.spacing,
                    "offset": int(self.offset), "final_t": int(self.final_t)}
+        if self.sampler == "lcm":
+            options["distilled_steps"] = int(self.distilled_steps)
         return options if self.start_t is None else {**options, "start_t": self.start_t}
 
 

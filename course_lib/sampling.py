@@ -47,6 +47,10 @@ The first step has no history and is first order. The last step lands on t' = -1
 s = 0 and lambda = +inf: there the update is first order and gives x0_hat exactly (diffusers
 does the same with final_sigmas_type="zero").
 
+Consistency sampling ("lcm", course_lib.consistency): for a consistency-distilled student (course_lib.lcm), each
+step maps x_t to the consistency output f = c_skip x_t + c_out x0_hat and re-noises it to the next time, visiting
+only the times of the grid the student was distilled on (`distilled_steps`; more steps are refused).
+
 DDIM inversion runs the eta = 0 update forwards (t' > t), so an image can be mapped to the
 noise that DDIM turns back into it.
 
@@ -86,11 +90,13 @@ from tqdm.auto import tqdm
 from .forward import check_images, x0_eps_from
 from .guidance import GuidedModel, classifier_free_guidance, conditional  # noqa: F401  (also importable from here)
 from .checks import check_choice
+from .consistency import DISTILLED_STEPS, consistency_step, consistency_timesteps
 from .schedules import FLOW, PREDICTIONS, SPACINGS, FlowSchedule, NoiseSchedule, timesteps  # noqa: F401  (timesteps: also from here)
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")    # sample along any path
 CONTINUOUS = ("euler", "heun")            # integrate the ODE in the path's own time: a continuous path (FlowSchedule)
-ALL_SAMPLERS = SAMPLERS + CONTINUOUS
+CONSISTENCY = ("lcm",)                    # a consistency-distilled student's multistep sampler (course_lib.consistency)
+ALL_SAMPLERS = SAMPLERS + CONTINUOUS + CONSISTENCY
 Path = NoiseSchedule | FlowSchedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -296,7 +302,7 @@ def reverse_process(model: Model, schedule: Path, shape: Sequence[int], *, sampl
                     generator: torch.Generator | None = None, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32, x_T: torch.Tensor | None = None, clip_x0: bool = True,
                     spacing: str = "trailing", offset: int = 0, final_t: int = -1, start_t: int | None = None,
-                    progress: bool = False) -> Iterator[ReverseStep]:
+                    distilled_steps: int = DISTILLED_STEPS, progress: bool = False) -> Iterator[ReverseStep]:
     """Run a sampler, yielding a ReverseStep at every timestep and then the result (cf. guided-diffusion's
     p_sample_loop_progressive); `sample` keeps only the result.
 
@@ -306,7 +312,8 @@ def reverse_process(model: Model, schedule: Path, shape: Sequence[int], *, sampl
     schedule     the path: a NoiseSchedule, or course_lib.schedules.FlowSchedule for a rectified-flow model
     shape        (B, C, H, W) = (batch, channels, height, width) of the result
     sampler      one of ALL_SAMPLERS: SAMPLERS (ddpm, ddim, dpm++2m) on either path; CONTINUOUS (euler, and
-                 heun with two model calls a step) on a continuous one (a FlowSchedule)
+                 heun with two model calls a step) on a continuous one (a FlowSchedule); "lcm" for a consistency-
+                 distilled student (course_lib.consistency: its own grid, `distilled_steps`, fresh noise each step)
     steps        how many steps; times from `schedule.grid(steps, spacing, offset, start_t)`
     eta          DDIM only: 0 deterministic, 1 as much noise as DDPM
     generator    seeds x_T and every fresh noise draw, so a seed reproduces a run exactly (noise is drawn
@@ -319,12 +326,14 @@ def reverse_process(model: Model, schedule: Path, shape: Sequence[int], *, sampl
                  DDIM does (set_alpha_to_one=False), a difference of 1 - abar_0 = 0.00085 in the noise variance
     start_t      the first timestep (default T-1); x_T is then the image at that noise level, e.g.
                  q_sample(schedule, x0, start_t) for SDEdit, or ddim_invert(..., start_t=start_t)
+    distilled_steps  "lcm" only: the grid the student was distilled on (LCM: 50); steps must not exceed it
     progress     show a tqdm progress bar
     """
     check_sampler(sampler, eta, schedule)
     check_prediction_on(schedule, prediction)
     shape = _check_shape(shape)
-    ts = schedule.grid(steps, spacing, offset, start_t)
+    ts = (consistency_timesteps(schedule, steps, distilled_steps, spacing=spacing, offset=offset, start=start_t,
+                                final_t=final_t) if sampler == "lcm" else schedule.grid(steps, spacing, offset, start_t))
     end = schedule.end(final_t, ts[-1])
     if x_T is not None:
         check_images(x_T, "x_T", data_range=False)
@@ -352,6 +361,10 @@ def reverse_process(model: Model, schedule: Path, shape: Sequence[int], *, sampl
             last = (t, x0)
         elif sampler == "euler":
             x = euler_step(schedule, x, t, t_next, x0, eps)
+        elif sampler == "lcm":                    # the consistency output, then fresh noise to the next time
+            last_step = i == len(ts) - 1
+            x, _ = consistency_step(schedule, x, t, x0, None if last_step else t_next,
+                                    None if last_step else _randn(shape, generator, device, dtype))
         else:                                     # heun: a second model call at Euler's landing point
             x0_end, eps_end = denoise(model, schedule, euler_step(schedule, x, t, t_next, x0, eps), t_next,
                                       prediction=prediction, clip_x0=clip_x0)
@@ -362,7 +375,7 @@ def reverse_process(model: Model, schedule: Path, shape: Sequence[int], *, sampl
 def sample(model: Model, schedule: Path, shape: Sequence[int], **options) -> torch.Tensor:
     """Generate a batch x_0 of `shape` (B, C, H, W) with one of ALL_SAMPLERS: the last state of `reverse_process`,
     whose keywords (sampler, steps, eta, prediction, generator, device, dtype, x_T, clip_x0, spacing, offset,
-    final_t, start_t, progress) it takes and documents."""
+    final_t, start_t, distilled_steps, progress) it takes and documents."""
     for step in reverse_process(model, schedule, shape, **options):
         pass
     return step.x_t

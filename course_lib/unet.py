@@ -17,7 +17,8 @@ Pieces (each a few lines below):
     Downsample/Upsample  a stride-2 conv; nearest-neighbour x2 then a conv
     Block                a ResBlock, then attention where the config asks for it (course_lib.attention):
                          SelfAttention (notebook 03), or a SpatialTransformer if context_dim is set (notebook 09)
-    UNet                 the U: the skip connections are a plain Python list in `forward`
+    UNetEncoder          the way down and the middle (`encode` returns the skips): what a ControlNet copies
+    UNet                 the U: the encoder's skips, a plain Python list, consumed on the way up in `forward`
 
 The layout follows DDPM [1] with the scale-and-shift time conditioning of [2]. `UNetConfig` is the whole
 description of a network; `PRESETS` names the pixel-space sizes the course uses, `SD_PRESETS` the
@@ -311,10 +312,10 @@ class Block(nn.Module):
         return self.attn(h)
 
 
-class UNet(Denoiser):
-    """A DDPM-style U-Net: `model(x_t, t)` returns a tensor shaped like x_t; a text-conditioned one
-    (config.context_dim set) is called as `model(x_t, t, context, context_mask)` (the inputs' checks:
-    course_lib.denoiser)."""
+class UNetEncoder(Denoiser):
+    """The U-Net's way down and its middle: time embedding, conv_in, the down Blocks and Downsamples, mid1 and mid2.
+    `encode` runs them and returns the skips the way up will use. UNet is built on it, and a ControlNet
+    (course_lib.controlnet) is a trainable copy of it."""
 
     kind, example = "U-Net", "get_preset('sd_tiny')"
 
@@ -328,7 +329,7 @@ class UNet(Denoiser):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
 
         # Down: at each level, blocks_per_level Blocks (each leaves a skip), then halve the resolution.
-        # skip_channels follows the skips forward will keep, so the way up knows what it concatenates.
+        # skip_channels follows the skips `encode` will keep, so the way up knows what it concatenates.
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         c_in = ch[0]
         skip_channels = [ch[0]] if cfg.sd_skips else []
@@ -341,10 +342,59 @@ class UNet(Denoiser):
             self.downsample.append(nn.Identity() if last else Downsample(c))
             if cfg.sd_skips and not last:
                 skip_channels.append(c)
+        self.skip_channels = tuple(skip_channels)
 
         # Middle, at the lowest resolution: ResBlock, attention (a SpatialTransformer if conditional), ResBlock.
         self.mid1 = Block(ch[-1], ch[-1], cfg, attend=True)
         self.mid2 = Block(ch[-1], ch[-1], cfg, attend=False)
+
+    def _run(self, block: Block, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
+             context_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, context_mask, use_reentrant=False,
+                              context_fn=recompute_context())
+        return block(h, emb, context, context_mask)
+
+    @property
+    def input_weight(self) -> torch.Tensor:
+        return self.conv_in.weight
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor | None = None,
+               context_mask: torch.Tensor | None = None, added: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The way down and the middle: (h after mid2, the skips in the order they were kept, the time embedding).
+        added: (B, channels[0], H, W) added to conv_in's output (a ControlNet's encoded control image)."""
+        t = self.check_input(x, t)
+        self.check_context(x, context, context_mask)
+        c, m = context, context_mask                      # the same text states go to every attention layer
+        emb = self.time_embed(t)
+        h = self.conv_in(x)
+        if added is not None:
+            h = h + added
+
+        skips = [h] if self.config.sd_skips else []      # the U's skip connections, in plain sight
+        for blocks, down in zip(self.down, self.downsample):
+            for block in blocks:
+                h = self._run(block, h, emb, c, m)
+                skips.append(h)
+            h = down(h)
+            if self.config.sd_skips and not isinstance(down, nn.Identity):
+                skips.append(h)                           # SD also keeps each downsampled map
+
+        h = self._run(self.mid1, h, emb, c, m)
+        h = self._run(self.mid2, h, emb, c, m)
+        return h, skips, emb
+
+
+class UNet(UNetEncoder):
+    """A DDPM-style U-Net: `model(x_t, t)` returns a tensor shaped like x_t; a text-conditioned one
+    (config.context_dim set) is called as `model(x_t, t, context, context_mask)` (the inputs' checks:
+    course_lib.denoiser). The way down and the middle are UNetEncoder's; the way up is here."""
+
+    def __init__(self, config: UNetConfig | None = None, **changes):
+        super().__init__(config, **changes)
+        cfg, ch = self.config, self.config.channels
+        skip_channels = list(self.skip_channels)
 
         # Up: mirror image; each Block first concatenates the matching skip from the way down (the last one kept
         # is the first used). With sd_skips there is one more Block per level, for the extra skips.
@@ -362,42 +412,23 @@ class UNet(Denoiser):
         self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0])
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def _run(self, block: Block, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-             context_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, context_mask, use_reentrant=False,
-                              context_fn=recompute_context())
-        return block(h, emb, context, context_mask)
-
-    @property
-    def input_weight(self) -> torch.Tensor:
-        return self.conv_in.weight
-
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, skip_residuals: list[torch.Tensor] | None = None,
+                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in_channels, H, W), t (B,) or a scalar; for a conditional U-Net context (B, L, context_dim)
-        and optionally context_mask (B, L) bool, True at real tokens."""
-        t = self.check_input(x, t)
-        self.check_context(x, context, context_mask)
-        c, m = context, context_mask                      # the same text states go to every attention layer
-        emb = self.time_embed(t)
-        h = self.conv_in(x)
-
-        skips = [h] if self.config.sd_skips else []      # the U's skip connections, in plain sight
-        for blocks, down in zip(self.down, self.downsample):
-            for block in blocks:
-                h = self._run(block, h, emb, c, m)
-                skips.append(h)
-            h = down(h)
-            if self.config.sd_skips and not isinstance(down, nn.Identity):
-                skips.append(h)                           # SD also keeps each downsampled map
-
-        h = self._run(self.mid1, h, emb, c, m)
-        h = self._run(self.mid2, h, emb, c, m)
+        and optionally context_mask (B, L) bool, True at real tokens. skip_residuals (one per skip, shaped like
+        it) and mid_residual are added to the skips and the middle's output: a ControlNet's (course_lib.controlnet)."""
+        h, skips, emb = self.encode(x, t, context, context_mask)
+        if skip_residuals is not None:
+            if len(skip_residuals) != len(skips):
+                raise ValueError(f"skip_residuals needs one tensor per skip ({len(skips)}); got {len(skip_residuals)}")
+            skips = [s + r for s, r in zip(skips, skip_residuals)]
+        if mid_residual is not None:
+            h = h + mid_residual
 
         for blocks, up in zip(self.up, self.upsample):
             for block in blocks:
-                h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, c, m)
+                h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
             h = up(h)
 
         return self.conv_out(F.silu(self.norm_out(h)))

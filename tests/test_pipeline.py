@@ -69,7 +69,7 @@ def test_negative_prompt_changes_the_result(pipe):
     ({"steps": 5000}, r"steps must be an int from 1 to 1000 \(the schedule's length T\)"),
     ({"guidance_scale": -2.0}, "guidance_scale must be a number >= 0"),
     ({"images_per_prompt": 0}, "images_per_prompt must be an int >= 1"),
-    ({"sampler": "lms"}, "unknown sampler 'lms'; choose from \\['ddpm', 'ddim', 'dpm\\+\\+2m', 'euler', 'heun'\\]"),
+    ({"sampler": "lms"}, "unknown sampler 'lms'; choose from \\['ddpm', 'ddim', 'dpm\\+\\+2m', 'euler', 'heun', 'lcm'\\]"),
     ({"sampler": "euler"}, "sampler 'euler' integrates the ODE in a continuous path's own time"),
     ({"negative_prompt": ["a", "b"]}, "one negative prompt, or one per prompt"),
 ])

@@ -430,7 +430,7 @@ S100 = make_schedule("linear", 100)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sampler="lms"), r"unknown sampler 'lms'; choose from \['ddpm', 'ddim', 'dpm\+\+2m', 'euler', 'heun'\]"),
+    (dict(sampler="lms"), r"unknown sampler 'lms'; choose from \['ddpm', 'ddim', 'dpm\+\+2m', 'euler', 'heun', 'lcm'\]"),
     (dict(sampler="euler"), r"sampler 'euler' integrates the ODE in a continuous path's own time"),
     (dict(steps=0), r"steps must be an int from 1 to 100 \(the schedule's length T\)"),
     (dict(steps=101), r"steps must be an int from 1 to 100 \(the schedule's length T\)"),
@@ -482,7 +482,7 @@ def test_sampler_settings_replace_keeps_fields_given_as_none():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sampler="lms"), r"unknown sampler 'lms'; choose from \['ddpm', 'ddim', 'dpm\+\+2m', 'euler', 'heun'\]"),
+    (dict(sampler="lms"), r"unknown sampler 'lms'; choose from \['ddpm', 'ddim', 'dpm\+\+2m', 'euler', 'heun', 'lcm'\]"),
     (dict(steps=0), r"steps must be an int >= 1 \(up to the schedule's length T\); got 0"),
     (dict(steps=2.5), r"steps must be an int >= 1"),
     (dict(steps=True), r"steps must be an int >= 1"),
