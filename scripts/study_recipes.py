@@ -215,6 +215,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.recipes = args.recipes or DEFAULT_RECIPES[args.base]
+    valid = TINY_SD_RECIPES if args.base == "tiny_sd" else VAE_RECIPES
+    unknown = [name for name in args.recipes.split(",") if name not in valid]
+    if unknown:                                     # refused before anything loads
+        raise SystemExit(f"unknown recipe {unknown[0]!r} for base {args.base}; valid are {', '.join(valid)}")
     if args.quick:
         args.steps, args.eval_every, args.warmup = 2, 1, 2
         args.minutes, args.eval_minutes, args.n = 0.05, 0.05, 16
@@ -252,8 +256,8 @@ def write_record(out: str | None, record: dict, same_keys: tuple[str, ...]) -> N
             old = json.loads(Path(out).read_text())
             same = all(old.get(k) == record[k] for k in same_keys)
             if same:
-                names = {r["recipe"] for r in rows}
-                record["rows"] = [r for r in old["rows"] if r["recipe"] not in names] + rows
+                names = {r["recipe"] for r in record["rows"]}
+                record["rows"] = [r for r in old["rows"] if r["recipe"] not in names] + record["rows"]
                 record["command"] = old.get("command", "") + "; " + record["command"]
         write_text_atomic(out, json.dumps(record, indent=1) + "\n")
         print(f"wrote {out}")
