@@ -450,3 +450,30 @@ def test_inpaint_figure_uses_the_chosen_mask(shipped_pipe):
     with pytest.raises(ValueError, match=r"unknown mask 'top'; choose from \['centre', 'left'\]"):
         widgets.inpaint_figure(shipped_pipe, images, masks, "top", "cat face")
     plt.close("all")
+
+
+# --- the transformers notebook: SD 3's timestep shift -------------------------------------------------------
+
+def test_time_shift_figure_draws_the_shift_its_log_snr_and_its_grid():
+    from course_lib.schedules import FlowSchedule, time_shift
+    fig = widgets.time_shift_figure(3.0, steps=5, reference=(1.0, 6.0))
+    shifted, snr, _ = fig.axes[:3]
+    lines = {line.get_label(): line for line in shifted.get_lines()}
+    assert set(lines) == {"s=1", "s=6", "s=3"}
+    t, y = (np.asarray(v, dtype=float) for v in lines["s=3"].get_data())
+    np.testing.assert_allclose(y, time_shift(torch.tensor(t, dtype=torch.float64), 3.0).numpy(), atol=1e-12)
+    np.testing.assert_allclose(lines["s=1"].get_data()[1], t, atol=1e-12)          # s = 1: no change
+    snr_lines = {line.get_label(): np.asarray(line.get_data()[1], dtype=float) for line in snr.get_lines()}
+    np.testing.assert_allclose(snr_lines["s=3"] - snr_lines["s=1"], -2 * np.log(3.0), atol=1e-9)
+    grid = [c for c in shifted.collections if c.get_label() == "grid s=3"][0]
+    np.testing.assert_allclose(np.asarray(grid.get_offsets())[:, 1], FlowSchedule(shift=3.0).grid(5), atol=1e-6)
+    other = widgets.time_shift_figure(1.5, steps=5, reference=(1.0, 6.0))
+    assert "s=1.5" in {line.get_label() for line in other.axes[0].get_lines()}
+    plt.close("all")
+
+
+def test_time_shift_figure_rejects_bad_input():
+    with pytest.raises(ValueError, match="the timestep shift must be a finite number > 0"):
+        widgets.time_shift_figure(0.0)
+    with pytest.raises(ValueError, match="steps must be an int from 1 to 1000; got 0"):
+        widgets.time_shift_figure(3.0, steps=0)
