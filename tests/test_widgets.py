@@ -477,3 +477,35 @@ def test_time_shift_figure_rejects_bad_input():
         widgets.time_shift_figure(0.0)
     with pytest.raises(ValueError, match="steps must be an int from 1 to 1000; got 0"):
         widgets.time_shift_figure(3.0, steps=0)
+
+
+# --- the control notebook ----------------------------------------------------------------------------------
+
+def test_control_figure_shows_the_control_and_the_steered_images(shipped_pipe):
+    from course_lib import controls
+    from course_lib.controlnet import ControlNet, with_control
+    from course_lib.data import load_emoji, to_uint8
+    images = load_emoji(size=32, split="heldout", limit=2).images
+    net = ControlNet.from_unet(shipped_pipe.unet, factor=4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():                      # off zero, so that the control reaches the images
+        for p in [*net.zero_convs.parameters(), *net.mid_zero_conv.parameters(), *net.hint.conv_out.parameters()]:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    menu = {name: controls.make_control(images[i:i + 1], "silhouette") for i, name in enumerate(("a", "b"))}
+    fig = widgets.control_figure(shipped_pipe, net, menu, "b", "red heart", 1.0, seed=3, steps=3, n=2)
+    expected = to_uint8(with_control(shipped_pipe, net, menu["b"], 1.0)("red heart", seed=3, steps=3,
+                                                                        images_per_prompt=2))
+    np.testing.assert_array_equal(shown(fig, "control"), to_uint8(menu["b"])[0])
+    for k in range(2):
+        np.testing.assert_array_equal(shown(fig, f"image {k}"), expected[k])
+    other = widgets.control_figure(shipped_pipe, net, menu, "a", "red heart", 1.0, seed=3, steps=3, n=2)
+    assert not np.array_equal(shown(other, "image 0"), expected[0])          # another control, another image
+    off = widgets.control_figure(shipped_pipe, net, menu, "b", "red heart", 0.0, seed=3, steps=3, n=1)
+    np.testing.assert_array_equal(shown(off, "image 0"), to_uint8(shipped_pipe("red heart", seed=3, steps=3))[0])
+    with pytest.raises(ValueError, match=r"unknown control 'c'; choose from \['a', 'b'\]"):
+        widgets.control_figure(shipped_pipe, net, menu, "c", "red heart", 1.0)
+    with pytest.raises(ValueError, match="conditioning_scale must be a finite number"):
+        widgets.control_figure(shipped_pipe, net, menu, "a", "red heart", float("nan"))
+    with pytest.raises(ValueError, match="n must be an int from 1 to 8"):
+        widgets.control_figure(shipped_pipe, net, menu, "a", "red heart", 1.0, n=0)
+    plt.close("all")
