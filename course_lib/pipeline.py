@@ -95,9 +95,11 @@ class SamplerSettings:
 
 
 TINY_SD_SAMPLER = SamplerSettings()     # the course's tiny SD (notebook 09): DDIM, 20 trailing steps, guidance 4
+TINY_SD3_SAMPLER = SamplerSettings(sampler="euler", guidance_scale=3.0)   # the tiny SD 3's (an MMDiT, rectified flow)
 
 
 SHIPPED = {"unet": "tiny_sd_emoji", "clip": "clip_emoji", "vae": "vae_emoji32"}   # names in checkpoints/
+SHIPPED_MODELS = {"tiny_sd": "tiny_sd_emoji", "tiny_sd3": "tiny_sd3_emoji"}   # from_shipped's choices: U-Net, MMDiT
 
 Encode = Callable[[list[str]], tuple[torch.Tensor, "torch.Tensor | None"]]   # prompts -> (states, mask or None)
 
@@ -230,18 +232,23 @@ class TextToImage:
 
     @classmethod
     def from_files(cls, unet_path: str | Path, clip_path: str | Path, vae_path: str | Path,
-                   device: torch.device | str | None = None) -> "TextToImage":
+                   device: torch.device | str | None = None,
+                   sampler_settings: SamplerSettings = TINY_SD_SAMPLER) -> "TextToImage":
         unet, schedule, info = load_model(unet_path)
         clip, tokenizer, _ = load_clip(clip_path)
         vae, scale_factor, _ = load_vae(vae_path)
         return cls(unet, schedule, clip, tokenizer, vae, scale_factor, info["prediction"],
-                   device=device if device is not None else "cpu")
+                   device=device if device is not None else "cpu", sampler_settings=sampler_settings)
 
     @classmethod
-    def from_shipped(cls, device: torch.device | str | None = None) -> "TextToImage":
-        """The course's trained tiny SD (checkpoints/tiny_sd_emoji, clip_emoji and vae_emoji32)."""
-        return cls.from_files(ckpt.shipped(SHIPPED["unet"]), ckpt.shipped(SHIPPED["clip"]),
-                              ckpt.shipped(SHIPPED["vae"]), device=device)
+    def from_shipped(cls, device: torch.device | str | None = None, model: str = "tiny_sd") -> "TextToImage":
+        """A trained model of the course with the shipped clip_emoji and vae_emoji32: model "tiny_sd" (a U-Net,
+        checkpoints/tiny_sd_emoji) or "tiny_sd3" (an MMDiT with rectified flow, checkpoints/tiny_sd3_emoji)."""
+        if model not in SHIPPED_MODELS:
+            raise ValueError(f"unknown shipped model {model!r}; choose from {sorted(SHIPPED_MODELS)}")
+        return cls.from_files(ckpt.shipped(SHIPPED_MODELS[model]), ckpt.shipped(SHIPPED["clip"]),
+                              ckpt.shipped(SHIPPED["vae"]), device=device,
+                              sampler_settings=TINY_SD3_SAMPLER if model == "tiny_sd3" else TINY_SD_SAMPLER)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -285,5 +292,5 @@ class TextToImage:
         return generate(self, prompts, batch_size=batch_size, seed=seed, **options)
 
 
-__all__ = ["SamplerSettings", "TINY_SD_SAMPLER", "SHIPPED", "FLOW", "check_seed", "prompt_list", "start_latents", "guided", "text_to_image", "generate",
+__all__ = ["SamplerSettings", "TINY_SD_SAMPLER", "TINY_SD3_SAMPLER", "SHIPPED", "SHIPPED_MODELS", "FLOW", "check_seed", "prompt_list", "start_latents", "guided", "text_to_image", "generate",
            "TextToImage"]

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from .checks import check_choice, check_int
 from .data import to_uint8
 from .forward import linear_mix, vp_mix
-from .plotting import DPI, noising_strip, plot_schedules
+from .plotting import DPI, noising_strip, plot_schedules, time_shift_figure  # noqa: F401 (the shift notebook's slider)
 from .sampling import ReverseStep
 from .schedules import KINDS, NoiseSchedule, make_schedule
 
@@ -316,48 +316,6 @@ def flow_steps_figure(fields: dict, noise: torch.Tensor, real: torch.Tensor, ste
         ax.set_title(name, fontsize=9)
     axes[0, 0].legend(fontsize=6, loc="lower left", markerscale=3)
     fig.suptitle(f"{steps} Euler step(s) from the same noise (blue: paths; red: where they end)", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-# --- the transformers notebook: SD 3's timestep shift -------------------------------------------------
-
-def time_shift_figure(shift: float, steps: int = 10, reference: Sequence[float] = (1.0, 3.0),
-                      draws: int = 20_000, seed: int = 0) -> Figure:
-    r"""SD 3's timestep shift t' = s t / (1 + (s - 1) t) (course_lib.schedules.time_shift) at s = `shift`, with the
-    `reference` shifts faint, in three panels: the shifted time against the even one, with the `steps` times an
-    Euler sampler visits (FlowSchedule(shift=s).grid) as dots; the log signal-to-noise ratio of the straight path,
-    log SNR = 2 log((1 - t') / t'), which the shift lowers by 2 log s at every t; and the density of the training
-    times SD 3 draws (logit-normal, then shifted; `draws` of them). Lines and dots are labelled "s=<shift>" (the
-    grid: "grid s=<shift>") and carry the plotted numbers, for tests."""
-    from .schedules import FlowSchedule, check_shift, time_shift
-
-    shift = check_shift(shift)
-    steps = check_int("steps", steps, 1, 1000)
-    shifts = [check_shift(r) for r in reference if check_shift(r) != shift] + [shift]
-    t = torch.linspace(0, 1, 201, dtype=torch.float64)
-    inner = t[1:-1]                                                  # log SNR is infinite at the ends
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.0), dpi=DPI)
-    for s in shifts:
-        chosen = s == shift
-        style = dict(lw=2.0 if chosen else 1.0, alpha=1.0 if chosen else 0.45, label=f"s={s:g}",
-                     color="tab:red" if chosen else None)
-        axes[0].plot(t, time_shift(t, s), **style)
-        shifted = time_shift(inner, s)
-        axes[1].plot(inner, 2 * torch.log((1 - shifted) / shifted), **style)
-        times = FlowSchedule("logit_normal", shift=s).draw_times(draws, torch.Generator().manual_seed(seed))
-        axes[2].hist(times.numpy(), bins=40, range=(0, 1), density=True, histtype="step", **style)
-    grid = FlowSchedule(shift=shift).grid(steps)
-    even = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
-    axes[0].scatter(even, grid, s=14, color="tab:red", zorder=3, label=f"grid s={shift:g}")
-    axes[0].set_xlabel("t, even steps (1: noise, 0: data)"), axes[0].set_ylabel("t' visited")
-    axes[0].set_title(f"{steps} Euler steps at s={shift:g}", fontsize=9)
-    axes[1].set_xlabel("t, even steps"), axes[1].set_ylabel("log SNR at t'")
-    axes[1].set_title(f"log SNR lowered by 2 ln s = {2 * torch.log(torch.tensor(shift)).item():.2f}", fontsize=9)
-    axes[2].set_xlabel("training time t' (logit-normal, shifted)"), axes[2].set_ylabel("density")
-    axes[2].set_title(f"middle draw t = 0.5 becomes t' = {time_shift(0.5, shift):.2f}", fontsize=9)
-    for ax in axes:
-        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
