@@ -189,7 +189,7 @@ def fine_tune(pipe: "TextToImage", images: torch.Tensor, captions: list[str], pa
     checkpoint_path: written every checkpoint_every steps and at the end; with resume, a run finds it and
     continues exactly where it stopped (a checkpoint of another run, other lr, data or seed, is refused).
     info: settings a resumed run must also share (course_lib.lora.fit_lora gives the adapters' rank and alpha).
-    optimizer: optimizer(params, lr) instead of AdamW without weight decay (notebook 16: quantize.AdamW8bit).
+    optimizer: optimizer(params, lr) instead of AdamW without weight decay (notebook 19: quantize.AdamW8bit).
     However the run stops, the U-Net is left in eval mode with the EMA in `params`."""
     unet = pipe.unet if unet is None else unet
     if len(images) != len(captions) or len(images) == 0:

@@ -17,7 +17,7 @@ them divided by it again.
 (course_lib.sd.StableDiffusion) both call it, with their own text encoder, denoiser, decoder and sampler
 settings (course_lib.sampling.SamplerSettings: TINY_SD_SAMPLER here, course_lib.sd.SD15_SAMPLER there).
 
-A U-Net trained with rectified flow (TrainConfig(objective="flow"), notebook 14; prediction "flow" in its file)
+A U-Net trained with rectified flow (TrainConfig(objective="flow"), notebook 13; prediction "flow" in its file)
 makes the same pipeline a tiny SD 3 with nothing changed but its path: the pipeline samples it along
 course_lib.schedules.FlowSchedule, where the default DDIM step is Euler's, and "heun" is on offer. A DiT or SD 3's
 MMDiT (course_lib.dit, course_lib.mmdit) takes the U-Net's place unchanged: the pipeline only calls

@@ -189,7 +189,7 @@ def save_grid_png(images: torch.Tensor, path, columns: int = 16) -> None:
     picture.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
-# --- the transformers notebook: SD 3's timestep shift -------------------------------------------------
+# --- notebook 14: SD 3's timestep shift -------------------------------------------------
 
 def time_shift_figure(shift: float, steps: int = 10, reference: Sequence[float] = (1.0, 3.0),
                       draws: int = 20_000, seed: int = 0) -> Figure:

@@ -1,4 +1,4 @@
-r"""Reading Stable Diffusion 1.x's published weights into course_lib's modules (notebook 13).
+r"""Reading Stable Diffusion 1.x's published weights into course_lib's modules (notebook 18).
 
 A published checkpoint names its tensors after the code that trained it; course_lib's U-Net, VAE and text
 encoder name theirs after the course. `key_map` says, for every tensor of ours, which tensor(s) of the file

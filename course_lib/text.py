@@ -5,7 +5,7 @@ r"""The transformer text encoder: token ids to one state per token (notebook 08,
 
 The U-Net cross-attends to these states (course_lib.unet, notebook 09); the mini CLIP pools them into one
 vector per caption (course_lib.clip); SD 1.5's CLIP text encoder is this module with causal=True and
-quick_gelu (course_lib.sd, notebook 13).
+quick_gelu (course_lib.sd, notebook 18).
 
 Each block is the transformer encoder layer of [1] in its pre-LayerNorm form [2] (as GPT-2 [3] and CLIP [4]
 use): x + attn(LN(x)), then x + MLP(LN(x)). Position embeddings are learned, and a final LayerNorm follows

@@ -27,7 +27,7 @@ U-Net is called as `UNet(x_t, t, context, context_mask)`, context (B, L, context
 encoder's states; an unconditional one (context_dim=None, the default) takes no context. Inputs are floats
 in the parameters' dtype (float32 unless the model was cast), or any float but float64 under torch.autocast.
 
-SD 1.5's own U-Net (course_lib.sd, notebook 13) is this network with `num_heads=8` (wider levels get wider
+SD 1.5's own U-Net (course_lib.sd, notebook 18) is this network with `num_heads=8` (wider levels get wider
 heads), `time_conditioning="add"` and `sd_skips=True`: conv_in's output and every downsampled map are skips
 too, and each level on the way up has one more Block to use them (SD 1.5: 12 skips, 3 Blocks a level up).
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from .checks import check_choice, check_int
 from .data import to_uint8
 from .forward import linear_mix, vp_mix
-from .plotting import DPI, noising_strip, plot_schedules, time_shift_figure  # noqa: F401 (the shift notebook's slider)
+from .plotting import DPI, noising_strip, plot_schedules, time_shift_figure  # noqa: F401 (notebook 14's slider)
 from .sampling import ReverseStep
 from .schedules import KINDS, NoiseSchedule, make_schedule
 
@@ -288,7 +288,7 @@ def lora_scale_figure(pipe, prompts: Sequence[str], lora_scale: float, seed: int
     return fig
 
 
-# --- notebook 14: few-step sampling of 2-D flows -----------------------------------------------------
+# --- notebook 13: few-step sampling of 2-D flows -----------------------------------------------------
 
 def flow_steps_figure(fields: dict, noise: torch.Tensor, real: torch.Tensor, steps: int,
                       show_paths: int = 40) -> Figure:
@@ -365,7 +365,7 @@ def inpaint_figure(pipe, images: torch.Tensor, masks: dict, mask_name: str, prom
     return _two_rows([("masked", holed), ("inpainted", filled)], f"mask {mask_name!r}, prompt {prompt!r}")
 
 
-# --- the control notebook: a control image, a prompt and the conditioning scale -------------------------------
+# --- notebook 17: a control image, a prompt and the conditioning scale -------------------------------
 
 def control_figure(pipe, controlnet, controls: dict, control_name: str, prompt: str, scale: float, seed: int = 0,
                    steps: int = 20, n: int = 3) -> Figure:
@@ -393,7 +393,7 @@ def control_figure(pipe, controlnet, controls: dict, control_name: str, prompt: 
     return fig
 
 
-# --- the budget notebook: the 8 GB planner ----------------------------------------------------------
+# --- notebook 19: the 8 GB planner ----------------------------------------------------------
 
 def budget_figure(size: int, batch: int, weights: str, checkpointing: bool, attention: str, rank: int,
                   optimizer: str, gpu: str = "T4", budget_gib: float = 8.0) -> Figure:

@@ -10,7 +10,7 @@ Four steps, each a separate process with its own time limit inside one overall b
     notebooks   each notebook in quick mode (scripts/run_notebooks.py --quick): the GPU branches of every
                 notebook run once, catching device and dtype bugs; seconds and pass / fail per notebook
     tests       the test files with CUDA-only tests (--tests), run by pytest on the GPU; its summary line
-    memory      scripts/measure_memory.py: peak GPU memory of the full-mode steps of notebooks 04-15 (13: sd15)
+    memory      scripts/measure_memory.py: peak GPU memory of the full-mode steps of notebooks 04-13, 15 and 18 (18: sd15)
     sd15        scripts/measure_sd15_memory.py: SD 1.5 at 512 x 512 with SD-shaped random weights
 
 Everything goes into one file named after the GPU (default results/gpu_check_<gpu>.json): the GPU's name, torch

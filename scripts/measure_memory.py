@@ -1,4 +1,4 @@
-"""Peak GPU memory of the full-mode training, fine-tuning and sampling steps of notebooks 04-15, against 8 GiB.
+"""Peak GPU memory of the full-mode training, fine-tuning and sampling steps of notebooks 04-13 and 15, against 8 GiB.
 
     python scripts/measure_memory.py                   # needs a CUDA GPU; prints a table
     python scripts/measure_memory.py --json out.json   # and writes the rows
@@ -8,7 +8,7 @@ Each row runs the same course_lib call the notebook runs in full mode (the sizes
 full-mode settings), for two optimiser steps (so AdamW's state exists), under course_lib.memory.measure_peak.
 Rows whose call takes a precision are measured in fp32 and under autocast: fp16 with a GradScaler (what the
 course picks on a T4, compute capability 7.5) and bf16 (what it picks from 8.0 on) where the GPU has it. The
-fine-tunings of notebooks 10-12 run as the notebooks run them (fp32, no precision argument). Notebook 13's
+fine-tunings of notebooks 10-12 run as the notebooks run them (fp32, no precision argument). Notebook 18's
 full mode is SD 1.5 at 512 px: scripts/measure_sd15_memory.py. Notebooks 01-03 train nothing (03 times one step
 per preset and prints its peak itself). `peak` is torch.cuda.max_memory_allocated, `reserved` the caching
 allocator's high-water mark (closer to nvidia-smi); neither counts the CUDA context (~0.3-0.5 GiB). --tiny
@@ -46,7 +46,7 @@ FULL = {
     "11": {"batch": 4, "prior_images": 48, "prior_steps": 20, "step_batch": 8},
     "12": {"lidb_batch": 4, "demo_subjects": 16, "demo_batch": 32, "hyper_batch": 16, "fast_rank": 4,
            "step_batch": 32},
-    "14": {"preset": "tiny", "batch": 64, "sample_batch": 256, "sample_steps": 32},
+    "13": {"preset": "tiny", "batch": 64, "sample_batch": 256, "sample_steps": 32},
     "15": {"n": 128, "steps": 20, "strength": 0.6, "resample": 3},
 }
 
@@ -273,16 +273,16 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
         s = subject()
         textual_inversion(pipe(), s.images[:1], [s.prompt("")], init_word=None, steps=2)
 
-    # 14: rectified flow (logit-normal) on the emoji latents, then Euler sampling for FID
-    def row14_train(precision):
-        f = full["14"]
+    # 13: rectified flow (logit-normal) on the emoji latents, then Euler sampling for FID
+    def row13_train(precision):
+        f = full["13"]
         model = UNet(get_preset(f["preset"], image_size=8, in_channels=4, out_channels=4))
         return memory.measure_peak(trainer_steps(model, latent_like, f["batch"], latents=True, precision=precision,
                                                  objective="flow", timestep_sampling="logit_normal"), device,
                                    f"Trainer, flow, {f['preset']} on 8x8x4 latents, batch {f['batch']}", precision)
 
-    def row14_sample():
-        f = full["14"]
+    def row13_sample():
+        f = full["13"]
         model = UNet(get_preset(f["preset"], image_size=8, in_channels=4, out_channels=4))
         config = TrainConfig(steps=1, batch_size=2, latents=True, objective="flow", timestep_sampling="logit_normal")
         trainer = Trainer(model, latent_like, config, device=device)
@@ -328,10 +328,10 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
                      (f"10 LoRA step, rank {full['10']['rank']}", row10_step(full["10"]["rank"])),
                      ("11 full DreamBooth step (subject + class)", row11_step(0)),
                      ("11 LoRA DreamBooth step (subject + class)", row11_step(4)),
-                     ("14 rectified-flow training step", row14_train)]:
+                     ("13 rectified-flow training step", row13_train)]:
         for p in each:
             attempt(f"{name}, {p}", lambda: fn(p))
-    f10, f11, f12, f14, f15 = (full[k] for k in ("10", "11", "12", "14", "15"))
+    f10, f11, f12, f13, f15 = (full[k] for k in ("10", "11", "12", "13", "15"))
     for name, fn in [
             (f"10 lora.fine_tune, rank {f10['rank']}, batch {f10['batch']} (as run)", row10_fine_tune),
             (f"10 generation, batch {f10['sample_batch']}, {f10['sample_steps']} steps, guided", row10_generate),
@@ -342,7 +342,7 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
             (f"12 hypernetwork training, batch {f12['hyper_batch']} (as run)", row12_hyper),
             (f"12 hypernetwork + fast fine-tuning, rank {f12['fast_rank']} (as run)", row12_fast),
             ("12 textual inversion (as run)", row12_ti),
-            (f"14 Euler sampling, batch {f14['sample_batch']}, {f14['sample_steps']} steps", row14_sample),
+            (f"13 Euler sampling, batch {f13['sample_batch']}, {f13['sample_steps']} steps", row13_sample),
             (f"15 img2img, {f15['n']} images, {f15['steps']} steps", row15("img2img")),
             (f"15 inpainting, RePaint U = {f15['resample']}, {f15['n']} images", row15("inpaint")),
             (f"15 DDIM inversion and edit, {f15['n']} images", row15("invert"))]:

@@ -1,4 +1,4 @@
-r"""Peak GPU memory of SD 1.5 at 512 x 512: generation and the fine-tuning steps of notebooks 10-13, against 8 GiB.
+r"""Peak GPU memory of SD 1.5 at 512 x 512: generation and the fine-tuning steps of notebooks 10-12 and 18, against 8 GiB.
 
     python scripts/measure_sd15_memory.py                     # needs a CUDA GPU; prints a table
     python scripts/measure_sd15_memory.py --json sd15.json    # and writes the rows and the machine

@@ -2,7 +2,7 @@
 
 The record comes from a run of about an hour on one CPU thread (two trainings and 12 evaluations of 398 images),
 too long for the suite; these tests check the script's pieces and that the stored record is what the script
-writes and what notebook 14 and the README read: both objectives at every step count, equal training steps, and
+writes and what notebook 13 and the README read: both objectives at every step count, equal training steps, and
 training settings that differ only where the objective does.
 """
 

@@ -40,9 +40,9 @@ CASES = [
     ("08_text_encoder.ipynb", "k", 1),
     ("09_text_to_image.ipynb", "guidance", 2),
     ("10_lora.ipynb", "LoRA scale", 1),
-    ("14_rectified_flow.ipynb", "steps", 2),
+    ("13_rectified_flow.ipynb", "steps", 2),
     ("15_editing.ipynb", "strength", 2),
-    ("16_memory_budget.ipynb", "batch", 2),
+    ("19_memory_budget.ipynb", "batch", 2),
 ]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -35,7 +35,7 @@ def test_tiny_rows_of_notebooks_10_to_15_run_on_cpu(tmp_path):
     assert {n[:2] for n in names} == {"10", "11", "12", "14", "15"}
     for expected in ("10 LoRA step", "10 lora.fine_tune", "11 DreamBooth full", "11 DreamBooth LoRA",
                      "12 LiDB fit", "12 hypernetwork training", "12 hypernetwork + fast fine-tuning",
-                     "12 textual inversion", "14 rectified-flow training step", "14 Euler sampling",
+                     "12 textual inversion", "13 rectified-flow training step", "13 Euler sampling",
                      "15 img2img", "15 inpainting", "15 DDIM inversion"):
         assert any(n.startswith(expected) for n in names), f"no row {expected!r} in {names}"
     assert all(r["peak_gib"] is None and r["fits"] is None for r in report["rows"])   # a CPU measures nothing

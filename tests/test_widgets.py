@@ -380,7 +380,7 @@ def test_lora_scale_figure_blends_base_and_adapted(tiny_pipe):
         widgets.lora_scale_figure(pipe, prompts, 9.0, steps=2)
 
 
-# --- notebook 14: few-step sampling of 2-D flows ---------------------------------------------------
+# --- notebook 13: few-step sampling of 2-D flows ---------------------------------------------------
 
 def _two_flows():
     from course_lib import flow
