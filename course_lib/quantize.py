@@ -28,6 +28,10 @@ when updates are smaller than half a bf16 step of the weight: rounding to neares
 up with probability equal to the distance covered keeps them on average: E[round(x)] = x. For a float32 x this is
 adding 16 random bits below bf16's last bit and truncating.
 
+Weights on disk (`save_8bit`, `read_8bit`): the same block-wise scheme with 255 evenly spaced codes (absmax
+int8, blocks of 64) keeps a trained network's weights in about a byte each, for a file too big to ship in
+float16 (the course's ControlNet); read back to float32, each weight within half a code step.
+
 References:
   [1] Dettmers, Lewis, Shleifer, Zettlemoyer. 8-bit Optimizers via Block-wise Quantization. 2022.
       https://arxiv.org/abs/2110.02861
@@ -38,12 +42,15 @@ References:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
 from .checks import check_int, has_values
 
 
@@ -273,3 +280,46 @@ class AdamW8bit(torch.optim.Optimizer):
     def _load(state: dict, name: str, shape, codes: torch.Tensor, block: int) -> torch.Tensor:
         q = Quantized(state[f"{name}_index"], state[f"{name}_absmax"], tuple(shape), block)
         return dequantize_blockwise(q, codes)
+
+# --- Weights in 8 bits on disk ------------------------------------------------------------------------------
+
+WEIGHTS_8BIT_FORMAT = "course_lib.weights8/1"
+
+
+def linear_codes() -> torch.Tensor:
+    """255 evenly spaced codes in [-1, 1], 0 among them: absmax int8. Weights of a trained network spread evenly
+    around zero, unlike optimiser moments (which need the dynamic codes' orders of magnitude)."""
+    return torch.arange(-127, 128, dtype=torch.float32) / 127
+
+
+def save_8bit(path, state: dict[str, torch.Tensor], info: dict | None = None, block: int = 64,
+              min_size: int = MIN_8BIT_SIZE) -> Path:
+    """A state dict on disk in about one byte a weight: each floating tensor of at least `min_size` numbers as
+    block-wise absmax int8 (linear_codes, one float32 scale per `block` values: error at most half a code step,
+    absmax / 254), smaller ones and the rest as float16; atomic and checksummed (course_lib.checkpoint). Read back
+    with read_8bit. Where the float16 file would be too big to ship (a ControlNet's copy of the encoder)."""
+    block = check_int("block", block, 1, hint=" (values per block)")
+    tensors, shapes = {}, {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if t.is_floating_point() and t.numel() >= min_size:
+            q = quantize_blockwise(t, linear_codes(), block)
+            tensors[f"{name}.index"], tensors[f"{name}.absmax"], shapes[name] = q.index, q.absmax, list(t.shape)
+        else:
+            tensors[name] = t.half() if t.is_floating_point() else t
+    meta = {"format": WEIGHTS_8BIT_FORMAT, "block": str(block), "shapes": json.dumps(shapes),
+            "info": json.dumps(info or {})}
+    return ckpt.atomic_save(tensors, path, meta)
+
+
+def read_8bit(path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict in `dtype`, info) from a save_8bit file, its checksum verified; another format is refused."""
+    tensors, meta = ckpt.read_format(path, WEIGHTS_8BIT_FORMAT, "8-bit weights")
+    block, shapes = int(meta["block"]), json.loads(meta["shapes"])
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()
+             if not k.endswith((".index", ".absmax"))}
+    for name, shape in shapes.items():
+        q = Quantized(tensors[f"{name}.index"], tensors[f"{name}.absmax"], tuple(shape), block)
+        state[name] = dequantize_blockwise(q, linear_codes()).to(dtype)
+    return state, json.loads(meta["info"])
+

@@ -174,3 +174,32 @@ def test_lora_trains_on_an_nf4_base_qlora():
         opt.step()
     assert loss.item() < first and all(p.grad is not None for p in params)
     assert model[0].base.index.dtype == torch.uint8        # the base stayed 4-bit
+
+
+# --- weights in 8 bits on disk ---------------------------------------------------------------------------------
+
+def test_save_8bit_round_trip_is_within_half_a_code_step_and_about_a_byte_a_weight(tmp_path):
+    from course_lib.quantize import linear_codes, read_8bit, save_8bit
+    codes = linear_codes()
+    assert len(codes) == 255 and codes[127] == 0 and codes[0] == -1 and codes[-1] == 1
+    g = torch.Generator().manual_seed(0)
+    state = {"big": torch.randn(64, 130, generator=g) * 0.05, "small": torch.randn(10, generator=g),
+             "steps": torch.tensor([3], dtype=torch.int64)}
+    path = save_8bit(tmp_path / "w.safetensors", state, info={"what": "test"}, block=64)
+    back, info = read_8bit(path)
+    assert info == {"what": "test"} and set(back) == set(state) and back["steps"].dtype == torch.int64
+    assert torch.equal(back["steps"], state["steps"])
+    torch.testing.assert_close(back["small"], state["small"].half().float())        # small: float16
+    blocks = torch.nn.functional.pad(state["big"].reshape(-1), (0, -state["big"].numel() % 64)).view(-1, 64)
+    step = (blocks.abs().amax(1) / 127)[:, None]                                      # one code step per block
+    err = torch.nn.functional.pad((back["big"] - state["big"]).reshape(-1), (0, -state["big"].numel() % 64))
+    assert (err.view(-1, 64).abs() <= step / 2 * 1.0001).all() and back["big"].shape == (64, 130)
+    assert path.stat().st_size < 64 * 130 * 1.2 + 4000                              # ~1 byte a weight (+ header)
+
+
+def test_read_8bit_refuses_other_files(tmp_path):
+    from course_lib.checkpoint import atomic_save
+    from course_lib.quantize import read_8bit
+    other = atomic_save({"w": torch.zeros(3)}, tmp_path / "o.safetensors", {"format": "course_lib.model/1"})
+    with pytest.raises(ValueError, match="not a course_lib 8-bit weights file"):
+        read_8bit(other)
