@@ -146,5 +146,20 @@ def make_control(images: torch.Tensor, kind: str, **options) -> torch.Tensor:
     return as_control({"edges": edges, "canny": canny, "silhouette": silhouette}[kind](images, **options))
 
 
+def agreement(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """How closely two batches of control images of one kind agree, per image (B,): for the white-on-black kinds
+    (edges, canny, silhouette) the IoU of their white pixels (1: the same pixels; 0 where both are empty); for the
+    colour layout 1 - mean |a - b| / 2 (1: the same colours). How a generated image follows
+    its control: make the image's own control of that kind and compare it with the one it was given."""
+    check_choice("control", kind, CONTROLS)
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"need two batches of control images of one shape (B, 3, H, W); got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if kind == "colour":
+        return 1 - (a - b).abs().flatten(1).mean(1) / 2
+    A, B = a[:, 0] > 0, b[:, 0] > 0
+    return (A & B).flatten(1).sum(1) / (A | B).flatten(1).sum(1).clamp_min(1)
+
+
 __all__ = ["CONTROLS", "LUMA", "SOBEL_X", "STEP", "brightness", "sobel", "edge_magnitude", "check_threshold", "edges",
-           "canny", "silhouette", "colour_layout", "as_control", "make_control"]
+           "canny", "silhouette", "colour_layout", "as_control", "make_control", "agreement"]

@@ -116,6 +116,24 @@ def _inputs(config, B=2, factor=4):
     return x, torch.tensor([10, 700][:B]), context, control
 
 
+def test_agreement_is_the_iou_of_white_pixels_or_the_colour_distance():
+    a = torch.full((2, 3, 4, 4), -1.0)
+    b = a.clone()
+    a[0, :, 0, :2] = 1                      # image 0: pixels (0,0), (0,1) white in a; (0,1), (0,2) in b
+    b[0, :, 0, 1:3] = 1
+    a[1, :, 1, 1] = b[1, :, 1, 1] = 1       # image 1: the same single pixel
+    torch.testing.assert_close(controls.agreement(a, b, "edges"), torch.tensor([1 / 3, 1.0]))
+    empty = torch.full((1, 3, 4, 4), -1.0)
+    assert controls.agreement(empty, empty, "silhouette").item() == 0.0        # nothing to agree on
+    red, blue = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    red[:, 0], blue[:, 2] = 1, 1
+    torch.testing.assert_close(controls.agreement(red, blue, "colour"), torch.tensor([1 - 2 / 3 / 2]))
+    with pytest.raises(ValueError, match="of one shape"):
+        controls.agreement(a, b[:1], "edges")
+    with pytest.raises(ValueError, match=r"unknown control 'depth'"):
+        controls.agreement(a, b, "depth")
+
+
 @pytest.mark.parametrize("config", [get_preset("sd_tiny", image_size=8), sd_preset("tiny").unet],
                          ids=["course skips", "SD skips"])
 def test_a_new_controlnet_leaves_the_base_model_exactly_and_scales_its_residuals(config):
