@@ -121,6 +121,10 @@ class ControlNet(UNetEncoder):
         """A ControlNet whose encoder starts as `unet`'s (time embedding, conv_in, down path, middle copied), its
         hint encoder's last conv and every zero conv at zero: at first the controlled model is `unet` exactly.
         seed: the hint encoder's random initialisation (None: the global random state)."""
+        if not isinstance(unet, UNet):
+            raise TypeError(f"a ControlNet copies a U-Net's encoder (course_lib.unet.UNet); got a "
+                            f"{type(unet).__name__}, which has none. SD 3's ControlNet copies some of the "
+                            f"transformer's blocks instead; the course does not build that one")
         with torch.random.fork_rng():
             if seed is not None:
                 torch.manual_seed(seed)

@@ -5,6 +5,10 @@ parts: the VAE's latents (course_lib.vae.encode_latents: the posterior mean time
 factor), guidance (course_lib.guidance.GuidedModel), the samplers and DDIM inversion (course_lib.sampling)
 and the one generation path (course_lib.pipeline.text_to_image).
 
+All three work on any path the pipeline samples (course_lib.schedules): on a rectified-flow pipeline (the tiny
+SD 3, an MMDiT; notebook 14) the times are the flow's t in (0, 1], the grid is `FlowSchedule.grid`, and img2img's
+strength picks the tail of that even grid (tested in tests/test_mmdit_tools.py).
+
 Notation (course_lib.sampling; timesteps are integers 0..T-1, t = -1 is the clean end, abar_{-1} = 1):
     z0          the input images' scaled latents (B, C, h, w)
     n, k        the sampling grid's length (steps) and how many of its steps an edit runs
@@ -68,7 +72,7 @@ import torch.nn.functional as F
 from .checks import check_int
 from .forward import check_images
 from .pipeline import SamplerSettings, TextToImage, check_seed, guided, prompt_list, start_latents, text_to_image
-from .sampling import ddim_invert, ddim_step, denoise, noised, renoised, timesteps
+from .sampling import ddim_invert, ddim_step, denoise, noised, renoised
 from .vae import encode_latents
 
 
@@ -98,7 +102,7 @@ def _per_image(prompts: str | list[str], B: int, what: str = "prompts") -> list[
 
 def _settings(pipe: TextToImage, steps: int | None, guidance_scale: float | None, **changes) -> SamplerSettings:
     settings = pipe.sampler_settings.replace(steps=steps, guidance_scale=guidance_scale, **changes)
-    timesteps(pipe.schedule, settings.steps, settings.spacing, settings.offset, start=settings.start_t)  # checks
+    pipe.schedule.grid(settings.steps, settings.spacing, settings.offset, settings.start_t)   # checks them
     return settings
 
 
@@ -121,10 +125,10 @@ def img2img_timesteps(pipe: TextToImage, strength: float, steps: int | None = No
     """The timesteps img2img runs at this strength (empty at strength 0; see the module's docstring)."""
     settings = _settings(pipe, steps, None)
     n, k = settings.steps, _strength_steps(strength, settings.steps)
-    grid = timesteps(pipe.schedule, n, settings.spacing, settings.offset, start=settings.start_t)
+    grid = pipe.schedule.grid(n, settings.spacing, settings.offset, settings.start_t)   # a flow path's: floats
     if k in (0, n):
-        return grid[n - k:]
-    return timesteps(pipe.schedule, k, settings.spacing, settings.offset, start=int(grid[n - k]) - settings.offset)
+        return torch.tensor(grid[n - k:])
+    return torch.tensor(pipe.schedule.grid(k, settings.spacing, settings.offset, grid[n - k] - settings.offset))
 
 
 @torch.no_grad()
@@ -158,9 +162,9 @@ def img2img(pipe: TextToImage, images: torch.Tensor, prompts: str | list[str], *
     latents = None                                          # k = n: text_to_image's own noise, as pipe() draws it
     if k < n:
         ts = img2img_timesteps(pipe, strength, n)
-        settings = settings.replace(steps=k, start_t=int(ts[0]) - settings.offset)
+        settings = settings.replace(steps=k, start_t=ts[0].item() - settings.offset)
         noise = start_latents(pipe.latent_shape, B, seed).to(pipe.device)
-        latents = noised(pipe.schedule, z0, noise, int(ts[0]))
+        latents = noised(pipe.schedule, z0, noise, ts[0].item())
     return text_to_image(pipe.unet, pipe.schedule, pipe.encode, pipe.decode, prompts, settings,
                          latent_shape=pipe.latent_shape, negative_prompt=negatives, seed=seed,
                          prediction=pipe.prediction, latents=latents, device=pipe.device)
