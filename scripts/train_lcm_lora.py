@@ -78,7 +78,8 @@ def evaluate(args, out: Path) -> dict:
     floor = metrics.floor(match=subs)
     record = {"command": command(), "machine": describe_machine(args.device), "torch": torch.__version__,
               "n": args.n, "model": info, "floor": {"fid": floor.fid, "precision": floor.precision,
-                                                    "recall": floor.recall}, "rows": []}
+                                                    "recall": floor.recall},
+              "real_chroma": metrics.colour(held.images[:args.n]).chroma, "rows": []}
     grids = {}
 
     def row(name, sampler, steps, evals, run):
@@ -89,7 +90,7 @@ def evaluate(args, out: Path) -> dict:
         top1 = retrieval_accuracy(similarity(judge, tokenizer, images, captions), ks=(1,))[1]
         record["rows"].append({"model": name, "sampler": sampler, "steps": steps, "evaluations": evals,
                                "fid": q.fid, "precision": q.precision, "recall": q.recall, "judge_top1": top1,
-                               "seconds_per_image": seconds})
+                               "chroma": metrics.colour(images).chroma, "seconds_per_image": seconds})
         grids[(name, sampler, steps)] = images[:16]
         print(f"  {name:8s} {sampler:8s} {steps:2d} steps, {evals:2d} evaluations: FID {q.fid:.2f}, "
               f"judge top-1 {top1:.3f}", flush=True)
@@ -123,14 +124,17 @@ def evaluate(args, out: Path) -> dict:
 
 def card(record: dict) -> str:
     m = record["model"]
-    table = ["| model | sampler | steps | evaluations | FID | precision | recall | judge top-1 | s/image |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| model | sampler | steps | evaluations | FID | precision | recall | judge top-1 | chroma | s/image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    chroma = lambda r: f"{r['chroma']:.3f}" if "chroma" in r else "n/a"  # noqa: E731
     table += [f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['evaluations']} | {r['fid']:.2f} | "
-              f"{r['precision']:.2f} | {r['recall']:.2f} | {r['judge_top1']:.3f} | {r['seconds_per_image']:.3f} |"
-              for r in sorted(record["rows"], key=lambda r: (r["evaluations"], r["model"]))]
+              f"{r['precision']:.2f} | {r['recall']:.2f} | {r['judge_top1']:.3f} | {chroma(r)} | "
+              f"{r['seconds_per_image']:.3f} |" for r in sorted(record["rows"], key=lambda r: (r["evaluations"], r["model"]))]
     f = record["floor"]
     table.append(f"| real training emoji, caption-matched (the floor) | | | | {f['fid']:.2f} | {f['precision']:.2f} | "
-                 f"{f['recall']:.2f} | | |")
+                 f"{f['recall']:.2f} | | {record['real_chroma']:.3f} (held out) | |" if "real_chroma" in record else
+                 f"| real training emoji, caption-matched (the floor) | | | | {f['fid']:.2f} | {f['precision']:.2f} | "
+                 f"{f['recall']:.2f} | | | |")
     verdicts = [f"- at {v['evaluations']} evaluation(s): FID {v['student_fid']:.2f}, {v['ratio']:.2f}x the teacher's "
                 f"best ({v['teacher_best_fid']:.2f}, {v['teacher_best']}); target within {v['target']}x: "
                 f"{'met' if v['met'] else 'not met'}" for v in record["verdicts"]]
