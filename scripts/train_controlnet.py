@@ -104,6 +104,12 @@ def evaluate(args, pipe: TextToImage, out: Path, trained: ControlNet | None) -> 
                                "recall": q.recall, "judge_top1": top1(x),
                                "seconds_per_image": (time.perf_counter() - t0) / len(captions)})
         print(f"  scale {scale:g}: follows {record['rows'][-1]['follows']:.3f}, FID {q.fid:.2f}", flush=True)
+    record["empty_prompt"] = {str(scale): follows(with_control(pipe, net, given, scale)([""] * len(captions),
+                                                                                     seed=args.seed,
+                                                                                     steps=args.sample_steps))
+                              for scale in (0.0, 1.0)}        # the control alone: was it learned?
+    print(f"  empty prompt: follows {record['empty_prompt']['0.0']:.3f} at scale 0, "
+          f"{record['empty_prompt']['1.0']:.3f} at scale 1", flush=True)
     if trained is not None:     # the float32 weights before saving against the 8-bit file, on the same images
         k = min(32, args.n)
         full = with_control(pipe, trained.eval(), given[:k], 1.0)(captions[:k], seed=args.seed,
@@ -146,6 +152,12 @@ def card(record: dict, name: str) -> str:
              f"{record['floor']['judge_top1']:.3f} (held-out) | |", "",
              "Scale 0 is the tiny SD without control (the floor of *follows*). The judge (checkpoints/clip_judge) "
              "never conditioned the model."]
+    if "empty_prompt" in record:
+        e = record["empty_prompt"]
+        lines += ["", f"The same controls with the empty prompt (the control alone; half the training captions were "
+                      f"dropped): follows {e['0.0']:.3f} at scale 0, {e['1.0']:.3f} at scale 1. Where this rises and the "
+                      f"captioned rows do not, the control is learned and the caption with classifier-free guidance "
+                      f"overrides it (the ControlNet steers the conditional and the unconditional pass alike)."]
     if "eight_bit" in record:
         e = record["eight_bit"]
         lines += ["", f"8 bits against float32, on {e['images']} images at scale 1: largest pixel difference "
