@@ -100,6 +100,17 @@ def test_the_shipped_pipeline_makes_images():
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def test_the_shipped_tiny_sd3_is_an_mmdit_sampled_with_euler():
+    from course_lib.mmdit import MMDiT
+    from course_lib.pipeline import TINY_SD3_SAMPLER
+    sd3 = TextToImage.from_shipped(model="tiny_sd3")
+    assert isinstance(sd3.unet, MMDiT) and sd3.prediction == "flow" and sd3.sampler_settings == TINY_SD3_SAMPLER
+    out = sd3(["red heart", "grinning face"], seed=0, steps=3)
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"unknown shipped model 'sd3'; choose from \['tiny_sd', 'tiny_sd3'\]"):
+        TextToImage.from_shipped(model="sd3")
+
+
 # --- one generation path, a batched helper, the one objective ----------------------------------------------
 
 def test_generate_in_batches_equals_one_call(pipe):
