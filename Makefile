@@ -60,7 +60,8 @@ test-min:
 	  .venv-min/bin/python -m pip install --quiet ipywidgets==8.1.0; exit $$status
 WIDGET_NOTEBOOKS := $(addprefix notebooks/,01_noise_addition.ipynb 02_forward_markov_chain.ipynb 05_sampling.ipynb \
                       06_vae_latent_space.ipynb 08_text_encoder.ipynb 09_text_to_image.ipynb 10_lora.ipynb \
-                      13_rectified_flow.ipynb 15_editing.ipynb 19_memory_budget.ipynb)
+                      13_rectified_flow.ipynb 14_diffusion_transformer.ipynb 15_editing.ipynb 17_control.ipynb \
+                      19_memory_budget.ipynb)
 
 # The widgets in a real browser alone (tests/test_browser.py; `make test` runs it too where Chromium is installed):
 # JupyterLab in quick mode, driven by Playwright in Debian's Chromium (apt-get install chromium; Playwright's own
