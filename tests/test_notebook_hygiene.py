@@ -211,9 +211,13 @@ VERDICTS = {
     "10_lora": ["The VAE round trip:", "FID to Twemoji: the base model", "FID to Twemoji below the base model's"],
     "11_dreambooth": ["seeds of one tone closer than the copy threshold", "Verdict: "],
     "12_hyperdreambooth": ["subject fidelity by pass", "by the independent judge", "silhouette overlap", "Verdict: "],
+    "14_diffusion_transformer": ["Verdict on the prompts", "the tiny SD 3's FID is", "Verdict (word -> patch)"],
     "15_editing": ["judge ranked 'cat face' first", "Outside the hole the result is",
                    "the real emoji themselves (the floor here)", "every held-out caption for",
                    "moved the similarity to each image's own prompt", "Verdict: the edit reached its target"],
+    "16_few_steps": ["Verdict: the student at 4 evaluation(s)", "The shipped student saw", "Verdict: stacked with"],
+    "17_control": ["Verdict: at scale 1 the edge IoU", "This notebook's ControlNet",
+                   "With another emoji's edges at scale 1"],
 }
 
 
