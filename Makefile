@@ -34,10 +34,12 @@ ROOT_ARG := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(ROOT_ARG) $(LAB_ARGS)
 
-# The suite on every core: one worker per core (pytest-xdist), each test file and notebook whole on one worker,
+# The suite on every core: a worker per core and one more (pytest-xdist), each test file and notebook whole on one worker,
 # one torch thread per worker and per notebook kernel (conftest.py); the 15 slowest tests are listed at the end.
 # `make test-fast` runs the unit tests alone, for a quick check.
-TEST_WORKERS ?= auto
+# One worker more than the cores: the browser test's worker waits on JupyterLab and Chromium, and the extra worker
+# fills those waits (on the 2-core CI machine: 3 workers).
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1)' 2>/dev/null || echo auto)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 

@@ -19,3 +19,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
     except ImportError:
         pass
+
+
+# Each notebook that tests/test_browser.py drives runs there, every cell, in quick mode, checked for errors. Where that
+# test is collected and selected (Chromium found; otherwise the module skips itself), nbval does not run such a notebook
+# a second time, unless the notebook has cells whose stored output nbval compares (NBVAL_CHECK_OUTPUT): one quick run
+# of each, not two, keeps `make test` inside its time. `pytest notebooks/09_text_to_image.ipynb` alone still runs nbval.
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    driven = {item.callspec.params["notebook"] for item in items
+              if item.nodeid.startswith("tests/test_browser.py") and hasattr(item, "callspec")}
+    if not driven:
+        return
+    from pathlib import Path
+    root = Path(__file__).resolve().parent
+    skip = {name for name in driven if "NBVAL_CHECK_OUTPUT" not in (root / "notebooks" / name).read_text()}
+    kept = [item for item in items if not (item.nodeid.startswith("notebooks/")
+                                           and item.nodeid.split("::")[0].removeprefix("notebooks/") in skip)]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
