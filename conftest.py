@@ -21,10 +21,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         pass
 
 
-# Each notebook that tests/test_browser.py drives runs there, every cell, in quick mode, checked for errors. Where that
-# test is collected and selected (Chromium found; otherwise the module skips itself), nbval does not run such a notebook
-# a second time, unless the notebook has cells whose stored output nbval compares (NBVAL_CHECK_OUTPUT): one quick run
-# of each, not two, keeps `make test` inside its time. `pytest notebooks/09_text_to_image.ipynb` alone still runs nbval.
+# Each notebook that tests/test_browser.py drives runs there, every cell, in quick mode, checked for errors, and its
+# NBVAL_CHECK_OUTPUT cells compared with the committed outputs as nbval compares them. Where that test is collected
+# and selected (Chromium found; otherwise the module skips itself), nbval does not run such a notebook a second time:
+# one quick run of each, not two, keeps `make test` inside its time. `pytest notebooks/X.ipynb` alone runs nbval.
 import pytest  # noqa: E402
 
 
@@ -34,9 +34,7 @@ def pytest_collection_modifyitems(session, config, items):
               if item.nodeid.startswith("tests/test_browser.py") and hasattr(item, "callspec")}
     if not driven:
         return
-    from pathlib import Path
-    root = Path(__file__).resolve().parent
-    skip = {name for name in driven if "NBVAL_CHECK_OUTPUT" not in (root / "notebooks" / name).read_text()}
+    skip = set(driven)              # its NBVAL_CHECK_OUTPUT cells are compared there (tests/test_browser.py)
     kept = [item for item in items if not (item.nodeid.startswith("notebooks/")
                                            and item.nodeid.split("::")[0].removeprefix("notebooks/") in skip)]
     if len(kept) < len(items):

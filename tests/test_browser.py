@@ -136,6 +136,24 @@ ERRORS = """() => Array.from(document.querySelectorAll('[data-mime-type="applica
                   .map(e => e.innerText).filter(t => /Traceback|Error/.test(t)).map(t => t.slice(0, 500))"""
 WIDGET_IMAGES = """() => Array.from(document.querySelectorAll('.jupyter-widgets-output-area img, .widget-output img'))
                          .map(i => i.src)"""
+# What nbval checks in the cells marked NBVAL_CHECK_OUTPUT, read from the page: each such cell's printed text
+# (streams and text/plain results, joined). The conftest skips nbval for a notebook this test drives, so these checks
+# are made here instead, against the committed notebook's stored outputs.
+CHECKED_OUTPUTS = """() => {APP}.content.widgets
+    .filter(c => c.model.type === 'code' && c.model.sharedModel.getSource().includes('NBVAL_CHECK_OUTPUT'))
+    .map(c => c.model.outputs.toJSON().map(o => o.output_type === 'stream' ? [].concat(o.text).join('') :
+                                                ((o.data || {})['text/plain'] ? [].concat(o.data['text/plain']).join('') : ''))
+                                       .join(''))""".replace("{APP}", APP)
+
+
+def stored_checked_outputs(notebook: str) -> list[str]:
+    """The same text of the committed notebook's NBVAL_CHECK_OUTPUT cells."""
+    import json
+    cells = json.loads((ROOT / "notebooks" / notebook).read_text())["cells"]
+    text = lambda o: "".join(o.get("text", "")) if o["output_type"] == "stream" else \
+        "".join(o.get("data", {}).get("text/plain", ""))                                    # noqa: E731
+    return ["".join(text(o) for o in c.get("outputs", [])) for c in cells
+            if c["cell_type"] == "code" and "NBVAL_CHECK_OUTPUT" in "".join(c["source"])]
 
 
 @pytest.mark.parametrize("notebook,slider,presses", CASES, ids=[c[0][:2] for c in CASES])
@@ -154,6 +172,9 @@ def test_widget_moves_the_picture(lab, browser, notebook, slider, presses):
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         page.wait_for_function(ALL_RAN, timeout=600_000, polling=1000)
         assert page.evaluate(ERRORS) == [], f"{notebook}: a cell shows an error"
+        shown, stored = page.evaluate(CHECKED_OUTPUTS), stored_checked_outputs(notebook)
+        assert [t.strip() for t in shown] == [t.strip() for t in stored], \
+            f"{notebook}: a cell marked NBVAL_CHECK_OUTPUT printed other text than the committed notebook"
 
         box = page.locator(".widget-slider", has=page.locator(".widget-label", has_text=slider)).first
         box.scroll_into_view_if_needed()
