@@ -99,7 +99,8 @@ TINY_SD3_SAMPLER = SamplerSettings(sampler="euler", guidance_scale=1.5)   # the 
 
 
 SHIPPED = {"unet": "tiny_sd_emoji", "clip": "clip_emoji", "vae": "vae_emoji32"}   # names in checkpoints/
-SHIPPED_MODELS = {"tiny_sd": "tiny_sd_emoji", "tiny_sd3": "tiny_sd3_emoji"}   # from_shipped's choices: U-Net, MMDiT
+SHIPPED_MODELS = {"tiny_sd": ("tiny_sd_emoji", TINY_SD_SAMPLER),      # from_shipped's choices: a U-Net
+                  "tiny_sd3": ("tiny_sd3_emoji", TINY_SD3_SAMPLER)}   # and an MMDiT, each with its sampler settings
 
 Encode = Callable[[list[str]], tuple[torch.Tensor, "torch.Tensor | None"]]   # prompts -> (states, mask or None)
 
@@ -244,11 +245,9 @@ class TextToImage:
     def from_shipped(cls, device: torch.device | str | None = None, model: str = "tiny_sd") -> "TextToImage":
         """A trained model of the course with the shipped clip_emoji and vae_emoji32: model "tiny_sd" (a U-Net,
         checkpoints/tiny_sd_emoji) or "tiny_sd3" (an MMDiT with rectified flow, checkpoints/tiny_sd3_emoji)."""
-        if model not in SHIPPED_MODELS:
-            raise ValueError(f"unknown shipped model {model!r}; choose from {sorted(SHIPPED_MODELS)}")
-        return cls.from_files(ckpt.shipped(SHIPPED_MODELS[model]), ckpt.shipped(SHIPPED["clip"]),
-                              ckpt.shipped(SHIPPED["vae"]), device=device,
-                              sampler_settings=TINY_SD3_SAMPLER if model == "tiny_sd3" else TINY_SD_SAMPLER)
+        name, settings = SHIPPED_MODELS[check_choice("shipped model", model, tuple(SHIPPED_MODELS))]
+        return cls.from_files(ckpt.shipped(name), ckpt.shipped(SHIPPED["clip"]), ckpt.shipped(SHIPPED["vae"]),
+                              device=device, sampler_settings=settings)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

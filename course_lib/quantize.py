@@ -281,6 +281,7 @@ class AdamW8bit(torch.optim.Optimizer):
         q = Quantized(state[f"{name}_index"], state[f"{name}_absmax"], tuple(shape), block)
         return dequantize_blockwise(q, codes)
 
+
 # --- Weights in 8 bits on disk ------------------------------------------------------------------------------
 
 WEIGHTS_8BIT_FORMAT = "course_lib.weights8/1"

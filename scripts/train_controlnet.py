@@ -25,7 +25,6 @@ A finished model is not replaced silently: with the output file present, trainin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from course_lib import checkpoint as ckpt, controls, metrics  # noqa: E402
 from course_lib.clip import load_clip, retrieval_accuracy, similarity  # noqa: E402
@@ -43,6 +43,7 @@ from course_lib.pipeline import TextToImage  # noqa: E402
 from course_lib.plotting import save_grid_png  # noqa: E402
 from course_lib.quantize import read_8bit, save_8bit  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
+from shipping import add_arguments, refuse_to_replace, write_record_and_card  # noqa: E402
 from course_lib.vae import encode_latents  # noqa: E402
 
 
@@ -59,9 +60,7 @@ def load_shipped_controlnet(path: Path, pipe: TextToImage) -> tuple[ControlNet, 
 
 
 def train(args, pipe: TextToImage, out: Path) -> ControlNet:
-    if out.exists() and not args.replace:
-        raise SystemExit(f"{out} exists: a finished model is not replaced silently. Pass --replace to train on and "
-                         f"replace it, or --measure-only to measure it again.")
+    refuse_to_replace(out, args.replace)
     data = load_emoji(size=32, split="train", limit=args.train_images)
     hints = controls.make_control(data.images, args.control)
     state = Path(args.run_dir) / f"controlnet_{args.control}.train.safetensors"
@@ -172,24 +171,12 @@ def card(record: dict, name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--control", default="edges", choices=controls.CONTROLS)
-    p.add_argument("--steps", type=int, default=20000, help="total steps (--max-minutes may stop first)")
-    p.add_argument("--max-minutes", type=float, default=None, help="this run's training time; run again to go on")
-    p.add_argument("--measure-only", action="store_true")
-    p.add_argument("--replace", action="store_true", help="train on and replace an existing model file")
+    add_arguments(p, steps=20000, run_dir=str(ROOT / "runs" / "controlnet"), record=None,
+                  record_help="default results/controlnet_<control>.json")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=398)
     p.add_argument("--scales", default="0,0.5,1,2")
     p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--train-images", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-dir", default=str(ROOT / "checkpoints"))
-    p.add_argument("--run-dir", default=str(ROOT / "runs" / "controlnet"))
-    p.add_argument("--record", default=None, help="default results/controlnet_<control>.json")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the code path")
     args = p.parse_args(argv)
     args.scales = sorted({float(s) for s in args.scales.split(",")})
     if args.quick:
@@ -201,9 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = TextToImage.from_shipped(device=args.device)
     trained = None if args.measure_only else train(args, pipe, out)
     record = evaluate(args, pipe, out, trained)
-    ckpt.write_text_atomic(record_path, json.dumps(record, indent=1))
-    ckpt.write_text_atomic(Path(args.out_dir) / f"{name}.md", card(record, name))
-    print(f"wrote {record_path} and the card {Path(args.out_dir) / (name + '.md')}", flush=True)
+    write_record_and_card(record_path, Path(args.out_dir) / f"{name}.md", record, card(record, name))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from course_lib import checkpoint as ckpt, metrics  # noqa: E402
 from course_lib.clip import load_clip, retrieval_accuracy, similarity  # noqa: E402
@@ -39,6 +40,7 @@ from course_lib.lora import load_lora, lora_scale, save_lora  # noqa: E402
 from course_lib.pipeline import TextToImage  # noqa: E402
 from course_lib.plotting import save_grid_png  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
+from shipping import add_arguments, refuse_to_replace, write_record_and_card  # noqa: E402
 
 NAME = "lcm_lora_tiny_sd"
 TARGETS = {4: 1.3, 1: 2.0}          # evaluations: the largest allowed ratio to the teacher's best FID
@@ -49,9 +51,7 @@ def command() -> str:
 
 
 def train(args, out: Path) -> None:
-    if out.exists() and not args.replace:
-        raise SystemExit(f"{out} exists: a finished model is not replaced silently. Pass --replace to train on and "
-                         f"replace it, or --measure-only to measure it again.")
+    refuse_to_replace(out, args.replace)
     pipe = TextToImage.from_shipped(device=args.device)
     data = load_emoji(size=32, split="train", limit=args.train_images)
     config = LCMConfig(guidance=pipe.sampler_settings.guidance_scale, target_ema=None)
@@ -162,24 +162,12 @@ def card(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20000, help="total steps (--max-minutes may stop first)")
-    p.add_argument("--max-minutes", type=float, default=None, help="this run's training time; run again to go on")
-    p.add_argument("--measure-only", action="store_true")
-    p.add_argument("--replace", action="store_true", help="train on and replace an existing adapter file")
+    add_arguments(p, steps=20000, run_dir=str(ROOT / "runs" / "lcm_lora"),
+                  record=str(ROOT / "results" / f"{NAME}.json"))
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=398)
     p.add_argument("--teacher-steps", type=int, default=20, help="the teacher's most steps (its default sampler's)")
-    p.add_argument("--train-images", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-dir", default=str(ROOT / "checkpoints"))
-    p.add_argument("--run-dir", default=str(ROOT / "runs" / "lcm_lora"))
-    p.add_argument("--record", default=str(ROOT / "results" / f"{NAME}.json"))
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the code path")
     args = p.parse_args(argv)
     args.few = [1, 2, 4, 8]
     if args.quick:
@@ -189,9 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.measure_only:
         train(args, out)
     record = evaluate(args, out)
-    ckpt.write_text_atomic(Path(args.record), json.dumps(record, indent=1))
-    ckpt.write_text_atomic(Path(args.out_dir) / f"{NAME}.md", card(record))
-    print(f"wrote {args.record} and the card {Path(args.out_dir) / (NAME + '.md')}", flush=True)
+    write_record_and_card(Path(args.record), Path(args.out_dir) / f"{NAME}.md", record, card(record))
 
 
 if __name__ == "__main__":

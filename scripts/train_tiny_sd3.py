@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_backbones import build, load_data, measure, references, train_config  # noqa: E402
 from bench_tiny_sd3 import judged  # noqa: E402
+from shipping import add_arguments, refuse_to_replace, write_record_and_card  # noqa: E402
 from course_lib import metrics  # noqa: E402
 from course_lib import checkpoint as ckpt  # noqa: E402
 from course_lib.clip import load_clip  # noqa: E402
@@ -54,9 +55,7 @@ def command() -> str:
 
 def train(args, data: dict) -> Path:
     out = Path(args.out_dir) / f"{NAME}.safetensors"
-    if out.exists() and not args.replace:
-        raise SystemExit(f"{out} exists: a finished model is not replaced silently. Pass --replace to train on and "
-                         f"replace it, or --measure-only to measure it again.")
+    refuse_to_replace(out, args.replace)
     config = train_config(args, MODEL, args.steps)
     state = Path(args.run_dir) / f"{NAME}.train.safetensors"
     if state.exists():
@@ -148,30 +147,18 @@ def card(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200_000, help="total training steps (--max-minutes may stop first)")
-    p.add_argument("--max-minutes", type=float, default=None, help="this run's training time; run again to go on")
-    p.add_argument("--measure-only", action="store_true", help="measure the existing file; no training")
-    p.add_argument("--replace", action="store_true", help="train on and replace an existing model file")
+    add_arguments(p, steps=200_000, run_dir=str(ROOT / "runs" / "tiny_sd3"),
+                  record=str(ROOT / "results" / f"{NAME}.json"))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr-unet", type=float, default=3e-4)
     p.add_argument("--lr-transformer", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--timestep-shift", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=398)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--sweep", default="1.5,3,5", help="guidance scales measured at the most steps")
     p.add_argument("--sample-steps", default="4,8,20")
-    p.add_argument("--train-images", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-dir", default=str(ROOT / "checkpoints"))
-    p.add_argument("--run-dir", default=str(ROOT / "runs" / "tiny_sd3"))
-    p.add_argument("--record", default=str(ROOT / "results" / f"{NAME}.json"))
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the code path")
     args = p.parse_args(argv)
     args.sample_steps = sorted({int(s) for s in args.sample_steps.split(",")})
     args.sweep = [float(g) for g in args.sweep.split(",")]
@@ -184,9 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.measure_only:
         train(args, data)
     record = evaluate(args, data)
-    ckpt.write_text_atomic(Path(args.record), json.dumps(record, indent=1))
-    ckpt.write_text_atomic(Path(args.out_dir) / f"{NAME}.md", card(record))
-    print(f"wrote {args.record} and the card {Path(args.out_dir) / (NAME + '.md')}", flush=True)
+    write_record_and_card(Path(args.record), Path(args.out_dir) / f"{NAME}.md", record, card(record))
 
 
 if __name__ == "__main__":

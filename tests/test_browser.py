@@ -12,6 +12,7 @@ Without either the tests are skipped with the reason, except under CI (CI=true),
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -148,7 +149,6 @@ CHECKED_OUTPUTS = """() => {APP}.content.widgets
 
 def stored_checked_outputs(notebook: str) -> list[str]:
     """The same text of the committed notebook's NBVAL_CHECK_OUTPUT cells."""
-    import json
     cells = json.loads((ROOT / "notebooks" / notebook).read_text())["cells"]
     text = lambda o: "".join(o.get("text", "")) if o["output_type"] == "stream" else \
         "".join(o.get("data", {}).get("text/plain", ""))                                    # noqa: E731
