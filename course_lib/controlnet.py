@@ -165,23 +165,49 @@ class ControlNet(UNetEncoder):
 class ControlledUNet(nn.Module):
     """The frozen U-Net steered by a ControlNet with its control image and scale bound in: a plain denoiser,
     model(z_t, t, context, context_mask), for the samplers, classifier-free guidance and the pipeline.
-    `control` and `scale` can be changed between calls (training sets each batch's controls)."""
+    `control` and `scale` can be changed between calls (training sets each batch's controls).
 
-    def __init__(self, unet: UNet, controlnet: ControlNet, control: torch.Tensor, scale: float = 1.0):
+    uncontrolled: text states (1, L, D) and mask (1, L) or None, the empty prompt's: rows of a batch whose text is
+    this one run without the control (their residuals are zeroed), so under classifier-free guidance only the
+    conditional pass is steered (`with_control(..., conditional_only=True)`; diffusers' guess mode also controls
+    the conditional half of the batch only). Then the guided difference cond - uncond carries the control too."""
+
+    def __init__(self, unet: UNet, controlnet: ControlNet, control: torch.Tensor, scale: float = 1.0,
+                 uncontrolled: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         super().__init__()
         if controlnet.config != unet.config:
             raise ValueError("the ControlNet was built from another U-Net (its config differs); use "
                              "ControlNet.from_unet(unet)")
         self.unet, self.controlnet = unet, controlnet
         self.control, self.scale = control, check_scale(scale)
+        if uncontrolled is not None and (uncontrolled[0].ndim != 3 or uncontrolled[0].shape[0] != 1):
+            raise ValueError(f"uncontrolled must be one prompt's text states (1, L, D) and mask, the empty prompt's "
+                             f"(pipe.encode([''])); got states of shape {tuple(uncontrolled[0].shape)}")
+        self.uncontrolled = uncontrolled
 
     @property
     def config(self) -> UNetConfig:
         return self.unet.config
 
+    def controlled_rows(self, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B,) 1.0 for the rows the control steers, 0.0 for those whose text is `uncontrolled`; None: all rows."""
+        if self.uncontrolled is None or context is None:
+            return None
+        null, null_mask = (z.to(context.device) if z is not None else None for z in self.uncontrolled)
+        if null.shape[1:] != context.shape[1:]:
+            return None                                  # another length: no row can be the empty prompt
+        same = torch.isclose(context, null.to(context.dtype), atol=1e-5, rtol=1e-4).flatten(1).all(1)
+        if mask is not None and null_mask is not None:
+            same &= (mask == null_mask).all(1)
+        return (~same).to(context.dtype)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         skips, mid = self.controlnet(x, t, context, context_mask, self.control, self.scale)
+        rows = self.controlled_rows(context, context_mask)
+        if rows is not None:
+            w = rows[:, None, None, None]
+            skips, mid = [s * w for s in skips], mid * w
         return self.unet(x, t, context, context_mask, skip_residuals=skips, mid_residual=mid)
 
 
@@ -191,11 +217,16 @@ def latent_factor(pipe: "TextToImage") -> int:
 
 
 def with_control(pipe: "TextToImage", controlnet: ControlNet, control: torch.Tensor,
-                 conditioning_scale: float = 1.0) -> "TextToImage":
+                 conditioning_scale: float = 1.0, conditional_only: bool = False) -> "TextToImage":
     """A pipeline whose denoiser is pipe.unet steered by `controlnet` with `control` (1 image, or one per image
-    of a call) at `conditioning_scale`; everything else is pipe's, so a call goes through the one generation path."""
+    of a call) at `conditioning_scale`; everything else is pipe's, so a call goes through the one generation path.
+    conditional_only: under classifier-free guidance, steer the conditional pass only (the empty prompt's rows run
+    without the control; see ControlledUNet)."""
+    if not isinstance(conditional_only, bool):
+        raise TypeError(f"conditional_only must be True or False; got {conditional_only!r}")
     controlled = copy.copy(pipe)
-    controlled.unet = ControlledUNet(pipe.unet, controlnet, control, conditioning_scale)
+    controlled.unet = ControlledUNet(pipe.unet, controlnet, control, conditioning_scale,
+                                     uncontrolled=pipe.encode([""]) if conditional_only else None)
     return controlled
 
 

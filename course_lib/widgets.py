@@ -368,11 +368,11 @@ def inpaint_figure(pipe, images: torch.Tensor, masks: dict, mask_name: str, prom
 # --- notebook 17: a control image, a prompt and the conditioning scale -------------------------------
 
 def control_figure(pipe, controlnet, controls: dict, control_name: str, prompt: str, scale: float, seed: int = 0,
-                   steps: int = 20, n: int = 3) -> Figure:
+                   steps: int = 20, n: int = 3, conditional_only: bool = False) -> Figure:
     """The chosen control image (left) and n images for `prompt` from the pipeline steered by `controlnet` with that
-    control at conditioning scale `scale` (course_lib.controlnet.with_control: 0 is the base model, 1 as trained),
-    image k from the noise of seed + k. controls: name -> (1, 3, H, W) control image in [-1, 1]. Axes are labelled
-    "control" and "image k" and show uint8 (H, W, 3) arrays."""
+    control at conditioning scale `scale` (course_lib.controlnet.with_control: 0 is the base model, 1 as trained;
+    conditional_only: on guidance's conditional pass only), image k from the noise of seed + k. controls: name ->
+    (1, 3, H, W) control image in [-1, 1]. Axes are labelled "control" and "image k" and show uint8 arrays."""
     from .controlnet import check_scale, with_control
 
     check_choice("control", control_name, tuple(controls))
@@ -381,13 +381,15 @@ def control_figure(pipe, controlnet, controls: dict, control_name: str, prompt: 
     check_int("n", n, 1, 8, hint=" (the images drawn beside the control)")
     scale = check_scale(scale)
     control = controls[control_name]
-    images = with_control(pipe, controlnet, control, scale)(prompt, seed=seed, steps=steps, images_per_prompt=int(n))
+    images = with_control(pipe, controlnet, control, scale, conditional_only=conditional_only)(
+        prompt, seed=seed, steps=steps, images_per_prompt=int(n))
     fig = _image_row(torch.cat([control.detach().float().cpu()[:1], images]),
                      ["control"] + [f"seed {int(seed) + k}" for k in range(int(n))], height=1.9, fontsize=7)
     for k, ax in enumerate(fig.axes):
         ax.set_label("control" if k == 0 else f"image {k - 1}")
     words = prompt if len(prompt) <= 40 else prompt[:38] + "..."
-    fig.suptitle(f"control {control_name!r}, prompt {words!r}, conditioning scale {scale:g} (0 = no control)",
+    where = ", conditional pass only" if conditional_only else ""
+    fig.suptitle(f"control {control_name!r}, prompt {words!r}, conditioning scale {scale:g}{where} (0 = no control)",
                  fontsize=8)
     fig.tight_layout(w_pad=0.3)
     return fig

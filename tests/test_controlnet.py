@@ -240,6 +240,35 @@ def test_the_controlled_pipeline_samples_through_the_one_path(tiny_pipe, eight):
         with_control(tiny_pipe, net, control[:, :, :16])(["red heart"], steps=2)
 
 
+def test_conditional_only_steers_the_conditional_pass_and_leaves_the_empty_prompts(tiny_pipe, eight):
+    from course_lib.guidance import classifier_free_guidance
+    net = ControlNet.from_unet(tiny_pipe.unet, factor=2)
+    _randomise(net.zero_convs, 1), _randomise(net.mid_zero_conv, 2), _randomise(net.hint.conv_out, 3)
+    control = controls.make_control(eight.images[:2], "canny")
+    prompts = ["red heart", "cat"]
+    both = with_control(tiny_pipe, net, control)
+    only = with_control(tiny_pipe, net, control, conditional_only=True)
+    run = lambda pipe, p, w: pipe(p, seed=1, steps=3, guidance_scale=w, return_latents=True)  # noqa: E731
+    assert torch.equal(run(only, prompts, 1.0), run(both, prompts, 1.0))      # no guidance: one pass, controlled
+    assert torch.equal(run(only, ["", ""], 1.0), run(tiny_pipe, ["", ""], 1.0))    # the empty prompt: uncontrolled
+    assert not torch.equal(run(only, prompts, 4.0), run(both, prompts, 4.0))
+    # one guided prediction against its definition: the controlled conditional, the plain unconditional pass
+    x, t = torch.randn(2, *tiny_pipe.latent_shape), torch.tensor([500, 500])
+    c, m = tiny_pipe.encode(prompts)
+    n, nm = tiny_pipe.encode(["", ""])
+    with torch.no_grad():
+        guided = only.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, n]), torch.cat([m, nm]))
+        want_cond = both.unet(x, t, c, m)
+        want_uncond = tiny_pipe.unet(x, t, n, nm)
+    assert torch.allclose(guided[:2], want_cond, atol=1e-5) and torch.allclose(guided[2:], want_uncond, atol=1e-5)
+    assert torch.allclose(classifier_free_guidance(*guided.chunk(2), 4.0),
+                          classifier_free_guidance(want_cond, want_uncond, 4.0), atol=1e-5)
+    with pytest.raises(TypeError, match="conditional_only must be True or False"):
+        with_control(tiny_pipe, net, control, conditional_only="yes")
+    with pytest.raises(ValueError, match=r"uncontrolled must be one prompt's text states \(1, L, D\)"):
+        ControlledUNet(tiny_pipe.unet, net, control, uncontrolled=(c, m))
+
+
 def _stop_at(step):
     def callback(run):
         if run.step == step:

@@ -1,4 +1,5 @@
-"""The scripts that train and measure the shipped tiny SD 3, LCM-LoRA and ControlNet: their quick runs write the
+"""The scripts that train and measure the shipped tiny SD 3, LCM-LoRA and ControlNet, the full LCM student and the
+tiny SD 3's reflow: their quick runs write the
 model, its card and its record; a finished model is never replaced without --replace; --measure-only measures the
 file as it is. Run in-process (each script's main) on a few images, to keep the suite fast."""
 
@@ -32,7 +33,8 @@ def test_train_controlnet_quick_ships_8_bit_weights_that_load_and_refuses_to_rep
     module = script("train_controlnet")
     module.main(flags(tmp_path))
     record = json.loads((tmp_path / "record.json").read_text())
-    assert [r["scale"] for r in record["rows"]] == [0.0, 0.5, 1.0, 2.0]
+    assert [(r["scale"], r["conditional_only"]) for r in record["rows"]] == [
+        (0.0, False), (0.5, False), (1.0, False), (2.0, False), (0.5, True), (1.0, True), (2.0, True)]
     assert 0 <= record["ceiling"]["follows"] <= 1 and record["eight_bit"]["max_pixel_difference"] < 0.1
     card = (tmp_path / "controlnet_edges.md").read_text()
     assert "8 bits a weight" in card and "| real emoji through the VAE (ceiling) |" in card
@@ -75,3 +77,34 @@ def test_train_tiny_sd3_quick_trains_an_mmdit_and_measure_only_keeps_it(tmp_path
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["model"]["steps"] == 3 and {"tiny_sd3", "tiny_sd", "guidance_sweep"} <= set(record)
     assert torch.isfinite(torch.tensor([r["fid"] for r in record["tiny_sd3"]])).all()
+
+
+def test_train_lcm_full_student_quick_writes_a_unet_file_measured_like_the_adapter(tmp_path):
+    module = script("train_lcm_lora")
+    module.main(flags(tmp_path) + ["--student", "full"])
+    from course_lib.unet import UNet
+    from course_lib.unet_file import load_model
+    model, _, info = load_model(tmp_path / "lcm_tiny_sd.safetensors")
+    assert isinstance(model, UNet) and info["student"] == "full" and info["lcm"]["target_ema"] == 0.95
+    assert info["lr"] == 1e-4 and info["trainable"] == sum(p.numel() for p in model.parameters())
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert sorted(r["evaluations"] for r in record["rows"] if r["model"] == "student") == [1, 2, 4, 8]
+    assert "latent consistency model" in (tmp_path / "lcm_tiny_sd.md").read_text()
+
+
+def test_reflow_quick_makes_pairs_once_trains_and_compares_at_equal_evaluations(tmp_path):
+    module = script("reflow_tiny_sd3")
+    module.main(flags(tmp_path))
+    record = json.loads((tmp_path / "record.json").read_text())
+    rows = record["rows"]
+    assert all(r["evaluations"] == r["steps"] * (1 if r["guidance"] == 1 else 2) for r in rows)
+    assert sorted(r["evaluations"] for r in rows if r["model"] == "reflow") == [1, 2, 4, 8]
+    for v in record["verdicts"]:
+        at = [r["fid"] for r in rows if r["evaluations"] == v["evaluations"]]
+        assert min(at) == min(v["fid"].values())
+    assert {"teacher_guided", "teacher_unguided", "reflow"} <= set(record["straightness"])
+    assert record["model"]["pairs"]["pairs"] == 8 and record["model"]["train_config"]["caption_dropout"] == 0
+    with pytest.raises(SystemExit, match="not replaced silently"):
+        module.main(flags(tmp_path))
+    module.main(flags(tmp_path) + ["--replace"])                  # the pairs are read, not made again
+    assert (tmp_path / "run" / "pairs.safetensors").is_file()

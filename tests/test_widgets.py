@@ -500,6 +500,11 @@ def test_control_figure_shows_the_control_and_the_steered_images(shipped_pipe):
         np.testing.assert_array_equal(shown(fig, f"image {k}"), expected[k])
     other = widgets.control_figure(shipped_pipe, net, menu, "a", "red heart", 1.0, seed=3, steps=3, n=2)
     assert not np.array_equal(shown(other, "image 0"), expected[0])          # another control, another image
+    only = widgets.control_figure(shipped_pipe, net, menu, "b", "red heart", 1.0, seed=3, steps=3, n=1,
+                                  conditional_only=True)
+    expected_only = with_control(shipped_pipe, net, menu["b"], 1.0, conditional_only=True)("red heart", seed=3, steps=3)
+    np.testing.assert_array_equal(shown(only, "image 0"), to_uint8(expected_only)[0])
+    assert "conditional pass only" in only._suptitle.get_text()
     off = widgets.control_figure(shipped_pipe, net, menu, "b", "red heart", 0.0, seed=3, steps=3, n=1)
     np.testing.assert_array_equal(shown(off, "image 0"), to_uint8(shipped_pipe("red heart", seed=3, steps=3))[0])
     with pytest.raises(ValueError, match=r"unknown control 'c'; choose from \['a', 'b'\]"):
