@@ -40,6 +40,7 @@ One module per course concept, in the order the notebooks introduce them:
     lidb        Lightweight DreamBooth: rank-1 LoRA through frozen random bases
     hyperdreambooth  LiDB pre-optimisation, the hypernetwork, rank-relaxed fast fine-tuning
     lcm         latent consistency distillation (LCM, LCM-LoRA) of the tiny SD through the one loop
+    reflow      reflow of a text-to-image flow: its own (noise, image) pairs, trained straight through the one loop
     controls    control images: Sobel edges, Canny, the emoji's silhouette, a coarse colour layout
     controlnet  ControlNet: a trainable copy of the U-Net's encoder through zero convolutions, steering the tiny SD
     benchmark   notebook 12's comparison of the personalisation methods

@@ -400,9 +400,9 @@ class Trainer(Fit):
     @classmethod
     def resume(cls, path: str | Path, images: torch.Tensor, device: torch.device | str | None = None,
                steps: int | None = None, conditioning: Conditioning | None = None,
-               config: TrainConfig | None = None) -> "Trainer":
-        """A Trainer in exactly the state `save` recorded; `steps` may raise the total to train for.
-        Pass the same images (and conditioning) it was trained on: anything else is refused.
+               config: TrainConfig | None = None, **extra) -> "Trainer":
+        """A Trainer in exactly the state `save` recorded; `steps` may raise the total to train for. Pass the same
+        images, conditioning and `extra` (a subclass's own arguments: reflow's noise) it was trained on: else refused.
         config: the settings the caller means to train with (a script's flags); any field but steps and lr
         that differs from the checkpoint's is refused, naming it. A different lr is taken (and reported)."""
         _, meta = ckpt.read(path)
@@ -422,7 +422,7 @@ class Trainer(Fit):
         config = saved
         if steps is not None:
             config.steps = steps
-        trainer = cls(build_model(meta), images, config, device=device or "cpu", conditioning=conditioning)
+        trainer = cls(build_model(meta), images, config, device=device or "cpu", conditioning=conditioning, **extra)
         trainer.load(path)
         return trainer
 

@@ -25,7 +25,7 @@ LAYERS = [
     ("models that train with the loop", ["train", "vae", "vae_gan", "clip"]),
     ("generation", ["pipeline", "editing"]),
     ("personalisation", ["finetune", "lora", "dreambooth", "textual_inversion", "lidb", "hyperdreambooth"]),
-    ("few steps and control", ["lcm", "controls", "controlnet"]),
+    ("few steps and control", ["lcm", "reflow", "controls", "controlnet"]),
     ("memory techniques", ["quantize", "tiling"]),
     ("Stable Diffusion 1.5", ["clip_tokenizer", "sd_convert", "sd"]),
     ("measuring: never imported by what they measure", ["feature_net", "pixel_metrics", "metrics", "judges", "memory", "budget", "benchmark"]),
