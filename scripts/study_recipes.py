@@ -23,7 +23,16 @@ Bases and recipes:
           Measured: FID of --n images (one per held-out caption, the pipeline's defaults: DDIM 20, guidance 4)
           against the held-out emoji, beside the caption-matched floor (metrics.floor(match=...)).
 
+    pixel    the pixel-space U-Net (notebooks 04-05), unconditional, trained from scratch for --minutes per recipe
+          (equal time), measured every --eval-minutes:
+          shipped        the shipped v model's recipe: preset small, v-prediction, cosine rescaled to zero terminal
+                         SNR, batch 32, lr 4e-4 (its first 5,000 steps; checkpoints/ddpm_emoji32_v)
+          epsilon, lr 1e-3, batch 64, flow, min-snr 5, tiny: that recipe with one thing changed
+          Measured: FID of --n samples (DDIM 50 steps, the flow: Euler 50) against the held-out emoji, beside the
+          real-versus-real floor at the same n (metrics.floor).
+
     python scripts/study_recipes.py --base tiny_sd --minutes 8 --recipes shipped,flow    # two recipes, 8 min each
+    python scripts/study_recipes.py --base pixel --minutes 8 --recipes shipped,flow
 """
 
 from __future__ import annotations
@@ -59,8 +68,18 @@ VAE_RECIPES = {
     "perceptual 0.05+gan": {"perceptual_weight": 0.05, "adversarial_weight": 0.5},
     "gan": {"perceptual_weight": 0.0, "adversarial_weight": 0.5},
 }
-DEFAULT_RECIPES = {"vae": "mse,perceptual,perceptual+gan", "tiny_sd": "shipped"}
-BASES = ("vae", "tiny_sd")
+DEFAULT_RECIPES = {"vae": "mse,perceptual,perceptual+gan", "tiny_sd": "shipped", "pixel": "shipped"}
+BASES = ("vae", "tiny_sd", "pixel")
+PIXEL_SHIPPED = {"batch_size": 32, "lr": 4e-4, "schedule": "cosine", "prediction": "v", "zero_terminal_snr": True}
+PIXEL_RECIPES = {     # (U-Net preset, what changes from the shipped v model's recipe)
+    "shipped": ("small", {}),
+    "epsilon": ("small", {"prediction": "epsilon", "zero_terminal_snr": False}),
+    "lr 1e-3": ("small", {"lr": 1e-3}),
+    "batch 64": ("small", {"batch_size": 64}),
+    "flow": ("small", {"objective": "flow", "timestep_sampling": "logit_normal", "zero_terminal_snr": False}),
+    "min-snr 5": ("small", {"min_snr_gamma": 5.0}),
+    "tiny": ("tiny", {}),
+}
 TINY_SD_SHIPPED = {"batch_size": 128, "lr": 3e-4, "schedule": "scaled_linear", "prediction": "epsilon"}
 TINY_SD_RECIPES = {   # (U-Net preset, what changes from the shipped recipe)
     "shipped": ("sd_small", {}),
@@ -71,6 +90,7 @@ TINY_SD_RECIPES = {   # (U-Net preset, what changes from the shipped recipe)
     "min-snr 5": ("sd_small", {"min_snr_gamma": 5.0}),
     "sd_tiny": ("sd_tiny", {}),
 }
+RECIPES = {"vae": VAE_RECIPES, "tiny_sd": TINY_SD_RECIPES, "pixel": PIXEL_RECIPES}
 
 
 def vae_quality(vae, images: torch.Tensor) -> dict:
@@ -165,14 +185,45 @@ def study_tiny_sd(args) -> list[dict]:
     return rows
 
 
+def study_pixel(args) -> list[dict]:
+    """Each recipe from scratch for args.minutes of training, measured every args.eval_minutes (equal time)."""
+    from course_lib.metrics import evaluate, floor
+    from course_lib.train import TrainConfig, Trainer
+    from course_lib.unet import UNet, get_preset
+
+    images = load_emoji(size=32, split="train", limit=64 if args.quick else None).images
+    reference = floor(n=args.n)                      # the real-versus-real floor at this n
+    rows = []
+    for name in args.recipes.split(","):
+        preset, change = PIXEL_RECIPES[name]
+        config = TrainConfig(**(PIXEL_SHIPPED | {"steps": 10 ** 6, "warmup": 200, "seed": args.seed} | change))
+        torch.manual_seed(args.seed)
+        trainer = Trainer(UNet(get_preset(preset)), images, config)
+        curve = []
+        while trainer.seconds < args.minutes * 60 - 1:
+            trainer.train(max_seconds=min(args.eval_minutes * 60, args.minutes * 60 - trainer.seconds),
+                          progress=False)
+            t0 = time.perf_counter()
+            samples = trainer.sample(args.n, steps=50, seed=args.seed)
+            q = evaluate(samples, with_floor=False)
+            curve.append({"step": trainer.step, "seconds": round(trainer.seconds, 1), "fid": round(q.fid, 2),
+                          "floor": round(reference.fid, 2), "precision": round(q.precision, 3),
+                          "recall": round(q.recall, 3), "sample_seconds": round(time.perf_counter() - t0, 1)})
+            print(f"{name:12s} step {trainer.step:5d} at {trainer.seconds:6.0f} s: FID {q.fid:.2f} "
+                  f"(floor {reference.fid:.2f})", flush=True)
+        rows.append({"recipe": name, "preset": preset, "change": change, "steps": trainer.step, "curve": curve})
+    return rows
+
+
 def tiny_sd_table(rows: list[dict]) -> str:
-    lines = ["| recipe | s per step | FID at each measurement (minutes of training) | last FID / caption-matched floor |",
+    floor = "caption-matched floor" if "matched_floor" in rows[0]["curve"][0] else "real-vs-real floor"
+    lines = [f"| recipe | s per step | FID at each measurement (minutes of training) | last FID / {floor} |",
              "|---|---|---|---|"]
     for r in rows:
         c = r["curve"]
         cells = ", ".join(f"{p['fid']:.1f} ({p['seconds'] / 60:.0f})" for p in c)
         lines.append(f"| {r['recipe']} | {c[-1]['seconds'] / max(1, r['steps']):.2f} | {cells} | "
-                     f"{c[-1]['fid'] / c[-1]['matched_floor']:.2f}x |")
+                     f"{c[-1]['fid'] / c[-1].get('matched_floor', c[-1].get('floor')):.2f}x |")
     return "\n".join(lines)
 
 
@@ -193,10 +244,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="vae", choices=BASES)
     p.add_argument("--recipes", default=None, help=f"vae: any of {', '.join(VAE_RECIPES)}; tiny_sd: any of "
-                   f"{', '.join(TINY_SD_RECIPES)} (default: {DEFAULT_RECIPES})")
-    p.add_argument("--minutes", type=float, default=8.0, help="tiny_sd: minutes of training per recipe")
-    p.add_argument("--eval-minutes", type=float, default=4.0, help="tiny_sd: measure every this many minutes")
-    p.add_argument("--n", type=int, default=128, help="tiny_sd: held-out captions measured")
+                   f"{', '.join(TINY_SD_RECIPES)}; pixel: any of {', '.join(PIXEL_RECIPES)} (default: "
+                   f"{DEFAULT_RECIPES})")
+    p.add_argument("--minutes", type=float, default=8.0, help="tiny_sd, pixel: minutes of training per recipe")
+    p.add_argument("--eval-minutes", type=float, default=4.0, help="tiny_sd, pixel: measure every this many minutes")
+    p.add_argument("--n", type=int, default=128, help="tiny_sd: held-out captions measured; pixel: samples")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--batch", type=int, default=64)
@@ -211,7 +263,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.recipes = args.recipes or DEFAULT_RECIPES[args.base]
-    valid = TINY_SD_RECIPES if args.base == "tiny_sd" else VAE_RECIPES
+    valid = RECIPES[args.base]
     unknown = [name for name in args.recipes.split(",") if name not in valid]
     if unknown:                                     # refused before anything loads
         raise SystemExit(f"unknown recipe {unknown[0]!r} for base {args.base}; valid are {', '.join(valid)}")
@@ -219,12 +271,12 @@ def main() -> None:
         args.steps, args.eval_every, args.warmup = 2, 1, 2
         args.minutes, args.eval_minutes, args.n = 0.05, 0.05, 16
     out = args.out or (None if args.quick else str(ROOT / "results" / f"recipes_{args.base}.json"))
-    if args.base == "tiny_sd":
-        rows = study_tiny_sd(args)
+    if args.base in ("tiny_sd", "pixel"):
+        rows = study_tiny_sd(args) if args.base == "tiny_sd" else study_pixel(args)
         print(table(rows))
         record = {"base": args.base, "machine": describe_machine(), "torch": torch.__version__,
                   "threads": args.threads, "minutes": args.minutes, "n": args.n, "seed": args.seed,
-                  "shipped_recipe": TINY_SD_SHIPPED, "rows": rows,
+                  "shipped_recipe": TINY_SD_SHIPPED if args.base == "tiny_sd" else PIXEL_SHIPPED, "rows": rows,
                   "command": " ".join(["python", "scripts/study_recipes.py"] + sys.argv[1:])}
         return write_record(out, record, ("base", "minutes", "n", "seed", "threads"))
     heldout = load_emoji(size=32, split="heldout").images
