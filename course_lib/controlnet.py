@@ -35,6 +35,7 @@ References:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 from pathlib import Path
@@ -211,20 +212,76 @@ class ControlledUNet(nn.Module):
         return self.unet(x, t, context, context_mask, skip_residuals=skips, mid_residual=mid)
 
 
+def check_guidance_pair(guidance) -> tuple[float, float]:
+    """(text scale, control scale) as floats if both are finite numbers >= 0; else refused by name."""
+    ok = (isinstance(guidance, (tuple, list)) and len(guidance) == 2
+          and all(isinstance(g, numbers.Real) and not isinstance(g, bool) and 0 <= g < math.inf for g in guidance))
+    if not ok:
+        raise ValueError(f"guidance must be a pair (text scale, control scale) of finite numbers >= 0 (the tiny SD's "
+                         f"own (4, 4) equals its guidance 4 with the control on the conditional pass only); got "
+                         f"{guidance!r}")
+    return float(guidance[0]), float(guidance[1])
+
+
+class ControlGuidedUNet(ControlledUNet):
+    """Classifier-free guidance with two conditions, the text and the control (the form of InstructPix2Pix, Brooks
+    et al. 2023, Eq. 3), as a plain denoiser model(z_t, t, context, context_mask) that runs its own three passes
+    as one batch of 3B, so the pipeline calls it at guidance scale 1 (`with_control(..., guidance=(s_t, s_c))`):
+
+        e = e(null, -) + s_c [e(null, control) - e(null, -)] + s_t [e(text, control) - e(null, control)]
+
+    null is the empty prompt's text states (1, L, D) and mask; - is no control. At s_c = s_t = w this is guidance w
+    with the control on the conditional pass only; s_c > s_t weights the control above the text."""
+
+    def __init__(self, unet: UNet, controlnet: ControlNet, control: torch.Tensor, scale: float,
+                 null: tuple[torch.Tensor, torch.Tensor | None], guidance: tuple[float, float]):
+        super().__init__(unet, controlnet, control, scale, uncontrolled=null)
+        self.text_scale, self.control_scale = check_guidance_pair(guidance)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(B) if t.ndim == 0 else t
+        null, null_mask = (z.to(x.device) if z is not None else None for z in self.uncontrolled)
+        if null.shape[1:] != context.shape[1:] or (context_mask is None) != (null_mask is None):
+            raise ValueError(f"the text states {tuple(context.shape[1:])} and the empty prompt's "
+                             f"{tuple(null.shape[1:])} must come from the same text encoder and length")
+        n, nm = null.expand(B, -1, -1), None if null_mask is None else null_mask.expand(B, -1)
+        x3, t3 = torch.cat([x, x, x]), torch.cat([t, t, t])
+        c3 = torch.cat([context, n, n])
+        m3 = None if context_mask is None else torch.cat([context_mask, nm, nm])
+        skips, mid = self.controlnet(x3, t3, c3, m3, self.controlnet.check_control(x, self.control), self.scale)
+        w = torch.cat([torch.ones(2 * B), torch.zeros(B)]).to(x)[:, None, None, None]   # the last B: no control
+        out = self.unet(x3, t3, c3, m3, skip_residuals=[s * w for s in skips], mid_residual=mid * w)
+        text, control_only, plain = out.chunk(3)
+        return plain + self.control_scale * (control_only - plain) + self.text_scale * (text - control_only)
+
+
 def latent_factor(pipe: "TextToImage") -> int:
     """How many image pixels make one latent pixel, per side (the tiny SD: 32 px / 8 = 4)."""
     return pipe.vae.config.image_size // pipe.latent_shape[-1]
 
 
 def with_control(pipe: "TextToImage", controlnet: ControlNet, control: torch.Tensor,
-                 conditioning_scale: float = 1.0, conditional_only: bool = False) -> "TextToImage":
+                 conditioning_scale: float = 1.0, conditional_only: bool = False,
+                 guidance: tuple[float, float] | None = None) -> "TextToImage":
     """A pipeline whose denoiser is pipe.unet steered by `controlnet` with `control` (1 image, or one per image
     of a call) at `conditioning_scale`; everything else is pipe's, so a call goes through the one generation path.
     conditional_only: under classifier-free guidance, steer the conditional pass only (the empty prompt's rows run
-    without the control; see ControlledUNet)."""
+    without the control; see ControlledUNet). guidance: (text scale, control scale), guidance by each condition
+    (ControlGuidedUNet, three passes a step); the returned pipeline then samples at guidance_scale 1 by default."""
     if not isinstance(conditional_only, bool):
         raise TypeError(f"conditional_only must be True or False; got {conditional_only!r}")
+    if guidance is not None and conditional_only:
+        raise ValueError("give conditional_only or guidance, not both: guidance (w, w) is guidance w with the "
+                         "control on the conditional pass only")
     controlled = copy.copy(pipe)
+    if guidance is not None:
+        controlled.unet = ControlGuidedUNet(pipe.unet, controlnet, control, conditioning_scale, pipe.encode([""]),
+                                            guidance)
+        controlled.sampler_settings = dataclasses.replace(pipe.sampler_settings, guidance_scale=1.0)
+        return controlled
     controlled.unet = ControlledUNet(pipe.unet, controlnet, control, conditioning_scale,
                                      uncontrolled=pipe.encode([""]) if conditional_only else None)
     return controlled
@@ -278,4 +335,4 @@ def fit_controlnet(pipe: "TextToImage", images: torch.Tensor, captions: list[str
 
 
 __all__ = ["HINT_CHANNELS", "CONTROL_CHANNELS", "zero_conv", "HintEncoder", "check_scale", "ControlNet",
-           "ControlledUNet", "latent_factor", "with_control", "ControlNetFineTune", "fit_controlnet"]
+           "ControlledUNet", "check_guidance_pair", "ControlGuidedUNet", "latent_factor", "with_control", "ControlNetFineTune", "fit_controlnet"]

@@ -109,6 +109,17 @@ def evaluate(args, pipe: TextToImage, out: Path, trained: ControlNet | None) -> 
                                    "seconds_per_image": (time.perf_counter() - t0) / len(captions)})
             print(f"  scale {scale:g}{', conditional pass only' if only else ''}: follows "
                   f"{record['rows'][-1]['follows']:.3f}, FID {q.fid:.2f}", flush=True)
+    for text, ctrl in args.guidance_pairs:   # guidance by each condition: three passes a step (ControlGuidedUNet)
+        t0 = time.perf_counter()
+        x = with_control(pipe, net, given, 1.0, guidance=(text, ctrl))(captions, seed=args.seed,
+                                                                       steps=args.sample_steps)
+        outputs[("guidance", text, ctrl)] = x
+        q = metrics.evaluate(x, with_floor=False)
+        record["rows"].append({"scale": 1.0, "conditional_only": False, "guidance": [text, ctrl], "follows": follows(x),
+                               "fid": q.fid, "precision": q.precision, "recall": q.recall, "judge_top1": top1(x),
+                               "seconds_per_image": (time.perf_counter() - t0) / len(captions)})
+        print(f"  scale 1, guidance text {text:g} / control {ctrl:g}: follows {record['rows'][-1]['follows']:.3f}, "
+              f"FID {q.fid:.2f}", flush=True)
     record["empty_prompt"] = {str(scale): follows(with_control(pipe, net, given, scale)([""] * len(captions),
                                                                                      seed=args.seed,
                                                                                      steps=args.sample_steps))
@@ -132,6 +143,13 @@ def evaluate(args, pipe: TextToImage, out: Path, trained: ControlNet | None) -> 
     return record
 
 
+def control_on(row: dict) -> str:
+    """How a row applied the control under guidance, for the card's table."""
+    if "guidance" in row:
+        return f"guidance text {row['guidance'][0]:g}, control {row['guidance'][1]:g} (3 passes)"
+    return "conditional pass" if row.get("conditional_only") else "both passes"
+
+
 def card(record: dict, name: str) -> str:
     m, ceil = record["model"], record["ceiling"]
     lines = [f"# {name}: a ControlNet on {m['control']} for the tiny SD", "",
@@ -149,7 +167,7 @@ def card(record: dict, name: str) -> str:
              f"{m['control']} map against the given one, IoU of their pixels (course_lib.controls.agreement).", "",
              "| conditioning scale | control on | follows | FID | precision | recall | judge top-1 | s/image |",
              "|---|---|---|---|---|---|---|---|",
-             *[f"| {r['scale']:g} | {'conditional pass' if r.get('conditional_only') else 'both passes'} | "
+             *[f"| {r['scale']:g} | {control_on(r)} | "
                f"{r['follows']:.3f} | {r['fid']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
                f"{r['judge_top1']:.3f} | {r['seconds_per_image']:.3f} |" for r in record["rows"]],
              f"| real emoji through the VAE (ceiling) | | {ceil['follows']:.3f} | {ceil['fid']:.2f} | | | "
@@ -160,7 +178,9 @@ def card(record: dict, name: str) -> str:
              "Scale 0 is the tiny SD without control (the floor of *follows*). *Control on*: both passes of "
              "classifier-free guidance (as trained), or the conditional pass only (`with_control(..., "
              "conditional_only=True)`: the empty prompt's pass runs without it, so the guided difference carries the "
-             "control). The judge (checkpoints/clip_judge) never conditioned the model."]
+             "control), or guidance by each condition (`with_control(..., guidance=(text, control))`: "
+             "e(null, -) + s_c [e(null, control) - e(null, -)] + s_t [e(text, control) - e(null, control)], three "
+             "passes a step; (4, 4) is the conditional pass only at guidance 4). The judge (checkpoints/clip_judge) never conditioned the model."]
     if "empty_prompt" in record:
         e = record["empty_prompt"]
         lines += ["", f"The same controls with the empty prompt (the control alone; half the training captions were "
@@ -188,10 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--scales", default="0,0.5,1,2")
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--guidance-pairs", default="4,8;2,4;1,4",
+                   help="(text scale, control scale) pairs measured with guidance by each condition, ';'-separated")
     args = p.parse_args(argv)
     args.scales = sorted({float(s) for s in args.scales.split(",")})
+    args.guidance_pairs = [tuple(float(v) for v in pair.split(",")) for pair in args.guidance_pairs.split(";") if pair]
     if args.quick:
         args.steps, args.train_images, args.n, args.sample_steps, args.batch = 3, 16, 8, 2, 4
+        args.guidance_pairs = args.guidance_pairs[:1]
     torch.set_num_threads(args.threads)
     name = f"controlnet_{args.control}"
     out = Path(args.out_dir) / f"{name}.safetensors"

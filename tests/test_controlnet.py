@@ -269,6 +269,32 @@ def test_conditional_only_steers_the_conditional_pass_and_leaves_the_empty_promp
         ControlledUNet(tiny_pipe.unet, net, control, uncontrolled=(c, m))
 
 
+def test_guidance_by_text_and_control_reduces_to_its_known_cases(tiny_pipe, eight):
+    net = ControlNet.from_unet(tiny_pipe.unet, factor=2)
+    _randomise(net.zero_convs, 1), _randomise(net.mid_zero_conv, 2), _randomise(net.hint.conv_out, 3)
+    control = controls.make_control(eight.images[:2], "canny")
+    prompts = ["red heart", "cat"]
+    run = lambda pipe, p, **kw: pipe(p, seed=1, steps=3, return_latents=True, **kw)  # noqa: E731
+    dual = with_control(tiny_pipe, net, control, guidance=(3.0, 3.0))
+    assert dual.sampler_settings.guidance_scale == 1.0 and tiny_pipe.sampler_settings.guidance_scale != 1.0
+    # (w, w): guidance w with the control on the conditional pass only
+    only = with_control(tiny_pipe, net, control, conditional_only=True)
+    assert torch.allclose(run(dual, prompts), run(only, prompts, guidance_scale=3.0), atol=1e-4)
+    # text 0, control 1: the controlled model with the empty prompt, unguided
+    alone = with_control(tiny_pipe, net, control, guidance=(0.0, 1.0))
+    both = with_control(tiny_pipe, net, control)
+    assert torch.allclose(run(alone, prompts), run(both, ["", ""], guidance_scale=1.0), atol=1e-4)
+    # the control scale moves the image; conditioning scale 0 leaves the text-guided base model
+    assert not torch.allclose(run(with_control(tiny_pipe, net, control, guidance=(3.0, 6.0)), prompts),
+                              run(dual, prompts), atol=1e-3)
+    off = with_control(tiny_pipe, net, control, 0.0, guidance=(3.0, 6.0))
+    assert torch.allclose(run(off, prompts), run(tiny_pipe, prompts, guidance_scale=3.0), atol=1e-4)
+    with pytest.raises(ValueError, match=r"guidance must be a pair \(text scale, control scale\)"):
+        with_control(tiny_pipe, net, control, guidance=(4.0, -1.0))
+    with pytest.raises(ValueError, match="give conditional_only or guidance, not both"):
+        with_control(tiny_pipe, net, control, conditional_only=True, guidance=(4.0, 4.0))
+
+
 def _stop_at(step):
     def callback(run):
         if run.step == step:

@@ -33,8 +33,9 @@ def test_train_controlnet_quick_ships_8_bit_weights_that_load_and_refuses_to_rep
     module = script("train_controlnet")
     module.main(flags(tmp_path))
     record = json.loads((tmp_path / "record.json").read_text())
-    assert [(r["scale"], r["conditional_only"]) for r in record["rows"]] == [
-        (0.0, False), (0.5, False), (1.0, False), (2.0, False), (0.5, True), (1.0, True), (2.0, True)]
+    assert [(r["scale"], r["conditional_only"], r.get("guidance")) for r in record["rows"]] == [
+        (0.0, False, None), (0.5, False, None), (1.0, False, None), (2.0, False, None), (0.5, True, None),
+        (1.0, True, None), (2.0, True, None), (1.0, False, [4.0, 8.0])]
     assert 0 <= record["ceiling"]["follows"] <= 1 and record["eight_bit"]["max_pixel_difference"] < 0.1
     card = (tmp_path / "controlnet_edges.md").read_text()
     assert "8 bits a weight" in card and "| real emoji through the VAE (ceiling) |" in card
