@@ -92,7 +92,7 @@ def evaluate(args, pipe: TextToImage, out: Path, trained: ControlNet | None) -> 
               "n": args.n, "sample_steps": args.sample_steps, "model": info, "rows": [],
               "ceiling": {"follows": follows(through_vae), "fid": metrics.evaluate(through_vae, with_floor=False).fid,
                           "judge_top1": top1(through_vae)},
-              "another_emoji": follows(images.roll(1, 0)),
+              "another_emoji": follows(images.roll(args.n // 2, 0)),   # a distant emoji: neighbours are alike
               "floor": {"fid": metrics.floor(match=subs).fid, "judge_top1": top1(images)}}
     outputs = {}
     for only in (False, True):            # the control on both passes of guidance, or on the conditional one only
