@@ -15,7 +15,8 @@
    guidance (two evaluations a step) and unguided (one); FID, precision, recall against the held-out emoji beside
    the caption-matched floor, the independent judge's top-1, chroma, seconds per image; and the straightness of
    both ODEs (course_lib.flow.straightness, 0 for straight paths) on 64 held-out captions. Every cost is counted:
-   the pairs' generation and the training, in CPU seconds.
+   the pairs' generation and the training, in CPU seconds. A grid of samples goes beside the card and the record
+   (notebook 16 shows it).
 
 A finished model is not replaced silently: with the output file present, training refuses unless --replace.
 """
@@ -156,7 +157,8 @@ def evaluate(args, out: Path) -> dict:
                                                    if key.startswith(("teacher", "reflow"))), flush=True)
     rows = [held.images[:min(16, args.n)], grids[("teacher", w, args.teacher_steps)], grids[("teacher", w, 1)],
             grids[("reflow", 1.0, 1)], grids[("reflow", 1.0, 2)], grids[("reflow", 1.0, 4)]]
-    save_grid_png(torch.cat(rows), Path(args.out_dir) / f"{NAME}_samples.png", columns=len(rows[0]))
+    for folder in (Path(args.out_dir), Path(args.record).parent):    # beside the card, and beside the record
+        save_grid_png(torch.cat(rows), folder / f"{NAME}_samples.png", columns=len(rows[0]))
     record["verdicts"] = verdicts(record)
     for v in record["verdicts"]:
         print(v["text"], flush=True)
