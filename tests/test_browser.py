@@ -43,6 +43,7 @@ CASES = [
     ("10_lora.ipynb", "LoRA scale", 1),
     ("13_rectified_flow.ipynb", "steps", 2),
     ("15_editing.ipynb", "strength", 2),
+    ("17_control.ipynb", "scale", 1),
     ("19_memory_budget.ipynb", "batch", 2),
 ]
 
