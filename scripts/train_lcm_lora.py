@@ -43,7 +43,7 @@ from course_lib.clip import load_clip, retrieval_accuracy, similarity  # noqa: E
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.lcm import LCMConfig, distill_lcm, distill_lcm_lora  # noqa: E402
 from course_lib.lora import load_lora, lora_scale, save_lora  # noqa: E402
-from course_lib.pipeline import TextToImage  # noqa: E402
+from course_lib.pipeline import SHIPPED, TextToImage  # noqa: E402
 from course_lib.plotting import save_grid_png  # noqa: E402
 from course_lib.settings import describe_machine  # noqa: E402
 from course_lib.unet_file import load_model, save_model  # noqa: E402
@@ -88,7 +88,7 @@ def train(args, out: Path) -> None:
 def evaluate(args, out: Path) -> dict:
     pipe = TextToImage.from_shipped(device=args.device)
     if args.student == "full":
-        student = TextToImage.from_files(out, ckpt.shipped("clip_emoji"), ckpt.shipped("vae_emoji32"),
+        student = TextToImage.from_files(out, ckpt.shipped(SHIPPED["clip"]), ckpt.shipped(SHIPPED["vae"]),
                                          device=args.device)
         info = load_model(out)[2]
     else:
