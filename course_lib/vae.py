@@ -23,19 +23,15 @@ Training maximises the evidence lower bound, log p(x) >= E_q[log p(x|z)] - KL(q(
 Scaling in `vae_loss` (our choice): both terms are means per element, recon = mean over pixel values of
 (x_hat - x)^2 (so PSNR = 10 log10(4 / recon) in [-1, 1]: course_lib.metrics.psnr) and kl = the KL above in nats
 per latent value. A weight w on sums per image (Stable Diffusion's convention) is w / compression on these means.
-Stable Diffusion's autoencoder also has perceptual (LPIPS) and adversarial losses; squared error alone gives
-slightly softer reconstructions. The diffusion model wants latents of unit variance, so the latents are
-multiplied by `latent_scale_factor` = 1 / std(z) (SD 1.x's 0.18215; [2] appendix D.1).
+SD's autoencoder adds perceptual and adversarial terms (course_lib.vae_gan). Latents are multiplied by
+`latent_scale_factor` = 1 / std(z), for unit variance (SD 1.x's 0.18215; [2] appendix D.1).
+Blocks as SD's autoencoder: ResnetBlocks (no time input), stride-2 conv down, nearest x2 + conv up, ResnetBlock /
+self-attention / ResnetBlock at the lowest resolution, 1x1 convs around the latent. `fit_vae` trains it with the
+one loop (course_lib.loop.Fit; `VAEFit` is the VAE's part), all of it or the decoder alone (as SD's ft-MSE VAE).
 
-The blocks follow SD's autoencoder: ResnetBlocks (residual blocks with no time input), stride-2 conv down,
-nearest x2 + conv up, ResnetBlock / self-attention / ResnetBlock at the lowest resolution, 1x1 convs around
-the latent. `fit_vae` trains it with the course's one loop (course_lib.loop.Fit); `VAEFit` is the VAE's part.
-
-References:
-    [1] Kingma & Welling 2013, Auto-Encoding Variational Bayes, https://arxiv.org/abs/1312.6114
-    [2] Rombach et al. 2022, High-Resolution Image Synthesis with Latent Diffusion Models,
-        https://arxiv.org/abs/2112.10752
-    [3] Higgins et al. 2017, beta-VAE, https://openreview.net/forum?id=Sy2fzU9gl
+[1] Kingma & Welling 2013, Auto-Encoding Variational Bayes, https://arxiv.org/abs/1312.6114
+[2] Rombach et al. 2022, High-Resolution Image Synthesis with Latent Diffusion Models, arXiv:2112.10752
+[3] Higgins et al. 2017, beta-VAE, https://openreview.net/forum?id=Sy2fzU9gl
 """
 
 from __future__ import annotations
@@ -360,27 +356,36 @@ def decode_latents(vae: VAE, latents: torch.Tensor, scale_factor: float, batch_s
 
 # --- Training ---------------------------------------------------------------------------------------------
 
+VAE_PARTS = ("all", "decoder")     # what fit_vae trains
+
+
 class VAEFit(Fit):
-    """The VAE's part of the one loop: batches (without replacement), vae_loss on a posterior sample, its
-    parameters and what a resumed run must share. The loop does the rest (AdamW, no clipping, a constant rate
-    after `warmup` steps: continued with a fresh AdamW and no warm-up, a trained VAE lost ~10 dB in one step)."""
+    """The VAE's part of the one loop: batches (without replacement), vae_loss on a posterior sample, what is trained,
+    what a resume must share. The loop does the rest (AdamW, no clipping; warm up a trained VAE: it lost ~10 dB)."""
 
     def __init__(self, vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int, lr: float,
-                 kl_weight: float, device: torch.device, precision: str, seed: int, warmup: int = 0):
+                 kl_weight: float, device: torch.device, precision: str, seed: int, warmup: int = 0,
+                 part: str = "all", decay: str = "constant"):
         self.vae, self.images, self.kl_weight, self.precision = vae, images, kl_weight, precision
-        config = FitConfig(steps=steps, lr=lr, warmup=warmup, grad_clip=None, precision=precision)
-        super().__init__(config, torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0), device, seed=seed,
+        self.part = check_choice("part", part, VAE_PARTS)   # "decoder": the encoder, so the latent space, frozen
+        params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()] if part != "all" else vae.parameters()
+        config = FitConfig(steps=steps, lr=lr, warmup=warmup, decay=decay, grad_clip=None, precision=precision)
+        super().__init__(config, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), device, seed=seed,
                          batches=Batches(images.shape[0], batch_size, torch.Generator()))
         self.batches.generator = self.generator                # one generator: data order, then posterior noise
         self.settings = {"config": json.loads(vae.config.to_json()), "lr": lr, "batch_size": batch_size,
                          "kl_weight": kl_weight, "precision": precision, "seed": seed,
                          "n_images": images.shape[0], "data": fingerprint(images)}   # steps may grow: not here
-        self.settings.update({"warmup": warmup} if warmup else {})                 # older runs' files still resume
+        extra = {"warmup": warmup, "part": part != "all" and part, "decay": decay != "constant" and decay,
+                 "frozen": part != "all" and fingerprint(*vae.encoder.parameters(), *vae.quant_conv.parameters())}
+        self.settings.update({k: v for k, v in extra.items() if v})                # older runs' files still resume
 
     def loss(self) -> tuple[torch.Tensor, dict[str, float]]:
         x = self.images[self.batches.next()].to(self.device)   # (B, C, H, W)
         with autocast(self.precision, self.device):
-            recon, posterior = self.vae(x, generator=self.generator)
+            with torch.set_grad_enabled(self.part == "all"):   # "decoder": as SD's ft-MSE, a frozen encoder's
+                posterior = self.vae.encode(x)                   # posterior samples decoded (= self.vae(x))
+            recon = self.vae.decode(posterior.sample(self.generator))
         loss, parts = vae_loss(recon, x, posterior, self.kl_weight)
         return loss, {"recon": parts["recon"], "kl": parts["kl"]}
 
@@ -397,10 +402,12 @@ def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64,
             kl_weight: float = DEFAULT_KL_WEIGHT, device: torch.device | str | None = None, precision: str = "fp32",
             seed: int = 0, checkpoint_path: str | Path | None = None, checkpoint_every: int = 500, resume: bool = True,
             progress: bool = True, max_seconds: float | None = None, callback: Callable[[dict], None] | None = None,
-            callback_every: int = 50, warmup: int = 0) -> dict:
+            callback_every: int = 50, warmup: int = 0, part: str = "all", decay: str = "constant") -> dict:
     """Train `vae` in place on `images` (N, C, H, W) in [-1, 1] until `steps` steps in total, with the one loop.
 
     AdamW on `vae_loss`, no clipping; data order and posterior noise from one generator seeded by `seed`.
+    part="decoder" trains the decoder alone (the latents, and every model trained on them, stay valid); decay:
+    "constant" or "cosine" after the warm-up.
     checkpoint_path: written every `checkpoint_every` steps and at the end; if it exists and `resume`,
     training continues from it exactly (another run's file is refused, naming what differs). Returns (and passes
     to `callback` every `callback_every` steps) the history VAEFit.report gives; the VAE is left in eval mode."""
@@ -411,7 +418,9 @@ def fit_vae(vae: VAE, images: torch.Tensor, *, steps: int, batch_size: int = 64,
     if images.ndim != 4 or len(images) == 0 or images.shape[1:] != shape:
         raise ValueError(f"images must have shape (N >= 1, {', '.join(map(str, shape))}); got {tuple(images.shape)}")
     run = VAEFit(vae, images, steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, precision=precision,
-                 device=device_of(vae, device), seed=seed, warmup=warmup)   # before train(): a refusal leaves the mode
+                 device=device_of(vae, device), seed=seed, warmup=warmup, part=part, decay=decay)  # before train()
+    for module in (vae, vae.decoder, vae.post_quant_conv):
+        module.requires_grad_(part == "all" or module is not vae)
     return run.train_module(vae, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
                             max_seconds=max_seconds, progress=progress, callback=callback,
                             callback_every=callback_every, desc="training VAE")
@@ -438,4 +447,4 @@ def load_vae(path: str | Path, device: torch.device | str | None = None) -> tupl
 
 __all__ = ["VAEConfig", "PRESETS", "vae_preset", "kl_divergence", "DiagonalGaussian", "ResnetBlock", "mid_block",
            "Encoder", "Decoder", "VAE", "vae_loss", "latent_scale_factor", "encode_latents", "decode_latents",
-           "VAEFit", "fit_vae", "device_of", "save_vae", "load_vae"]
+           "VAE_PARTS", "VAEFit", "fit_vae", "device_of", "save_vae", "load_vae"]

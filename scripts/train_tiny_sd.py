@@ -45,7 +45,8 @@ from course_lib.train import OBJECTIVES, Conditioning, TrainConfig, Trainer, res
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 from course_lib.vae import (DEFAULT_KL_WEIGHT, VAE, decode_latents, encode_latents, fit_vae,  # noqa: E402
                             latent_scale_factor, load_vae, save_vae)
-from course_lib.vae import vae_preset  # noqa: E402
+from course_lib.vae import VAE_PARTS, vae_preset  # noqa: E402
+from course_lib.loop import DECAYS  # noqa: E402
 from course_lib.vae_gan import fit_vae_gan  # noqa: E402
 from course_lib.feature_net import load_feature_net  # noqa: E402
 
@@ -123,8 +124,10 @@ def before_summary(info: dict) -> dict | None:
     """What an --init-from checkpoint had been through, for the model card."""
     if not info:
         return None
-    return {k: info.get(k) for k in ("steps", "train_seconds", "machine", "command", "precision", "heldout_psnr")
-            if info.get(k) is not None}
+    first = info.get("initialised_from") or {}       # and the chain before it: CPU time counted to the first run
+    earlier = (first.get("train_seconds") or 0) + (first.get("earlier_seconds") or 0)
+    return {k: v for k in ("steps", "train_seconds", "machine", "command", "precision", "heldout_psnr", "sharpness")
+            if (v := info.get(k)) is not None} | ({"earlier_seconds": earlier} if earlier else {})
 
 
 def stage_vae(args, device: torch.device) -> None:
@@ -151,15 +154,21 @@ def stage_vae(args, device: torch.device) -> None:
 
     torch.manual_seed(args.seed)
     vae = VAE(vae_preset(args.vae_preset))
-    before = {}
+    before, init_scale = {}, None
+    if args.vae_part == "decoder" and not args.init_from:
+        raise SystemExit("--vae-part decoder fine-tunes a trained VAE's decoder: pass --init-from with its folder")
     if args.init_from:
-        vae, _, before = load_vae(Path(args.init_from) / f"{NAMES['vae']}.safetensors")
+        vae, init_scale, before = load_vae(Path(args.init_from) / f"{NAMES['vae']}.safetensors")
         vae.train().requires_grad_(True)
         print(f"VAE initialised from {args.init_from} ({before.get('steps')} steps on {before.get('machine')})")
     state = Path(args.run_dir) / f"{NAMES['vae']}.train.safetensors"
     log, curve = curve_logger(Path(args.run_dir) / f"{NAMES['vae']}.curve.json",
                               lambda: reconstruction_quality(vae, heldout, device), args.eval_every)
     adversarial = args.perceptual_weight > 0 or args.adversarial_weight > 0
+    if adversarial and (args.vae_part != "all" or args.vae_decay != "constant"):
+        raise SystemExit("--vae-part decoder and --vae-decay cosine are for the squared-error VAE training; the "
+                         "perceptual / adversarial one trains all of it at a constant rate")
+    part = {} if adversarial else {"part": args.vae_part, "decay": args.vae_decay}
     terms = ({"perceptual_weight": args.perceptual_weight, "adversarial_weight": args.adversarial_weight,
               "adversarial_start": args.adversarial_start, "d_lr": args.d_lr or args.vae_lr} if adversarial else {})
     net = {"perceptual_net": load_feature_net(device)} if adversarial else {}
@@ -167,13 +176,16 @@ def stage_vae(args, device: torch.device) -> None:
         vae, train, steps=args.vae_steps, batch_size=args.vae_batch, lr=args.vae_lr, kl_weight=args.kl_weight,
         device=device, precision=precision, seed=args.seed, checkpoint_path=state, checkpoint_every=250,
         progress=not args.no_progress, callback=log, callback_every=1, warmup=args.vae_warmup,
-        max_seconds=args.max_minutes * 60 if args.max_minutes else None, **terms, **net), device, "VAE training")
-    scale = latent_scale_factor(vae, train, generator=torch.Generator().manual_seed(args.seed), device=device)
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None, **terms, **net, **part), device,
+        "VAE training")
+    # the decoder alone: the encoder, so the latents and their scale, unchanged (every latent model stays valid)
+    scale = init_scale if args.vae_part == "decoder" else latent_scale_factor(
+        vae, train, generator=torch.Generator().manual_seed(args.seed), device=device)
     quality = reconstruction_quality(vae, heldout, device)
     info = {"steps": history["steps"], "train_seconds": round(history["seconds"], 1), "machine": describe_machine(),
             "command": command(), "preset": args.vae_preset, "batch_size": args.vae_batch, "lr": args.vae_lr,
             "initialised_from": before_summary(before), "loss_terms": terms or None, "curve": curve,
-            "kl_weight": args.kl_weight, "warmup": args.vae_warmup, "precision": precision, "seed": args.seed,
+            "kl_weight": args.kl_weight, "warmup": args.vae_warmup, **part, "precision": precision, "seed": args.seed,
             "n_images": train.shape[0],
             "heldout_psnr": round(quality["heldout_psnr"], 2), "sharpness": quality["sharpness"],
             "peak_gib": peak, "params": count_parameters(vae)}
@@ -362,9 +374,10 @@ def started_from(info: dict) -> list[str]:
 
 def cpu_hours(info: dict) -> list[str]:
     """A model-card row: the training time of this run and of the run it started from, in CPU-hours."""
-    first = (info.get("initialised_from") or {}).get("train_seconds") or 0
+    before = info.get("initialised_from") or {}
+    first = (before.get("train_seconds") or 0) + (before.get("earlier_seconds") or 0)
     total = (first + (info.get("train_seconds") or 0)) / 3600
-    since = " (this run and the one it started from; earlier GPU steps not counted)" if first else ""
+    since = " (this run and the runs it started from; earlier GPU steps not counted)" if first else ""
     return [f"| CPU-hours | {total:.2f}{since} |"]
 
 
@@ -394,7 +407,10 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"| architecture | course_lib.vae preset `{vae.get('preset')}`, {vae.get('params', 0):,} parameters |",
              f"| data | Noto emoji, training split ({vae.get('n_images')} images), 32 px |",
              f"| training | {vae.get('steps')} steps, batch {vae.get('batch_size')}, AdamW lr {vae.get('lr')}, "
-             f"KL weight {vae.get('kl_weight')}, {vae.get('precision')}, seed {vae.get('seed')} |",
+             f"KL weight {vae.get('kl_weight')}, {vae.get('precision')}, seed {vae.get('seed')}"
+             f"{', warm-up ' + str(vae['warmup']) if vae.get('warmup') else ''}"
+             f"{', cosine decay to 0' if vae.get('decay') == 'cosine' else ''}"
+             f"{'; the decoder alone (the encoder, so the latent space and its scale, unchanged)' if vae.get('part') == 'decoder' else ''} |",
              f"| hardware, time | {vae.get('machine')}, {vae.get('train_seconds')} s of training |",
              *started_from(vae), *cpu_hours(vae),
              f"| peak GPU memory (training) | {gib(vae.get('peak_gib'))} |",
@@ -508,6 +524,9 @@ def main() -> None:
     p.add_argument("--vae-lr", type=float, default=4e-4)
     p.add_argument("--kl-weight", type=float, default=DEFAULT_KL_WEIGHT)
     p.add_argument("--vae-warmup", type=int, default=0, help="steps of warm-up (use some with --init-from)")
+    p.add_argument("--vae-part", default="all", choices=VAE_PARTS,
+                   help="decoder: fine-tune a trained VAE's decoder alone (--init-from; the latent space unchanged)")
+    p.add_argument("--vae-decay", default="constant", choices=DECAYS, help="the rate after warm-up")
     p.add_argument("--perceptual-weight", type=float, default=0.0,
                    help="> 0: train the VAE with the perceptual term (course_lib.vae_gan; SD's autoencoder: 1)")
     p.add_argument("--adversarial-weight", type=float, default=0.0,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,6 +43,22 @@ def test_train_tiny_sd_quick_vae_with_perceptual_and_adversarial_terms_logs_its_
     from course_lib.vae import load_vae
     _, _, info = load_vae(tmp_path / "vae_emoji32.safetensors")
     assert info["loss_terms"]["adversarial_weight"] == 0.5 and info["curve"] == curve and info["sharpness"] > 0
+    # then its decoder alone (SD's ft-MSE): the encoder and the latent scale stay; terms or a missing start refused
+    dec = cmd[:cmd.index("--perceptual-weight")] + ["--vae-part", "decoder", "--vae-decay", "cosine", "--vae-warmup",
+                                                      "1", "--threads", "1", "--device", "cpu"]
+    base = [str(tmp_path / "dec"), "--run-dir", str(tmp_path / "dec")]
+    out = subprocess.run(dec + ["--init-from", str(tmp_path), "--out-dir"] + base, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, scale, _ = load_vae(tmp_path / "vae_emoji32.safetensors")
+    tuned, tuned_scale, tuned_info = load_vae(tmp_path / "dec" / "vae_emoji32.safetensors")
+    assert tuned_scale == scale and tuned_info["part"] == "decoder" and tuned_info["decay"] == "cosine"
+    assert torch.equal(first.encoder.conv_in.weight, tuned.encoder.conv_in.weight)
+    assert not torch.equal(first.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
+    for extra, message in [([], "pass --init-from"), (["--init-from", str(tmp_path), "--perceptual-weight", "1"],
+                                                      "for the squared-error VAE training")]:
+        bad = subprocess.run(dec + extra + ["--out-dir"] + base, capture_output=True, text=True, timeout=300)
+        assert bad.returncode != 0 and message in bad.stderr
 
 
 def test_study_recipes_quick_runs_every_default_vae_recipe_and_writes_nothing(tmp_path):
@@ -80,7 +98,12 @@ def test_model_cards_give_cpu_hours_and_a_curve_from_the_record():
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_tiny_sd as t
     info = {"train_seconds": 5400.0, "initialised_from": {"train_seconds": 1800.0, "steps": 100}}
-    assert t.cpu_hours(info)[0].startswith("| CPU-hours | 2.00 (this run and the one it started from")
+    assert t.cpu_hours(info)[0].startswith("| CPU-hours | 2.00 (this run and the runs it started from")
+    # a run started from a run that was itself started from another: the whole chain's CPU time is counted
+    middle = {"train_seconds": 1800.0, "steps": 100, "initialised_from": {"train_seconds": 900.0, "earlier_seconds": 900}}
+    assert t.before_summary(middle) == {"steps": 100, "train_seconds": 1800.0, "earlier_seconds": 1800.0}
+    assert t.cpu_hours({"train_seconds": 3600.0, "initialised_from": t.before_summary(middle)})[0].startswith(
+        "| CPU-hours | 2.00 (")
     assert t.cpu_hours({"train_seconds": 3600.0}) == ["| CPU-hours | 1.00 |"]
     curve = [{"step": s, "seconds": 36.0 * s, "psnr": 20 + s / 100} for s in (1, 100, 200, 300)]
     lines = t.curve_lines(curve, {"psnr": "PSNR"}, offset=100)

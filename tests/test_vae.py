@@ -299,3 +299,30 @@ def test_vae_fit_gives_the_loop_its_loss_and_keeps_no_clipping(images):
     run.fit(progress=False)
     assert run.report()["steps"] == 3 and len(run.report()["kl"]) == 3
     assert all(group["lr"] == 1e-3 for group in run.optimizer.param_groups)   # constant: no warm-up, no decay
+
+
+def test_decoder_only_fine_tuning_leaves_the_encoder_so_the_latents_unchanged(images, tmp_path):
+    """part="decoder" (SD's ft-MSE VAE): every model trained on the latents stays valid."""
+    vae = tiny_vae()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    kw = dict(steps=4, batch_size=4, lr=1e-3, warmup=1, part="decoder", decay="cosine", seed=3, progress=False)
+    history = fit_vae(vae, images[:8], **kw)
+    after = vae.state_dict()
+    frozen = [k for k in after if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in after if k.startswith(("decoder.", "post_quant_conv.")) and after[k].is_floating_point()]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+    assert sum(not torch.equal(after[k], before[k]) for k in trained) > len(trained) // 2
+    assert history["steps"] == 4 and vae.encoder.conv_in.weight.requires_grad is False
+    # the same run resumed from its file ends in the same weights; the part is part of what a resume must share
+    path, first, resumed = tmp_path / "dec.safetensors", tiny_vae(), tiny_vae()   # the encoder: not in the file
+    fit_vae(first, images[:8], checkpoint_path=path, **(kw | {"steps": 2}))
+    fit_vae(resumed, images[:8], checkpoint_path=path, **kw)
+    assert same_state(resumed, vae)
+    with pytest.raises(ValueError, match=r"frozen: checkpoint '[0-9a-f]+', now '[0-9a-f]+'"):  # another encoder
+        fit_vae(tiny_vae(seed=9), images[:8], checkpoint_path=path, **kw)
+    with pytest.raises(ValueError, match=r"part: checkpoint 'decoder', now None"):
+        fit_vae(tiny_vae(), images[:8], checkpoint_path=path, **(kw | {"part": "all", "steps": 6}))
+    with pytest.raises(ValueError, match=r"unknown part 'encoder'; choose from \['all', 'decoder'\]"):
+        fit_vae(tiny_vae(), images[:8], **(kw | {"part": "encoder"}))
+    with pytest.raises(ValueError, match=r"unknown decay 'linear'"):
+        fit_vae(tiny_vae(), images[:8], **(kw | {"decay": "linear"}))
