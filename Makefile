@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.course-installed
 
-.PHONY: lab test test-fast test-min test-browser venv clean-venv data
+.PHONY: lab test test-fast test-min test-browser venv clean-venv data gpu-wheels
 
 venv: $(STAMP)
 
@@ -76,6 +76,15 @@ test-browser: $(STAMP)
 data: $(STAMP)
 	$(BIN)/python scripts/build_emoji_data.py
 	$(BIN)/python scripts/build_photos.py
+
+# The wheels the GPU machine's call carries (docs/stable_diffusion_15.md, "The GPU run, prepared"): it has Python 3.12
+# and no Jupyter, so scripts/run_notebooks_plain.py runs the notebooks in IPython with ipywidgets, from these (2.3 MB).
+GPU_WHEELS := ipywidgets==8.1.9 ipython==9.19.1 ipython_pygments_lexers==1.1.1 traitlets==5.16.1 comm==0.2.3 \
+              decorator==5.3.2 matplotlib-inline==0.2.2 pexpect==4.9.0 ptyprocess==0.7.0 prompt_toolkit==3.0.53 \
+              wcwidth==0.9.5 stack-data==0.6.3 asttokens==3.0.2 executing==2.3.0 pure_eval==0.2.4
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean-venv:
 	rm -rf $(VENV)

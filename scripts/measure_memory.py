@@ -1,4 +1,4 @@
-"""Peak GPU memory of the full-mode training, fine-tuning and sampling steps of notebooks 04-13 and 15, against 8 GiB.
+"""Peak GPU memory of the full-mode training, fine-tuning and sampling steps of notebooks 04-17, against 8 GiB.
 
     python scripts/measure_memory.py                   # needs a CUDA GPU; prints a table
     python scripts/measure_memory.py --json out.json   # and writes the rows
@@ -47,7 +47,10 @@ FULL = {
     "12": {"lidb_batch": 4, "demo_subjects": 16, "demo_batch": 32, "hyper_batch": 16, "fast_rank": 4,
            "step_batch": 32},
     "13": {"preset": "tiny", "batch": 64, "sample_batch": 256, "sample_steps": 32},
+    "14": {"preset": "mmdit_tiny", "batch": 64},
     "15": {"n": 128, "steps": 20, "strength": 0.6, "resample": 3},
+    "16": {"batch": 64, "rank": 8},          # 16 and 17: the GPU's full-mode batch (a CPU's: 32)
+    "17": {"batch": 64, "control": "edges"},
 }
 
 
@@ -288,6 +291,33 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
         trainer = Trainer(model, latent_like, config, device=device)
         trainer.sample(f["sample_batch"], steps=f["sample_steps"], seed=1, sampler="euler")
 
+    # 14: the tiny MMDiT (rectified flow, logit-normal) on the latents with text, as section 4 trains it
+    def row14(precision):
+        from course_lib.mmdit import MMDiT, mmdit_preset
+        f, p = full["14"], pipe()
+        c, m = p.encode(list(emoji.captions))
+        cond = Conditioning(c.cpu(), m.cpu(), *(x[0].cpu() for x in p.encode([""])))
+        model = MMDiT(mmdit_preset(f["preset"], context_dim=c.shape[-1]))
+        return memory.measure_peak(trainer_steps(model, latent_like, f["batch"], cond, latents=True,
+                                                 precision=precision, objective="flow",
+                                                 timestep_sampling="logit_normal"), device,
+                                   f"Trainer, {f['preset']} + text, flow, batch {f['batch']}", precision)
+
+    # 16: LCM-LoRA distillation from the shipped tiny SD; 17: a ControlNet on edges, both as the notebooks run them
+    def row16():
+        from course_lib.lcm import LCMConfig, distill_lcm_lora
+        p = copy.copy(pipe())
+        p.unet = copy.deepcopy(p.unet)
+        distill_lcm_lora(p, emoji.images, list(emoji.captions), rank=full["16"]["rank"], steps=2,
+                         batch_size=full["16"]["batch"], config=LCMConfig(target_ema=None))
+
+    def row17():
+        from course_lib import controls
+        from course_lib.controlnet import fit_controlnet
+        f = full["17"]
+        fit_controlnet(pipe(), emoji.images, list(emoji.captions), controls.make_control(emoji.images, f["control"]),
+                       steps=2, batch_size=f["batch"])
+
     # 15: editing 128 held-out emoji with the shipped tiny SD
     def heldout():
         if "heldout" not in cache:
@@ -328,7 +358,8 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
                      (f"10 LoRA step, rank {full['10']['rank']}", row10_step(full["10"]["rank"])),
                      ("11 full DreamBooth step (subject + class)", row11_step(0)),
                      ("11 LoRA DreamBooth step (subject + class)", row11_step(4)),
-                     ("13 rectified-flow training step", row13_train)]:
+                     ("13 rectified-flow training step", row13_train),
+                     ("14 MMDiT training step (tiny SD 3)", row14)]:
         for p in each:
             attempt(f"{name}, {p}", lambda: fn(p))
     f10, f11, f12, f13, f15 = (full[k] for k in ("10", "11", "12", "13", "15"))
@@ -345,7 +376,9 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
             (f"13 Euler sampling, batch {f13['sample_batch']}, {f13['sample_steps']} steps", row13_sample),
             (f"15 img2img, {f15['n']} images, {f15['steps']} steps", row15("img2img")),
             (f"15 inpainting, RePaint U = {f15['resample']}, {f15['n']} images", row15("inpaint")),
-            (f"15 DDIM inversion and edit, {f15['n']} images", row15("invert"))]:
+            (f"15 DDIM inversion and edit, {f15['n']} images", row15("invert")),
+            (f"16 LCM-LoRA distillation, rank {full['16']['rank']}, batch {full['16']['batch']} (as run)", row16),
+            (f"17 ControlNet training, {full['17']['control']}, batch {full['17']['batch']} (as run)", row17)]:
         attempt(name, as_run(fn, name))
     return out
 

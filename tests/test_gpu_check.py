@@ -1,10 +1,11 @@
-"""scripts/gpu_check.py: its four steps on a CPU with tiny stand-ins (a one-cell notebook, a one-test file, the
-tiny SD-shaped model), the budget, and its refusals. The figures themselves need a lent GPU."""
+"""scripts/gpu_check.py: its five steps on a CPU with tiny stand-ins (a one-cell notebook, a one-test file, the
+tiny SD-shaped model, the stack at quick sizes), the budget, and its refusals. The figures need a lent GPU."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import nbformat
@@ -37,28 +38,67 @@ def stand_ins(tmp_path):
 
 def test_every_step_runs_and_one_file_records_them(stand_ins):
     out = stand_ins / "check.json"
-    result = load_script().main(["--device", "cpu", "--sd-preset", "tiny", "--out", str(out),
+    result = load_script().main(["--device", "cpu", "--tiny", "--out", str(out), "--steps", "memory,sd15,notebooks,tests",
                                  "--notebooks", str(stand_ins / "one.ipynb"), str(stand_ins / "broken.ipynb"),
                                  "--tests", str(stand_ins / "test_one.py")])
     assert json.loads(out.read_text()) == result
     assert result["gpu"] == "cpu" and result["torch"] == torch.__version__
     steps = result["steps"]
-    assert set(steps) == {"notebooks", "tests", "memory", "sd15"}
-    one, broken = steps["notebooks"]["rows"]
-    assert one["status"] == "ok" and one["cells_seconds"] is not None
-    assert broken["status"].startswith("failed") and "a GPU branch that breaks" in broken["tail"]
+    assert list(steps) == ["memory", "sd15", "notebooks", "tests"]                 # the order they ran in
+    one, broken = steps["notebooks"]["rows"]                          # run without Jupyter: no kernel on the GPU
+    assert one["status"] == "ok" and one["seconds"] is not None and one["cells_run"] == 1
+    assert broken["status"] == "failed at code cell 0" and "a GPU branch that breaks" in broken["tail"]
     assert steps["notebooks"]["status"] == "failed"                  # one broken notebook fails the step
     assert steps["tests"]["status"] == "ok" and steps["tests"]["summary"].startswith("1 passed")
     memory_rows = steps["memory"]["rows"]
     assert steps["memory"]["status"] == "ok" and memory_rows                      # the code path ran (--tiny)
-    assert all(r["peak_gib"] is None for r in memory_rows)                          # no CUDA: nothing measured
+    assert all(r["peak_gib"] is None and r["measured_over_accounted"] is None for r in memory_rows)  # no CUDA
+    assert memory_rows[0]["accounted_gib"] > 0                        # the accounted figure of the same row, beside it
     sd15 = steps["sd15"]["record"]
     assert steps["sd15"]["status"] == "ok" and sd15["preset"] == "tiny" and sd15["rows"]
     assert result["not_covered"]                                    # what the memory scripts do not measure yet
 
 
+def test_beside_accounted_pairs_rows_by_name_and_gives_the_ratio(tmp_path):
+    script = load_script()
+    (tmp_path / "acc.json").write_text(json.dumps({"rows": [{"name": "a", "peak_gib": 2.0}]}))
+    script.ROOT = tmp_path
+    rows = script.beside_accounted([{"name": "a", "peak_gib": 3.0}, {"name": "b", "peak_gib": 1.0}], ("acc.json",))
+    assert rows[0]["accounted_gib"] == 2.0 and rows[0]["measured_over_accounted"] == 1.5
+    assert rows[1]["accounted_gib"] is None and rows[1]["measured_over_accounted"] is None
+    assert script.beside_accounted(None, ("acc.json",)) is None
+
+
+def test_the_train_step_trains_the_stack_and_bundles_it_in_two_files(tmp_path):
+    """scripts/gpu_train.py --tiny: each model's own script on from the shipped weights (quick sizes), two tar files
+    under 16 MiB, the record; the decoder alone is trained, so the VAE's encoder is the shipped one."""
+    spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "scripts" / "gpu_train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    record = train.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--budget", "400"])
+    assert {m: r["status"] for m, r in record["models"].items()} == {"vae": "ok", "t2i": "ok", "pixel_v": "ok"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_train.json", "stack_a.tar", "stack_b.tar"]
+    import tarfile
+    with tarfile.open(tmp_path / "stack_a.tar") as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "a", filter="data")
+    assert {"vae_emoji32.safetensors", "tiny_sd_emoji.safetensors", "tiny_sd_results.json"} <= set(names)
+    assert "clip_emoji.safetensors" not in names                     # a copy the stages read, not trained here
+    from course_lib.vae import load_vae
+    shipped, scale, _ = load_vae(ROOT / "checkpoints" / "vae_emoji32.safetensors")
+    tuned, tuned_scale, info = load_vae(tmp_path / "a" / "vae_emoji32.safetensors")
+    assert info["part"] == "decoder" and tuned_scale == scale
+    assert torch.equal(shipped.encoder.conv_in.weight, tuned.encoder.conv_in.weight)
+    assert record["files"]["ddpm_emoji32_v"]["train_steps"] == 2 and record["not_covered"]
+    assert all(b["bytes"] < 16 * 2**20 for b in record["bundles"].values())
+    with pytest.raises(SystemExit):
+        train.main(["--device", "cpu", "--out", str(tmp_path)])               # a CPU runs the code path only
+    with pytest.raises(SystemExit):
+        train.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--only", "clip"])
+
+
 def test_a_spent_budget_skips_the_steps_and_says_so(stand_ins):
-    result = load_script().main(["--device", "cpu", "--budget", "1", "--steps", "tests,memory",
+    result = load_script().main(["--device", "cpu", "--tiny", "--budget", "1", "--steps", "tests,memory",
                                  "--tests", str(stand_ins / "test_one.py"), "--out", str(stand_ins / "c.json")])
     assert {s["status"] for s in result["steps"].values()} == {"skipped: the budget was spent"}
 
@@ -70,6 +110,8 @@ def test_names_and_refusals():
         script.main(["--device", "cpu", "--steps", "notebooks,train"])
     with pytest.raises(SystemExit):
         script.main(["--device", "cpu", "--steps", "sd15"])              # full-size SD 1.5 on a CPU
+    with pytest.raises(SystemExit):
+        script.main(["--device", "cpu", "--steps", "train"])             # training the stack on a CPU
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -77,3 +119,17 @@ def test_without_a_gpu_it_refuses_cuda_and_names_the_cpu_path(capsys):
     with pytest.raises(SystemExit):
         load_script().main([])
     assert "--device cpu" in capsys.readouterr().err
+
+
+def test_the_plain_runner_falls_back_to_exec_without_ipython(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("run_plain", ROOT / "scripts" / "run_notebooks_plain.py")
+    plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain)
+    monkeypatch.setitem(sys.modules, "IPython.core.interactiveshell", None)     # import fails: no IPython there
+    run, how = plain._executor()
+    assert how == "exec"
+    assert run("x = 21 * 2") is None and run("display(x)") is None and "42" in capsys.readouterr().out
+    error = run("raise ValueError('a cell that breaks')")
+    assert isinstance(error, ValueError) and "breaks" in str(error)
+    with pytest.raises(SystemExit):
+        plain.main(["no_such_notebook.ipynb"])

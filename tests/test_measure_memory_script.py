@@ -25,18 +25,19 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=ROOT)
 
 
-def test_tiny_rows_of_notebooks_10_to_15_run_on_cpu(tmp_path):
+def test_tiny_rows_of_notebooks_10_to_17_run_on_cpu(tmp_path):
     out = tmp_path / "memory.json"
-    run = run_script("--device", "cpu", "--tiny", "--only", "10,11,12,13,15", "--json", str(out))
+    run = run_script("--device", "cpu", "--tiny", "--only", "10,11,12,13,14,15,16,17", "--json", str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["tiny"] is True and report["failed"] == []
     names = [r["name"] for r in report["rows"]]
-    assert {n[:2] for n in names} == {"10", "11", "12", "13", "15"}
+    assert {n[:2] for n in names} == {"10", "11", "12", "13", "14", "15", "16", "17"}
     for expected in ("10 LoRA step", "10 lora.fine_tune", "11 DreamBooth full", "11 DreamBooth LoRA",
                      "12 LiDB fit", "12 hypernetwork training", "12 hypernetwork + fast fine-tuning",
                      "12 textual inversion", "13 rectified-flow training step", "13 Euler sampling",
-                     "15 img2img", "15 inpainting", "15 DDIM inversion"):
+                     "14 MMDiT training step", "15 img2img", "15 inpainting", "15 DDIM inversion",
+                     "16 LCM-LoRA distillation", "17 ControlNet training"):
         assert any(n.startswith(expected) for n in names), f"no row {expected!r} in {names}"
     assert all(r["peak_gib"] is None and r["fits"] is None for r in report["rows"])   # a CPU measures nothing
     assert all(r["precision"] == "fp32" for r in report["rows"])                    # a CPU runs fp32 only
