@@ -124,10 +124,11 @@ def before_summary(info: dict) -> dict | None:
     """What an --init-from checkpoint had been through, for the model card."""
     if not info:
         return None
-    first = info.get("initialised_from") or {}       # and the chain before it: CPU time counted to the first run
-    earlier = (first.get("train_seconds") or 0) + (first.get("earlier_seconds") or 0)
+    first = info.get("initialised_from") or {}       # and the chain before it: CPU time and steps to the first run
+    earlier = {"earlier_seconds": (first.get("train_seconds") or 0) + (first.get("earlier_seconds") or 0),
+               "earlier_steps": (first.get("steps") or 0) + (first.get("earlier_steps") or 0)}
     return {k: v for k in ("steps", "train_seconds", "machine", "command", "precision", "heldout_psnr", "sharpness")
-            if (v := info.get(k)) is not None} | ({"earlier_seconds": earlier} if earlier else {})
+            if (v := info.get(k)) is not None} | {k: v for k, v in earlier.items() if v}
 
 
 def stage_vae(args, device: torch.device) -> None:
@@ -381,6 +382,12 @@ def cpu_hours(info: dict) -> list[str]:
     return [f"| CPU-hours | {total:.2f}{since} |"]
 
 
+def steps_before(info: dict) -> int:
+    """The steps of the runs a model started from (its curve's offset)."""
+    first = info.get("initialised_from") or {}
+    return (first.get("steps") or 0) + (first.get("earlier_steps") or 0)
+
+
 def curve_lines(curve: list[dict], columns: dict[str, str], offset: int = 0, every: int = 2) -> list[str]:
     """Quality against steps as a table (every `every`-th point and the last); offset: steps before this run."""
     if not curve:
@@ -418,7 +425,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"| held-out reconstruction PSNR | {vae.get('heldout_psnr')} dB (398 held-out emoji, posterior mean) |",
              f"| command | `{vae.get('command')}` |", "",
              *curve_lines(vae.get("curve", []), {"heldout_psnr": "held-out PSNR (dB)", "sharpness": "sharpness"},
-                          (vae.get("initialised_from") or {}).get("steps") or 0)]
+                          steps_before(vae))]
     if sweep:
         lines += ["## Why this latent size", "",
                   f"Each preset trained for the same {sweep[0]['steps']} steps ({results['vae_sweep']['machine']}):", "",
@@ -454,7 +461,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
              f"| chance | {clip.get('n_heldout')} captions | {1 / max(1, clip.get('n_heldout', 1)):.3f} | "
              f"{5 / max(1, clip.get('n_heldout', 1)):.3f} |", "",
              *curve_lines(clip.get("curve", []), {"heldout_top1": "held-out top-1", "heldout_top5": "held-out top-5"},
-                          (clip.get("initialised_from") or {}).get("steps") or 0),
+                          steps_before(clip)),
              "Licence: derived from Noto Emoji images (Apache-2.0) and Unicode character names; see "
              "data/emoji/LICENSES.md.", ""]
     ckpt.write_text_atomic(out_dir / f"{NAMES['clip']}.md", "\n".join(lines))

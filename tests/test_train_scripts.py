@@ -101,7 +101,10 @@ def test_model_cards_give_cpu_hours_and_a_curve_from_the_record():
     assert t.cpu_hours(info)[0].startswith("| CPU-hours | 2.00 (this run and the runs it started from")
     # a run started from a run that was itself started from another: the whole chain's CPU time is counted
     middle = {"train_seconds": 1800.0, "steps": 100, "initialised_from": {"train_seconds": 900.0, "earlier_seconds": 900}}
-    assert t.before_summary(middle) == {"steps": 100, "train_seconds": 1800.0, "earlier_seconds": 1800.0}
+    middle["initialised_from"]["steps"] = 50
+    assert t.before_summary(middle) == {"steps": 100, "train_seconds": 1800.0, "earlier_seconds": 1800.0,
+                                        "earlier_steps": 50}
+    assert t.steps_before({"initialised_from": t.before_summary(middle)}) == 150
     assert t.cpu_hours({"train_seconds": 3600.0, "initialised_from": t.before_summary(middle)})[0].startswith(
         "| CPU-hours | 2.00 (")
     assert t.cpu_hours({"train_seconds": 3600.0}) == ["| CPU-hours | 1.00 |"]
