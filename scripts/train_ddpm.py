@@ -3,6 +3,7 @@
     python scripts/train_ddpm.py                      # train (resuming if a checkpoint exists), export, card
     python scripts/train_ddpm.py --max-minutes 60     # stop after an hour; run again later to continue
     python scripts/train_ddpm.py --card-only          # re-measure the exported model and rewrite the card
+    python scripts/train_ddpm.py --objective flow --curve-every 1000   # rectified flow; FID every 1,000 steps
 
 Training state goes to runs/ddpm_emoji32.train.safetensors (float32, with optimizer and RNG state; not
 shipped). When training reaches --steps the EMA weights are exported in float16 to
@@ -28,7 +29,8 @@ from course_lib.checkpoint import card_section, replace_card_section, write_text
 from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.settings import describe_machine as machine  # noqa: E402
-from course_lib.train import TrainConfig, Trainer  # noqa: E402
+from course_lib.flow import TIMESTEP_SAMPLING  # noqa: E402
+from course_lib.train import OBJECTIVES, TrainConfig, Trainer  # noqa: E402
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 
 NAME = "ddpm_emoji32"          # the file name; --name picks another (e.g. ddpm_emoji32_v for the v / zero-SNR model)
@@ -69,8 +71,10 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
         f"| file | `checkpoints/{args.name}.safetensors` (EMA weights, float16) |",
         f"| architecture | course_lib.unet preset `{args.preset}`, {params:,} parameters |",
         f"| data | Noto emoji, training split ({info['n_images']} images), 32 px |",
-        f"| objective | {tc['prediction']} prediction, {tc['schedule']} schedule"
-        f"{' rescaled to zero terminal SNR' if tc.get('zero_terminal_snr') else ''}, T = {tc['T']} |",
+        (f"| objective | rectified flow: velocity prediction, {tc.get('timestep_sampling')} times |"
+         if tc.get("objective") == "flow" else
+         f"| objective | {tc['prediction']} prediction, {tc['schedule']} schedule"
+         f"{' rescaled to zero terminal SNR' if tc.get('zero_terminal_snr') else ''}, T = {tc['T']} |"),
         f"| training | {info['steps']} steps, batch {tc['batch_size']}, AdamW lr {tc['lr']} "
         f"(warm-up {tc['warmup']}), grad clip {tc['grad_clip']}, EMA {tc['ema_decay']}, seed {tc['seed']} |",
         f"| hardware | {info.get('machine', 'unknown')} |",
@@ -102,6 +106,16 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
             "| steps | CPU-hours | FID | KID | precision | recall | floor FID |", "|---:|---:|---:|---:|---:|---:|---:|"]
           + [f"| {n:,} | {sec / 3600:.2f} | {c.fid:.2f} | {c.kid_mean:.3f} ± {c.kid_std:.3f} | {c.precision:.2f} | "
              f"{c.recall:.2f} | {f.fid:.2f} |" for n, sec, c in result["curve"]] + [""] if result.get("curve") else []),
+        *(["## Quality while training", "",
+            f"The EMA weights measured every {info['curve'][1]['step'] - info['curve'][0]['step'] if len(info['curve']) > 1 else info['curve'][0]['step']:,} "
+            f"steps of this run ({info['curve'][0]['n']} samples, {result['sampler']} {result['steps']} steps, seed "
+            f"{args.seed}" + (f"; FID at this n is higher than at {result['n']}, and so is its floor"
+                              if info['curve'][0]['n'] < result['n'] else "") + "):", "",
+            "| steps of this run | CPU-hours of this run | FID | floor FID | FID / floor | precision | recall |",
+            "|---:|---:|---:|---:|---:|---:|---:|"]
+          + [f"| {c['step']:,} | {c['train_seconds'] / 3600:.2f} | {c['fid']:.2f} | {c['floor_fid']:.2f} | "
+             f"{c['fid'] / c['floor_fid']:.2f} | {c['precision']:.2f} | {c['recall']:.2f} |" for c in info["curve"]]
+          + [""] if info.get("curve") else []),
         f"![{result['n']} samples, the first 64]({args.name}_samples.png)",
         "",
         f"Memorisation: {100 * m.share:.1f}% of samples have a training image closer than the threshold "
@@ -127,6 +141,10 @@ def main() -> None:
     parser.add_argument("--schedule", default="cosine")
     parser.add_argument("--prediction", default="epsilon")
     parser.add_argument("--zero-terminal-snr", action="store_true", help="rescale the schedule (Lin et al. 2024)")
+    parser.add_argument("--objective", default="diffusion", choices=OBJECTIVES,
+                        help="flow: rectified flow's velocity (--schedule, --prediction unused; sampled by Euler)")
+    parser.add_argument("--timestep-sampling", default="uniform", choices=TIMESTEP_SAMPLING,
+                        help="with --objective flow: uniform t, or SD 3's logit-normal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None)
@@ -137,6 +155,9 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=398)
     parser.add_argument("--eval-steps", type=int, default=50)
     parser.add_argument("--eval-sampler", default="ddim")
+    parser.add_argument("--curve-every", type=int, default=0,
+                        help="every this many steps, measure the EMA weights (--curve-n samples) for the card's curve")
+    parser.add_argument("--curve-n", type=int, default=128, help="samples per point of that curve (default 128)")
     parser.add_argument("--init-from", default=None,
                         help="an exported model (.safetensors) to start from: its weights, fresh optimizer and EMA")
     args = parser.parse_args()
@@ -151,7 +172,8 @@ def main() -> None:
         images = load_emoji(size=32, split="train").images
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=200,
                              schedule=args.schedule, prediction=args.prediction, seed=args.seed,
-                             zero_terminal_snr=args.zero_terminal_snr)
+                             zero_terminal_snr=args.zero_terminal_snr, objective=args.objective,
+                             timestep_sampling=args.timestep_sampling)
         if state.exists():      # flags that differ from the checkpoint's settings are refused, naming them
             trainer = Trainer.resume(state, images, device=args.device, steps=args.steps, config=config)
             print(f"resumed at step {trainer.step} of {args.steps}")
@@ -169,14 +191,29 @@ def main() -> None:
                 init_file.write_text(json.dumps({"path": str(args.init_from), **{
                     k: before.get(k) for k in ("steps", "train_seconds", "machine", "command")}}))
             trainer = Trainer(unet, images, config, device=args.device)
-        trainer.train(checkpoint_path=state, checkpoint_every=100,
-                      max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+        deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+        curve_file = Path(args.run_dir) / f"{args.name}.curve.json"
+        curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
+        while trainer.step < args.steps and (deadline is None or time.monotonic() < deadline):
+            every = args.curve_every or args.steps
+            target = min(args.steps, (trainer.step // every + 1) * every)
+            trainer.train(target, checkpoint_path=state, checkpoint_every=100,
+                          max_seconds=None if deadline is None else deadline - time.monotonic())
+            if args.curve_every and trainer.step == target and all(p["step"] != target for p in curve):
+                point = trainer.export(Path(args.run_dir) / f"{args.name}.curve.safetensors", overwrite=True)
+                r = measure(point, args.curve_n, args.eval_steps, args.eval_sampler, args.seed)
+                curve.append({"step": target, "train_seconds": round(trainer.seconds, 1), "n": args.curve_n,
+                              "fid": round(r["quality"].fid, 3), "floor_fid": round(r["floor"].fid, 3),
+                              "precision": round(r["quality"].precision, 3), "recall": round(r["quality"].recall, 3)})
+                write_text_atomic(curve_file, json.dumps(curve, indent=1))
+                print(f"step {target}: FID {r['quality'].fid:.2f} at n = {args.curve_n} (floor {r['floor'].fid:.2f})",
+                      flush=True)
         print(f"step {trainer.step}: {trainer.seconds / 60:.1f} min of training so far")
         if trainer.step < args.steps:
             print("not finished; run the same command again to continue")
             return
         trainer.export(out, overwrite=True, info={
-            "machine": machine(), "preset": args.preset, "command": " ".join(["python", "scripts/train_ddpm.py"] + sys.argv[1:]),
+            "machine": machine(), "preset": args.preset, "curve": curve or None, "command": " ".join(["python", "scripts/train_ddpm.py"] + sys.argv[1:]),
             "initialised_from": json.loads(init_file.read_text()) if init_file.exists() else None})
         print(f"exported {out} ({out.stat().st_size / 1e6:.2f} MB)")
 

@@ -31,6 +31,21 @@ def test_train_ddpm_refuses_to_resume_with_other_flags(tmp_path):
     assert again.returncode == 0 and "resumed at step" in again.stdout, again.stderr[-2000:]
 
 
+def test_train_ddpm_trains_a_flow_model_and_its_card_has_the_curve_measured_while_training(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_ddpm.py"), "--preset", "tiny", "--steps", "4", "--batch-size",
+           "2", "--threads", "1", "--device", "cpu", "--run-dir", str(tmp_path), "--out-dir", str(tmp_path),
+           "--objective", "flow", "--timestep-sampling", "logit_normal", "--curve-every", "2", "--curve-n", "16",
+           "--eval-samples", "16", "--eval-steps", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    card = (tmp_path / "ddpm_emoji32.md").read_text()
+    assert "| objective | rectified flow: velocity prediction, logit_normal times |" in card
+    rows = [line for line in card.splitlines() if line.startswith(("| 2 |", "| 4 |"))]
+    assert len(rows) == 2 and "## Quality while training" in card                   # one point every 2 steps
+    curve = json.loads((tmp_path / "ddpm_emoji32.curve.json").read_text())
+    assert [p["step"] for p in curve] == [2, 4] and all(p["fid"] > p["floor_fid"] > 0 for p in curve)
+
+
 def test_train_tiny_sd_quick_vae_with_perceptual_and_adversarial_terms_logs_its_curve(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--stage", "vae", "--no-progress",
            "--perceptual-weight", "1", "--adversarial-weight", "0.5", "--eval-every", "2", "--vae-warmup", "2",
