@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cpu" and not args.tiny:
         ap.error("on a CPU this runs only with --tiny (the shipped models were trained on CPUs already)")
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.out / "work"
+    work = Path(tempfile.mkdtemp(prefix="gpu_train_"))   # not under --out: only the bundles and the record go back
     (work / "ckpt").mkdir(parents=True, exist_ok=True)
     for stem in ("vae_emoji32", "clip_emoji"):      # what the U-Net's stages read from their out-dir (copy2 keeps
         shutil.copy2(ROOT / "checkpoints" / f"{stem}.safetensors", work / "ckpt" / f"{stem}.safetensors")  # mtime)
@@ -146,10 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
         record["models"][m] = {"runs": runs, "status": "ok" if all(r["status"] == "ok" for r in runs) and
                                len(runs) == len(plan[m]) else runs[-1]["status"]}
         print(f"{m:8s} {record['models'][m]['status']}  {sum(r['seconds'] for r in runs):.0f} s", flush=True)
-    record["files"] = facts(work / "ckpt")
-    record["bundles"] = bundle(work / "ckpt", args.out, since)
-    (args.out / "gpu_train.json").write_text(json.dumps(record, indent=1) + "\n")
-    shutil.rmtree(work)                                               # only the bundles and the record come back
+    try:
+        record["files"] = facts(work / "ckpt")
+        record["bundles"] = bundle(work / "ckpt", args.out, since)
+    finally:
+        (args.out / "gpu_train.json").write_text(json.dumps(record, indent=1) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {', '.join(record['bundles'])} and gpu_train.json to {args.out}")
     return record
 
