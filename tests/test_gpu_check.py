@@ -38,13 +38,14 @@ def stand_ins(tmp_path):
 
 def test_every_step_runs_and_one_file_records_them(stand_ins):
     out = stand_ins / "check.json"
-    result = load_script().main(["--device", "cpu", "--tiny", "--out", str(out), "--steps", "memory,sd15,notebooks,tests",
+    # sd15 and train have their own tests (test_sd15_memory_script.py, below): left out here for the suite's time
+    result = load_script().main(["--device", "cpu", "--tiny", "--out", str(out), "--steps", "memory,notebooks,tests",
                                  "--notebooks", str(stand_ins / "one.ipynb"), str(stand_ins / "broken.ipynb"),
                                  "--tests", str(stand_ins / "test_one.py")])
     assert json.loads(out.read_text()) == result
     assert result["gpu"] == "cpu" and result["torch"] == torch.__version__
     steps = result["steps"]
-    assert list(steps) == ["memory", "sd15", "notebooks", "tests"]                 # the order they ran in
+    assert list(steps) == ["memory", "notebooks", "tests"]                          # the order they ran in
     one, broken = steps["notebooks"]["rows"]                          # run without Jupyter: no kernel on the GPU
     assert one["status"] == "ok" and one["seconds"] is not None and one["cells_run"] == 1
     assert broken["status"] == "failed at code cell 0" and "a GPU branch that breaks" in broken["tail"]
@@ -54,8 +55,6 @@ def test_every_step_runs_and_one_file_records_them(stand_ins):
     assert steps["memory"]["status"] == "ok" and memory_rows                      # the code path ran (--tiny)
     assert all(r["peak_gib"] is None and r["measured_over_accounted"] is None for r in memory_rows)  # no CUDA
     assert memory_rows[0]["accounted_gib"] > 0                        # the accounted figure of the same row, beside it
-    sd15 = steps["sd15"]["record"]
-    assert steps["sd15"]["status"] == "ok" and sd15["preset"] == "tiny" and sd15["rows"]
     assert result["not_covered"]                                    # what the memory scripts do not measure yet
 
 
@@ -71,24 +70,19 @@ def test_beside_accounted_pairs_rows_by_name_and_gives_the_ratio(tmp_path):
 
 def test_the_train_step_trains_the_stack_and_bundles_it_in_two_files(tmp_path):
     """scripts/gpu_train.py --tiny: each model's own script on from the shipped weights (quick sizes), two tar files
-    under 16 MiB, the record; the decoder alone is trained, so the VAE's encoder is the shipped one."""
+    under 16 MiB, the record. The VAE's decoder-only run is tested in test_train_scripts.py (left out here for time)."""
     spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "scripts" / "gpu_train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    record = train.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--budget", "400"])
-    assert {m: r["status"] for m, r in record["models"].items()} == {"vae": "ok", "t2i": "ok", "pixel_v": "ok"}
+    record = train.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--budget", "400", "--only", "t2i,pixel_v"])
+    assert {m: r["status"] for m, r in record["models"].items()} == {"t2i": "ok", "pixel_v": "ok"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_train.json", "stack_a.tar", "stack_b.tar"]
     import tarfile
     with tarfile.open(tmp_path / "stack_a.tar") as tar:
         names = tar.getnames()
         tar.extractall(tmp_path / "a", filter="data")
-    assert {"vae_emoji32.safetensors", "tiny_sd_emoji.safetensors", "tiny_sd_results.json"} <= set(names)
-    assert "clip_emoji.safetensors" not in names                     # a copy the stages read, not trained here
-    from course_lib.vae import load_vae
-    shipped, scale, _ = load_vae(ROOT / "checkpoints" / "vae_emoji32.safetensors")
-    tuned, tuned_scale, info = load_vae(tmp_path / "a" / "vae_emoji32.safetensors")
-    assert info["part"] == "decoder" and tuned_scale == scale
-    assert torch.equal(shipped.encoder.conv_in.weight, tuned.encoder.conv_in.weight)
+    assert {"tiny_sd_emoji.safetensors", "tiny_sd_results.json", "tiny_sd_emoji.md"} <= set(names)
+    assert not {"clip_emoji.safetensors", "vae_emoji32.safetensors"} & set(names)   # copies the stages read
     assert record["files"]["ddpm_emoji32_v"]["train_steps"] == 2 and record["not_covered"]
     assert all(b["bytes"] < 16 * 2**20 for b in record["bundles"].values())
     with pytest.raises(SystemExit):
