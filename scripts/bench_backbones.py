@@ -401,15 +401,20 @@ def main(argv: list[str] | None = None) -> None:
     record = {"command": " ".join(["python", "scripts/bench_backbones.py"] + given),
               "machine": describe_machine(args.device, detail=True), "torch": torch.__version__,
               "threads": args.threads, "settings": settings, "models": {}}
+    old_references = None
     if out and Path(out).is_file():
         old = json.loads(Path(out).read_text())
         if old.get("settings") == settings:
             record["models"] = old.get("models", {})
             record["command"] = old.get("command", "") + "; " + record["command"]
+            old_references = old.get("references")
         else:
             print(f"{out} holds a run with other settings; it is kept as {keep_earlier(out)}", flush=True)
     judge = load_clip(shipped("clip_judge"), device=args.device)[:2]
-    record["references"] = references(data, args, judge)
+    all_cached = all(record["models"].get(n) and all(record["models"][n].get(k) == v for k, v in entries[n].items())
+                     for n in names)
+    # the references (floor, VAE ceiling, real emoji's judge score) depend on the settings alone: kept with the models
+    record["references"] = old_references if all_cached and old_references else references(data, args, judge)
     run_dir = Path(args.run_dir) if args.run_dir else RUN_DIR
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) if args.quick and not args.run_dir else run_dir

@@ -36,7 +36,7 @@ from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 NAME = "ddpm_emoji32"          # the file name; --name picks another (e.g. ddpm_emoji32_v for the v / zero-SNR model)
 
 
-def measure(model_path: Path, n: int, steps: int, sampler: str, seed: int) -> dict:
+def measure(model_path: Path, n: int, steps: int, sampler: str, seed: int, memorised: bool = True) -> dict:
     from course_lib import metrics
     from course_lib.sampling import sample
 
@@ -52,8 +52,7 @@ def measure(model_path: Path, n: int, steps: int, sampler: str, seed: int) -> di
     seconds = time.perf_counter() - t0
     quality = metrics.evaluate(samples, reference="heldout")
     floor = metrics.floor(n=quality.n)
-    train = load_emoji(size=32, split="train").images
-    memo = metrics.memorisation(samples, train)
+    memo = metrics.memorisation(samples, load_emoji(size=32, split="train").images) if memorised else None
     return {"samples": samples, "quality": quality, "floor": floor, "memorisation": memo,
             "sample_seconds": seconds, "n": n, "steps": steps, "sampler": sampler}
 
@@ -201,7 +200,7 @@ def main() -> None:
                           max_seconds=None if deadline is None else deadline - time.monotonic())
             if args.curve_every and trainer.step == target and all(p["step"] != target for p in curve):
                 point = trainer.export(Path(args.run_dir) / f"{args.name}.curve.safetensors", overwrite=True)
-                r = measure(point, args.curve_n, args.eval_steps, args.eval_sampler, args.seed)
+                r = measure(point, args.curve_n, args.eval_steps, args.eval_sampler, args.seed, memorised=False)
                 curve.append({"step": target, "train_seconds": round(trainer.seconds, 1), "n": args.curve_n,
                               "fid": round(r["quality"].fid, 3), "floor_fid": round(r["floor"].fid, 3),
                               "precision": round(r["quality"].precision, 3), "recall": round(r["quality"].recall, 3)})

@@ -513,7 +513,7 @@ def write_cards(args, out_dir: Path, t2i: dict) -> None:
     print("wrote the model cards", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="all", choices=STAGES + ("all",))
     p.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the code path")
@@ -564,7 +564,7 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--guidance", default="1,2,4,7")
     p.add_argument("--eval-steps", type=int, default=30)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
