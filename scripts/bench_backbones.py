@@ -411,16 +411,18 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"{out} holds a run with other settings; it is kept as {keep_earlier(out)}", flush=True)
     judge = load_clip(shipped("clip_judge"), device=args.device)[:2]
-    all_cached = all(record["models"].get(n) and all(record["models"][n].get(k) == v for k, v in entries[n].items())
-                     for n in names)
+    def cached(name):
+        model = record["models"].get(name)
+        return bool(model) and all(model.get(k) == v for k, v in entries[name].items())
+
     # the references (floor, VAE ceiling, real emoji's judge score) depend on the settings alone: kept with the models
+    all_cached = all(cached(n) for n in names)
     record["references"] = old_references if all_cached and old_references else references(data, args, judge)
     run_dir = Path(args.run_dir) if args.run_dir else RUN_DIR
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) if args.quick and not args.run_dir else run_dir
         for name in names:
-            cached = record["models"].get(name)
-            if cached and all(cached.get(k) == v for k, v in entries[name].items()):
+            if cached(name):
                 print(f"{name}: measured by an earlier run with these settings (in {out}); skipped", flush=True)
                 continue
             print(f"{name}: training {entries[name]['steps']} steps", flush=True)

@@ -100,6 +100,11 @@ def run_step(command: list[str], timeout: float, env: dict) -> dict:
             "tail": output[-2000:]}
 
 
+def step_env() -> dict:
+    """The environment of every step's process: the course importable, a carried wheels' folder (PYTHONPATH) first."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the code path only, with --tiny)")
@@ -128,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or (args.out_dir / "gpu_check.json" if args.out_dir else
                        ROOT / "results" / f"gpu_check_{slug(facts['gpu'])}.json")
     train_dir = args.out_dir or out.parent
-    # the carried wheels' folder (PYTHONPATH) stays in front for every step's process
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+    env = step_env()
     deadline = time.monotonic() + args.budget
     left = lambda step: min(deadline - time.monotonic(), CAPS[step])
     result = {**facts, "command": " ".join(["python", "scripts/gpu_check.py"] + (argv if argv is not None else sys.argv[1:])),

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tarfile
@@ -70,9 +69,8 @@ def commands(work: Path, device: str, tiny: bool) -> dict[str, list[list[str]]]:
 def run(command: list[str], timeout: float) -> dict:
     """One command with a time limit (gpu_check's way): status, seconds, the tail of its output."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    from gpu_check import run_step
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
-    return run_step(command, timeout if timeout >= 10 else 0, env)
+    from gpu_check import run_step, step_env
+    return run_step(command, timeout if timeout >= 10 else 0, step_env())
 
 
 def facts(ckpt_dir: Path) -> dict:

@@ -151,12 +151,16 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
         width = clip_config("small", tok.vocab_size).text.width
         return UNet(get_preset(full["09"]["unet_preset"], context_dim=width)), tok.max_length, width
 
+    def random_text(L, width):
+        """Text states of the CLIP's shape for every training emoji (memory does not depend on their values)."""
+        n = emoji.images.shape[0]
+        return Conditioning(torch.randn(n, L, width), torch.ones(n, L, dtype=torch.bool), torch.zeros(L, width),
+                            torch.ones(L, dtype=torch.bool))
+
     def row09_train(precision):
         f = full["09"]
         unet, L, width = conditional_unet()
-        n = emoji.images.shape[0]
-        cond = Conditioning(torch.randn(n, L, width), torch.ones(n, L, dtype=torch.bool), torch.zeros(L, width),
-                            torch.ones(L, dtype=torch.bool))
+        cond = random_text(L, width)
         return memory.measure_peak(trainer_steps(unet, latent_like, f["batch"], cond, latents=True,
                                                  precision=precision), device,
                                    f"Trainer, {f['unet_preset']} + text, batch {f['batch']}", precision)
@@ -294,11 +298,10 @@ def rows(device: torch.device, tiny: bool = False, only: list[str] | None = None
     # 14: the tiny MMDiT (rectified flow, logit-normal) on the latents with text, as section 4 trains it
     def row14(precision):
         from course_lib.mmdit import MMDiT, mmdit_preset
-        f, p = full["14"], pipe()
-        c, m = p.encode(list(emoji.captions))
-        cond = Conditioning(c.cpu(), m.cpu(), *(x[0].cpu() for x in p.encode([""])))
-        model = MMDiT(mmdit_preset(f["preset"], context_dim=c.shape[-1]))
-        return memory.measure_peak(trainer_steps(model, latent_like, f["batch"], cond, latents=True,
+        f = full["14"]
+        _, L, width = conditional_unet()
+        model = MMDiT(mmdit_preset(f["preset"], context_dim=width))
+        return memory.measure_peak(trainer_steps(model, latent_like, f["batch"], random_text(L, width), latents=True,
                                                  precision=precision, objective="flow",
                                                  timestep_sampling="logit_normal"), device,
                                    f"Trainer, {f['preset']} + text, flow, batch {f['batch']}", precision)
