@@ -51,17 +51,21 @@ References:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import feature_net
+from .checkpoint import atomic_save, checkpoints_dir, read
 from .checks import check_choice, check_int
-from .data import load_emoji
+from .data import data_dir, load_emoji
 from .feature_net import REBUILD_COMMAND, load_feature_net, to_feature_size
 from .forward import check_images
 from .pixel_metrics import Colour, colour, high_frequency_share, psnr  # noqa: F401 (re-exported: metrics.psnr, ...)
+from .settings import cache_dir, default_device
 
 SPACES = ("pixel", "features")
 REFERENCES = ("heldout", "train")
@@ -218,12 +222,37 @@ class Quality:
 _REF_FEATS: dict[tuple[str, int, str], torch.Tensor] = {}
 
 
+def _cache_file(split: str, size: int, device: torch.device | str | None) -> Path | None:
+    """The cache file for one split's features, named by everything they depend on: the feature network's and the
+    emoji files' contents (SHA-256), the split, the size and the device type. Only the shipped network's are kept."""
+    folder, net = cache_dir(), Path(feature_net.FEATURE_NET_PATH)
+    if folder is None or net != checkpoints_dir() / "feature_net.safetensors" or not net.is_file():
+        return None
+    h = hashlib.sha256()
+    for f in (net, data_dir() / "emoji" / "metadata.json", data_dir() / "emoji" / "noto_64.png"):
+        h.update(f.read_bytes())
+    kind = torch.device(device).type if device is not None else default_device().type
+    return folder / f"features_{split}_{size}px_{kind}_{h.hexdigest()[:20]}.safetensors"
+
+
 def emoji_features(split: str, size: int = 32, device: torch.device | str | None = None) -> torch.Tensor:
-    """Features of the Noto emoji of one split loaded at `size` px (cached per process)."""
+    """Features of the Noto emoji of one split loaded at `size` px: cached per process and on disk (`cache_dir`;
+    the file is checksummed, and one that fails its check, or cannot be written, is computed again)."""
     check_choice("split", split, REFERENCES)
     key = (split, size, str(feature_net.FEATURE_NET_PATH), str(device))   # the network's file as now set
     if key not in _REF_FEATS:
-        _REF_FEATS[key] = features(load_emoji(size=size, split=split).images, device=device)
+        path = _cache_file(split, size, device)
+        try:
+            _REF_FEATS[key] = read(path)[0]["features"] if path is not None and path.is_file() else None
+        except (OSError, ValueError, KeyError):                     # damaged (CorruptCheckpoint is a ValueError)
+            _REF_FEATS[key] = None
+        if _REF_FEATS[key] is None:
+            _REF_FEATS[key] = features(load_emoji(size=size, split=split).images, device=device)
+            if path is not None:
+                try:
+                    atomic_save({"features": _REF_FEATS[key]}, path, {"split": split, "size": str(size)})
+                except OSError:
+                    pass                                            # a read-only home: memory only
     return _REF_FEATS[key]
 
 

@@ -7,12 +7,16 @@ of steps, so the whole course runs on a 2-core CPU (the test suite sets it):
     COURSE_QUICK=1 jupyter lab       # the test suite sets it itself (conftest.py)
 
 In code, pick a size per mode with `choose(full=..., quick=...)`.
+
+COURSE_CACHE names the folder where course_lib.metrics keeps the emoji's features between processes (default
+$XDG_CACHE_HOME/sd-from-scratch, else ~/.cache/sd-from-scratch; COURSE_CACHE=off: none).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -41,6 +45,14 @@ def choose(full: T, quick: T) -> T:
 
 def mode_name() -> str:
     return "quick" if quick_mode() else "full"
+
+
+def cache_dir() -> Path | None:
+    """The folder named by COURSE_CACHE, else $XDG_CACHE_HOME/sd-from-scratch (~/.cache/...); None for "off"."""
+    where = os.environ.get("COURSE_CACHE", "").strip()
+    if where.lower() == "off":
+        return None
+    return Path(where) if where else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd-from-scratch"
 
 
 def default_device() -> torch.device:

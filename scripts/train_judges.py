@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--n-generated", type=int, default=128, help="base tiny SD images for the style check")
-    parser.add_argument("--quick", action="store_true", help="one epoch on 256 images per judge; 16 generated")
+    parser.add_argument("--quick", action="store_true", help="one epoch on 96 images per judge; 16 generated")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--style-channels", type=str, default=None,
                         help=f"the style judge's stage widths, e.g. 32,64,128 (default {judges.CHANNELS['style']})")
@@ -243,7 +243,7 @@ def main() -> None:
     args.limit = None
     args.channels = {"style": tuple(int(c) for c in args.style_channels.split(","))} if args.style_channels else {}
     if args.quick:
-        args.epochs, args.limit, args.n_generated = 1, 256, 16
+        args.epochs, args.limit, args.n_generated = 1, 96, 16
     torch.set_num_threads(args.threads)
     command = "python scripts/train_judges.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib import feature_net, metrics
+from course_lib import feature_net, metrics, settings
 from course_lib.data import load_emoji
 from course_lib.metrics import Quality, fid, frechet_distance, kid, memorisation, nearest_neighbours, psnr
 
@@ -371,3 +371,32 @@ def test_precision_recall_refuse_bad_input():
         metrics.precision_recall(x, torch.randn(10, 5))
     with pytest.raises(ValueError, match=r"\(N, D\) tensor"):
         metrics.precision_recall(x, torch.randn(10))
+
+
+def test_reference_features_are_cached_on_disk_checked_and_recomputed_when_damaged(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(metrics, "_REF_FEATS", {})
+    fresh = metrics.features(load_emoji(size=32, split="heldout").images)
+    first = metrics.emoji_features("heldout")
+    (path,) = tmp_path.iterdir()                                  # named by the network's and the data's contents
+    assert path.name.startswith("features_heldout_32px_cpu_") and torch.equal(first, fresh)
+    monkeypatch.setattr(metrics, "_REF_FEATS", {})                # a new process: read from the file
+    assert torch.equal(metrics.emoji_features("heldout"), fresh)
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\x00" * 8                                       # damaged: fails its checksum, computed again
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(metrics, "_REF_FEATS", {})
+    assert torch.equal(metrics.emoji_features("heldout"), fresh)
+    assert torch.equal(metrics.read(path)[0]["features"], fresh)  # and the file rewritten whole
+
+
+def test_the_feature_cache_can_be_switched_off_and_skips_other_networks(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "_REF_FEATS", {})
+    monkeypatch.setenv("COURSE_CACHE", "off")
+    assert metrics.cache_dir() is None and settings.cache_dir() is None and metrics._cache_file("heldout", 32, None) is None
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    copy = tmp_path / "net" / "feature_net.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(feature_net.FEATURE_NET_PATH.read_bytes())
+    monkeypatch.setattr(feature_net, "FEATURE_NET_PATH", copy)    # a network other than the shipped file's path
+    assert metrics._cache_file("heldout", 32, None) is None
