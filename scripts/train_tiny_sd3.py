@@ -85,7 +85,7 @@ def evaluate(args, data: dict) -> dict:
     info = json.loads(ckpt.read(Path(args.out_dir) / f"{NAME}.safetensors")[1]["info"])
     record = {"command": command(), "machine": describe_machine(args.device), "torch": torch.__version__,
               "n": args.n, "guidance": args.guidance, "sample_steps": args.sample_steps,
-              "model": {k: info.get(k) for k in ("steps", "train_seconds", "machine", "params", "model")},
+              "model": {k: info.get(k) for k in ("steps", "train_seconds", "machine", "params", "model", "command")},
               "references": references(data, args, judge)}
     print(f"tiny SD 3 ({MODEL}), guidance {args.guidance}:", flush=True)
     record["tiny_sd3"], record["tiny_sd3_seed_check"] = measure(sd3, captions, args, judge)
@@ -123,7 +123,8 @@ def card(record: dict) -> str:
              f"rectified flow and logit-normal timesteps on the latents of {SHIPPED['vae']} and the text states of "
              f"{SHIPPED['clip']}: the same data and text encoder as the tiny SD (tiny_sd_emoji, a U-Net).", "",
              f"Trained: {m.get('steps'):,} steps of 64 in {hours:.2f} CPU-hours on {m.get('machine')}.", "",
-             f"Command: `{record['command']}` (measured by it on {record['machine']}, torch {record['torch']}).", "",
+             f"Command: `{m.get('command') or record['command']}`; measured by `{record['command']}` on "
+             f"{record['machine']}, torch {record['torch']}.", "",
              f"Measured on the first {record['n']} held-out captions, one image each (image k from seed k), Euler "
              f"sampler, guidance {record['guidance']:g}; FID in the course's feature space (course_lib.metrics):", "",
              "| Euler steps | FID | precision | recall | judge top-1 | s/image |", "|---|---|---|---|---|---|",
