@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import scriptrun  # tests/scriptrun.py: the scripts run in this process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_backbones.py"
@@ -28,9 +27,7 @@ def load_script():
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    return scriptrun.run_script(SCRIPT, *args)
 
 
 def test_quick_run_trains_both_backbones_to_the_same_flop_budget_and_rerun_skips_them(tmp_path):

@@ -6,10 +6,10 @@ same code trains three steps, saves, reloads, scores real and generated images w
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
+
+import scriptrun  # tests/scriptrun.py: the scripts run in this process
 
 from course_lib.clip import load_clip
 
@@ -18,9 +18,7 @@ SCRIPT = ROOT / "scripts" / "train_clip_judge.py"
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    return scriptrun.run_script(SCRIPT, *args)
 
 
 def test_quick_run_trains_saves_and_writes_a_card_with_both_judges(tmp_path):

@@ -3,8 +3,6 @@ refusals; scripts/train_judges.py's code path in quick mode."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 
 from course_lib import judges
 from course_lib.data import load_emoji
+from scriptrun import run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,9 +73,7 @@ def test_judges_refuse_what_they_cannot_judge(tmp_path):
 
 
 def test_quick_run_trains_both_judges_and_writes_their_card(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_judges.py"), "--quick", "--out-dir",
-                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = run_script("train_judges.py", "--quick", "--out-dir", str(tmp_path))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for name in judges.JUDGES:
         net = judges.load_judge(name, device="cpu", path=tmp_path / f"{name}_judge.safetensors")
@@ -86,8 +83,7 @@ def test_quick_run_trains_both_judges_and_writes_their_card(tmp_path):
     card = (tmp_path / "judges.md").read_text()
     assert "## style judge" in card and "## tone judge" in card and "through the VAE" in card
     assert "judged Noto" in card and "## Goals" in card
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_judges.py"), "--epochs", "0"], env=env,
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    bad = run_script("train_judges.py", "--epochs", "0")
     assert bad.returncode != 0 and "--epochs and --batch-size must be at least 1" in bad.stderr
 
 

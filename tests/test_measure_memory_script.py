@@ -7,12 +7,11 @@ course_lib call runs at the smallest sizes, so a broken call shows up before any
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import scriptrun  # tests/scriptrun.py: the scripts run in this process
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +19,7 @@ SCRIPT = ROOT / "scripts" / "measure_memory.py"
 
 
 def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return scriptrun.run_script(SCRIPT, *args)
 
 
 def test_tiny_rows_of_notebooks_10_to_17_run_on_cpu(tmp_path):

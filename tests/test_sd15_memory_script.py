@@ -7,12 +7,11 @@ networks in seconds, so a broken call into course_lib.sd shows up before anyone 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import scriptrun  # tests/scriptrun.py: the scripts run in this process
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +26,7 @@ FIELDS = {"name", "status", "seconds", "peak_gib", "reserved_gib", "fits", "cate
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    return scriptrun.run_script(SCRIPT, *args)
 
 
 def test_tiny_preset_on_cpu_runs_every_row(tmp_path):

@@ -1,17 +1,16 @@
 """scripts/tiny_sd_targets.py on a few captions: its record holds both floors and ratios that follow from them."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from scriptrun import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_targets_record_has_both_floors(tmp_path):
     out = tmp_path / "targets.json"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts/tiny_sd_targets.py"), "--n", "12", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    run = run_script("tiny_sd_targets.py", "--n", "12", "--json", str(out))
     assert run.returncode == 0, run.stderr
     r = json.loads(out.read_text())
     assert r["n"] == 12 and r["fid"] > 0 and r["floor_fid"] > 0 and r["matched_floor_fid"] > 0

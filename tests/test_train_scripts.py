@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scriptrun import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ddpm(tmp_path, *flags):
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_ddpm.py"), "--preset", "tiny", "--steps", "3",
-           "--batch-size", "2", "--max-minutes", "0.0001", "--threads", "1", "--device", "cpu",
-           "--run-dir", str(tmp_path), "--out-dir", str(tmp_path), *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return run_script("train_ddpm.py", "--preset", "tiny", "--steps", "3", "--batch-size", "2", "--max-minutes",
+                      "0.0001", "--threads", "1", "--device", "cpu", "--run-dir", str(tmp_path), "--out-dir",
+                      str(tmp_path), *flags)
 
 
 def test_train_ddpm_refuses_to_resume_with_other_flags(tmp_path):
@@ -33,11 +32,10 @@ def test_train_ddpm_refuses_to_resume_with_other_flags(tmp_path):
 
 
 def test_train_ddpm_trains_a_flow_model_and_its_card_has_the_curve_measured_while_training(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_ddpm.py"), "--preset", "tiny", "--steps", "4", "--batch-size",
-           "2", "--threads", "1", "--device", "cpu", "--run-dir", str(tmp_path), "--out-dir", str(tmp_path),
-           "--objective", "flow", "--timestep-sampling", "logit_normal", "--curve-every", "2", "--curve-n", "16",
-           "--eval-samples", "16", "--eval-steps", "2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = run_script("train_ddpm.py", "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--threads", "1",
+                     "--device", "cpu", "--run-dir", str(tmp_path), "--out-dir", str(tmp_path), "--objective", "flow",
+                     "--timestep-sampling", "logit_normal", "--curve-every", "2", "--curve-n", "16",
+                     "--eval-samples", "16", "--eval-steps", "2")
     assert out.returncode == 0, out.stderr[-2000:]
     card = (tmp_path / "ddpm_emoji32.md").read_text()
     assert "| objective | rectified flow: velocity prediction, logit_normal times |" in card
@@ -51,9 +49,8 @@ def test_train_tiny_sd_quick_vae_with_perceptual_and_adversarial_terms_logs_its_
     cmd = [sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--stage", "vae", "--no-progress",
            "--perceptual-weight", "1", "--adversarial-weight", "0.5", "--eval-every", "2", "--vae-warmup", "2",
            "--threads", "1", "--device", "cpu", "--out-dir", str(tmp_path), "--run-dir", str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = run_script(*cmd[1:])
     assert out.returncode == 0, out.stderr[-2000:]
-    import json
     curve = json.loads((tmp_path / "vae_emoji32.curve.json").read_text())
     assert [p["step"] for p in curve] == [1, 2] and all({"heldout_psnr", "sharpness"} <= set(p) for p in curve)
     from course_lib.vae import load_vae
@@ -63,8 +60,7 @@ def test_train_tiny_sd_quick_vae_with_perceptual_and_adversarial_terms_logs_its_
     dec = cmd[:cmd.index("--perceptual-weight")] + ["--vae-part", "decoder", "--vae-decay", "cosine", "--vae-warmup",
                                                       "1", "--threads", "1", "--device", "cpu"]
     base = [str(tmp_path / "dec"), "--run-dir", str(tmp_path / "dec")]
-    out = subprocess.run(dec + ["--init-from", str(tmp_path), "--out-dir"] + base, capture_output=True, text=True,
-                         timeout=300)
+    out = run_script(*dec[1:], "--init-from", str(tmp_path), "--out-dir", *base)
     assert out.returncode == 0, out.stderr[-2000:]
     first, scale, _ = load_vae(tmp_path / "vae_emoji32.safetensors")
     tuned, tuned_scale, tuned_info = load_vae(tmp_path / "dec" / "vae_emoji32.safetensors")
@@ -80,9 +76,8 @@ def test_train_tiny_sd_quick_vae_with_perceptual_and_adversarial_terms_logs_its_
 
 
 def test_study_recipes_quick_runs_every_default_vae_recipe_and_writes_nothing(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_recipes.py"), "--quick",
-                          "--recipes", "mse,perceptual 0.05+gan", "--adversarial-start", "1"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = run_script("study_recipes.py", "--quick", "--recipes", "mse,perceptual 0.05+gan", "--adversarial-start", "1",
+                     cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| mse |" in out.stdout and "| perceptual 0.05+gan |" in out.stdout and "perceptual distance" in out.stdout
     assert "wrote" not in out.stdout
@@ -90,9 +85,8 @@ def test_study_recipes_quick_runs_every_default_vae_recipe_and_writes_nothing(tm
 
 def test_study_recipes_tiny_sd_quick_measures_each_recipe_against_the_matched_floor(tmp_path):
     out_file = tmp_path / "recipes.json"
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_recipes.py"), "--base", "tiny_sd", "--quick",
-                          "--recipes", "shipped", "--out", str(out_file)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = run_script("study_recipes.py", "--base", "tiny_sd", "--quick", "--recipes", "shipped", "--out", str(out_file),
+                     cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     record = json.loads(out_file.read_text())
     record = json.loads(out_file.read_text())
@@ -107,8 +101,7 @@ def test_study_recipes_tiny_sd_quick_measures_each_recipe_against_the_matched_fl
     study_recipes.write_record(str(out_file), second, ("base", "minutes", "n", "seed", "threads"))
     merged = json.loads(out_file.read_text())
     assert [r["recipe"] for r in merged["rows"]] == ["shipped", "sd_tiny"] and merged["command"].endswith("; second")
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_recipes.py"), "--base", "tiny_sd", "--quick",
-                          "--recipes", "adam"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    bad = run_script("study_recipes.py", "--base", "tiny_sd", "--quick", "--recipes", "adam", cwd=tmp_path)
     assert bad.returncode != 0 and "valid are shipped" in bad.stderr
 
 
