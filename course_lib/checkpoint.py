@@ -229,6 +229,17 @@ def read_format(path: str | os.PathLike, expected: str, what: str) -> tuple[dict
 
 # --- Model cards: blocks that other scripts write into them ----------------------------------------------
 
+def with_chain_totals(info: dict) -> dict:
+    """`info` of a model file with 'steps_total' and 'train_seconds_total' added: its own run's plus those of the
+    runs it was started from (its 'initialised_from', which counts the runs before that as 'earlier_steps' and
+    'earlier_seconds'), so that a model's cost counts the whole chain."""
+    first = info.get("initialised_from") or {}
+    info["steps_total"] = sum(d.get(k) or 0 for d, k in ((info, "steps"), (first, "steps"), (first, "earlier_steps")))
+    info["train_seconds_total"] = sum(d.get(k) or 0 for d, k in ((info, "train_seconds"), (first, "train_seconds"),
+                                                                 (first, "earlier_seconds")))
+    return info
+
+
 def _markers(name: str) -> tuple[str, str]:
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"a card section's name must be letters, digits and underscores; got {name!r}")
@@ -258,6 +269,6 @@ def replace_card_section(card: str, name: str, body: str) -> str:
     return card[:k].rstrip("\n") + "\n\n" + block + "\n" + card[k:]
 
 
-__all__ = ["checkpoints_dir", "shipped", "CHECKSUM_KEY", "ADD_CHECKSUM_COMMAND", "CorruptCheckpoint", "checksum",
+__all__ = ["checkpoints_dir", "shipped", "with_chain_totals", "CHECKSUM_KEY", "ADD_CHECKSUM_COMMAND", "CorruptCheckpoint", "checksum",
            "remove_stale_temporaries", "keep_earlier", "atomic_save", "write_text_atomic", "read", "compact_state",
            "read_format", "card_section", "replace_card_section"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_save, compact_state, read_format
+from .checkpoint import atomic_save, compact_state, read_format, with_chain_totals
 from .checks import check_choice
 from .denoiser import Denoiser
 from .dit import DiT, DiTConfig
@@ -68,7 +68,7 @@ def save_model(path: str | os.PathLike, model: Denoiser, *, schedule: NoiseSched
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
                ) -> tuple[Denoiser, NoiseSchedule | FlowSchedule, dict]:
     """(model in float32 eval mode, the path it samples along, info dict with 'prediction' and training details;
-    'steps_total' and 'train_seconds_total' add those of the run it was initialised from, if any)."""
+    'steps_total' and 'train_seconds_total' add those of the runs it was initialised from, if any)."""
     tensors, metadata = read_format(path, FORMAT, "model")
     model = build_model(metadata)
     state = {k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")}
@@ -77,9 +77,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     schedule.name = metadata.get("schedule_name", "custom")
     info = json.loads(metadata.get("info", "{}"))
     info["prediction"] = metadata["prediction"]
-    first = info.get("initialised_from") or {}        # a run continued from an earlier model file: count both
-    info["steps_total"] = (info.get("steps") or 0) + (first.get("steps") or 0)
-    info["train_seconds_total"] = (info.get("train_seconds") or 0) + (first.get("train_seconds") or 0)
+    with_chain_totals(info)                           # a run continued from earlier model files: count them all
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)

@@ -437,12 +437,12 @@ def save_vae(path: str | Path, vae: VAE, scale_factor: float, info: dict | None 
 
 
 def load_vae(path: str | Path, device: torch.device | str | None = None) -> tuple[VAE, float, dict]:
-    """(VAE in float32 eval mode with requires_grad off, latent scale factor, info dict)."""
+    """(VAE in float32 eval mode with requires_grad off, latent scale factor, info dict with the chain's totals)."""
     tensors, metadata = ckpt.read_format(path, "course_lib.vae/1", "VAE")
     vae = VAE(VAEConfig.from_json(metadata["vae_config"]))
     vae.load_state_dict({k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")})
     vae.eval().requires_grad_(False).to(device)   # device None: stays on the CPU
-    return vae, float(metadata["scale_factor"]), json.loads(metadata.get("info", "{}"))
+    return vae, float(metadata["scale_factor"]), ckpt.with_chain_totals(json.loads(metadata.get("info", "{}")))
 
 
 __all__ = ["VAEConfig", "PRESETS", "vae_preset", "kl_divergence", "DiagonalGaussian", "ResnetBlock", "mid_block",

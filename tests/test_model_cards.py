@@ -31,3 +31,17 @@ def test_missing_or_unclosed_sections_are_none_and_bad_names_are_refused():
     assert card_section("<!-- bench -->\nno end", "bench") is None
     with pytest.raises(ValueError, match="letters, digits and underscores"):
         replace_card_section(CARD, "a -->", "x")
+
+
+def test_a_model_files_cost_counts_every_run_of_its_chain():
+    from course_lib.checkpoint import shipped, with_chain_totals
+    from course_lib.vae import load_vae
+    chain = {"steps": 3000, "train_seconds": 50.0,
+             "initialised_from": {"steps": 3600, "train_seconds": 80.0, "earlier_steps": 274, "earlier_seconds": 9.0}}
+    totals = with_chain_totals(dict(chain))
+    assert (totals["steps_total"], totals["train_seconds_total"]) == (6874, 139.0)
+    assert with_chain_totals({"steps": 5})["steps_total"] == 5                    # a run from scratch: its own
+    info = load_vae(shipped("vae_emoji32"))[2]                                    # the shipped VAE: three runs
+    first = info["initialised_from"]
+    assert info["train_seconds_total"] == pytest.approx(info["train_seconds"] + first["train_seconds"]
+                                                        + first["earlier_seconds"])
