@@ -19,6 +19,7 @@ between the conditioning CLIP's verdict and the independent one is measured, not
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -64,11 +65,18 @@ def write_card(path: Path, result: dict, params: int, command: str) -> None:
     info, n = result["info"], result["n"]
     row = lambda who, what: (f"{result[who, what][1]:.3f} | {result[who, what][5]:.3f}")  # noqa: E731
     above = {who: result[who, "generated"][1] > result[who, "real"][1] for who in ("judge", "conditioning")}
+    g, r = result["judge", "generated"][1], result["judge", "real"][1]
+    noise = 2 * math.sqrt((g * (1 - g) + r * (1 - r)) / n)      # two standard errors of the difference of two shares
+    judge_says = ("the judge does too, by more than two standard errors of the difference ({:.3f}), so the images do "
+                  "carry the caption's content beyond that link." if g - r > noise else
+                  "the judge, which has no such link, rates them level with the real ones (within two standard errors "
+                  "of the difference, {:.3f}): the images carry the caption's content about as well as real emoji do."
+                  if abs(g - r) <= noise else
+                  "the judge, which has no such link, rates them below the real ones (by more than two standard errors "
+                  "of the difference, {:.3f}).").format(noise)
     verdict = (("The conditioning CLIP rates the generated images above the real ones (top-1), as a model that "
                 "learned to please its own text encoder would make it; " if above["conditioning"] else
-                "The conditioning CLIP does not rate the generated images above the real ones here; ")
-               + ("the judge does too, so the images do carry the caption's content beyond that link."
-                  if above["judge"] else "the judge, which has no such link, does not rate them above the real ones."))
+                "The conditioning CLIP does not rate the generated images above the real ones here; ") + judge_says)
     lines = [
         f"# Model card: {NAME}", "",
         "The course's independent text judge: a mini CLIP trained like `clip_emoji` (same data, recipe and steps) but "
