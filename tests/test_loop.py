@@ -360,7 +360,7 @@ def test_kill_minus_nine_at_random_moments_then_resume_is_exact(images, tmp_path
     path = tmp_path / "run.safetensors"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     kills = 0
-    for trial in range(4):                               # each run trains a little, then dies at a random moment
+    for trial in range(3):                               # each run trains a little, then dies at a random moment
         proc = subprocess.Popen([sys.executable, str(script), str(path), str(steps)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
