@@ -75,11 +75,11 @@ def test_train_tiny_sd_quick_vae_with_perceptual_and_adversarial_terms_logs_its_
             train_tiny_sd.main(dec[2:] + extra + ["--out-dir"] + base)
 
 
-def test_study_recipes_quick_runs_every_default_vae_recipe_and_writes_nothing(tmp_path):
-    out = run_script("study_recipes.py", "--quick", "--recipes", "mse,perceptual 0.05+gan", "--adversarial-start", "1",
-                     cwd=tmp_path)
+def test_study_recipes_quick_runs_a_vae_recipe_with_both_terms_and_writes_nothing(tmp_path):
+    out = run_script("study_recipes.py", "--quick", "--recipes", "perceptual 0.05+gan", "--adversarial-start", "1",
+                     cwd=tmp_path)                       # squared error alone is the VAE's own loss, tested in test_vae
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "| mse |" in out.stdout and "| perceptual 0.05+gan |" in out.stdout and "perceptual distance" in out.stdout
+    assert "| perceptual 0.05+gan |" in out.stdout and "perceptual distance" in out.stdout
     assert "wrote" not in out.stdout
 
 

@@ -191,7 +191,8 @@ def test_save_load_round_trip(images, tmp_path):
     tensors, meta = ckpt.read(path)
     assert meta["format"] == "course_lib.vae/1" and all(v.dtype == torch.float16 for v in tensors.values())
     loaded, scale, info = load_vae(path)
-    assert scale == 0.4321 and info == {"steps": 7} and loaded.config == vae.config
+    assert scale == 0.4321 and loaded.config == vae.config
+    assert info == {"steps": 7, "steps_total": 7, "train_seconds_total": 0}     # with its chain's totals (one run)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     vae.half().float()                                                  # the same float16 rounding as the file
