@@ -227,8 +227,6 @@ def read_format(path: str | os.PathLike, expected: str, what: str) -> tuple[dict
     return tensors, metadata
 
 
-# --- Model cards: blocks that other scripts write into them ----------------------------------------------
-
 def with_chain_totals(info: dict) -> dict:
     """`info` of a model file with 'steps_total' and 'train_seconds_total' added: its own run's plus those of the
     runs it was started from (its 'initialised_from', which counts the runs before that as 'earlier_steps' and
@@ -239,6 +237,8 @@ def with_chain_totals(info: dict) -> dict:
                                                                  (first, "earlier_seconds")))
     return info
 
+
+# --- Model cards: blocks that other scripts write into them ----------------------------------------------
 
 def _markers(name: str) -> tuple[str, str]:
     if not name or not name.replace("_", "").isalnum():
@@ -269,6 +269,6 @@ def replace_card_section(card: str, name: str, body: str) -> str:
     return card[:k].rstrip("\n") + "\n\n" + block + "\n" + card[k:]
 
 
-__all__ = ["checkpoints_dir", "shipped", "with_chain_totals", "CHECKSUM_KEY", "ADD_CHECKSUM_COMMAND", "CorruptCheckpoint", "checksum",
+__all__ = ["checkpoints_dir", "shipped", "CHECKSUM_KEY", "ADD_CHECKSUM_COMMAND", "CorruptCheckpoint", "checksum",
            "remove_stale_temporaries", "keep_earlier", "atomic_save", "write_text_atomic", "read", "compact_state",
-           "read_format", "card_section", "replace_card_section"]
+           "read_format", "with_chain_totals", "card_section", "replace_card_section"]

@@ -241,18 +241,20 @@ def emoji_features(split: str, size: int = 32, device: torch.device | str | None
     check_choice("split", split, REFERENCES)
     key = (split, size, str(feature_net.FEATURE_NET_PATH), str(device))   # the network's file as now set
     if key not in _REF_FEATS:
-        path = _cache_file(split, size, device)
-        try:
-            _REF_FEATS[key] = read(path)[0]["features"] if path is not None and path.is_file() else None
-        except (OSError, ValueError, KeyError):                     # damaged (CorruptCheckpoint is a ValueError)
-            _REF_FEATS[key] = None
-        if _REF_FEATS[key] is None:
-            _REF_FEATS[key] = features(load_emoji(size=size, split=split).images, device=device)
+        path, feats = _cache_file(split, size, device), None
+        if path is not None and path.is_file():
+            try:
+                feats = read(path)[0]["features"]
+            except (OSError, ValueError, KeyError):                 # damaged (CorruptCheckpoint is a ValueError)
+                pass
+        if feats is None:
+            feats = features(load_emoji(size=size, split=split).images, device=device)
             if path is not None:
                 try:
-                    atomic_save({"features": _REF_FEATS[key]}, path, {"split": split, "size": str(size)})
+                    atomic_save({"features": feats}, path, {"split": split, "size": str(size)})
                 except OSError:
                     pass                                            # a read-only home: memory only
+        _REF_FEATS[key] = feats
     return _REF_FEATS[key]
 
 

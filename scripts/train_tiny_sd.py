@@ -375,17 +375,15 @@ def started_from(info: dict) -> list[str]:
 
 def cpu_hours(info: dict) -> list[str]:
     """A model-card row: the training time of this run and of the run it started from, in CPU-hours."""
-    before = info.get("initialised_from") or {}
-    first = (before.get("train_seconds") or 0) + (before.get("earlier_seconds") or 0)
-    total = (first + (info.get("train_seconds") or 0)) / 3600
-    since = " (this run and the runs it started from; earlier GPU steps not counted)" if first else ""
-    return [f"| CPU-hours | {total:.2f}{since} |"]
+    total = ckpt.with_chain_totals(dict(info))["train_seconds_total"]
+    since = (" (this run and the runs it started from; earlier GPU steps not counted)"
+             if total > (info.get("train_seconds") or 0) else "")
+    return [f"| CPU-hours | {total / 3600:.2f}{since} |"]
 
 
 def steps_before(info: dict) -> int:
     """The steps of the runs a model started from (its curve's offset)."""
-    first = info.get("initialised_from") or {}
-    return (first.get("steps") or 0) + (first.get("earlier_steps") or 0)
+    return ckpt.with_chain_totals(dict(info))["steps_total"] - (info.get("steps") or 0)
 
 
 def curve_lines(curve: list[dict], columns: dict[str, str], offset: int = 0, every: int = 2) -> list[str]:

@@ -52,9 +52,9 @@ def run_script(script: str | os.PathLike, *args: str, cwd: str | os.PathLike = R
                 traceback.print_exc()
                 code = 1
     finally:
-        sys.argv, sys.path[:], cwd0, threads = saved[0], saved[1], saved[2], saved[3]
-        os.chdir(cwd0)
-        torch.set_num_threads(threads)
+        sys.argv, sys.path[:] = saved[0], saved[1]
+        os.chdir(saved[2])
+        torch.set_num_threads(saved[3])
         sys.modules.pop(spec.name, None)
     return subprocess.CompletedProcess([sys.executable, str(path), *map(str, args)], code, out.getvalue(),
                                        err.getvalue())
