@@ -51,7 +51,7 @@ from . import checkpoint as ckpt, distributed
 from .guidance import drop_captions
 from .forward import check_images, check_prediction, denoising_loss, path_loss, predicted_x0_eps, snr_weight
 from .learned_schedule import LearnedSchedule, schedule_loss_surrogate
-from .loop import (PRECISIONS, Batches, Fit, FitConfig, TrainingDiverged, autocast, ema_decay_at, ema_update,
+from .loop import (DECAYS, PRECISIONS, Batches, Fit, FitConfig, TrainingDiverged, autocast, ema_decay_at, ema_update,
                    fingerprint, lr_factor, resolve_precision)
 from .denoiser import Denoiser
 from .schedules import (FLOW, KINDS, TIMESTEP_SAMPLING, FlowSchedule, NoiseSchedule, check_shift, make_schedule,
@@ -70,6 +70,7 @@ class TrainConfig(JSONConfig):
     batch_size: int = 64
     lr: float = 2e-4
     warmup: int = 200
+    lr_decay: str = "constant"        # after the warm-up: "constant", or "cosine" down to 0 at `steps`
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -91,7 +92,7 @@ class TrainConfig(JSONConfig):
     def __post_init__(self):
         check_prediction(self.prediction)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("precision", self.precision, PRECISIONS), check_choice("lr_decay", self.lr_decay, DECAYS)
         for name in ("steps", "batch_size", "T"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
@@ -127,8 +128,8 @@ class TrainConfig(JSONConfig):
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """The Trainer's learning rate at `step`: linear warm-up to config.lr over config.warmup steps, then constant."""
-    return config.lr * lr_factor(step, config.steps, config.warmup, "constant")
+    """The Trainer's learning rate at `step`: linear warm-up to config.lr over config.warmup steps, then lr_decay."""
+    return config.lr * lr_factor(step, config.steps, config.warmup, config.lr_decay)
 
 
 @dataclass
@@ -207,8 +208,7 @@ class Trainer(Fit):
                            "scheduled": False})       # the schedule's own rate, no warm-up
         else:
             self.fixed_schedule = make_schedule(cfg.schedule, cfg.T, zero_terminal_snr=cfg.zero_terminal_snr)
-        fit = FitConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
-                        precision=self.precision)
+        fit = FitConfig(cfg.steps, cfg.lr, cfg.warmup, cfg.lr_decay, grad_clip=cfg.grad_clip, precision=self.precision)
         super().__init__(fit, torch.optim.AdamW(groups, betas=(0.9, 0.999)), device, seed=cfg.seed,
                          batches=Batches(images.shape[0], cfg.batch_size, torch.Generator()))
         self.batches.generator = self.generator                  # one generator for every draw

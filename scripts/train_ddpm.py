@@ -30,7 +30,7 @@ from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.settings import describe_machine as machine  # noqa: E402
 from course_lib.flow import TIMESTEP_SAMPLING  # noqa: E402
-from course_lib.train import OBJECTIVES, TrainConfig, Trainer  # noqa: E402
+from course_lib.train import DECAYS, OBJECTIVES, TrainConfig, Trainer  # noqa: E402
 from course_lib.unet import UNet, count_parameters, get_preset  # noqa: E402
 
 NAME = "ddpm_emoji32"          # the file name; --name picks another (e.g. ddpm_emoji32_v for the v / zero-SNR model)
@@ -75,7 +75,7 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
          f"| objective | {tc['prediction']} prediction, {tc['schedule']} schedule"
          f"{' rescaled to zero terminal SNR' if tc.get('zero_terminal_snr') else ''}, T = {tc['T']} |"),
         f"| training | {info['steps']} steps, batch {tc['batch_size']}, AdamW lr {tc['lr']} "
-        f"(warm-up {tc['warmup']}), grad clip {tc['grad_clip']}, EMA {tc['ema_decay']}, seed {tc['seed']} |",
+        f"(warm-up {tc['warmup']}{', cosine decay to 0' if tc.get('lr_decay') == 'cosine' else ''}), grad clip {tc['grad_clip']}, EMA {tc['ema_decay']}, seed {tc['seed']} |",
         f"| hardware | {info.get('machine', 'unknown')} |",
         f"| training time | {info['train_seconds'] / 60:.1f} min of optimisation steps (the machine was shared with "
         f"other jobs when this was measured: an upper bound) |",
@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr-decay", default="constant", choices=DECAYS,
+                        help="after the warm-up: constant, or a cosine down to 0 at --steps")
     parser.add_argument("--schedule", default="cosine")
     parser.add_argument("--prediction", default="epsilon")
     parser.add_argument("--zero-terminal-snr", action="store_true", help="rescale the schedule (Lin et al. 2024)")
@@ -169,7 +171,7 @@ def main() -> None:
     init_file = Path(args.run_dir) / f"{args.name}.init.json"     # what --init-from started from, kept for resumes
     if not args.card_only:
         images = load_emoji(size=32, split="train").images
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=200,
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=200, lr_decay=args.lr_decay,
                              schedule=args.schedule, prediction=args.prediction, seed=args.seed,
                              zero_terminal_snr=args.zero_terminal_snr, objective=args.objective,
                              timestep_sampling=args.timestep_sampling)

@@ -139,6 +139,18 @@ def test_warmup_and_ema_schedules():
     assert smooth([1.0, 3.0, 5.0], window=2) == [1.0, 2.0, 4.0]
 
 
+def test_cosine_lr_decay_reaches_zero_and_the_trainer_follows_it(images):
+    config = TrainConfig(steps=110, lr=1e-3, warmup=10, lr_decay="cosine")
+    assert lr_at(10, config) == pytest.approx(1e-3) and lr_at(60, config) == pytest.approx(5e-4)
+    assert abs(lr_at(110, config)) < 1e-12 < lr_at(109, config)
+    assert lr_at(60, TrainConfig(steps=110, lr=1e-3, warmup=10)) == pytest.approx(1e-3)     # the default: constant
+    trainer = make(images[:8], steps=6, lr_decay="cosine")
+    trainer.train(4, progress=False)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(3, trainer.config))
+    with pytest.raises(ValueError, match=r"unknown lr_decay 'linear'; choose from \['constant', 'cosine'\]"):
+        TrainConfig(lr_decay="linear")
+
+
 def test_learned_schedule_is_monotonic_with_fixed_end_points():
     sched = LearnedSchedule(gamma_min=-9.0, gamma_max=10.0)
     with torch.no_grad():                       # any parameters: still monotonic and pinned
