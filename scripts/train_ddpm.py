@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib.checkpoint import card_section, replace_card_section, write_text_atomic  # noqa: E402
+from course_lib.checkpoint import card_section, replace_card_section, with_chain_totals, write_text_atomic  # noqa: E402
 from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.settings import describe_machine as machine  # noqa: E402
@@ -57,6 +58,23 @@ def measure(model_path: Path, n: int, steps: int, sampler: str, seed: int, memor
             "sample_seconds": seconds, "n": n, "steps": steps, "sampler": sampler}
 
 
+def chain_entry(init_from: str | Path, before: dict, run_dir: Path) -> dict:
+    """What --init-from started from, for the card: that run's steps, seconds, machine and command, the runs before it
+    summed (earlier_steps, earlier_seconds), and the path of a copy of its weights in the run folder, which stays
+    when the file it came from is replaced by this run's result."""
+    copy = run_dir / f"start_{Path(init_from).name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not copy.exists():
+        tmp = copy.with_suffix(".tmp")
+        shutil.copyfile(init_from, tmp)
+        tmp.replace(copy)
+    earlier = before.get("initialised_from") or {}
+    return {"path": str(copy), **{k: before.get(k) for k in ("steps", "train_seconds", "machine", "command")},
+            **({"earlier_steps": (earlier.get("steps") or 0) + (earlier.get("earlier_steps") or 0),
+                "earlier_seconds": round((earlier.get("train_seconds") or 0) + (earlier.get("earlier_seconds") or 0), 1)}
+               if earlier else {})}
+
+
 def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
     q, f, m = result["quality"], result["floor"], result["memorisation"]
     tc = info["train_config"]
@@ -81,8 +99,11 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
         f"other jobs when this was measured: an upper bound) |",
         f"| command | `{info.get('command', 'python scripts/train_ddpm.py')}` |",
         *([f"| started from | the weights of an earlier run: {first['steps']} steps, {first['train_seconds']} s on "
-           f"{first['machine']}, made by `{first['command']}`; in all {first['steps'] + info['steps']} steps, "
-           f"{(first['train_seconds'] + info['train_seconds']) / 3600:.2f} CPU-hours |"] if (first := info.get("initialised_from")) else []),
+           f"{first['machine']}, made by `{first['command']}`"
+           + (f" (itself started from {first['earlier_steps']:,} steps, {first['earlier_seconds']:.0f} s, of the runs "
+              f"before it)" if first.get("earlier_steps") else "")
+           + f"; in all {info['steps_total']:,} steps, {info['train_seconds_total'] / 3600:.2f} CPU-hours |"]
+          if (first := with_chain_totals(info).get("initialised_from")) else []),
         "",
         "## Measured quality",
         "",
@@ -189,8 +210,7 @@ def main() -> None:
                 unet.requires_grad_(True)
                 print(f"initialised from {args.init_from} ({before['train_config']['steps']} steps, "
                       f"{before.get('machine')})")
-                init_file.write_text(json.dumps({"path": str(args.init_from), **{
-                    k: before.get(k) for k in ("steps", "train_seconds", "machine", "command")}}))
+                init_file.write_text(json.dumps(chain_entry(args.init_from, before, Path(args.run_dir))))
             trainer = Trainer(unet, images, config, device=args.device)
         deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
         curve_file = Path(args.run_dir) / f"{args.name}.curve.json"
@@ -223,9 +243,9 @@ def main() -> None:
     first = info.get("initialised_from")
     if first and Path(first["path"]).exists():      # the curve's earlier point: the weights it started from
         before = measure(Path(first["path"]), args.eval_samples, args.eval_steps, args.eval_sampler, args.seed)
-        result["curve"] = [(first["steps"], first.get("train_seconds"), before["quality"]),
-                           (first["steps"] + info["steps"], (first.get("train_seconds") or 0) + info["train_seconds"],
-                            result["quality"])]
+        chain = with_chain_totals(info)
+        result["curve"] = [(chain["steps_total"] - info["steps"], chain["train_seconds_total"] - info["train_seconds"],
+                            before["quality"]), (chain["steps_total"], chain["train_seconds_total"], result["quality"])]
     print(f"FID {result['quality']}, floor {result['floor']}, memorisation {result['memorisation'].share:.3f}")
     from course_lib.plotting import save_grid_png
     save_grid_png(result["samples"][:64], Path(args.out_dir) / f"{args.name}_samples.png")

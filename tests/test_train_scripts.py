@@ -44,6 +44,19 @@ def test_train_ddpm_trains_a_flow_model_and_its_card_has_the_curve_measured_whil
     curve = json.loads((tmp_path / "ddpm_emoji32.curve.json").read_text())
     assert [p["step"] for p in curve] == [2, 4] and all(p["fid"] > p["floor_fid"] > 0 for p in curve)
 
+    # a second run started from it, with a cosine decay: the card counts both runs, and the start's weights are
+    # copied into the run folder, so replacing the file it started from leaves the card's earlier point measurable
+    more = tmp_path / "more"
+    out = run_script("train_ddpm.py", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--threads", "1",
+                     "--device", "cpu", "--run-dir", str(more), "--out-dir", str(more), "--objective", "flow",
+                     "--timestep-sampling", "logit_normal", "--lr-decay", "cosine", "--eval-samples", "16",
+                     "--eval-steps", "2", "--init-from", str(tmp_path / "ddpm_emoji32.safetensors"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    card = (more / "ddpm_emoji32.md").read_text()
+    assert "(warm-up 200, cosine decay to 0)" in card and "; in all 6 steps," in card
+    assert (more / "start_ddpm_emoji32.safetensors").read_bytes() == (tmp_path / "ddpm_emoji32.safetensors").read_bytes()
+    assert [line.split(" |")[0] for line in card.splitlines() if line.startswith(("| 4 |", "| 6 |"))] == ["| 4", "| 6"]
+
 
 def test_train_tiny_sd_quick_vae_with_perceptual_and_adversarial_terms_logs_its_curve(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "train_tiny_sd.py"), "--quick", "--stage", "vae", "--no-progress",
