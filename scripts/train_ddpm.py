@@ -71,7 +71,8 @@ def chain_entry(init_from: str | Path, before: dict, run_dir: Path) -> dict:
     earlier = before.get("initialised_from") or {}
     return {"path": str(copy), **{k: before.get(k) for k in ("steps", "train_seconds", "machine", "command")},
             **({"earlier_steps": (earlier.get("steps") or 0) + (earlier.get("earlier_steps") or 0),
-                "earlier_seconds": round((earlier.get("train_seconds") or 0) + (earlier.get("earlier_seconds") or 0), 1)}
+                "earlier_seconds": round((earlier.get("train_seconds") or 0) + (earlier.get("earlier_seconds") or 0),
+                                         1)}
                if earlier else {})}
 
 
