@@ -160,8 +160,9 @@ class ConsistencyDistillation(FineTune):
     def __init__(self, pipe: "TextToImage", student: nn.Module, params: list[nn.Parameter], z: torch.Tensor,
                  context: torch.Tensor, mask: torch.Tensor, null: tuple[torch.Tensor, torch.Tensor], *,
                  config: LCMConfig = LCMConfig(), steps: int, lr: float, batch_size: int, seed: int = 0,
-                 teacher: nn.Module | None = None, info: dict | None = None):
-        fit = FitConfig(steps=steps, lr=lr, grad_clip=1.0)
+                 teacher: nn.Module | None = None, info: dict | None = None, lr_decay: str = "constant"):
+        fit = FitConfig(steps=steps, lr=lr, decay=lr_decay, grad_clip=1.0)
+        info = {**(info or {}), **({} if lr_decay == "constant" else {"lr_decay": lr_decay})}   # a resume must share it
         super().__init__(fit, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), pipe.device, seed, module=student)
         self.pipe, self.student, self.config = pipe, student, config
         self.teacher = pipe.unet if teacher is None else teacher     # called under no_grad only
@@ -230,13 +231,14 @@ class ConsistencyDistillation(FineTune):
 def _distil(pipe: "TextToImage", student: nn.Module, params: list[nn.Parameter], images: torch.Tensor,
             captions: list[str], teacher: nn.Module | None, config: LCMConfig, *, steps: int, batch_size: int,
             lr: float, seed: int, checkpoint_path, checkpoint_every: int, resume: bool, max_seconds: float | None,
-            progress: bool, callback, info: dict | None = None) -> FineTuneLog:
+            progress: bool, callback, info: dict | None = None, lr_decay: str = "constant") -> FineTuneLog:
     if len(images) != len(captions) or len(images) == 0:
         raise ValueError(f"need one caption per image and at least one image; got {len(images)} and {len(captions)}")
     z = encode_latents(pipe.vae, images, pipe.scale_factor, device=pipe.device).to(pipe.device)
     c, m = pipe.encode(list(captions))
     run = ConsistencyDistillation(pipe, student, params, z, c, m, pipe.encode([""]), config=config, steps=steps,
-                                  lr=lr, batch_size=batch_size, seed=seed, teacher=teacher, info=info)
+                                  lr=lr, batch_size=batch_size, seed=seed, teacher=teacher, info=info,
+                                  lr_decay=lr_decay)
     run.run(checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
             max_seconds=max_seconds, progress=progress, callback=callback, desc="distilling")
     return FineTuneLog(run.history["loss"], run.seconds, run.step, sum(p.numel() for p in params), run.state_bytes)
@@ -246,15 +248,17 @@ def distill_lcm(pipe: "TextToImage", images: torch.Tensor, captions: list[str], 
                 steps: int = 1000, batch_size: int = 32, lr: float = 1e-4, seed: int = 0,
                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 100, resume: bool = True,
                 max_seconds: float | None = None, progress: bool = False,
-                callback: Callable[[FineTune], None] | None = None) -> tuple["TextToImage", FineTuneLog]:
+                callback: Callable[[FineTune], None] | None = None,
+                lr_decay: str = "constant") -> tuple["TextToImage", FineTuneLog]:
     """LCM: distil a full copy of pipe.unet on images (N, 3, H, W) in [-1, 1] with their captions. Returns a
     pipeline sharing pipe's text encoder and VAE with the student U-Net (sampler: config.sampler(4)) and the log;
-    pipe is unchanged. Checkpoints and resume as course_lib.finetune.fine_tune."""
+    pipe is unchanged. Checkpoints and resume as course_lib.finetune.fine_tune. lr_decay: the learning rate,
+    "constant" or "cosine" (to 0 at `steps`; course_lib.loop.lr_factor)."""
     student = copy.deepcopy(pipe.unet).requires_grad_(True)
     params = list(student.parameters())
     log = _distil(pipe, student, params, images, captions, None, config, steps=steps, batch_size=batch_size, lr=lr,
                   seed=seed, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
-                  max_seconds=max_seconds, progress=progress, callback=callback)
+                  max_seconds=max_seconds, progress=progress, callback=callback, lr_decay=lr_decay)
     student.requires_grad_(False)
     fast = copy.copy(pipe)
     fast.unet, fast.sampler_settings = student, config.sampler(4)
@@ -266,7 +270,8 @@ def distill_lcm_lora(pipe: "TextToImage", images: torch.Tensor, captions: list[s
                      config: LCMConfig = LCMConfig(target_ema=None), steps: int = 1000, batch_size: int = 32,
                      lr: float = 1e-3, seed: int = 0, checkpoint_path: str | Path | None = None,
                      checkpoint_every: int = 100, resume: bool = True, max_seconds: float | None = None,
-                     progress: bool = False, callback: Callable[[FineTune], None] | None = None) -> FineTuneLog:
+                     progress: bool = False, callback: Callable[[FineTune], None] | None = None,
+                     lr_decay: str = "constant") -> FineTuneLog:
     """LCM-LoRA: inject LoRA into pipe.unet (in place) and distil only the adapters, the teacher being the same
     U-Net with its adapters off. Afterwards pipe samples few-step with `pipe(..., settings=config.sampler(4))`,
     and course_lib.lora.save_lora writes the acceleration module (pass info={"lcm": ...} to keep the grid)."""
@@ -275,7 +280,7 @@ def distill_lcm_lora(pipe: "TextToImage", images: torch.Tensor, captions: list[s
     log = _distil(pipe, pipe.unet, lora_parameters(pipe.unet), images, captions, AdaptersOff(pipe.unet), config,
                   steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_path=checkpoint_path,
                   checkpoint_every=checkpoint_every, resume=resume, max_seconds=max_seconds, progress=progress,
-                  callback=callback, info={"lora": adapters})
+                  callback=callback, info={"lora": adapters}, lr_decay=lr_decay)
     pipe.unet.requires_grad_(False)
     return log
 

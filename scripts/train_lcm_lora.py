@@ -42,6 +42,7 @@ from course_lib import checkpoint as ckpt, metrics  # noqa: E402
 from course_lib.clip import load_clip, retrieval_accuracy, similarity  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.lcm import LCMConfig, distill_lcm, distill_lcm_lora  # noqa: E402
+from course_lib.loop import DECAYS  # noqa: E402
 from course_lib.lora import load_lora, lora_scale, save_lora  # noqa: E402
 from course_lib.pipeline import SHIPPED, TextToImage  # noqa: E402
 from course_lib.plotting import save_grid_png  # noqa: E402
@@ -69,11 +70,11 @@ def train(args, out: Path) -> None:
                   checkpoint_every=200, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
                   progress=not args.no_progress)
     if full:
-        student, log = distill_lcm(pipe, data.images, data.captions, **common)
+        student, log = distill_lcm(pipe, data.images, data.captions, lr_decay=args.lr_decay, **common)
     else:
-        log = distill_lcm_lora(pipe, data.images, data.captions, rank=args.rank, **common)
+        log = distill_lcm_lora(pipe, data.images, data.captions, rank=args.rank, lr_decay=args.lr_decay, **common)
     info = {"student": args.student, "steps": log.steps, "train_seconds": round(log.seconds, 1), "batch": args.batch,
-            "lr": args.lr, "trainable": log.trainable, "train_images": len(data.captions),
+            "lr": args.lr, "lr_decay": args.lr_decay, "trainable": log.trainable, "train_images": len(data.captions),
             "lcm": json.loads(config.to_json()), "machine": describe_machine(args.device), "command": command(),
             "teacher": "tiny_sd_emoji", **({} if full else {"rank": args.rank})}
     if log.steps < args.steps:
@@ -162,13 +163,14 @@ def card(record: dict) -> str:
                 f"best ({v['teacher_best_fid']:.2f}, {v['teacher_best']}); target within {v['target']}x: "
                 f"{'met' if v['met'] else 'not met'}" for v in record["verdicts"]]
     name = NAMES[m.get("student", "lora")]
+    decay = " decaying by a cosine to 0" if m.get("lr_decay") == "cosine" else ""
     if m.get("student") == "full":
         head = [f"# {name}: a latent consistency model (LCM) distilled from the tiny SD", "",
                 f"A full copy of tiny_sd_emoji's U-Net ({m['trainable']:,} numbers) distilled by latent consistency "
                 f"distillation (course_lib.lcm.distill_lcm: the teacher guided at w = {m['lcm']['guidance'][0]:g}, "
                 f"one DDIM step of its ODE per example on LCM's {m['lcm']['distilled_steps']}-point skipping grid, "
                 f"Huber loss, the target an EMA of the student with mu = {m['lcm']['target_ema']:g}) on "
-                f"{m['train_images']:,} training emoji: {m['steps']:,} steps of {m['batch']} at lr {m['lr']:g} in "
+                f"{m['train_images']:,} training emoji: {m['steps']:,} steps of {m['batch']} at lr {m['lr']:g}{decay} in "
                 f"{m['train_seconds'] / 3600:.2f} CPU-hours on {m['machine']}.", "",
                 "Not shipped (the repository has no room for a second 3.4 M-parameter U-Net). Load: "
                 "`TextToImage.from_files(path, clip, vae)`, sample with `pipe(prompt, settings=LCMConfig(...)"
@@ -180,7 +182,7 @@ def card(record: dict) -> str:
                 f"teacher is the same U-Net with its adapters off, guided at w = {m['lcm']['guidance'][0]:g}, one "
                 f"DDIM step of its ODE per example on LCM's {m['lcm']['distilled_steps']}-point skipping grid, Huber "
                 f"loss, no EMA target) on {m['train_images']:,} training emoji: {m['steps']:,} steps of "
-                f"{m['batch']} at lr {m['lr']:g} in {m['train_seconds'] / 3600:.2f} CPU-hours on {m['machine']}.", "",
+                f"{m['batch']} at lr {m['lr']:g}{decay} in {m['train_seconds'] / 3600:.2f} CPU-hours on {m['machine']}.", "",
                 "Load: `course_lib.lora.load_lora(path, pipe.unet)` on `TextToImage.from_shipped()`, then sample "
                 "with `pipe(prompt, settings=LCMConfig(...).sampler(4))` (the \"lcm\" sampler, no guidance); "
                 "`lora.lora_scale(pipe.unet, 0)` switches it off.", ""]
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 for LCM-LoRA, 1e-4 for the full student")
+    p.add_argument("--lr-decay", choices=DECAYS, default="constant",
+                   help="the learning rate: constant, or a cosine from --lr down to 0 at --steps")
     p.add_argument("--teacher-steps", type=int, default=20, help="the teacher's most steps (its default sampler's)")
     p.set_defaults(out_dir=None)
     args = p.parse_args(argv)

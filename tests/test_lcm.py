@@ -58,6 +58,8 @@ def test_an_interrupted_distillation_resumes_bit_identically(tiny_pipe, eight, t
     with pytest.raises(ValueError, match=r"different run.*lcm.distilled_steps: checkpoint 10, now 20"):
         distill_lcm(tiny_pipe, eight.images, eight.captions, checkpoint_path=path,
                     **{**options, "config": CONFIG.replace(distilled_steps=20)})
+    with pytest.raises(ValueError, match=r"different run.*lr_decay"):              # the learning rate's decay too
+        distill_lcm(tiny_pipe, eight.images, eight.captions, checkpoint_path=path, lr_decay="cosine", **options)
     # the student samples few-step through the pipeline's one path
     images = whole(["red heart"], seed=0)
     assert whole.sampler_settings.sampler == "lcm" and images.shape == (1, 3, *eight.images.shape[2:])

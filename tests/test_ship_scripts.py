@@ -82,12 +82,14 @@ def test_train_tiny_sd3_quick_trains_an_mmdit_and_measure_only_keeps_it(tmp_path
 
 def test_train_lcm_full_student_quick_writes_a_unet_file_measured_like_the_adapter(tmp_path):
     module = script("train_lcm_lora")
-    module.main(flags(tmp_path) + ["--student", "full"])
+    module.main(flags(tmp_path) + ["--student", "full", "--lr-decay", "cosine"])
     from course_lib.unet import UNet
     from course_lib.unet_file import load_model
     model, _, info = load_model(tmp_path / "lcm_tiny_sd.safetensors")
     assert isinstance(model, UNet) and info["student"] == "full" and info["lcm"]["target_ema"] == 0.95
     assert info["lr"] == 1e-4 and info["trainable"] == sum(p.numel() for p in model.parameters())
+    assert info["lr_decay"] == "cosine" and "at lr 0.0001 decaying by a cosine to 0" in \
+        (tmp_path / "lcm_tiny_sd.md").read_text()
     record = json.loads((tmp_path / "record.json").read_text())
     assert sorted(r["evaluations"] for r in record["rows"] if r["model"] == "student") == [1, 2, 4, 8]
     assert "latent consistency model" in (tmp_path / "lcm_tiny_sd.md").read_text()
