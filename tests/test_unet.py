@@ -570,11 +570,12 @@ def test_the_shipped_checkpoint_still_loads_and_gives_the_same_output():
     with torch.no_grad():
         out = model(x, torch.tensor([10, 500]))
     assert out.shape == x.shape and torch.isfinite(out).all()
-    # golden values of the 11,000-step weights shipped on 2026-12-06, recorded after checking that the same code
-    # still gave the earlier golden values (1.1395372; -2.0586, -2.5166, -0.4042, -0.3030, recorded before text
-    # conditioning was added to the U-Net) on the 5,000-step weights those were recorded with
-    assert out.abs().mean().item() == pytest.approx(1.1985295, abs=1e-4)
-    torch.testing.assert_close(out[0, 0, 0, :4], torch.tensor([-2.5016, -2.7323, -0.2821, -0.3654]),
+    # golden values of the 17,000-step weights shipped on 2026-12-07, recorded after checking that the same code
+    # still gave the 11,000-step weights' golden values (1.1985295; -2.5016, -2.7323, -0.2821, -0.3654), which were
+    # checked the same way against the 5,000-step weights' (1.1395372; -2.0586, -2.5166, -0.4042, -0.3030, recorded
+    # before text conditioning was added to the U-Net)
+    assert out.abs().mean().item() == pytest.approx(1.2332247, abs=1e-4)
+    torch.testing.assert_close(out[0, 0, 0, :4], torch.tensor([-2.7078, -2.8298, -0.2484, -0.3482]),
                                atol=1e-3, rtol=0)
 
 
