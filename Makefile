@@ -35,8 +35,7 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(ROOT_ARG) $(LAB_ARGS)
 
 # The suite on every core: a worker per core and one more (pytest-xdist), each test file and notebook whole on one worker,
-# the longest files first (tests/suite_order.py, from tests/durations.json), one torch thread per worker and per
-# notebook kernel (conftest.py); the 15 slowest tests are listed at the end.
+# one torch thread per worker and per notebook kernel (conftest.py); the 15 slowest tests are listed at the end.
 # `make test-fast` runs the unit tests alone, for a quick check.
 # One worker more than the cores: the browser test's worker waits on JupyterLab and Chromium, and the extra worker
 # fills those waits (on the 2-core CI machine: 3 workers).

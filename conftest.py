@@ -25,29 +25,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # NBVAL_CHECK_OUTPUT cells compared with the committed outputs as nbval compares them. Where that test is collected
 # and selected (Chromium found; otherwise the module skips itself), nbval does not run such a notebook a second time:
 # one quick run of each, not two, keeps `make test` inside its time. `pytest notebooks/X.ipynb` alone runs nbval.
-import importlib.util  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("suite_order", Path(__file__).parent / "tests" / "suite_order.py")
-suite_order = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(suite_order)
-
-
-def pytest_configure(config):
-    # Under `--dist loadfile` the workers take files in the order tests/suite_order.py gives (the longest first);
-    # pytest-xdist would otherwise reorder them by their number of tests, which says little about their time.
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     driven = {item.callspec.params["notebook"] for item in items
               if item.nodeid.startswith("tests/test_browser.py") and hasattr(item, "callspec")}
+    if not driven:
+        return
     kept = [item for item in items if not (item.nodeid.startswith("notebooks/")
                                            and item.nodeid.split("::")[0].removeprefix("notebooks/") in driven)]
     if len(kept) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-    items[:] = suite_order.longest_first(kept, suite_order.load_durations())
+        items[:] = kept
