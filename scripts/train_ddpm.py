@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib.checkpoint import card_section, replace_card_section, with_chain_totals, write_text_atomic  # noqa: E402
+from course_lib.checkpoint import card_section, replace_card_section, write_text_atomic  # noqa: E402
 from course_lib.unet_file import load_model  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.settings import describe_machine as machine  # noqa: E402
@@ -60,20 +60,19 @@ def measure(model_path: Path, n: int, steps: int, sampler: str, seed: int, memor
 
 def chain_entry(init_from: str | Path, before: dict, run_dir: Path) -> dict:
     """What --init-from started from, for the card: that run's steps, seconds, machine and command, the runs before it
-    summed (earlier_steps, earlier_seconds), and the path of a copy of its weights in the run folder, which stays
-    when the file it came from is replaced by this run's result."""
+    (earlier_steps, earlier_seconds: load_model's chain totals less that run's own), and the path of a copy of its
+    weights in the run folder, which stays when the file it came from is replaced by this run's result."""
     copy = run_dir / f"start_{Path(init_from).name}"
     run_dir.mkdir(parents=True, exist_ok=True)
     if not copy.exists():
         tmp = copy.with_suffix(".tmp")
         shutil.copyfile(init_from, tmp)
         tmp.replace(copy)
-    earlier = before.get("initialised_from") or {}
+    earlier_steps = before["steps_total"] - before["steps"]
     return {"path": str(copy), **{k: before.get(k) for k in ("steps", "train_seconds", "machine", "command")},
-            **({"earlier_steps": (earlier.get("steps") or 0) + (earlier.get("earlier_steps") or 0),
-                "earlier_seconds": round((earlier.get("train_seconds") or 0) + (earlier.get("earlier_seconds") or 0),
-                                         1)}
-               if earlier else {})}
+            **({"earlier_steps": earlier_steps,
+                "earlier_seconds": round(before["train_seconds_total"] - before["train_seconds"], 1)}
+               if earlier_steps else {})}
 
 
 def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
@@ -94,7 +93,8 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
          f"| objective | {tc['prediction']} prediction, {tc['schedule']} schedule"
          f"{' rescaled to zero terminal SNR' if tc.get('zero_terminal_snr') else ''}, T = {tc['T']} |"),
         f"| training | {info['steps']} steps, batch {tc['batch_size']}, AdamW lr {tc['lr']} "
-        f"(warm-up {tc['warmup']}{', cosine decay to 0' if tc.get('lr_decay') == 'cosine' else ''}), grad clip {tc['grad_clip']}, EMA {tc['ema_decay']}, seed {tc['seed']} |",
+        f"(warm-up {tc['warmup']}{', cosine decay to 0' if tc.get('lr_decay') == 'cosine' else ''}), "
+        f"grad clip {tc['grad_clip']}, EMA {tc['ema_decay']}, seed {tc['seed']} |",
         f"| hardware | {info.get('machine', 'unknown')} |",
         f"| training time | {info['train_seconds'] / 60:.1f} min of optimisation steps (the machine was shared with "
         f"other jobs when this was measured: an upper bound) |",
@@ -104,7 +104,7 @@ def write_card(path: Path, args, info: dict, result: dict, params: int) -> None:
            + (f" (itself started from {first['earlier_steps']:,} steps, {first['earlier_seconds']:.0f} s, of the runs "
               f"before it)" if first.get("earlier_steps") else "")
            + f"; in all {info['steps_total']:,} steps, {info['train_seconds_total'] / 3600:.2f} CPU-hours |"]
-          if (first := with_chain_totals(info).get("initialised_from")) else []),
+          if (first := info.get("initialised_from")) else []),
         "",
         "## Measured quality",
         "",
@@ -244,9 +244,8 @@ def main() -> None:
     first = info.get("initialised_from")
     if first and Path(first["path"]).exists():      # the curve's earlier point: the weights it started from
         before = measure(Path(first["path"]), args.eval_samples, args.eval_steps, args.eval_sampler, args.seed)
-        chain = with_chain_totals(info)
-        result["curve"] = [(chain["steps_total"] - info["steps"], chain["train_seconds_total"] - info["train_seconds"],
-                            before["quality"]), (chain["steps_total"], chain["train_seconds_total"], result["quality"])]
+        result["curve"] = [(info["steps_total"] - info["steps"], info["train_seconds_total"] - info["train_seconds"],
+                            before["quality"]), (info["steps_total"], info["train_seconds_total"], result["quality"])]
     print(f"FID {result['quality']}, floor {result['floor']}, memorisation {result['memorisation'].share:.3f}")
     from course_lib.plotting import save_grid_png
     save_grid_png(result["samples"][:64], Path(args.out_dir) / f"{args.name}_samples.png")
