@@ -148,8 +148,9 @@ def main() -> None:
     if too_many:
         ap.error(f"step counts must be at most the schedule's T={schedule.T}; got {too_many}")
 
+    trained = info.get("steps_total", info.get("steps", "?"))                   # the whole chain of runs
     model_line = (f"{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model} "
-                  f"({info.get('steps', '?')} training steps, {prediction} prediction, {schedule.name} schedule, "
+                  f"({trained} training steps, {prediction} prediction, {schedule.name} schedule, "
                   f"T={schedule.T}{', provisional' if info.get('provisional') else ''})")
     print(f"model: {model_line}", file=sys.stderr)
     x_T = torch.randn((args.n, C, S, S), generator=torch.Generator().manual_seed(args.seed))
