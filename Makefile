@@ -37,14 +37,14 @@ lab: $(STAMP)
 # The suite on every core: a worker per core and one more (pytest-xdist), each test file and notebook whole on one worker,
 # one torch thread per worker and per notebook kernel (conftest.py); the 15 slowest tests are listed at the end.
 # `make test-fast` runs the unit tests alone, for a quick check.
-# One worker more than the cores: the browser test's worker waits on JupyterLab and Chromium, and the extra worker
+# One worker more than the cores: the browser tests' workers wait on JupyterLab and Chromium, and the extra worker
 # fills those waits (on the 2-core CI machine: 3 workers).
 TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1)' 2>/dev/null || echo auto)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests --deselect tests/test_browser.py
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests --deselect tests/test_browser_a.py --deselect tests/test_browser_b.py
 
 # The same suite in a second environment holding the lowest versions pyproject.toml allows (matplotlib 3.8 is known
 # to break inline figures), then the widget code and the notebooks with widgets again with Colab's ipywidgets 7.7.1
@@ -65,12 +65,13 @@ WIDGET_NOTEBOOKS := $(addprefix notebooks/,01_noise_addition.ipynb 02_forward_ma
                       13_rectified_flow.ipynb 14_diffusion_transformer.ipynb 15_editing.ipynb 17_control.ipynb \
                       19_memory_budget.ipynb)
 
-# The widgets in a real browser alone (tests/test_browser.py; `make test` runs it too where Chromium is installed):
+# The widgets in a real browser alone (tests/test_browser_a.py and _b.py; `make test` runs them too where Chromium is
+# installed):
 # JupyterLab in quick mode, driven by Playwright in Debian's Chromium (apt-get install chromium; Playwright's own
 # browser download is not used). Screenshots in runs/browser/.
 test-browser: $(STAMP)
 	@command -v chromium >/dev/null || test -n "$$CHROMIUM" || { echo "needs Chromium: apt-get install chromium (or set CHROMIUM)"; exit 1; }
-	$(BIN)/python -m pytest tests/test_browser.py -v
+	$(BIN)/python -m pytest tests/test_browser_a.py tests/test_browser_b.py -v
 
 # Rebuild data/ from the pinned npm packages and the pinned scikit-image wheel (needs npm and network).
 data: $(STAMP)

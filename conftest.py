@@ -21,17 +21,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         pass
 
 
-# Each notebook that tests/test_browser.py drives runs there, every cell, in quick mode, checked for errors, and its
-# NBVAL_CHECK_OUTPUT cells compared with the committed outputs as nbval compares them. Where that test is collected
+# Each notebook that tests/test_browser_a.py and _b.py drive runs there, every cell, in quick mode, checked for errors,
+# and its NBVAL_CHECK_OUTPUT cells compared with the committed outputs as nbval compares them. Where that test is collected
 # and selected (Chromium found; otherwise the module skips itself), nbval does not run such a notebook a second time:
 # one quick run of each, not two, keeps `make test` inside its time. `pytest notebooks/X.ipynb` alone runs nbval.
 import pytest  # noqa: E402
+
+BROWSER_TESTS = ("tests/test_browser_a.py", "tests/test_browser_b.py")
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     driven = {item.callspec.params["notebook"] for item in items
-              if item.nodeid.startswith("tests/test_browser.py") and hasattr(item, "callspec")}
+              if item.nodeid.startswith(BROWSER_TESTS) and hasattr(item, "callspec")}
     if not driven:
         return
     kept = [item for item in items if not (item.nodeid.startswith("notebooks/")

@@ -63,7 +63,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(images, tmp_path, s
 
 
 def test_resume_refuses_different_data(images, tmp_path):
-    trainer = make(images, steps=2).train(progress=False, checkpoint_path=tmp_path / "c.safetensors")
+    make(images, steps=2).train(progress=False, checkpoint_path=tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match="trained on 48 images"):
         Trainer.resume(tmp_path / "c.safetensors", images[:10])
 

@@ -1,9 +1,12 @@
-"""What a learner sees: the notebooks' widgets in a real browser.
+"""What a learner sees: the notebooks' widgets in a real browser (the harness of tests/test_browser_a.py and _b.py).
 
 JupyterLab (from this environment, on a free loopback port, in quick mode) serves a copy of notebooks/; Debian's
 Chromium, headless and driven by Playwright, opens each notebook with a main widget, runs all cells, checks that no
 cell shows an error, moves the slider with the keyboard as a person would, and checks that the picture changed.
 Screenshots before and after go to runs/browser/ (or $COURSE_SCREENSHOTS) for a person to look at.
+
+The notebooks are split over two test files (CASES names which), each with its own JupyterLab and Chromium, so that
+`make test`'s workers run the two halves side by side instead of one worker running all of them after the rest.
 
 Needs the `playwright` package (in the test extra) and Chromium at $CHROMIUM, /usr/bin/chromium or on PATH (Debian's
 package `chromium`: apt-get install chromium; .ci/run installs it). Playwright's own browser download is never used.
@@ -32,20 +35,28 @@ CHROMIUM = os.environ.get("CHROMIUM") or next((p for p in ("/usr/bin/chromium", 
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-quic"]
 
-# notebook, the slider's description, key presses
+# notebook, the slider's description, key presses, and the test file that drives it (a or b: about equal time in each)
 CASES = [
-    ("01_noise_addition.ipynb", "noise level", 2),
-    ("02_forward_markov_chain.ipynb", "T", 2),
-    ("05_sampling.ipynb", "step", 2),
-    ("06_vae_latent_space.ipynb", "alpha", 2),
-    ("08_text_encoder.ipynb", "k", 1),
-    ("09_text_to_image.ipynb", "guidance", 2),
-    ("10_lora.ipynb", "LoRA scale", 1),
-    ("13_rectified_flow.ipynb", "steps", 2),
-    ("15_editing.ipynb", "strength", 2),
-    ("17_control.ipynb", "scale", 1),
-    ("19_memory_budget.ipynb", "batch", 2),
+    ("01_noise_addition.ipynb", "noise level", 2, "a"),
+    ("02_forward_markov_chain.ipynb", "T", 2, "a"),
+    ("05_sampling.ipynb", "step", 2, "a"),
+    ("06_vae_latent_space.ipynb", "alpha", 2, "b"),
+    ("08_text_encoder.ipynb", "k", 1, "b"),
+    ("09_text_to_image.ipynb", "guidance", 2, "b"),
+    ("10_lora.ipynb", "LoRA scale", 1, "a"),
+    ("13_rectified_flow.ipynb", "steps", 2, "a"),
+    ("15_editing.ipynb", "strength", 2, "b"),
+    ("17_control.ipynb", "scale", 1, "b"),
+    ("19_memory_budget.ipynb", "batch", 2, "b"),
 ]
+
+
+def cases(part: str) -> list[tuple[str, str, int]]:
+    """The (notebook, slider, presses) of the test file `part` ("a" or "b")."""
+    if part not in ("a", "b"):
+        raise ValueError(f"part must be 'a' or 'b', got {part!r}")
+    return [case[:3] for case in CASES if case[3] == part]
+
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 try:
@@ -54,16 +65,21 @@ except ImportError:
     playwright_api = None
 _missing = ("needs the playwright package (pip install -e '.[test]')" if playwright_api is None else
             "needs Chromium: apt-get install chromium (or set CHROMIUM to its path)" if CHROMIUM is None else None)
-if _missing is None:
-    import ipywidgets
-    if int(ipywidgets.__version__.split(".")[0]) < 8:
-        pytest.fail(f"JupyterLab 4 renders only ipywidgets 8 widgets; this environment has {ipywidgets.__version__} "
-                    f"(Colab's version, which only Colab's own front end renders): pip install 'ipywidgets>=8.1,<9'",
-                    pytrace=False)
-if _missing and IN_CI:
-    pytest.fail(f"the browser test must run in CI: {_missing}", pytrace=False)
-if _missing:
-    pytest.skip(_missing, allow_module_level=True)
+
+
+def require_browser() -> None:
+    """Called at the top of each browser test module: skip it with the reason where Playwright or Chromium is
+    missing, fail instead under CI (CI=true), and fail where ipywidgets is older than 8."""
+    if _missing is None:
+        import ipywidgets
+        if int(ipywidgets.__version__.split(".")[0]) < 8:
+            pytest.fail(f"JupyterLab 4 renders only ipywidgets 8 widgets; this environment has "
+                        f"{ipywidgets.__version__} (Colab's version, which only Colab's own front end renders): "
+                        f"pip install 'ipywidgets>=8.1,<9'", pytrace=False)
+    if _missing and IN_CI:
+        pytest.fail(f"the browser test must run in CI: {_missing}", pytrace=False)
+    if _missing:
+        pytest.skip(_missing, allow_module_level=True)
 
 
 def _free_port() -> int:
@@ -157,8 +173,9 @@ def stored_checked_outputs(notebook: str) -> list[str]:
             if c["cell_type"] == "code" and "NBVAL_CHECK_OUTPUT" in "".join(c["source"])]
 
 
-@pytest.mark.parametrize("notebook,slider,presses", CASES, ids=[c[0][:2] for c in CASES])
-def test_widget_moves_the_picture(lab, browser, notebook, slider, presses):
+def run_case(lab, browser, notebook: str, slider: str, presses: int) -> None:
+    """Open `notebook`, run every cell, check its errors and checked outputs, press the right arrow `presses` times on
+    the slider labelled `slider`, and check that its value and its picture changed."""
     url, token = lab
     SHOTS.mkdir(parents=True, exist_ok=True)
     stem = notebook.removesuffix(".ipynb")
