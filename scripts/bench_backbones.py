@@ -46,7 +46,8 @@ does a bigger model end better?), a step counting only when it exceeds the thres
 The record (--out, default results/backbones.json, written atomically after each model) holds the command line,
 machine, torch version, every setting and every number. Each model's training is checkpointed under --run-dir
 (runs/backbones/<name>.train.safetensors), so an interrupted bench resumes where it stopped; a model measured by an
-earlier run with the same settings is taken from the record and not trained again (the output says so).
+earlier run with the same settings (the shipped VAE's and mini CLIP's checksums among them) is taken from the record
+and not trained again (the output says so).
 
 [1] Peebles, Xie 2023, Scalable Diffusion Models with Transformers. https://arxiv.org/abs/2212.09748
 [2] Esser et al. 2024, Scaling Rectified Flow Transformers for High-Resolution Image Synthesis (SD 3).
@@ -72,7 +73,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from course_lib import metrics  # noqa: E402
-from course_lib.checkpoint import keep_earlier, read, shipped, write_text_atomic  # noqa: E402
+from course_lib.checkpoint import checksum, keep_earlier, read, shipped, write_text_atomic  # noqa: E402
 from course_lib.clip import load_clip  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.dit import DiT, dit_preset  # noqa: E402
@@ -387,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
                                               "timestep_shift", "seed", "n", "guidance", "sample_steps",
                                               "train_images", "quick")}
     settings |= {"objective": "flow", "timestep_sampling": "logit_normal", "caption_dropout": 0.1, "sampler": "euler"}
+    # the shipped VAE and mini CLIP every model trains and samples through: a record made with other files is not reused
+    settings["shipped"] = {SHIPPED[k]: checksum(*read(shipped(SHIPPED[k]))) for k in ("vae", "clip")}
 
     data = load_data(args)
     entries = plan(names, data, args)
