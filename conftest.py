@@ -22,9 +22,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 # Each notebook that tests/test_browser_a.py and _b.py drive runs there, every cell, in quick mode, checked for errors,
-# and its NBVAL_CHECK_OUTPUT cells compared with the committed outputs as nbval compares them. Where that test is collected
-# and selected (Chromium found; otherwise the module skips itself), nbval does not run such a notebook a second time:
-# one quick run of each, not two, keeps `make test` inside its time. `pytest notebooks/X.ipynb` alone runs nbval.
+# and its NBVAL_CHECK_OUTPUT cells compared with the committed outputs as nbval compares them. Where those tests are
+# collected and selected (Chromium found; otherwise the modules skip themselves), nbval does not run such a notebook a
+# second time: one quick run of each, not two, keeps `make test` inside its time. `pytest notebooks/X.ipynb` alone runs nbval.
 import pytest  # noqa: E402
 
 BROWSER_TESTS = ("tests/test_browser_a.py", "tests/test_browser_b.py")

@@ -166,11 +166,12 @@ def recorded_comparison(path: str | Path = RECORD_PATH) -> dict:
     return json.loads(path.read_text())
 
 
-def shipped_identity() -> dict[str, str]:
-    """The SHA-256 checksums of the shipped files a comparison runs on (the tiny SD's U-Net, VAE, mini CLIP and the
-    hypernetwork): a record holding other checksums was made with other models."""
-    return {name: checksum(*read(shipped(name))) for name in ("tiny_sd_emoji", "vae_emoji32", "clip_emoji",
-                                                               "hyperdreambooth")}
+def shipped_identity(names: tuple[str, ...] = ("tiny_sd_emoji", "vae_emoji32", "clip_emoji",
+                                                "hyperdreambooth")) -> dict[str, str]:
+    """The SHA-256 checksums of the shipped files a comparison runs on (by default the personalisation comparison's:
+    the tiny SD's U-Net, VAE, mini CLIP and the hypernetwork): a record holding other checksums was made with other
+    models."""
+    return {name: checksum(*read(shipped(name))) for name in names}
 
 
 def record_is_current(record: dict) -> bool | None:

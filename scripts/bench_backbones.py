@@ -73,7 +73,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from course_lib import metrics  # noqa: E402
-from course_lib.checkpoint import checksum, keep_earlier, read, shipped, write_text_atomic  # noqa: E402
+from course_lib.benchmark import shipped_identity  # noqa: E402
+from course_lib.checkpoint import keep_earlier, read, shipped, write_text_atomic  # noqa: E402
 from course_lib.clip import load_clip  # noqa: E402
 from course_lib.data import load_emoji  # noqa: E402
 from course_lib.dit import DiT, dit_preset  # noqa: E402
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
                                               "train_images", "quick")}
     settings |= {"objective": "flow", "timestep_sampling": "logit_normal", "caption_dropout": 0.1, "sampler": "euler"}
     # the shipped VAE and mini CLIP every model trains and samples through: a record made with other files is not reused
-    settings["shipped"] = {SHIPPED[k]: checksum(*read(shipped(SHIPPED[k]))) for k in ("vae", "clip")}
+    settings["shipped"] = shipped_identity((SHIPPED["vae"], SHIPPED["clip"]))
 
     data = load_data(args)
     entries = plan(names, data, args)
